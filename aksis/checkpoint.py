@@ -1,0 +1,336 @@
+"""The checkpoint folder: one format, written atomically, read back with clear errors.
+
+    config.json              ModelConfig + format_version
+    model.safetensors        weights (tied weights stored once)
+    tokenizer.json           aksis.tokenizer.Tokenizer (ranks, pattern, specials)
+    generation_config.json   default sampling settings (GenerationConfig)
+    README.md                model card (YAML metadata + text)
+
+Loading needs only the first four; later features add metrics.jsonl, eval_results.json and
+training_state/ beside them. The same folder is a Hugging Face Hub model repo: `CheckpointMixin`
+builds on huggingface_hub's `PyTorchModelHubMixin` (save_pretrained / from_pretrained / push_to_hub)
+and adds what it lacks here: the tokenizer and generation config, atomic writes, strict loading with
+errors that name the file, and no pickle ever (the mixin would fall back to `pytorch_model.bin`).
+Old config formats are upgraded in one place, `upgrade_config`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
+from huggingface_hub import errors as hf_errors
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_model
+
+from aksis.config import GenerationConfig, ModelConfig
+from aksis.tokenizer import Tokenizer, TokenizerError
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, GENERATION_CONFIG_FILE)
+FORMAT_VERSION = 1
+
+
+class CheckpointError(Exception):
+    """A checkpoint could not be read or written; the message names the file and what to do."""
+
+
+# ----- locating files: a local folder or a Hub repo -----
+
+
+def is_local(source: str | Path) -> bool:
+    """True when `source` names a local folder; raise when it looks like a path that does not exist."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return True
+    if path.exists():
+        raise CheckpointError(f"{source} is a file; a checkpoint is a folder holding {', '.join(REQUIRED_FILES)}")
+    text = str(source)
+    looks_like_path = text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1
+    if looks_like_path:
+        raise CheckpointError(f"no checkpoint folder at {source}: check the path")
+    return False
+
+
+def resolve_file(
+    source: str | Path,
+    filename: str,
+    *,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    force_download: bool = False,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+) -> Path:
+    """Path of `filename` in a local checkpoint folder, or downloaded (through the Hub cache) from a repo."""
+    if is_local(source):
+        path = Path(source).expanduser() / filename
+        if not path.is_file():
+            raise CheckpointError(
+                f"{path} is missing: a checkpoint folder needs {', '.join(REQUIRED_FILES)}. "
+                "Was the folder written by save_pretrained, and copied completely?"
+            )
+        return path
+    repo = f"{source}@{revision}" if revision else str(source)
+    try:
+        return Path(
+            hf_hub_download(
+                repo_id=str(source),
+                filename=filename,
+                revision=revision,
+                cache_dir=cache_dir,
+                force_download=force_download,
+                token=token,
+                local_files_only=local_files_only,
+            )
+        )
+    except hf_errors.HFValidationError as err:
+        raise CheckpointError(
+            f"{source!r} is neither a local folder nor a Hub repo id of the form 'user/name'"
+        ) from err
+    except hf_errors.RevisionNotFoundError as err:
+        raise CheckpointError(f"revision {revision!r} does not exist in the Hub repo {source}") from err
+    except hf_errors.RepositoryNotFoundError as err:
+        raise CheckpointError(
+            f"no model repo {source} on the Hub, or it is private and no token was given: check the id, "
+            "or log in (`hf auth login` or HF_TOKEN) if it is private"
+        ) from err
+    except hf_errors.RemoteEntryNotFoundError as err:
+        raise CheckpointError(f"the Hub repo {repo} has no {filename}: it is not an aksis checkpoint") from err
+    except hf_errors.LocalEntryNotFoundError as err:
+        raise CheckpointError(
+            f"{filename} of {repo} is not in the local Hub cache and the Hub cannot be reached "
+            "(offline, or HF_HUB_OFFLINE is set): connect once to download it, or pass a local folder"
+        ) from err
+
+
+# ----- reading -----
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err}): the file is truncated or corrupt") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} should hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def upgrade_config(data: dict[str, Any]) -> dict[str, Any]:
+    """Bring a config.json of any known format version to the current ModelConfig fields."""
+    data = dict(data)
+    version = data.pop("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"format_version {version!r} is newer than this aksis understands ({FORMAT_VERSION}): upgrade aksis"
+        )
+    # Version 1 is the first format; upgrades of later formats go here, oldest first.
+    return data
+
+
+def read_model_config(path: Path) -> ModelConfig:
+    try:
+        return ModelConfig.from_dict(upgrade_config(read_json(path)))
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{path}: {err}") from err
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load model.safetensors into `model`, checking every tensor name and shape against the model."""
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{path} is truncated or corrupt ({err}): save the checkpoint again or re-download it"
+        ) from err
+    expected = model.state_dict()
+    loaded_storage = {expected[k].data_ptr() for k in state if k in expected}
+    # A tied weight is stored under one name; its alias counts as loaded.
+    missing = sorted(k for k in expected if k not in state and expected[k].data_ptr() not in loaded_storage)
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [
+        f"{k} is {tuple(v.shape)} in the file but {tuple(expected[k].shape)} in the model"
+        for k, v in state.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        details = []
+        if missing:
+            details.append(f"missing tensors: {', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}")
+        if unexpected:
+            details.append(f"unexpected tensors: {', '.join(unexpected[:8])}{' …' if len(unexpected) > 8 else ''}")
+        details.extend(mismatched[:8])
+        raise CheckpointError(
+            f"{path} does not match config.json beside it ({'; '.join(details)}): "
+            "the two files come from different models"
+        )
+    model.load_state_dict(state, strict=False)  # strictness checked above, tied aliases included
+
+
+def load_tokenizer(source: str | Path, **hub_kwargs: Any) -> Tokenizer:
+    """The tokenizer of a checkpoint (local folder or Hub repo)."""
+    path = resolve_file(source, TOKENIZER_FILE, **hub_kwargs)
+    try:
+        return Tokenizer.load(path)
+    except TokenizerError as err:
+        raise CheckpointError(str(err)) from err
+
+
+def load_generation_config(source: str | Path, **hub_kwargs: Any) -> GenerationConfig:
+    """The default sampling settings of a checkpoint (local folder or Hub repo)."""
+    path = resolve_file(source, GENERATION_CONFIG_FILE, **hub_kwargs)
+    try:
+        return GenerationConfig.from_dict(read_json(path))
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{path}: {err}") from err
+
+
+# ----- writing -----
+
+
+@contextmanager
+def atomic_folder(target: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `target`; when the block succeeds it replaces `target` by
+    renames, so a crash at any point leaves either the old complete folder or the new one, never a mix.
+    An existing non-empty folder that is not a checkpoint is never replaced."""
+    target = Path(target).expanduser()
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"{target} is a file; give a folder path for the checkpoint")
+    if target.is_dir() and any(target.iterdir()) and not (target / CONFIG_FILE).exists():
+        raise CheckpointError(
+            f"{target} is a non-empty folder that is not a checkpoint; refusing to replace it. "
+            "Choose a new or empty folder"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = target.with_name(f".{target.name}.tmp-{tag}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        for file in tmp.rglob("*"):  # make the contents durable before they become visible
+            if file.is_file():
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{tag}")
+            os.rename(target, old)
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                os.rename(old, target)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class CheckpointMixin(PyTorchModelHubMixin):
+    """`PyTorchModelHubMixin` for aksis models: a class with `__init__(self, config: ModelConfig)` and a
+    `config` attribute gets `save_pretrained`, `from_pretrained` and `push_to_hub` in the format above."""
+
+    config: ModelConfig
+
+    def save_pretrained(  # type: ignore[override]
+        self,
+        save_directory: str | Path,
+        *,
+        tokenizer: Tokenizer | None = None,
+        generation_config: GenerationConfig | None = None,
+        config: dict[str, Any] | ModelConfig | None = None,
+        repo_id: str | None = None,
+        push_to_hub: bool = False,
+        model_card_kwargs: dict[str, Any] | None = None,
+        **push_to_hub_kwargs: Any,
+    ) -> str | None:
+        """Write the checkpoint folder atomically. Pass the `tokenizer` so the folder is complete
+        (generation needs it); `generation_config` defaults to `GenerationConfig()`."""
+        if config is not None and not isinstance(config, ModelConfig):
+            config = ModelConfig.from_dict(dict(config))
+        if config is not None and config != self.config:
+            raise CheckpointError("save_pretrained(config=...) differs from the model's own config")
+        with atomic_folder(save_directory) as tmp:
+            super().save_pretrained(tmp, model_card_kwargs=model_card_kwargs)
+            if tokenizer is not None:
+                if tokenizer.vocab_size > self.config.vocab_size:
+                    raise CheckpointError(
+                        f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {self.config.vocab_size} "
+                        "embeddings: build the model with vocab_size >= tokenizer.vocab_size"
+                    )
+                tokenizer.save(tmp / TOKENIZER_FILE)
+            (generation_config or GenerationConfig()).save(tmp / GENERATION_CONFIG_FILE)
+        if push_to_hub:
+            return self.push_to_hub(repo_id or Path(save_directory).name, **push_to_hub_kwargs)
+        return None
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        data = {"format_version": FORMAT_VERSION, **self.config.to_dict()}
+        (save_directory / CONFIG_FILE).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        save_model(self, str(save_directory / WEIGHTS_FILE), metadata={"format": "pt"})  # type: ignore[arg-type]
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *,
+        revision: str | None = None,
+        map_location: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Load from a local checkpoint folder or a Hub repo id (through the Hub cache), in eval mode."""
+        # Read config.json first, so every failure (bad path, missing repo, offline, corrupt or invalid
+        # config) gets our message: the mixin would log and carry on without a config, or fail in json.
+        hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "force_download", "token", "local_files_only") if k in kwargs}
+        config = read_model_config(
+            resolve_file(pretrained_model_name_or_path, CONFIG_FILE, revision=revision, **hub_kwargs)
+        )
+        return super().from_pretrained(
+            pretrained_model_name_or_path,
+            revision=revision,
+            map_location=map_location,
+            dtype=dtype,
+            config=config,
+            **kwargs,
+        )
+
+    @classmethod
+    def _from_pretrained(  # type: ignore[override]
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: str | Path | None,
+        force_download: bool,
+        local_files_only: bool,
+        token: str | bool | None,
+        map_location: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        config: ModelConfig,  # read and validated by from_pretrained
+        **model_kwargs: Any,
+    ) -> Any:
+        hub_kwargs: dict[str, Any] = dict(
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=local_files_only,
+            token=token,
+        )
+        model = cls(config, **model_kwargs)
+        load_weights(model, resolve_file(model_id, WEIGHTS_FILE, **hub_kwargs))  # type: ignore[arg-type]
+        model.to(device=map_location, dtype=dtype)  # type: ignore[attr-defined]
+        model.eval()  # type: ignore[attr-defined]
+        return model

@@ -1,0 +1,266 @@
+"""The decoder-only transformer, in two flavours chosen once from `ModelConfig.arch`.
+
+- "gpt2": learned positional embeddings, pre-norm LayerNorm, GELU MLP (tanh approximation, as in GPT-2),
+  biases everywhere, tied input/output embeddings. Parameter names follow Hugging Face's GPT-2, so its
+  weights map over with only the Conv1D transposes (see aksis.interop).
+- "llama": rotary position embeddings (RoPE), RMSNorm, SwiGLU MLP, no biases, grouped-query attention.
+
+Attention goes through `F.scaled_dot_product_attention`. The model knows nothing about sampling: it
+maps token ids to logits, optionally reading and writing a caller-owned `KVCache`. Saving and loading
+(`save_pretrained`, `from_pretrained`, `push_to_hub`) come from `CheckpointMixin`; the folder format
+lives in aksis.checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from aksis.checkpoint import CheckpointMixin
+from aksis.config import ModelConfig
+from aksis.kv_cache import KVCache
+
+IGNORE_INDEX = -100  # targets with this value carry no loss (padding, masked prompt tokens)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32: the mean of squares loses too much precision in bf16.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angles, each (block_size, head_dim // 2)."""
+    half = config.head_dim // 2
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(half, dtype=torch.float32) / half))
+    angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (first half, second half) of each head: x (B, T, n_head, hd), cos/sin (T, hd/2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, hd/2), broadcast over batch and heads
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.type_as(x)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        assert config.n_kv_head is not None
+        self.layer = layer  # index into the KV cache
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        bias = config.arch == "gpt2"
+        # One fused projection for queries, keys and values (keys/values are narrower under GQA).
+        self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        kv_cache: KVCache | None,
+        input_pos: torch.Tensor | None,
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        q, k, v = self.c_attn(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, nh, hd)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)  # (B, T, nkv, hd)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
+        gqa = self.n_kv_head != self.n_head
+        if kv_cache is None:
+            dropout = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=gqa)
+        else:
+            assert input_pos is not None
+            k, v = kv_cache.update(self.layer, input_pos, k, v)  # (B, nkv, max_len, hd)
+            mask = kv_cache.attention_mask(input_pos)  # (T, max_len)
+            y = F.scaled_dot_product_attention(q, k.type_as(q), v.type_as(q), attn_mask=mask, enable_gqa=gqa)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """GELU MLP (gpt2 flavour): c_proj(gelu(c_fc(x)))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.d_ff)
+        self.c_proj = nn.Linear(config.d_ff, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class SwiGLU(nn.Module):
+    """SwiGLU MLP (llama flavour): c_proj(silu(w_gate(x)) * w_up(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.w_gate = nn.Linear(config.n_embd, config.d_ff, bias=False)
+        self.w_up = nn.Linear(config.n_embd, config.d_ff, bias=False)
+        self.c_proj = nn.Linear(config.d_ff, config.n_embd, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.silu(self.w_gate(x)) * self.w_up(x)))
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.arch == "llama":
+        return RMSNorm(config.n_embd, config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.ln_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = make_norm(config)
+        self.mlp = SwiGLU(config) if config.arch == "llama" else MLP(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        kv_cache: KVCache | None,
+        input_pos: torch.Tensor | None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, kv_cache, input_pos)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class Transformer(nn.Module):
+    """Embeddings, blocks and final norm; named as in GPT-2 (`transformer.wte`, `transformer.h.0.attn`, ...)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.arch == "gpt2" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = make_norm(config)
+
+
+class GPT(
+    nn.Module,
+    CheckpointMixin,
+    library_name="aksis",
+    pipeline_tag="text-generation",
+    tags=["aksis", "text-generation"],
+):
+    rope_cos: torch.Tensor  # llama flavour: buffers (block_size, head_dim // 2)
+    rope_sin: torch.Tensor
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = Transformer(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        if config.arch == "llama":
+            cos, sin = rope_tables(config)
+            # Not persistent: derived from the config, so they never go into checkpoints.
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 * n_layer),
+        # so the residual's variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        input_pos: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, vocab_size) for token ids `idx` (B, T), and the mean cross-entropy loss when
+        `targets` (B, T) is given (positions equal to IGNORE_INDEX are skipped).
+
+        With a `kv_cache`, `input_pos` (T,) gives the absolute position of each of the T tokens; their keys
+        and values are written to the cache and attention covers every earlier cached position.
+        """
+        T = idx.size(1)
+        limit = self.config.block_size if kv_cache is None else kv_cache.max_len
+        if T > limit:
+            raise ValueError(
+                f"input of {T} tokens is longer than the {'context' if kv_cache is None else 'KV cache'} "
+                f"({limit} tokens); keep only the last {limit} tokens (or use a model with a longer block_size)"
+            )
+        if kv_cache is not None and input_pos is None:
+            raise ValueError("forward with a kv_cache needs input_pos: the positions (T,) of the tokens in idx")
+        pos = input_pos if input_pos is not None else torch.arange(T, device=idx.device)  # (T,)
+
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if self.transformer.wpe is not None:  # gpt2: learned positions
+            x = x + self.transformer.wpe(pos)  # (T, C) broadcast over the batch
+        else:  # llama: rotary positions, applied to queries and keys in attention
+            rope = (self.rope_cos[pos], self.rope_sin[pos])  # each (T, hd/2)
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x, rope, kv_cache, pos if kv_cache is not None else None)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, vocab_size)
+
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX
+            )
+        return logits, loss
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count (tied weights counted once); optionally without token and position embeddings."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
+        if exclude_embeddings:
+            n -= self.transformer.wte.weight.numel()
+            if self.transformer.wpe is not None:
+                n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> int:
+        """Estimated FLOPs per token (PaLM, appendix B): 2 per weight in a matmul per token for the forward
+        pass, plus attention scores and values (2 * 2 * n_layer * T * n_embd); training (forward and
+        backward) costs three times the forward pass. Used for MFU."""
+        cfg = self.config
+        T = cfg.block_size if seq_len is None else seq_len
+        # Weights used in matmuls: everything but the embedding lookups; the output projection is a
+        # matmul even when it shares its weight with the token embedding.
+        matmul = self.num_params(exclude_embeddings=True)
+        if cfg.tie_embeddings:
+            matmul += self.lm_head.weight.numel()
+        forward = 2 * matmul + 4 * cfg.n_layer * T * cfg.n_embd
+        return 3 * forward if training else forward

@@ -1,0 +1,134 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_config
+
+from aksis.config import ModelConfig
+from aksis.model import GPT, IGNORE_INDEX, apply_rope, rope_tables
+
+
+def test_changing_a_future_token_never_changes_earlier_logits(arch: str) -> None:
+    model = GPT(tiny_config(arch)).eval()
+    idx = torch.randint(0, 300, (2, 24))
+    changed = idx.clone()
+    changed[:, 15] = (changed[:, 15] + 1) % 300
+    with torch.no_grad():
+        a, _ = model(idx)
+        b, _ = model(changed)
+    assert torch.equal(a[:, :15], b[:, :15])
+    assert not torch.allclose(a[:, 15:], b[:, 15:])
+
+
+def test_loss_is_mean_cross_entropy_and_skips_ignored_targets(arch: str) -> None:
+    model = GPT(tiny_config(arch)).eval()
+    idx = torch.randint(0, 300, (2, 10))
+    targets = torch.randint(0, 300, (2, 10))
+    targets[0, :4] = IGNORE_INDEX
+    logits, loss = model(idx, targets)
+    assert logits.shape == (2, 10, 300)
+    kept = targets != IGNORE_INDEX
+    expected = F.cross_entropy(logits[kept], targets[kept])
+    assert loss is not None and torch.allclose(loss, expected)
+    assert model(idx)[1] is None
+
+
+def test_input_longer_than_the_context_is_a_clear_error() -> None:
+    model = GPT(tiny_config(block_size=16))
+    with pytest.raises(ValueError, match="17 tokens is longer than the context \\(16 tokens\\); keep only the last 16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_gpt2_preset_has_the_124m_parameters_of_openai_gpt2() -> None:
+    model = GPT(ModelConfig.from_preset("gpt2"))
+    assert model.num_params() == 124_439_808  # GPT2LMHeadModel's count, tied lm_head counted once
+    assert model.num_params(exclude_embeddings=True) == 124_439_808 - 50257 * 768 - 1024 * 768
+
+
+def test_tied_embeddings_share_one_tensor_and_untied_do_not() -> None:
+    tied = GPT(tiny_config())
+    assert tied.lm_head.weight is tied.transformer.wte.weight
+    untied = GPT(tiny_config("llama", tie_embeddings=False))
+    assert untied.lm_head.weight is not untied.transformer.wte.weight
+    assert untied.num_params() - tied.num_params() != 0
+
+
+def test_flavours_build_their_own_modules() -> None:
+    gpt2, llama = GPT(tiny_config("gpt2")), GPT(tiny_config("llama"))
+    assert gpt2.transformer.wpe is not None and llama.transformer.wpe is None
+    assert isinstance(gpt2.transformer.ln_f, torch.nn.LayerNorm)
+    assert type(llama.transformer.ln_f).__name__ == "RMSNorm"
+    assert gpt2.transformer.h[0].attn.c_attn.bias is not None
+    assert all(not name.endswith("bias") for name, _ in llama.named_parameters())
+    # GQA: queries 4 heads, keys and values 2 heads each, head size 16.
+    assert llama.transformer.h[0].attn.c_attn.weight.shape == ((4 + 2 * 2) * 16, 64)
+
+
+def test_residual_projections_get_the_scaled_gpt2_init() -> None:
+    cfg = ModelConfig(n_layer=8, n_embd=256, n_head=4, d_ff=1024, vocab_size=500, block_size=32)
+    model = GPT(cfg)
+    block = model.transformer.h[0]
+    scaled = 0.02 / math.sqrt(2 * 8)
+    assert block.mlp.c_proj.weight.std().item() == pytest.approx(scaled, rel=0.05)
+    assert block.attn.c_proj.weight.std().item() == pytest.approx(scaled, rel=0.05)
+    assert block.mlp.c_fc.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert torch.all(block.attn.c_attn.bias == 0)
+
+
+def test_grouped_query_attention_equals_multi_head_with_shared_kv_heads() -> None:
+    """A GQA model equals an MHA model whose key/value heads are copies of the shared ones."""
+    gqa = GPT(tiny_config("llama", n_kv_head=2)).eval()
+    mha = GPT(tiny_config("llama", n_kv_head=4)).eval()
+    state = gqa.state_dict()
+    hd, nh = 16, 4
+    for i in range(2):
+        w = state[f"transformer.h.{i}.attn.c_attn.weight"]
+        q, k, v = w.split([nh * hd, 2 * hd, 2 * hd])
+        expand = lambda t: t.view(2, hd, -1).repeat_interleave(2, dim=0).reshape(nh * hd, -1)
+        state[f"transformer.h.{i}.attn.c_attn.weight"] = torch.cat([q, expand(k), expand(v)])
+    mha.load_state_dict(state)
+    idx = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(gqa(idx)[0], mha(idx)[0], atol=1e-5, rtol=0)
+
+
+def test_rope_scores_depend_only_on_relative_position() -> None:
+    cfg = tiny_config("llama")
+    cos, sin = rope_tables(cfg)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+
+    def score(pq: int, pk: int) -> float:
+        rq = apply_rope(q, cos[pq : pq + 1], sin[pq : pq + 1])
+        rk = apply_rope(k, cos[pk : pk + 1], sin[pk : pk + 1])
+        return (rq * rk).sum().item()
+
+    assert score(5, 2) == pytest.approx(score(40, 37), abs=1e-4)
+    assert score(5, 2) != pytest.approx(score(5, 4), abs=1e-4)
+
+
+def test_dropout_is_active_in_training_only() -> None:
+    model = GPT(tiny_config(dropout=0.5))
+    idx = torch.randint(0, 300, (1, 8))
+    model.train()
+    assert not torch.equal(model(idx)[0], model(idx)[0])
+    model.eval()
+    assert torch.equal(model(idx)[0], model(idx)[0])
+
+
+def test_flops_per_token_follows_the_palm_estimate() -> None:
+    cfg = tiny_config()
+    model = GPT(cfg)
+    matmul_weights = model.num_params(exclude_embeddings=True) + cfg.vocab_size * cfg.n_embd  # + tied lm_head
+    forward = 2 * matmul_weights + 4 * cfg.n_layer * cfg.block_size * cfg.n_embd
+    assert model.flops_per_token() == 3 * forward
+    assert model.flops_per_token(seq_len=8, training=False) == 2 * matmul_weights + 4 * cfg.n_layer * 8 * cfg.n_embd
+
+
+def test_backward_reaches_every_parameter(arch: str) -> None:
+    model = GPT(tiny_config(arch))
+    idx = torch.randint(0, 300, (2, 8))
+    _, loss = model(idx, idx.roll(-1, dims=1))
+    assert loss is not None
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
