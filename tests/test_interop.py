@@ -1,0 +1,56 @@
+from pathlib import Path
+
+import pytest
+import torch
+import transformers  # a dev dependency: aksis itself imports it only inside aksis.interop
+from conftest import tiny_config
+
+from aksis.interop import export_gpt2, from_hf_gpt2, import_gpt2
+from aksis.model import GPT
+
+
+def random_hf_gpt2() -> transformers.GPT2LMHeadModel:
+    config = transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=64, n_layer=2, n_head=4)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def test_imported_gpt2_gives_the_same_logits() -> None:
+    hf = random_hf_gpt2()
+    model = from_hf_gpt2(hf)
+    idx = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        ours, _ = model(idx)
+    assert (ours - expected).abs().max().item() <= 1e-4
+
+
+def test_import_from_a_local_folder(tmp_path: Path) -> None:
+    hf = random_hf_gpt2()
+    hf.save_pretrained(tmp_path / "hf")
+    model = import_gpt2(tmp_path / "hf")
+    assert model.config.n_layer == 2 and model.config.block_size == 64 and model.config.d_ff == 256
+    idx = torch.randint(0, 300, (1, 10))
+    with torch.no_grad():
+        assert (model(idx)[0] - hf(idx).logits).abs().max().item() <= 1e-4
+
+
+def test_exported_model_loads_in_transformers_with_the_same_logits(tmp_path: Path) -> None:
+    model = GPT(tiny_config(vocab_size=300)).eval()
+    export_gpt2(model, tmp_path / "export")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
+    idx = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        assert (hf(idx).logits - model(idx)[0]).abs().max().item() <= 1e-4
+
+
+def test_llama_flavour_cannot_be_exported_as_gpt2(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="only GPT-2-flavour models"):
+        export_gpt2(GPT(tiny_config("llama")), tmp_path / "x")
+
+
+def test_unsupported_gpt2_options_are_refused() -> None:
+    config = transformers.GPT2Config(
+        vocab_size=300, n_positions=64, n_embd=64, n_layer=2, n_head=4, scale_attn_by_inverse_layer_idx=True
+    )
+    with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
+        from_hf_gpt2(transformers.GPT2LMHeadModel(config))
