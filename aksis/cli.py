@@ -1,0 +1,72 @@
+"""The `aksis` command (also `python -m aksis.cli`): one subcommand per task, each a thin wrapper
+over the library. Subcommands import their modules lazily so `aksis --help` stays instant."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from aksis import __version__
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def cmd_tokenize(args: argparse.Namespace) -> None:
+    from aksis.tokenizer import Tokenizer, TokenizerError
+
+    if args.file is not None:
+        try:
+            text = Path(args.file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise CLIError(f"cannot read {args.file}: {err}") from err
+    else:
+        text = args.text
+    try:
+        tokenizer = Tokenizer.from_name(args.tokenizer)
+    except TokenizerError as err:
+        raise CLIError(str(err)) from err
+    ids = tokenizer.encode(text)
+    pieces = [tokenizer.token_bytes(i).decode("utf-8", errors="backslashreplace") for i in ids]
+    print(f"tokenizer: {tokenizer.name} ({tokenizer.kind}, {tokenizer.vocab_size} tokens)")
+    print(f"tokens: {pieces!r}")
+    print(f"ids: {ids}")
+    print(f"count: {len(ids)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aksis", description="Train, share and use small GPT language models.")
+    parser.add_argument("--version", action="version", version=f"aksis {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    tok = commands.add_parser("tokenize", help="show the tokens and ids of a text")
+    source = tok.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", help="the text to tokenize")
+    source.add_argument("--file", help="a UTF-8 text file to tokenize")
+    tok.add_argument(
+        "--tokenizer",
+        default="cl100k_base",
+        help="a tiktoken encoding (gpt2, r50k_base, p50k_base, cl100k_base, o200k_base), 'byte', "
+        "or the path of a tokenizer.json or checkpoint folder (default: cl100k_base, available offline)",
+    )
+    tok.set_defaults(func=cmd_tokenize)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], None] = args.func
+    try:
+        func(args)
+    except CLIError as err:
+        print(f"aksis {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
