@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
+from huggingface_hub import HfApi, PyTorchModelHubMixin, hf_hub_download
 from huggingface_hub import errors as hf_errors
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
@@ -83,6 +83,7 @@ def resolve_file(
             )
         return path
     repo = f"{source}@{revision}" if revision else str(source)
+    not_local = f"(there is no local folder named {source} either)"
     try:
         return Path(
             hf_hub_download(
@@ -103,15 +104,15 @@ def resolve_file(
         raise CheckpointError(f"revision {revision!r} does not exist in the Hub repo {source}") from err
     except hf_errors.RepositoryNotFoundError as err:
         raise CheckpointError(
-            f"no model repo {source} on the Hub, or it is private and no token was given: check the id, "
-            "or log in (`hf auth login` or HF_TOKEN) if it is private"
+            f"no model repo {source} on the Hub, or it is private and no token was given {not_local}: check the "
+            "id or path, or log in (`hf auth login` or HF_TOKEN) if the repo is private"
         ) from err
     except hf_errors.RemoteEntryNotFoundError as err:
         raise CheckpointError(f"the Hub repo {repo} has no {filename}: it is not an aksis checkpoint") from err
     except hf_errors.LocalEntryNotFoundError as err:
         raise CheckpointError(
             f"{filename} of {repo} is not in the local Hub cache and the Hub cannot be reached "
-            "(offline, or HF_HUB_OFFLINE is set): connect once to download it, or pass a local folder"
+            f"(offline, or HF_HUB_OFFLINE is set) {not_local}: connect once to download it, or check the path"
         ) from err
 
 
@@ -272,8 +273,18 @@ class CheckpointMixin(PyTorchModelHubMixin):
                     )
                 tokenizer.save(tmp / TOKENIZER_FILE)
             (generation_config or GenerationConfig()).save(tmp / GENERATION_CONFIG_FILE)
-        if push_to_hub:
-            return self.push_to_hub(repo_id or Path(save_directory).name, **push_to_hub_kwargs)
+        if push_to_hub:  # upload the folder just written, tokenizer and generation config included
+            api = HfApi(token=push_to_hub_kwargs.get("token"))
+            repo = api.create_repo(
+                repo_id or Path(save_directory).name, private=push_to_hub_kwargs.get("private"), exist_ok=True
+            )
+            commit = api.upload_folder(
+                repo_id=repo.repo_id,
+                folder_path=save_directory,
+                commit_message=push_to_hub_kwargs.get("commit_message", "Upload aksis checkpoint"),
+                revision=push_to_hub_kwargs.get("branch"),
+            )
+            return str(commit)
         return None
 
     def _save_pretrained(self, save_directory: Path) -> None:

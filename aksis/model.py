@@ -221,6 +221,8 @@ class GPT(
             )
         if kv_cache is not None and input_pos is None:
             raise ValueError("forward with a kv_cache needs input_pos: the positions (T,) of the tokens in idx")
+        if kv_cache is not None and idx.size(0) != kv_cache.batch_size:
+            raise ValueError(f"batch of {idx.size(0)} rows but the KV cache was made for {kv_cache.batch_size}")
         pos = input_pos if input_pos is not None else torch.arange(T, device=idx.device)  # (T,)
 
         x = self.transformer.wte(idx)  # (B, T, C)

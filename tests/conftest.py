@@ -6,10 +6,11 @@ import importlib.metadata
 import os
 import tempfile
 
-# huggingface_hub reads these when it is imported, so they are set before any test module imports it.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="aksis-test-hf-home-"))
+# huggingface_hub reads these when it is imported, so they are set before any test module imports it:
+# no network, and an empty Hub cache of the test session's own.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="aksis-test-hf-home-")
 
 import pytest
 import torch

@@ -57,5 +57,7 @@ def test_bad_cache_use_is_a_clear_error() -> None:
     cache = KVCache(cfg, batch_size=1, max_len=8)
     with pytest.raises(ValueError, match="needs input_pos"):
         model(torch.zeros(1, 2, dtype=torch.long), kv_cache=cache)
+    with pytest.raises(ValueError, match="batch of 2 rows but the KV cache was made for 1"):
+        model(torch.zeros(2, 1, dtype=torch.long), kv_cache=cache, input_pos=torch.tensor([0]))
     with pytest.raises(ValueError, match="longer than the KV cache \\(8 tokens\\)"):
         model(torch.zeros(1, 9, dtype=torch.long), kv_cache=cache, input_pos=torch.arange(9))
