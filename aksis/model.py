@@ -169,6 +169,8 @@ class GPT(
     pipeline_tag="text-generation",
     tags=["aksis", "text-generation"],
 ):
+    """A decoder-only transformer language model, built only from a `ModelConfig`."""
+
     rope_cos: torch.Tensor  # llama flavour: buffers (block_size, head_dim // 2)
     rope_sin: torch.Tensor
 
