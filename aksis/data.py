@@ -161,11 +161,7 @@ def _load_local(files: list[Path], text_column: str) -> datasets.DatasetDict:
                 f"{', '.join(data_files)} have no {column!r} column (columns: {', '.join(part.column_names)}); "
                 "choose one with --text-column"
             )
-        parts.append(
-            part.select_columns([column]).rename_column(column, TEXT_COLUMN)
-            if column != TEXT_COLUMN
-            else part.select_columns([TEXT_COLUMN])
-        )
+        parts.append(_only_text(part, column))
     return datasets.DatasetDict({"train": datasets.concatenate_datasets(parts)})
 
 
@@ -186,11 +182,16 @@ def _load_hub(source: str, text_column: str | None) -> datasets.DatasetDict | da
     for split, ds in loaded.items():
         if column not in (ds.column_names or []):
             raise DataError(f"{spec.path} has no {column!r} column (columns: {ds.column_names}); use --text-column")
-        ds = ds.select_columns([column])
-        renamed[split] = ds.rename_column(column, TEXT_COLUMN) if column != TEXT_COLUMN else ds
+        renamed[split] = _only_text(ds, column)
     if spec.streaming:
         return datasets.IterableDatasetDict(renamed)
     return datasets.DatasetDict(renamed)
+
+
+def _only_text(ds: datasets.Dataset | datasets.IterableDataset, column: str) -> datasets.Dataset:
+    """Just the text, in a column named "text"."""
+    ds = ds.select_columns([column])
+    return ds.rename_column(column, TEXT_COLUMN) if column != TEXT_COLUMN else ds
 
 
 def _with_validation(
