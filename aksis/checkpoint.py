@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import HfApi, PyTorchModelHubMixin, hf_hub_download
+from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
 from huggingface_hub import errors as hf_errors
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
@@ -241,7 +241,8 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
 
 class CheckpointMixin(PyTorchModelHubMixin):
     """`PyTorchModelHubMixin` for aksis models: a class with `__init__(self, config: ModelConfig)` and a
-    `config` attribute gets `save_pretrained`, `from_pretrained` and `push_to_hub` in the format above."""
+    `config` attribute gets `save_pretrained` and `from_pretrained` in the format above. (The mixin's own
+    `push_to_hub` saves without the tokenizer; full pushes belong to the Hub module.)"""
 
     config: ModelConfig
 
@@ -252,40 +253,25 @@ class CheckpointMixin(PyTorchModelHubMixin):
         tokenizer: Tokenizer | None = None,
         generation_config: GenerationConfig | None = None,
         config: dict[str, Any] | ModelConfig | None = None,
-        repo_id: str | None = None,
-        push_to_hub: bool = False,
         model_card_kwargs: dict[str, Any] | None = None,
-        **push_to_hub_kwargs: Any,
-    ) -> str | None:
+    ) -> None:
         """Write the checkpoint folder atomically. Pass the `tokenizer` so the folder is complete
-        (generation needs it); `generation_config` defaults to `GenerationConfig()`."""
+        (generation needs it); `generation_config` defaults to `GenerationConfig()`. (`config` is accepted
+        because the mixin's `push_to_hub` passes it; it must equal the model's own.)"""
         if config is not None and not isinstance(config, ModelConfig):
             config = ModelConfig.from_dict(dict(config))
         if config is not None and config != self.config:
             raise CheckpointError("save_pretrained(config=...) differs from the model's own config")
+        if tokenizer is not None and tokenizer.vocab_size > self.config.vocab_size:
+            raise CheckpointError(
+                f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {self.config.vocab_size} "
+                "embeddings: build the model with vocab_size >= tokenizer.vocab_size"
+            )
         with atomic_folder(save_directory) as tmp:
             super().save_pretrained(tmp, model_card_kwargs=model_card_kwargs)
             if tokenizer is not None:
-                if tokenizer.vocab_size > self.config.vocab_size:
-                    raise CheckpointError(
-                        f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {self.config.vocab_size} "
-                        "embeddings: build the model with vocab_size >= tokenizer.vocab_size"
-                    )
                 tokenizer.save(tmp / TOKENIZER_FILE)
             (generation_config or GenerationConfig()).save(tmp / GENERATION_CONFIG_FILE)
-        if push_to_hub:  # upload the folder just written, tokenizer and generation config included
-            api = HfApi(token=push_to_hub_kwargs.get("token"))
-            repo = api.create_repo(
-                repo_id or Path(save_directory).name, private=push_to_hub_kwargs.get("private"), exist_ok=True
-            )
-            commit = api.upload_folder(
-                repo_id=repo.repo_id,
-                folder_path=save_directory,
-                commit_message=push_to_hub_kwargs.get("commit_message", "Upload aksis checkpoint"),
-                revision=push_to_hub_kwargs.get("branch"),
-            )
-            return str(commit)
-        return None
 
     def _save_pretrained(self, save_directory: Path) -> None:
         data = {"format_version": FORMAT_VERSION, **self.config.to_dict()}

@@ -180,7 +180,7 @@ def _load_hub(source: str, text_column: str | None) -> datasets.DatasetDict | da
     assert isinstance(loaded, datasets.DatasetDict | datasets.IterableDatasetDict)
     renamed = {}
     for split, ds in loaded.items():
-        if column not in (ds.column_names or []):
+        if ds.column_names is not None and column not in ds.column_names:  # streams may not know their columns
             raise DataError(f"{spec.path} has no {column!r} column (columns: {ds.column_names}); use --text-column")
         renamed[split] = _only_text(ds, column)
     if spec.streaming:
