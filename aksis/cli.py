@@ -37,8 +37,32 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
     print(f"count: {len(ids)}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aksis", description="Train, share and use small GPT language models.")
+def cmd_train_model(args: argparse.Namespace) -> None:
+    import logging
+
+    from aksis.config import TrainConfig
+    from aksis.trainer import TrainingError, train
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("aksis").setLevel(logging.INFO)
+    try:
+        config = TrainConfig.from_args(args)
+    except ValueError as err:
+        raise CLIError(str(err)) from err
+    try:
+        result = train(config)
+    except TrainingError as err:
+        raise CLIError(str(err)) from err
+    summary = f"{result.steps} steps, {result.tokens:,} tokens ({result.stopped})"
+    if result.best_val_loss is not None:
+        summary += f"; best validation loss {result.best_val_loss:.4f}: {result.best_checkpoint}"
+    if result.stopped == "interrupted":
+        summary += f"; continue with --resume (latest checkpoint: {result.last_checkpoint})"
+    print(summary)
+
+
+def build_parser(prog: str = "aksis") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Train, share and use small GPT language models.")
     parser.add_argument("--version", action="version", version=f"aksis {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -53,11 +77,21 @@ def build_parser() -> argparse.ArgumentParser:
         "or the path of a tokenizer.json or checkpoint folder (default: cl100k_base, available offline)",
     )
     tok.set_defaults(func=cmd_tokenize)
+
+    from aksis.config import TrainConfig  # plain dataclasses: cheap to import
+
+    train = commands.add_parser(
+        "train-model",
+        help="train a model (for several processes or GPUs: accelerate launch training/train.py)",
+        description="Train a model. Options come from the defaults, then --config FILE, then the flags given.",
+    )
+    TrainConfig.add_arguments(train)
+    train.set_defaults(func=cmd_train_model)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: Sequence[str] | None = None, prog: str = "aksis") -> int:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], None] = args.func
     try:

@@ -1,15 +1,20 @@
-"""Configuration as data: `ModelConfig` (the network's shape) and `GenerationConfig` (default sampling).
+"""Configuration as data: `ModelConfig` (the network's shape), `GenerationConfig` (default sampling) and
+`TrainConfig` (one training run).
 
-Both are small typed dataclasses, validated in `__post_init__` and saved as JSON beside the weights
-(`config.json`, `generation_config.json`). Presets are plain dictionaries of overrides; build one with
-`ModelConfig.from_preset("base", n_layer=4)`. Nothing here imports torch, so configs can be read and
-checked anywhere.
+All are small typed dataclasses, validated in `__post_init__`. The first two are saved as JSON beside the
+weights (`config.json`, `generation_config.json`). Presets are plain dictionaries of overrides; build one with
+`ModelConfig.from_preset("base", n_layer=4)`. `TrainConfig` is the single source of truth for the trainer's
+command-line flags (generated from its fields and their help text) and its YAML/JSON config files. Nothing
+here imports torch, so configs can be read and checked anywhere, and `--help` is instant.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,6 +136,255 @@ class GenerationConfig:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+def _help(text: str) -> Any:
+    return field(metadata={"help": text})
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run. `training/train.py` and `aksis train-model` expose each field
+    as a flag (`learning_rate` -> `--learning-rate`); a YAML or JSON file (`--config`) may set any of them."""
+
+    # data
+    dataset: str = "shakespeare"
+    text_column: str | None = None
+    streaming: bool = False
+    tokenizer: str = "bpe"
+    vocab_size: int = 10_004
+    val_fraction: float = 0.05
+    stride: int | None = None
+    num_proc: int | None = None
+    data_cache: str | None = None
+    # model
+    preset: str = "base"
+    arch: str | None = None
+    block_size: int | None = None
+    dropout: float | None = None
+    init_from: str | None = None
+    # optimisation
+    epochs: int = 1
+    max_steps: int | None = None
+    max_tokens: int | None = None
+    batch_size: int = 16
+    grad_accum_steps: int = 1
+    optimizer: str = "adamw"
+    learning_rate: float = 6e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    momentum: float = 0.9
+    grad_clip: float = 1.0
+    mixed_precision: str = "no"
+    compile: bool = False
+    seed: int = 1337
+    device: str = "auto"
+    # evaluation, checkpoints, logging
+    eval_every: int = 250
+    eval_batches: int = 20
+    save_every: int | None = None
+    keep_last: int = 2
+    patience: int | None = None
+    output_dir: str = "checkpoints/run"
+    resume: str | None = None
+    overwrite: bool = False
+    log_every: int = 10
+    report_to: str = "none"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("vocab_size", "epochs", "batch_size", "grad_accum_steps", "eval_every", "eval_batches"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("stride", "num_proc", "block_size", "max_steps", "max_tokens", "save_every", "patience"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.append(f"{name} must be at least 1 (or unset), got {value}")
+        if self.log_every < 1 or self.keep_last < 1:
+            problems.append("log_every and keep_last must be at least 1")
+        if not 0.0 < self.val_fraction < 1.0:
+            problems.append(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
+        if self.learning_rate <= 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
+            problems.append("learning_rate must be positive and min_lr_ratio in [0, 1]")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            problems.append("warmup_steps, weight_decay and grad_clip must be >= 0 (grad_clip 0 disables clipping)")
+        choices = {
+            "optimizer": OPTIMIZERS,
+            "mixed_precision": MIXED_PRECISIONS,
+            "device": DEVICES,
+            "report_to": REPORTERS,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                problems.append(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.arch is not None and self.arch not in ARCHS:
+            problems.append(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        if self.preset not in PRESETS:
+            problems.append(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        if problems:
+            raise ValueError("invalid training settings: " + "; ".join(problems))
+
+    @property
+    def tokens_per_step(self) -> int | None:
+        """Tokens per optimizer step and process (None until the context is known)."""
+        return None if self.block_size is None else self.batch_size * self.grad_accum_steps * self.block_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """From a dict whose keys are field names (dashes allowed: `learning-rate`); unknown keys are errors."""
+        return cls(**_known_fields(cls, {k.replace("-", "_"): v for k, v in data.items()}))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainConfig:
+        """From a YAML (.yaml/.yml) or JSON file of field names and values."""
+        return cls.from_dict(read_settings(path))
+
+    # ----- command line -----
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """One flag per field, with its help text; defaults stay unset so a config file can fill them."""
+        parser.add_argument(
+            "--config", metavar="FILE", help="a YAML or JSON file of settings (e.g. training/configs/tiny-cpu.yaml)"
+        )
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            kind = hints[f.name]
+            default = f"(default: {f.default})"
+            help_text = f"{TRAIN_HELP[f.name]} {default}".replace("%", "%%")
+            if kind is bool:
+                parser.add_argument(
+                    flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+                )
+            elif f.name == "resume":  # --resume alone means: the latest checkpoint in --output-dir
+                parser.add_argument(
+                    flag, nargs="?", const="latest", default=argparse.SUPPRESS, metavar="PATH", help=help_text
+                )
+            else:
+                base = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
+                choices = TRAIN_CHOICES.get(f.name)
+                parser.add_argument(
+                    flag,
+                    type=_optional(base) if _is_optional(kind) else base,
+                    choices=choices,
+                    default=argparse.SUPPRESS,
+                    metavar=None if choices else f.name.upper(),
+                    help=help_text,
+                )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TrainConfig:
+        """Defaults, then the `--config` file, then the flags given on the command line."""
+        settings: dict[str, Any] = {}
+        if getattr(args, "config", None):
+            settings.update({k.replace("-", "_"): v for k, v in read_settings(args.config).items()})
+        names = {f.name for f in dataclasses.fields(cls)}
+        settings.update({k: v for k, v in vars(args).items() if k in names})
+        return cls.from_dict(settings)
+
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+REPORTERS = ("none", "tensorboard", "wandb", "trackio")
+TRAIN_CHOICES = {
+    "optimizer": OPTIMIZERS,
+    "mixed_precision": MIXED_PRECISIONS,
+    "device": DEVICES,
+    "report_to": REPORTERS,
+    "preset": tuple(PRESETS),
+    "arch": ARCHS,
+}
+TRAIN_HELP = {
+    "dataset": "corpus: 'shakespeare' (embedded, offline), wikitext2, wikitext103, tiny_shakespeare, tinystories, "
+    "fineweb-edu, a Hub dataset id, or local .txt/.md/.jsonl/.parquet files, a folder or a glob",
+    "text_column": "the column holding the text, for Hub ids and .jsonl/.parquet files",
+    "streaming": "read the corpus as a stream (for corpora too large to download); needs --max-steps or --max-tokens",
+    "tokenizer": "'bpe' (trained on the corpus once, then cached), 'byte', a tiktoken encoding (cl100k_base, gpt2, "
+    "...), or a tokenizer.json path",
+    "vocab_size": "size of the trained BPE, the 4 special tokens included",
+    "val_fraction": "share of the corpus held out for validation when it has no validation split",
+    "stride": "tokens between the starts of training blocks (smaller than the context: overlapping blocks)",
+    "num_proc": "processes for tokenizing",
+    "data_cache": "folder for cached tokenizers and tokenized corpora ($AKSIS_CACHE, else the datasets cache)",
+    "preset": "model size",
+    "arch": "'gpt2' (learned positions, LayerNorm, GELU) or 'llama' (RoPE, RMSNorm, SwiGLU); default: the preset's",
+    "block_size": "context length in tokens; default: the preset's (or the --init-from model's)",
+    "dropout": "dropout rate; default: the preset's",
+    "init_from": "start from this checkpoint (folder or Hub id), with its config and tokenizer, e.g. to fine-tune",
+    "epochs": "passes over the training data",
+    "max_steps": "stop after this many optimizer steps (sets the length of the LR schedule)",
+    "max_tokens": "stop after this many training tokens (all processes together)",
+    "batch_size": "blocks per batch, per process",
+    "grad_accum_steps": "batches accumulated per optimizer step",
+    "optimizer": "AdamW (weight decay on matrices only), Adam, or SGD with momentum",
+    "learning_rate": "peak learning rate",
+    "min_lr_ratio": "the cosine decay ends at learning_rate x this",
+    "warmup_steps": "steps of linear warmup",
+    "weight_decay": "AdamW/SGD weight decay, applied to weight matrices and embeddings only",
+    "beta1": "Adam beta1",
+    "beta2": "Adam beta2",
+    "momentum": "SGD momentum",
+    "grad_clip": "clip the gradient norm to this (0: no clipping)",
+    "mixed_precision": "autocast precision",
+    "compile": "compile the model with torch.compile",
+    "seed": "random seed (initialisation, data order, dropout)",
+    "device": "where to train when not under a distributed `accelerate launch`",
+    "eval_every": "evaluate on the validation split every N steps (and at the end)",
+    "eval_batches": "validation batches per evaluation",
+    "save_every": "save a resumable checkpoint every N steps (default: with every evaluation)",
+    "keep_last": "how many step checkpoints to keep (the best one is kept separately)",
+    "patience": "stop when the validation loss has not improved for this many evaluations",
+    "output_dir": "the run folder: step-N checkpoints, best/, metrics.jsonl",
+    "resume": "continue a run: alone, from the latest checkpoint in --output-dir; or from a step-N folder",
+    "overwrite": "start afresh in an --output-dir that already holds this run's checkpoints (deletes them)",
+    "log_every": "log the training loss every N steps",
+    "report_to": "also log to this tracker",
+    "progress": "show a progress bar",
+}
+
+
+def read_settings(path: str | Path) -> dict[str, Any]:
+    """A flat mapping from a YAML or JSON file, with errors that name the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ValueError(f"cannot read the config file {path}: {err.strerror}") from err
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as err:  # yaml and json raise their own error types
+        raise ValueError(f"the config file {path} is not valid {path.suffix.lstrip('.').upper()}: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"the config file {path} must hold a mapping of setting: value")
+    return data
+
+
+def _is_optional(kind: Any) -> bool:
+    return isinstance(kind, types.UnionType) and type(None) in typing.get_args(kind)
+
+
+def _optional(base: type) -> Any:
+    """An argparse type that also accepts 'none' (to unset an optional setting)."""
+
+    def parse(text: str) -> Any:
+        return None if text.lower() == "none" else base(text)
+
+    parse.__name__ = base.__name__  # argparse names the type in its error messages
+    return parse
 
 
 def _known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:

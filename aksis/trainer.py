@@ -1,0 +1,681 @@
+"""The training loop, on `accelerate.Accelerator`: one code path for a laptop CPU, one GPU, or many
+processes launched with `accelerate launch` (DDP, FSDP, DeepSpeed: accelerate's job, not ours).
+
+A run is described by one `TrainConfig` and lives in one output folder:
+
+    output_dir/
+      metrics.jsonl        one JSON record per log step and per evaluation
+      step-000500/         a checkpoint folder (loadable by GPT.from_pretrained) plus training_state/:
+        training_state/    accelerate's save_state (weights, optimizer, RNG) + trainer_state.json (data position)
+      best/                the checkpoint with the lowest validation loss so far (no training state)
+
+Notable choices:
+- Data order comes from (seed, epoch) alone and the data position is counted in batches, so a resumed run
+  skips exactly what it has seen and its losses equal those of an uninterrupted run.
+- Every optimizer step reduces the loss (and a stop flag) across processes: all processes agree on when to
+  stop, and a NaN/inf loss stops the run before the optimizer applies it, leaving the checkpoints on disk intact.
+- Only the main process writes files. Checkpoint folders are assembled under a temporary name and renamed
+  into place, so an interrupted save never leaves a half-written `step-N`.
+- The LR scheduler is stepped here, once per optimizer step (not through `accelerator.prepare`, which would
+  step it once per process), and saved with `register_for_checkpointing`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, set_seed
+from tqdm.auto import tqdm
+
+from aksis.checkpoint import CONFIG_FILE, CheckpointError, load_tokenizer, read_model_config, resolve_file
+from aksis.config import ModelConfig, TrainConfig
+from aksis.data import DataError, PackedBlocks, StreamingBlocks, TrainData, build_data
+from aksis.model import GPT
+from aksis.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+BEST_DIR = "best"
+TRAINING_STATE_DIR = "training_state"
+TRAINER_STATE_FILE = "trainer_state.json"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class TrainingError(Exception):
+    """A run could not start or had to stop; the message says why and what to do."""
+
+
+@dataclass
+class RunState:
+    """Where a run is; saved with every checkpoint so `--resume` continues exactly."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batches_in_epoch: int = 0  # batches this process has consumed in the current epoch (or stream blocks / batch)
+    tokens: int = 0  # training tokens seen, all processes together
+    elapsed: float = 0.0  # seconds of training, over all sessions of the run
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    evals_since_best: int = 0
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    stopped: str  # why the run ended: "max_steps", "epochs", "max_tokens", "early stopping", "interrupted"
+    last_checkpoint: Path | None
+    best_checkpoint: Path | None
+    best_val_loss: float | None
+
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """A fresh permutation of the blocks every epoch, drawn from (seed, epoch) alone, so a resumed run replays
+    the same order. (No `set_epoch` method on purpose: accelerate would call it with its own counter.)"""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        yield from torch.randperm(self.n, generator=generator).tolist()
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup over `warmup` steps, then cosine decay to `min_ratio` at step `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig, fused: bool = False) -> torch.optim.Optimizer:
+    """Weight decay only on matrices (linear weights, embeddings); never on biases or norm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    if config.optimizer == "sgd":
+        groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.SGD(groups, lr=config.learning_rate, momentum=config.momentum)
+    betas = (config.beta1, config.beta2)
+    extra = {"fused": True} if fused else {}
+    if config.optimizer == "adam":  # plain Adam: no weight decay at all
+        return torch.optim.Adam(params, lr=config.learning_rate, betas=betas, **extra)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=betas, **extra)
+
+
+def step_checkpoints(output_dir: Path) -> list[Path]:
+    """The resumable `step-N` checkpoints of a run folder, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir() if STEP_DIR.match(p.name) and (p / TRAINING_STATE_DIR).is_dir()]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name)[1]))  # type: ignore[index]
+
+
+class Trainer:
+    """Builds everything a run needs from a `TrainConfig` (data, tokenizer, model, optimizer, accelerator);
+    `train()` runs it. `request_stop()` (also wired to SIGINT/SIGTERM) ends it at the next step with a
+    resumable checkpoint."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.output_dir = Path(config.output_dir).expanduser()
+        self._stop_requested = False
+        self.accelerator = Accelerator(
+            cpu=_use_cpu(config.device),
+            mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=config.grad_accum_steps,
+            log_with=None if config.report_to == "none" else config.report_to,
+            project_dir=str(self.output_dir),
+        )
+        acc = self.accelerator
+        if not acc.is_main_process:
+            logging.getLogger("aksis").setLevel(logging.WARNING)
+        self.resume_from = self._find_resume()
+        if acc.is_main_process:
+            self._check_output_dir()
+        acc.wait_for_everyone()
+
+        set_seed(config.seed)
+        tokenizer, model_config, init_model, self.block_size = self._model_source()
+        with acc.main_process_first():  # the main process tokenizes and caches; the others read its cache
+            try:
+                self.data: TrainData = build_data(
+                    config.dataset,
+                    block_size=self.block_size,
+                    tokenizer=tokenizer or config.tokenizer,
+                    vocab_size=config.vocab_size,
+                    stride=config.stride,
+                    text_column=config.text_column,
+                    streaming=config.streaming or None,
+                    val_fraction=config.val_fraction,
+                    seed=config.seed,
+                    num_proc=config.num_proc,
+                    cache_dir=Path(config.data_cache).expanduser() if config.data_cache else None,
+                )
+            except DataError as err:
+                raise TrainingError(str(err)) from err
+        self.tokenizer: Tokenizer = self.data.tokenizer
+        if tokenizer is None:  # a new model: its vocabulary is the tokenizer's
+            model_config = dataclasses.replace(model_config, vocab_size=self.tokenizer.vocab_size)
+        set_seed(config.seed)  # the same initial weights whatever the data preparation consumed
+        self.model = GPT(model_config)
+        if init_model is not None:
+            self.model.load_state_dict(init_model.state_dict())
+        self.model_config = model_config
+        log.info(
+            "model: %s, %.2fM parameters; tokenizer: %s (%d tokens)",
+            _describe(model_config),
+            self.model.num_params() / 1e6,
+            self.tokenizer.name,
+            self.tokenizer.vocab_size,
+        )
+
+        fused = acc.device.type == "cuda" and config.optimizer != "sgd"
+        self.optimizer = make_optimizer(self.model, config, fused=fused)
+        if config.compile:
+            self.model = torch.compile(self.model)  # type: ignore[assignment]
+        self.train_loader, self.sampler = self._train_loader()
+        val_loader = torch.utils.data.DataLoader(self.data.validation, batch_size=config.batch_size)
+        self.model, self.optimizer, self.val_loader = acc.prepare(self.model, self.optimizer, val_loader)
+        if self.sampler is not None:
+            self.train_loader = acc.prepare(self.train_loader)
+        self.total_steps = self._total_steps()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: lr_factor(step, config.warmup_steps, self.total_steps, config.min_lr_ratio),
+        )
+        acc.register_for_checkpointing(self.scheduler)
+        self.state = RunState()
+        if self.resume_from is not None:
+            self._load(self.resume_from)
+
+    # ----- setup -----
+
+    def _find_resume(self) -> Path | None:
+        resume = self.config.resume
+        if resume is None:
+            return None
+        if resume in ("latest", "auto"):
+            found = step_checkpoints(self.output_dir)
+            if not found:
+                raise TrainingError(
+                    f"nothing to resume in {self.output_dir}: it has no step-N checkpoint with a {TRAINING_STATE_DIR}/ "
+                    "folder. Start without --resume, or give --output-dir of the run to continue"
+                )
+            return found[-1]
+        path = Path(resume).expanduser()
+        if not (path / TRAINING_STATE_DIR / TRAINER_STATE_FILE).is_file():
+            raise TrainingError(
+                f"cannot resume from {resume}: it is not a step-N checkpoint with a {TRAINING_STATE_DIR}/ folder "
+                f"(only those are resumable; use --init-from to start a new run from a model)"
+            )
+        return path
+
+    def _check_output_dir(self) -> None:
+        """Never overwrite another run's checkpoints by accident."""
+        out = self.output_dir
+        if out.exists() and not out.is_dir():
+            raise TrainingError(f"--output-dir {out} is a file; give a folder")
+        if self.resume_from is not None:
+            return
+        existing = [p for p in (*step_checkpoints(out), out / BEST_DIR) if (p / CONFIG_FILE).exists()]
+        if not existing:
+            return
+        if not self.config.overwrite:
+            earlier = read_model_config(existing[-1] / CONFIG_FILE)
+            raise TrainingError(
+                f"--output-dir {out} already holds the checkpoints of a run ({', '.join(p.name for p in existing)}; "
+                f"model {_describe(earlier)}). Continue it with --resume, replace it with --overwrite, "
+                "or choose another --output-dir"
+            )
+        log.warning("--overwrite: deleting the earlier run's checkpoints in %s", out)
+        for path in existing:
+            shutil.rmtree(path)
+        (out / METRICS_FILE).unlink(missing_ok=True)
+
+    def _model_source(self) -> tuple[Tokenizer | None, ModelConfig, GPT | None, int]:
+        """(tokenizer, model config, model with initial weights, training context) for a resumed, fine-tuned or
+        new model; the tokenizer is None when it is still to be built from the corpus."""
+        config = self.config
+        source = self.resume_from or (config.init_from and Path(config.init_from).expanduser())
+        if source is None:
+            overrides = {
+                k: v
+                for k, v in dict(arch=config.arch, block_size=config.block_size, dropout=config.dropout).items()
+                if v is not None
+            }
+            try:
+                model_config = ModelConfig.from_preset(config.preset, **overrides)
+            except ValueError as err:
+                raise TrainingError(str(err)) from err
+            return None, model_config, None, model_config.block_size
+        name = config.init_from if self.resume_from is None else str(source)
+        try:
+            model_config = read_model_config(resolve_file(str(name), CONFIG_FILE))
+            tokenizer = load_tokenizer(str(name))
+            init = None if self.resume_from is not None else GPT.from_pretrained(str(name))
+        except CheckpointError as err:
+            raise TrainingError(f"cannot start from {name}: {err}") from err
+        if self.resume_from is not None:  # accelerate's load_state restores the weights
+            record = json.loads((self.resume_from / TRAINING_STATE_DIR / TRAINER_STATE_FILE).read_text())
+            return tokenizer, model_config, None, int(record["block_size"])
+        # Fine-tuning keeps the model's shape (its context included); training blocks may be shorter.
+        block_size = config.block_size or model_config.block_size
+        if block_size > model_config.block_size:
+            raise TrainingError(
+                f"--block-size {block_size} is longer than the context of {name} ({model_config.block_size} "
+                f"tokens); use --block-size {model_config.block_size} or less"
+            )
+        dropout = model_config.dropout if config.dropout is None else config.dropout
+        return tokenizer, dataclasses.replace(model_config, dropout=dropout), init, block_size
+
+    def _train_loader(self) -> tuple[torch.utils.data.DataLoader, EpochSampler | None]:
+        train = self.data.train
+        if isinstance(train, StreamingBlocks):  # each process reads its own share of the stream
+            train.rank, train.world_size = self.accelerator.process_index, self.accelerator.num_processes
+            return torch.utils.data.DataLoader(train, batch_size=self.config.batch_size), None
+        sampler = EpochSampler(len(train), self.config.seed)
+        loader = torch.utils.data.DataLoader(train, batch_size=self.config.batch_size, sampler=sampler, drop_last=True)
+        return loader, sampler
+
+    def _total_steps(self) -> int:
+        """The length of the run in optimizer steps: the first limit reached among steps, tokens, epochs."""
+        config = self.config
+        limits = []
+        if config.max_steps:
+            limits.append(config.max_steps)
+        if config.max_tokens:
+            limits.append(math.ceil(config.max_tokens / self.tokens_per_step))
+        if isinstance(self.data.train, PackedBlocks):
+            limits.append(config.epochs * self.steps_per_epoch)
+            if self.steps_per_epoch == 0:
+                raise TrainingError(
+                    f"the training split has {len(self.data.train)} blocks of {self.block_size} tokens, "
+                    f"fewer than one optimizer step needs ({self.config.batch_size} per batch x "
+                    f"{config.grad_accum_steps} accumulation x {self.accelerator.num_processes} processes): "
+                    "give more text, or lower --batch-size or --block-size"
+                )
+        elif not limits:
+            raise TrainingError("a streamed dataset has no epochs: give --max-steps or --max-tokens")
+        return min(limits)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        assert self.sampler is not None
+        return len(self.train_loader) // self.config.grad_accum_steps
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Training tokens per optimizer step, all processes together."""
+        cfg = self.config
+        return cfg.batch_size * cfg.grad_accum_steps * self.accelerator.num_processes * self.block_size
+
+    # ----- the loop -----
+
+    def request_stop(self) -> None:
+        """End the run after the current step, saving a resumable checkpoint (thread- and signal-safe)."""
+        self._stop_requested = True
+
+    def train(self) -> TrainResult:
+        acc, config, state = self.accelerator, self.config, self.state
+        if config.report_to != "none":
+            acc.init_trackers("aksis", config={k: v for k, v in config.to_dict().items() if v is not None})
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self._trim_metrics()
+        log.info(
+            "training for %d steps of %d tokens on %s (%d process%s, %s)",
+            self.total_steps,
+            self.tokens_per_step,
+            acc.device,
+            acc.num_processes,
+            "" if acc.num_processes == 1 else "es",
+            acc.distributed_type.value,
+        )
+        last_saved = last_eval = state.step if self.resume_from is not None else None
+        stopped = self._limit_reached() if state.step >= self.total_steps else ""
+        progress = tqdm(
+            total=self.total_steps,
+            initial=state.step,
+            desc="training",
+            unit="step",
+            disable=not (config.progress and acc.is_main_process),
+            dynamic_ncols=True,
+        )
+        self.model.train()
+        batches = self._batches()
+        window_start, window_tokens = time.perf_counter(), 0
+        with _signals_request_stop(self.request_stop):
+            while not stopped:
+                started = time.perf_counter()
+                loss = self._train_step(batches)
+                if loss is None:  # the epoch is over
+                    state.epoch += 1
+                    state.batches_in_epoch = 0
+                    if state.epoch >= config.epochs:
+                        stopped = "epochs"
+                    batches = self._batches()
+                    continue
+                state.step += 1
+                state.tokens += self.tokens_per_step
+                state.elapsed += time.perf_counter() - started
+                window_tokens += self.tokens_per_step
+                progress.update(1)
+                if state.step % config.log_every == 0 or state.step == 1:
+                    now = time.perf_counter()
+                    speed = window_tokens / max(now - window_start, 1e-9)
+                    window_start, window_tokens = now, 0
+                    lr = float(self.scheduler.get_last_lr()[0])
+                    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}")
+                    self._log({"loss": loss, "lr": lr, "tokens_per_s": speed})
+                if state.step >= self.total_steps:
+                    stopped = self._limit_reached()
+                elif self._stop_requested:
+                    stopped = "interrupted"
+                elif state.step % config.eval_every == 0:
+                    self._evaluate()
+                    last_eval = state.step
+                    if config.patience and state.evals_since_best >= config.patience:
+                        stopped = "early stopping"
+                if not stopped and state.step % (config.save_every or config.eval_every) == 0:
+                    self._save_checkpoint()
+                    last_saved = state.step
+        progress.close()
+        if stopped != "interrupted" and last_eval != state.step:
+            self._evaluate()
+        if last_saved != state.step:
+            self._save_checkpoint()
+            last_saved = state.step
+        acc.end_training()
+        last = self.output_dir / _step_name(last_saved) if last_saved is not None else None
+        best = self.output_dir / BEST_DIR
+        if stopped == "interrupted":
+            log.info("stopped at step %d; continue with --resume (the checkpoint is %s)", state.step, last)
+        return TrainResult(
+            steps=state.step,
+            tokens=state.tokens,
+            stopped=stopped,
+            last_checkpoint=last,
+            best_checkpoint=best if (best / CONFIG_FILE).exists() else None,
+            best_val_loss=state.best_val_loss,
+        )
+
+    def _limit_reached(self) -> str:
+        config = self.config
+        if config.max_steps and self.state.step >= config.max_steps:
+            return "max_steps"
+        if config.max_tokens and self.state.tokens >= config.max_tokens:
+            return "max_tokens"
+        return "epochs"
+
+    def _batches(self) -> Iterator[torch.Tensor]:
+        """This epoch's batches, from the current data position."""
+        done = self.state.batches_in_epoch
+        if self.sampler is None:  # a stream: skip the blocks already read
+            stream = self.data.train
+            assert isinstance(stream, StreamingBlocks)
+            stream.skip = done * self.config.batch_size
+            return iter(self.train_loader)
+        self.sampler.epoch = self.state.epoch
+        # Stop at a whole number of optimizer steps: a partial accumulation would not be a full step.
+        usable = self.steps_per_epoch * self.config.grad_accum_steps
+        loader = self.accelerator.skip_first_batches(self.train_loader, done) if done else self.train_loader
+        return _take(iter(loader), usable - done)
+
+    def _train_step(self, batches: Iterator[torch.Tensor]) -> float | None:
+        """One optimizer step over `grad_accum_steps` batches; the mean loss over all of them and all
+        processes, or None when the epoch has no full step left."""
+        acc, config = self.accelerator, self.config
+        losses = []
+        mean_loss = None
+        for _ in range(config.grad_accum_steps):
+            batch = next(batches, None)
+            if batch is None:
+                return None
+            batch = batch.to(acc.device)
+            self.state.batches_in_epoch += 1
+            with acc.accumulate(self.model):
+                _, loss = self.model(batch[:, :-1], batch[:, 1:])
+                losses.append(loss.detach().float())
+                if acc.sync_gradients:
+                    # One reduction per step, before the update: every process learns the loss and any stop request.
+                    flags = torch.stack([torch.stack(losses).mean(), torch.tensor(float(self._stop_requested))])
+                    mean_loss, stop = (acc.reduce(flags.to(acc.device), "sum") / acc.num_processes).tolist()
+                    if not math.isfinite(mean_loss):
+                        self._fail_non_finite(mean_loss)
+                    self._stop_requested = self._stop_requested or stop > 0
+                acc.backward(loss)
+                if acc.sync_gradients and config.grad_clip > 0:
+                    acc.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        assert mean_loss is not None, "the last batch of a step always synchronises gradients"
+        return mean_loss
+
+    def _fail_non_finite(self, loss: float) -> None:
+        last = step_checkpoints(self.output_dir)
+        kept = f"the last good checkpoint, {last[-1]}, is intact" if last else "no checkpoint had been saved yet"
+        self.accelerator.end_training()
+        raise TrainingError(
+            f"the training loss became {loss} at step {self.state.step + 1}; stopped before applying it ({kept}). "
+            "Lower --learning-rate, keep --grad-clip on, or use bf16 instead of fp16, then --resume"
+            if last
+            else f"the training loss became {loss} at step {self.state.step + 1}; stopped ({kept}). "
+            "Lower --learning-rate, keep --grad-clip on, or use bf16 instead of fp16"
+        )
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss per token over (at most) `eval_batches` batches per process."""
+        acc = self.accelerator
+        self.model.eval()
+        losses = []
+        for i, batch in enumerate(self.val_loader):
+            if i >= self.config.eval_batches:
+                break
+            logits, _ = self.model(batch[:, :-1])
+            per_block = F.cross_entropy(logits.float().transpose(1, 2), batch[:, 1:], reduction="none").mean(1)
+            losses.append(acc.gather_for_metrics(per_block))
+        self.model.train()
+        return torch.cat(losses).mean().item()
+
+    def _evaluate(self) -> None:
+        """Evaluate, log, and keep the best checkpoint."""
+        state = self.state
+        val_loss = self.evaluate()
+        improved = state.best_val_loss is None or val_loss < state.best_val_loss
+        if improved:
+            state.best_val_loss, state.best_step, state.evals_since_best = val_loss, state.step, 0
+        else:
+            state.evals_since_best += 1
+        self._log({"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
+        log.info("step %d: validation loss %.4f%s", state.step, val_loss, " (best)" if improved else "")
+        if improved:
+            self._save_model(self.output_dir / BEST_DIR)
+
+    # ----- files -----
+
+    def _log(self, values: dict[str, float]) -> None:
+        state = self.state
+        record = {"step": state.step, "tokens": state.tokens, **values, "elapsed": round(state.elapsed, 3)}
+        self.accelerator.log(values, step=state.step)
+        if self.accelerator.is_main_process:
+            with open(self.output_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _trim_metrics(self) -> None:
+        """On resume, drop log records past the resumed step (written after the checkpoint we continue from)."""
+        path = self.output_dir / METRICS_FILE
+        if not path.exists():
+            return
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if _record_step(line) <= self.state.step]
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def _plain_model(self) -> GPT:
+        """The model as a plain `GPT` with all its weights (gathered first when they are sharded)."""
+        acc = self.accelerator
+        if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            state_dict = acc.get_state_dict(self.model)  # collective: every process calls it
+            model = GPT(self.model_config)
+            if acc.is_main_process:
+                model.load_state_dict(state_dict)
+            return model
+        plain: GPT = acc.unwrap_model(self.model, keep_torch_compile=False)
+        return plain
+
+    def _save_model(self, target: Path) -> None:
+        model = self._plain_model()
+        if self.accelerator.is_main_process:
+            model.save_pretrained(target, tokenizer=self.tokenizer)
+            shutil.copy(self.output_dir / METRICS_FILE, target / METRICS_FILE)
+        self.accelerator.wait_for_everyone()
+
+    def _save_checkpoint(self) -> None:
+        """A resumable `step-N` folder: model files, metrics, and the training state of every process. Built
+        under a temporary name and renamed, then older step folders beyond `keep_last` are removed."""
+        acc, state = self.accelerator, self.state
+        final = self.output_dir / _step_name(state.step)
+        tmp = self.output_dir / f".{final.name}.tmp"
+        if acc.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        acc.wait_for_everyone()
+        self._save_model(tmp)
+        with _quiet("accelerate"):  # it logs every file it writes, and warns about our (intended) tied weights
+            acc.save_state(str(tmp / TRAINING_STATE_DIR))
+        if acc.is_main_process:
+            record = {
+                "state": dataclasses.asdict(state),
+                "block_size": self.block_size,
+                "train_config": self.config.to_dict(),
+            }
+            (tmp / TRAINING_STATE_DIR / TRAINER_STATE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            for old in step_checkpoints(self.output_dir)[: -self.config.keep_last]:
+                shutil.rmtree(old)
+        acc.wait_for_everyone()
+        log.info("saved %s", final)
+
+    def _load(self, checkpoint: Path) -> None:
+        record = json.loads((checkpoint / TRAINING_STATE_DIR / TRAINER_STATE_FILE).read_text())
+        with _quiet("accelerate"):
+            self.accelerator.load_state(str(checkpoint / TRAINING_STATE_DIR))
+        self.state = RunState(**record["state"])
+        before = record.get("train_config", {})
+        changed = [
+            f"{k}: {before[k]!r} -> {v!r}"
+            for k, v in self.config.to_dict().items()
+            if k in before and before[k] != v and k not in ("resume", "overwrite", "progress")
+        ]
+        if changed:
+            log.warning("resuming with changed settings (the run will not match an uninterrupted one): %s", changed)
+        log.info("resumed from %s at step %d", checkpoint, self.state.step)
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run one training job described by `config`."""
+    return Trainer(config).train()
+
+
+# ----- helpers -----
+
+
+def _use_cpu(device: str) -> bool:
+    """Whether accelerate should be told to use the CPU (this also turns a multi-process launch into gloo)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu or auto")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise TrainingError("--device mps: Apple's MPS backend is not available here; use --device cpu or auto")
+    if device == "auto":
+        return not (torch.cuda.is_available() or torch.backends.mps.is_available())
+    return device == "cpu"
+
+
+def _describe(config: ModelConfig) -> str:
+    return (
+        f"{config.arch}, {config.n_layer} layers x {config.n_embd}, {config.n_head} heads, "
+        f"context {config.block_size}, vocab {config.vocab_size}"
+    )
+
+
+def _step_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def _record_step(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return -1  # an unreadable line (e.g. cut by a crash) is dropped
+
+
+def _take(iterator: Iterator[torch.Tensor], n: int) -> Iterator[torch.Tensor]:
+    for _ in range(max(n, 0)):
+        item = next(iterator, None)
+        if item is None:
+            return
+        yield item
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _signals_request_stop(request_stop: Callable[[], None]) -> Iterator[None]:
+    """While training, SIGINT (Ctrl-C) and SIGTERM end the run cleanly at the next step. Signal handlers can
+    only be installed from the main thread (the app trains in a worker thread and calls request_stop itself)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        log.warning("%s received: saving a checkpoint at the end of this step", signal.Signals(signum).name)
+        request_stop()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a run's (or checkpoint's) metrics.jsonl."""
+    path = Path(path)
+    path = path / METRICS_FILE if path.is_dir() else path
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
