@@ -199,7 +199,7 @@ class Trainer:
         if config.compile:
             self.model = torch.compile(self.model)  # type: ignore[assignment]
         self.train_loader, self.sampler = self._train_loader()
-        val_loader = torch.utils.data.DataLoader(self.data.validation, batch_size=config.batch_size)
+        val_loader = torch.utils.data.DataLoader(self.data.validation, batch_size=config.batch_size, generator=_rng())
         self.model, self.optimizer, self.val_loader = acc.prepare(self.model, self.optimizer, val_loader)
         if self.sampler is not None:
             self.train_loader = acc.prepare(self.train_loader)
@@ -297,9 +297,11 @@ class Trainer:
         train = self.data.train
         if isinstance(train, StreamingBlocks):  # each process reads its own share of the stream
             train.rank, train.world_size = self.accelerator.process_index, self.accelerator.num_processes
-            return torch.utils.data.DataLoader(train, batch_size=self.config.batch_size), None
+            return torch.utils.data.DataLoader(train, batch_size=self.config.batch_size, generator=_rng()), None
         sampler = EpochSampler(len(train), self.config.seed)
-        loader = torch.utils.data.DataLoader(train, batch_size=self.config.batch_size, sampler=sampler, drop_last=True)
+        loader = torch.utils.data.DataLoader(
+            train, batch_size=self.config.batch_size, sampler=sampler, drop_last=True, generator=_rng()
+        )
         return loader, sampler
 
     def _total_steps(self) -> int:
@@ -615,6 +617,12 @@ def _use_cpu(device: str) -> bool:
     if device == "auto":
         return not (torch.cuda.is_available() or torch.backends.mps.is_available())
     return device == "cpu"
+
+
+def _rng() -> torch.Generator:
+    """A data loader's own generator: without one, each new iterator draws from the global RNG, and a resumed
+    run (which starts its iterator at a different moment) would see different dropout masks."""
+    return torch.Generator().manual_seed(0)
 
 
 def _describe(config: ModelConfig) -> str:

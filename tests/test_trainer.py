@@ -1,0 +1,418 @@
+import argparse
+import hashlib
+import itertools
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from aksis.config import TRAIN_HELP, TrainConfig
+from aksis.model import GPT
+from aksis.tokenizer import Tokenizer
+from aksis.trainer import (
+    BEST_DIR,
+    TRAINING_STATE_DIR,
+    Trainer,
+    TrainingError,
+    lr_factor,
+    make_optimizer,
+    metrics,
+    step_checkpoints,
+    train,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_config(tmp_path: Path, **overrides: Any) -> TrainConfig:
+    """A run that takes a second or two: the tiny preset, byte tokens, a context of 32."""
+    settings: dict[str, Any] = dict(
+        dataset="shakespeare",
+        tokenizer="byte",
+        preset="tiny",
+        block_size=32,
+        batch_size=4,
+        max_steps=8,
+        eval_every=4,
+        eval_batches=2,
+        log_every=1,
+        warmup_steps=2,
+        learning_rate=3e-3,
+        output_dir=str(tmp_path / "run"),
+        data_cache=str(tmp_path / "cache"),
+        progress=False,
+        device="cpu",
+    )
+    return TrainConfig(**{**settings, **overrides})
+
+
+def losses(run: Path) -> list[float]:
+    return [r["loss"] for r in metrics(run) if "loss" in r]
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+# ----- configuration -----
+
+
+def test_flags_override_the_config_file_which_overrides_defaults(tmp_path: Path) -> None:
+    (tmp_path / "run.yaml").write_text("preset: tiny\nlearning-rate: 1.0e-3\nbatch_size: 8\n")
+    parser = argparse.ArgumentParser()
+    TrainConfig.add_arguments(parser)
+    args = parser.parse_args(["--config", str(tmp_path / "run.yaml"), "--batch-size", "2", "--max-steps", "5"])
+    config = TrainConfig.from_args(args)
+    assert (config.preset, config.learning_rate, config.batch_size, config.max_steps) == ("tiny", 1e-3, 2, 5)
+    assert config.epochs == TrainConfig().epochs
+    assert TrainConfig.from_args(parser.parse_args(["--resume"])).resume == "latest"
+    assert TrainConfig.from_args(parser.parse_args(["--no-progress", "--max-steps", "none"])).progress is False
+    (tmp_path / "run.json").write_text(json.dumps({"dataset": "wikitext2", "compile": True}))
+    assert TrainConfig.from_file(tmp_path / "run.json").compile is True
+
+
+def test_bad_settings_are_clear_errors(tmp_path: Path) -> None:
+    (tmp_path / "typo.yaml").write_text("learning_rat: 0.1\n")
+    with pytest.raises(ValueError, match="unknown TrainConfig field.*learning_rat"):
+        TrainConfig.from_file(tmp_path / "typo.yaml")
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        TrainConfig(optimizer="rmsprop")
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="cannot read the config file"):
+        TrainConfig.from_file(tmp_path / "missing.yaml")
+    (tmp_path / "broken.yaml").write_text("a: [1,\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        TrainConfig.from_file(tmp_path / "broken.yaml")
+
+
+def test_every_option_has_help() -> None:
+    assert set(TRAIN_HELP) == set(TrainConfig.__dataclass_fields__)
+    assert all(text.strip() for text in TRAIN_HELP.values())
+
+
+def test_shipped_run_presets_load() -> None:
+    presets = sorted((ROOT / "training" / "configs").glob("*.yaml"))
+    assert {p.name for p in presets} >= {"tiny-cpu.yaml", "base.yaml"}
+    for path in presets:
+        TrainConfig.from_file(path)  # unknown keys or bad values raise
+
+
+def test_shipped_accelerate_configs_name_only_existing_options() -> None:
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.commands.launch import launch_command_parser
+
+    launch_options = {o.lstrip("-") for a in launch_command_parser()._actions for o in a.option_strings}
+    configs = sorted((ROOT / "training" / "configs" / "accelerate").glob("*.yaml"))
+    kinds = {ClusterConfig.from_yaml_file(str(p)).distributed_type.value for p in configs}  # unknown keys raise
+    assert kinds >= {"MULTI_GPU", "FSDP", "DEEPSPEED", "MULTI_CPU"}
+    import yaml
+
+    for path in configs:
+        data = yaml.safe_load(path.read_text())
+        for section in ("fsdp_config", "deepspeed_config"):
+            for key in data.get(section, {}):
+                assert key in launch_options, f"{path.name}: {section}.{key} is not an accelerate option"
+
+
+# ----- pieces -----
+
+
+def test_learning_rate_warms_up_then_decays_to_the_minimum() -> None:
+    factors = [lr_factor(step, warmup=10, total=110, min_ratio=0.1) for step in range(111)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert max(factors) == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(factors[10:]))
+    assert factors[60] == pytest.approx(0.55) and factors[110] == pytest.approx(0.1)
+
+
+def test_weight_decay_applies_to_matrices_only(arch: str) -> None:
+    model = GPT(tiny_config(arch))
+    optimizer = make_optimizer(model, TrainConfig(weight_decay=0.1))
+    decay, no_decay = optimizer.param_groups
+    assert isinstance(optimizer, torch.optim.AdamW) and decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert any(p is model.transformer.wte.weight for p in decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert isinstance(make_optimizer(model, TrainConfig(optimizer="sgd")), torch.optim.SGD)
+    adam = make_optimizer(model, TrainConfig(optimizer="adam"))
+    assert type(adam) is torch.optim.Adam and adam.param_groups[0]["weight_decay"] == 0
+
+
+# ----- training runs -----
+
+
+def test_a_tiny_model_learns_and_its_best_checkpoint_loads_and_generates(tmp_path: Path) -> None:
+    config = run_config(tmp_path, max_steps=60, eval_every=20, batch_size=8, keep_last=2)
+    result = train(config)
+    run = Path(config.output_dir)
+    curve = losses(run)
+    assert len(curve) == 60 and curve[0] > 5.0  # about ln(260) at the start
+    assert sum(curve[-5:]) / 5 < 0.6 * curve[0]
+    assert result.stopped == "max_steps" and result.steps == 60 and result.tokens == 60 * 8 * 32
+    assert [p.name for p in step_checkpoints(run)] == ["step-000040", "step-000060"]  # keep_last=2
+    records = metrics(run)
+    assert {"step", "tokens", "loss", "lr", "tokens_per_s", "elapsed"} <= set(records[0])
+    assert [r["step"] for r in records if "val_loss" in r] == [20, 40, 60]
+    assert result.best_checkpoint == run / BEST_DIR
+    assert result.best_val_loss == min(r["val_loss"] for r in records if "val_loss" in r)
+
+    model = GPT.from_pretrained(run / BEST_DIR)
+    tokenizer = Tokenizer.from_name(str(run / BEST_DIR))
+    ids = torch.tensor([tokenizer.encode("ROMEO:\n")])
+    with torch.no_grad():
+        for _ in range(20):  # greedy continuation
+            logits, _ = model(ids[:, -model.config.block_size :])
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    text = tokenizer.decode(ids[0].tolist())
+    assert text.startswith("ROMEO:\n") and len(text) > len("ROMEO:\n")
+    assert (run / BEST_DIR / "metrics.jsonl").exists()
+
+
+def test_resume_continues_exactly_where_an_interrupted_run_stopped(tmp_path: Path, arch: str) -> None:
+    straight = run_config(tmp_path / "a", arch=arch, max_steps=12, save_every=3, dropout=0.1)
+    train(straight)
+
+    interrupted = run_config(tmp_path / "b", arch=arch, max_steps=12, save_every=3, dropout=0.1)
+    trainer = Trainer(interrupted)
+    calls = 0
+
+    def stop_after_six_steps(module: torch.nn.Module, _: object) -> None:
+        nonlocal calls
+        calls += module.training  # evaluation passes don't count
+        if calls == 6:
+            trainer.request_stop()  # what SIGINT/SIGTERM do
+
+    trainer.model.register_forward_pre_hook(stop_after_six_steps)
+    first = trainer.train()
+    assert first.stopped == "interrupted" and first.steps == 6
+    assert first.last_checkpoint == Path(interrupted.output_dir) / "step-000006"
+
+    resumed = train(run_config(tmp_path / "b", arch=arch, max_steps=12, save_every=3, dropout=0.1, resume="latest"))
+    assert resumed.steps == 12 and resumed.stopped == "max_steps"
+    assert losses(Path(interrupted.output_dir)) == losses(Path(straight.output_dir))  # exactly, step for step
+    a = GPT.from_pretrained(Path(straight.output_dir) / "step-000012")
+    b = GPT.from_pretrained(Path(interrupted.output_dir) / "step-000012")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_gradient_accumulation_equals_a_bigger_batch(tmp_path: Path) -> None:
+    train(run_config(tmp_path / "big", batch_size=8, max_steps=5))
+    train(run_config(tmp_path / "accum", batch_size=4, grad_accum_steps=2, max_steps=5))
+    big, accum = losses(tmp_path / "big" / "run"), losses(tmp_path / "accum" / "run")
+    assert len(big) == 5 and max(abs(x - y) for x, y in zip(big, accum, strict=True)) < 1e-5
+
+
+def test_epochs_limit_and_token_limit(tmp_path: Path) -> None:
+    (tmp_path / "small.txt").write_text("".join(f"line {i} of a small corpus\n" for i in range(400)))
+    result = train(run_config(tmp_path, dataset=str(tmp_path / "small.txt"), max_steps=None, epochs=2, batch_size=8))
+    assert result.stopped == "epochs" and result.steps > 0
+    tokens = train(run_config(tmp_path / "t", max_steps=None, max_tokens=1000, batch_size=4))
+    assert tokens.stopped == "max_tokens" and tokens.steps == math.ceil(1000 / (4 * 32))
+
+
+def test_early_stopping_with_patience(tmp_path: Path) -> None:
+    # A learning rate this large makes validation loss worse after the first evaluation.
+    result = train(run_config(tmp_path, max_steps=200, eval_every=2, patience=2, learning_rate=5.0, grad_clip=0))
+    assert result.stopped == "early stopping" and result.steps < 200
+
+
+def test_a_streamed_corpus_trains_with_a_step_limit(tmp_path: Path) -> None:
+    with open(tmp_path / "docs.jsonl", "w") as f:
+        for i in range(60):
+            f.write(json.dumps({"text": f"record {i}: the quick brown fox jumps over the lazy dog. " * 3}) + "\n")
+    dataset = str(tmp_path / "docs.jsonl")
+    result = train(run_config(tmp_path, dataset=dataset, streaming=True, max_steps=4))
+    assert result.steps == 4 and result.best_checkpoint is not None
+    with pytest.raises(TrainingError, match="--max-steps or --max-tokens"):
+        Trainer(run_config(tmp_path / "x", dataset=dataset, streaming=True, max_steps=None))
+
+
+# ----- bad input -----
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path: Path) -> None:
+    config = run_config(tmp_path, max_steps=4, save_every=4)
+    train(config)
+    run = Path(config.output_dir)
+    before = tree_digest(run / "step-000004")
+
+    trainer = Trainer(run_config(tmp_path, max_steps=10, save_every=1, keep_last=10, resume="latest"))
+    calls = 0
+
+    def poison(module: torch.nn.Module, _: object, output: tuple[torch.Tensor, torch.Tensor]) -> Any:
+        nonlocal calls
+        calls += module.training
+        logits, loss = output
+        return (logits, loss * float("nan")) if calls == 3 else output
+
+    trainer.model.register_forward_hook(poison)
+    with pytest.raises(TrainingError, match=r"loss became nan at step 7.*step-000006, is intact.*--learning-rate"):
+        trainer.train()
+    assert tree_digest(run / "step-000004") == before
+    # saved before the bad step, never after it
+    assert [p.name for p in step_checkpoints(run)] == ["step-000004", "step-000005", "step-000006"]
+    last_good = GPT.from_pretrained(run / "step-000006")
+    assert all(torch.isfinite(p).all() for p in last_good.parameters())
+
+
+def test_bad_runs_are_refused_with_clear_errors_and_nothing_overwritten(tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match="unknown dataset 'no_such_corpus'"):
+        Trainer(run_config(tmp_path, dataset="no_such_corpus"))
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(TrainingError, match="no text"):
+        Trainer(run_config(tmp_path, dataset=str(tmp_path / "empty.txt")))
+    with pytest.raises(TrainingError, match="nothing to resume"):
+        Trainer(run_config(tmp_path, resume="latest"))
+
+    first = run_config(tmp_path, max_steps=2)
+    train(first)
+    run = Path(first.output_dir)
+    before = tree_digest(run)
+    with pytest.raises(TrainingError, match=r"already holds the checkpoints of a run.*--resume.*--overwrite"):
+        Trainer(run_config(tmp_path, preset="small", max_steps=2))  # a different model, same folder
+    assert tree_digest(run) == before
+
+    with pytest.raises(TrainingError, match="--block-size 64 is longer than the context"):
+        Trainer(run_config(tmp_path / "ft", init_from=str(run / BEST_DIR), block_size=64))
+    with pytest.raises(TrainingError, match="cannot start from"):
+        Trainer(run_config(tmp_path / "ft", init_from=str(tmp_path / "no-such-checkpoint")))
+
+    again = train(run_config(tmp_path, max_steps=3, overwrite=True))
+    assert again.steps == 3 and [p.name for p in step_checkpoints(run)] == ["step-000003"]
+
+
+def test_init_from_fine_tunes_an_existing_checkpoint(tmp_path: Path) -> None:
+    base = run_config(tmp_path / "base", max_steps=4)
+    train(base)
+    source = Path(base.output_dir) / BEST_DIR
+    (tmp_path / "new.txt").write_text("".join(f"a new line of text number {i}\n" for i in range(300)))
+    tuned = run_config(tmp_path / "ft", dataset=str(tmp_path / "new.txt"), init_from=str(source), block_size=16)
+    trainer = Trainer(tuned)
+    start = GPT.from_pretrained(source)
+    assert trainer.model_config == start.config and trainer.block_size == 16
+    assert all(
+        torch.equal(a, b) for a, b in zip(trainer.model.state_dict().values(), start.state_dict().values(), strict=True)
+    )
+    result = trainer.train()
+    assert result.steps == 8 and Tokenizer.from_name(str(result.best_checkpoint)).kind == "byte"
+
+
+# ----- the command line, signals, several processes -----
+
+
+def _train_command(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        str(ROOT / "training" / "train.py"),
+        *("--dataset", "shakespeare", "--tokenizer", "byte", "--preset", "tiny", "--block-size", "32"),
+        *("--warmup-steps", "2", "--eval-batches", "2", "--log-every", "1", "--no-progress", "--device", "cpu"),
+        *("--output-dir", str(tmp_path / "run"), "--data-cache", str(tmp_path / "cache")),
+        *extra,
+    ]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def test_sigint_saves_a_resumable_checkpoint_and_exits_cleanly(tmp_path: Path) -> None:
+    command = _train_command(tmp_path, "--batch-size", "4", "--max-steps", "100000", "--eval-every", "100000")
+    proc = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert "continue with --resume" in output
+    saved = step_checkpoints(tmp_path / "run")
+    assert len(saved) == 1 and (saved[0] / TRAINING_STATE_DIR / "trainer_state.json").exists()
+    steps = int(saved[0].name.split("-")[1])
+    resumed = subprocess.run(
+        [*command[:-4], "--eval-every", "100", "--max-steps", str(steps + 2), "--resume"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{steps + 2} steps" in resumed.stdout
+    assert [r["step"] for r in metrics(tmp_path / "run") if "loss" in r][-3:] == [steps, steps + 1, steps + 2]
+
+
+def test_cli_errors_are_one_line(tmp_path: Path) -> None:
+    done = subprocess.run(
+        _train_command(tmp_path, "--dataset", "no_such_corpus"), env=_env(), capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert "error: unknown dataset 'no_such_corpus'" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_two_processes_match_one_through_accelerate_launch(tmp_path: Path) -> None:
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU runs two gloo processes (MULTI_CPU): per-process
+    batch B/2 must give the losses of one process with batch B, and only the main process writes."""
+    settings = ("--max-steps", "6", "--eval-every", "3", "--seed", "7")
+    single = subprocess.run(
+        _train_command(tmp_path / "one", "--batch-size", "8", *settings),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert single.returncode == 0, single.stderr
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    double = subprocess.run(
+        [*launch, *_train_command(tmp_path / "two", "--batch-size", "4", *settings)[1:]],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert double.returncode == 0, double.stderr
+    assert "2 processes, MULTI_CPU" in double.stderr
+    one, two = losses(tmp_path / "one" / "run"), losses(tmp_path / "two" / "run")
+    assert len(one) == len(two) == 6  # each step logged once: only the main process writes metrics
+    assert max(abs(a - b) for a, b in zip(one, two, strict=True)) < 1e-5
+    saved = step_checkpoints(tmp_path / "two" / "run")
+    assert [p.name for p in saved] == ["step-000003", "step-000006"]
+    state = saved[-1] / TRAINING_STATE_DIR
+    assert (state / "random_states_0.pkl").exists() and (state / "random_states_1.pkl").exists()
+    assert not list((tmp_path / "two" / "run").glob(".*tmp*"))  # no leftovers of concurrent writers
+    GPT.from_pretrained(tmp_path / "two" / "run" / BEST_DIR)
+
+
+def test_processes_read_disjoint_data(tmp_path: Path) -> None:
+    """The trainer's own data loader under `accelerate launch`: each process records the blocks it reads."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import json, sys\n"
+        "from aksis.config import TrainConfig\n"
+        "from aksis.trainer import Trainer\n"
+        "config = TrainConfig(tokenizer='byte', preset='tiny', block_size=32, batch_size=4, max_steps=5,\n"
+        f"    output_dir={str(tmp_path / 'run')!r}, data_cache={str(tmp_path / 'cache')!r}, device='cpu')\n"
+        "trainer = Trainer(config)\n"
+        "seen = [b[:, :8].tolist() for b, _ in zip(trainer._batches(), range(5))]\n"
+        "out = f'{sys.argv[1]}/rank{trainer.accelerator.process_index}.json'\n"
+        "json.dump(seen, open(out, 'w'))\n"
+    )
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    done = subprocess.run([*launch, str(probe), str(tmp_path)], env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    blocks = [{tuple(row) for batch in seen for row in batch} for seen in ranks]
+    assert len(blocks[0]) == len(blocks[1]) == 20 and not blocks[0] & blocks[1]
