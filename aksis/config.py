@@ -228,11 +228,6 @@ class TrainConfig:
         if problems:
             raise ValueError("invalid training settings: " + "; ".join(problems))
 
-    @property
-    def tokens_per_step(self) -> int | None:
-        """Tokens per optimizer step and process (None until the context is known)."""
-        return None if self.block_size is None else self.batch_size * self.grad_accum_steps * self.block_size
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

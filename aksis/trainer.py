@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import logging
 import math
@@ -42,6 +43,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
@@ -144,8 +146,17 @@ class Trainer:
         self.config = config
         self.output_dir = Path(config.output_dir).expanduser()
         self._stop_requested = False
+        cpu = _use_cpu(config.device)
+        if config.mixed_precision == "fp16" and cpu:
+            raise TrainingError("--mixed-precision fp16 needs a CUDA GPU; on a CPU use bf16 (or no)")
+        if config.report_to != "none" and importlib.util.find_spec(config.report_to) is None:
+            raise TrainingError(f"--report-to {config.report_to} needs its package: pip install {config.report_to}")
+        # accelerate keeps its settings in process-wide singletons; a second run in one process (tests, the app)
+        # may use other settings. The process group (PartialState) is kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
         self.accelerator = Accelerator(
-            cpu=_use_cpu(config.device),
+            cpu=cpu,
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.grad_accum_steps,
             log_with=None if config.report_to == "none" else config.report_to,
@@ -485,10 +496,8 @@ class Trainer:
         self.accelerator.end_training()
         raise TrainingError(
             f"the training loss became {loss} at step {self.state.step + 1}; stopped before applying it ({kept}). "
-            "Lower --learning-rate, keep --grad-clip on, or use bf16 instead of fp16, then --resume"
-            if last
-            else f"the training loss became {loss} at step {self.state.step + 1}; stopped ({kept}). "
             "Lower --learning-rate, keep --grad-clip on, or use bf16 instead of fp16"
+            + (", then --resume" if last else "")
         )
 
     @torch.no_grad()

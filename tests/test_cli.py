@@ -37,3 +37,23 @@ def test_help_runs_as_a_module_and_lists_the_commands() -> None:
         [sys.executable, "-m", "aksis.cli", "--help"], capture_output=True, text=True, check=True, timeout=60
     )
     assert "tokenize" in result.stdout
+
+
+def test_train_model_has_a_flag_with_help_for_every_setting(capsys: pytest.CaptureFixture[str]) -> None:
+    from aksis.config import TrainConfig
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train-model", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for name in TrainConfig.__dataclass_fields__:
+        assert "--" + name.replace("_", "-") in text
+    assert "--learning-rate LEARNING_RATE peak learning rate (default: 0.0006)" in text
+
+
+def test_train_model_bad_settings_exit_2_with_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["train-model", "--batch-size", "0", "--output-dir", str(tmp_path)]) == 2
+    assert "batch_size must be at least 1" in capsys.readouterr().err
+    (tmp_path / "bad.yaml").write_text("epochz: 3\n")
+    assert main(["train-model", "--config", str(tmp_path / "bad.yaml")]) == 2
+    assert "unknown TrainConfig field(s): epochz" in capsys.readouterr().err

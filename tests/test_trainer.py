@@ -1,5 +1,6 @@
 import argparse
 import hashlib
+import importlib.util
 import itertools
 import json
 import math
@@ -416,3 +417,17 @@ def test_processes_read_disjoint_data(tmp_path: Path) -> None:
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     blocks = [{tuple(row) for batch in seen for row in batch} for seen in ranks]
     assert len(blocks[0]) == len(blocks[1]) == 20 and not blocks[0] & blocks[1]
+
+
+def test_bf16_autocast_runs_on_cpu_after_an_fp32_run_in_the_same_process(tmp_path: Path) -> None:
+    train(run_config(tmp_path / "fp32", max_steps=2))
+    result = train(run_config(tmp_path / "bf16", max_steps=2, mixed_precision="bf16"))
+    assert result.steps == 2 and all(math.isfinite(x) for x in losses(tmp_path / "bf16" / "run"))
+    with pytest.raises(TrainingError, match="fp16 needs a CUDA GPU"):
+        Trainer(run_config(tmp_path / "fp16", mixed_precision="fp16"))
+
+
+@pytest.mark.skipif(any(importlib.util.find_spec(m) for m in ("tensorboard",)), reason="tensorboard is installed")
+def test_a_missing_tracker_package_is_named(tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match="pip install tensorboard"):
+        Trainer(run_config(tmp_path, report_to="tensorboard"))
