@@ -61,8 +61,8 @@ def cmd_train_model(args: argparse.Namespace) -> None:
     print(summary)
 
 
-def build_parser(prog: str = "aksis") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Train, share and use small GPT language models.")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aksis", description="Train, share and use small GPT language models.")
     parser.add_argument("--version", action="version", version=f"aksis {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -90,14 +90,32 @@ def build_parser(prog: str = "aksis") -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "aksis") -> int:
-    parser = build_parser(prog)
+def main(argv: Sequence[str] | None = None) -> int:
+    return _run(build_parser(), argv)
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    """`training/train.py`: the options of `aksis train-model`, without the subcommand."""
+    from aksis.config import TrainConfig
+
+    parser = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train an aksis model; run it with `accelerate launch` for several processes or GPUs. Options "
+        "come from the defaults, then --config FILE, then the flags given.",
+    )
+    TrainConfig.add_arguments(parser)
+    parser.set_defaults(func=cmd_train_model)
+    return _run(parser, argv)
+
+
+def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)
     except CLIError as err:
-        print(f"aksis {args.command}: error: {err}", file=sys.stderr)
+        command = getattr(args, "command", None)
+        print(f"{parser.prog}{' ' + command if command else ''}: error: {err}", file=sys.stderr)
         return 2
     return 0
 

@@ -417,6 +417,8 @@ class Trainer:
                 if not stopped and state.step % (config.save_every or config.eval_every) == 0:
                     self._save_checkpoint()
                     last_saved = state.step
+                if last_eval == state.step or last_saved == state.step:  # tokens/s counts training time only
+                    window_start, window_tokens = time.perf_counter(), 0
         progress.close()
         if stopped != "interrupted" and last_eval != state.step:
             self._evaluate()

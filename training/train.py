@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from aksis.cli import main
+from aksis.cli import train_main
 
 if __name__ == "__main__":
-    sys.exit(main(["train-model", *sys.argv[1:]], prog="train.py"))
+    sys.exit(train_main())
