@@ -5,6 +5,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -431,3 +432,12 @@ def test_bf16_autocast_runs_on_cpu_after_an_fp32_run_in_the_same_process(tmp_pat
 def test_a_missing_tracker_package_is_named(tmp_path: Path) -> None:
     with pytest.raises(TrainingError, match="pip install tensorboard"):
         Trainer(run_config(tmp_path, report_to="tensorboard"))
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile on a CPU needs a C compiler")
+def test_compiled_training_matches_eager(tmp_path: Path) -> None:
+    train(run_config(tmp_path / "eager", max_steps=4, eval_every=4))
+    train(run_config(tmp_path / "compiled", max_steps=4, eval_every=4, compile=True))
+    eager, compiled = losses(tmp_path / "eager" / "run"), losses(tmp_path / "compiled" / "run")
+    assert len(eager) == 4 and max(abs(a - b) for a, b in zip(eager, compiled, strict=True)) < 1e-4
+    GPT.from_pretrained(tmp_path / "compiled" / "run" / BEST_DIR)  # saved without torch.compile's wrapper
