@@ -428,10 +428,26 @@ def test_bf16_autocast_runs_on_cpu_after_an_fp32_run_in_the_same_process(tmp_pat
         Trainer(run_config(tmp_path / "fp16", mixed_precision="fp16"))
 
 
-@pytest.mark.skipif(any(importlib.util.find_spec(m) for m in ("tensorboard",)), reason="tensorboard is installed")
+MISSING_TRACKERS = [m for m in ("wandb", "trackio") if importlib.util.find_spec(m) is None]
+
+
+@pytest.mark.skipif(not MISSING_TRACKERS, reason="every tracker package is installed")
 def test_a_missing_tracker_package_is_named(tmp_path: Path) -> None:
-    with pytest.raises(TrainingError, match="pip install tensorboard"):
-        Trainer(run_config(tmp_path, report_to="tensorboard"))
+    tracker = MISSING_TRACKERS[0]
+    with pytest.raises(TrainingError, match=f"pip install {tracker}"):
+        Trainer(run_config(tmp_path, report_to=tracker))
+
+
+def test_metrics_also_go_to_tensorboard(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(run_config(tmp_path, max_steps=4, eval_every=2, report_to="tensorboard"))
+    events = list((tmp_path / "run").rglob("events.out.tfevents.*"))
+    assert events
+    accumulator = EventAccumulator(str(events[0].parent))
+    accumulator.Reload()
+    assert {"loss", "lr", "val_loss"} <= set(accumulator.Tags()["scalars"])
+    assert [e.step for e in accumulator.Scalars("loss")] == [1, 2, 3, 4]
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile on a CPU needs a C compiler")
