@@ -398,7 +398,8 @@ def test_two_processes_match_one_through_accelerate_launch(tmp_path: Path) -> No
 
 
 def test_processes_read_disjoint_data(tmp_path: Path) -> None:
-    """The trainer's own data loader under `accelerate launch`: each process records the blocks it reads."""
+    """The trainer's own data loaders (packed and streamed) under `accelerate launch`: each process records the
+    blocks it reads."""
     probe = tmp_path / "probe.py"
     probe.write_text(
         "import json, sys\n"
@@ -406,18 +407,21 @@ def test_processes_read_disjoint_data(tmp_path: Path) -> None:
         "from aksis.trainer import Trainer\n"
         "config = TrainConfig(tokenizer='byte', preset='tiny', block_size=32, batch_size=4, max_steps=5,\n"
         f"    output_dir={str(tmp_path / 'run')!r}, data_cache={str(tmp_path / 'cache')!r}, device='cpu')\n"
-        "trainer = Trainer(config)\n"
-        "seen = [b[:, :8].tolist() for b, _ in zip(trainer._batches(), range(5))]\n"
-        "out = f'{sys.argv[1]}/rank{trainer.accelerator.process_index}.json'\n"
-        "json.dump(seen, open(out, 'w'))\n"
+        "for name, streaming in (('packed', False), ('streamed', True)):\n"
+        "    config.streaming, config.output_dir = streaming, config.output_dir + name\n"
+        "    trainer = Trainer(config)\n"
+        "    seen = [b[:, :8].tolist() for b, _ in zip(trainer._batches(), range(5))]\n"
+        "    out = f'{sys.argv[1]}/{name}{trainer.accelerator.process_index}.json'\n"
+        "    json.dump(seen, open(out, 'w'))\n"
     )
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
     done = subprocess.run([*launch, str(probe), str(tmp_path)], env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    blocks = [{tuple(row) for batch in seen for row in batch} for seen in ranks]
-    assert len(blocks[0]) == len(blocks[1]) == 20 and not blocks[0] & blocks[1]
+    for name in ("packed", "streamed"):
+        ranks = [json.loads((tmp_path / f"{name}{r}.json").read_text()) for r in (0, 1)]
+        blocks = [{tuple(row) for batch in seen for row in batch} for seen in ranks]
+        assert len(blocks[0]) == len(blocks[1]) == 20 and not blocks[0] & blocks[1], name
 
 
 def test_bf16_autocast_runs_on_cpu_after_an_fp32_run_in_the_same_process(tmp_path: Path) -> None:
