@@ -4,6 +4,7 @@ over the library. Subcommands import their modules lazily so `aksis --help` stay
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -58,7 +59,8 @@ def cmd_train_model(args: argparse.Namespace) -> None:
         summary += f"; best validation loss {result.best_val_loss:.4f}: {result.best_checkpoint}"
     if result.stopped == "interrupted":
         summary += f"; continue with --resume (latest checkpoint: {result.last_checkpoint})"
-    print(summary)
+    if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, once, from the main process
+        print(summary)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,7 +11,7 @@
 
 The validation split is the dataset's own where it has one; otherwise a deterministic held-out fraction:
 whole documents when there are enough of them, else the tail of each document, cut at a line break (for a
-stream: every k-th document).
+stream: the documents whose checksum falls in that share).
 
 Then tokens (`build_data`): the tokenizer is trained once per corpus (or named) and cached; documents are
 tokenized with `datasets.map` (batched, multi-process), each followed by `<|endoftext|>`, and the result is
@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,6 +232,10 @@ def _only_text(ds: Any, column: str) -> Any:
     return ds.rename_column(column, TEXT_COLUMN) if column != TEXT_COLUMN else ds
 
 
+def _held_out(text: str, every: int) -> bool:
+    return zlib.crc32(text.encode("utf-8")) % every == 0
+
+
 def _with_validation(
     corpus: datasets.DatasetDict | datasets.IterableDatasetDict, val_fraction: float, seed: int
 ) -> datasets.DatasetDict | datasets.IterableDatasetDict:
@@ -239,12 +244,14 @@ def _with_validation(
         if name in corpus:
             return type(corpus)({"train": corpus["train"], "validation": corpus[name]})
     train = corpus["train"]
-    if isinstance(train, datasets.IterableDataset):  # length unknown: hold out every k-th document
+    if isinstance(train, datasets.IterableDataset):
+        # Length unknown: hold out the documents whose checksum falls in a val_fraction share. Decided by content,
+        # not position, so every process of a sharded stream agrees on which documents are held out.
         every = max(2, round(1 / val_fraction))
         return datasets.IterableDatasetDict(
             {
-                "train": train.filter(lambda _, i: i % every != every - 1, with_indices=True),
-                "validation": train.filter(lambda _, i: i % every == every - 1, with_indices=True),
+                "train": train.filter(lambda row: not _held_out(row[TEXT_COLUMN], every)),
+                "validation": train.filter(lambda row: _held_out(row[TEXT_COLUMN], every)),
             }
         )
     if len(train) >= MIN_DOCS_FOR_DOCUMENT_SPLIT:
