@@ -149,8 +149,8 @@ class Trainer:
         cpu = _use_cpu(config.device)
         if config.mixed_precision == "fp16" and cpu:
             raise TrainingError("--mixed-precision fp16 needs a CUDA GPU; on a CPU use bf16 (or no)")
-        if config.report_to != "none" and importlib.util.find_spec(config.report_to) is None:
-            raise TrainingError(f"--report-to {config.report_to} needs its package: pip install {config.report_to}")
+        if config.report_to != "none":
+            _require_tracker(config.report_to)
         # accelerate keeps its settings in process-wide singletons; a second run in one process (tests, the app)
         # may use other settings. The process group (PartialState) is kept.
         AcceleratorState._reset_state(reset_partial_state=False)
@@ -628,6 +628,11 @@ def _use_cpu(device: str) -> bool:
     if device == "auto":
         return not (torch.cuda.is_available() or torch.backends.mps.is_available())
     return device == "cpu"
+
+
+def _require_tracker(package: str) -> None:
+    if importlib.util.find_spec(package) is None:
+        raise TrainingError(f"--report-to {package} needs its package: pip install {package}")
 
 
 def _rng() -> torch.Generator:
