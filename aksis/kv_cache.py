@@ -11,7 +11,10 @@ Typical use (prefill the prompt, then one token at a time):
     logits, _ = model(prompt, kv_cache=cache, input_pos=torch.arange(T_prompt))
     logits, _ = model(next_tok, kv_cache=cache, input_pos=torch.tensor([T_prompt]))
 
-Positions are shared by every row of the batch.
+Slots (`input_pos`) are shared by every row of the batch. Prompts of different lengths are left-padded
+to one length and the cache is told how many pad slots each row has (`set_padding`): a row's pad slots are
+hidden from its real tokens, and its positions count from its first real token (`positions`), so a padded
+row computes what it would alone. `reorder` permutes the rows (beam search keeps its best beams).
 """
 
 from __future__ import annotations
@@ -43,6 +46,19 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.batch_size = batch_size
         self.max_len = max_len
+        self.pad: torch.Tensor | None = None  # (B,) left-pad slots per row; None: no padding
+
+    def set_padding(self, pad: torch.Tensor | None) -> None:
+        """Row b's first `pad[b]` slots hold padding: hide them and start its positions after them."""
+        if pad is not None and pad.shape != (self.batch_size,):
+            raise ValueError(f"padding must have one entry per row ({self.batch_size}), got shape {tuple(pad.shape)}")
+        self.pad = pad.to(self.k.device) if pad is not None and bool(pad.any()) else None
+
+    def positions(self, input_pos: torch.Tensor) -> torch.Tensor:
+        """Position ids of the tokens at slots `input_pos` (T,): (T,) without padding, else (B, T)."""
+        if self.pad is None:
+            return input_pos
+        return (input_pos[None, :] - self.pad[:, None]).clamp(min=0)
 
     def update(
         self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -54,9 +70,23 @@ class KVCache:
         return k_all, v_all
 
     def attention_mask(self, input_pos: torch.Tensor) -> torch.Tensor:
-        """Boolean (T, max_len) mask: the query at position p sees the slots 0..p (causal over the cache)."""
+        """Boolean mask, True where attention is allowed: the query in slot p sees the slots 0..p (causal over
+        the cache). With padding it is (B, 1, T, max_len) and also hides each row's pad slots; a pad slot's own
+        query still sees itself, so no softmax row is empty (that would write NaNs into the cache)."""
         slots = torch.arange(self.max_len, device=input_pos.device)
-        return slots[None, :] <= input_pos[:, None]
+        causal = slots[None, :] <= input_pos[:, None]  # (T, max_len)
+        if self.pad is None:
+            return causal
+        real = slots[None, None, :] >= self.pad[:, None, None]  # (B, 1, max_len)
+        own = slots[None, :] == input_pos[:, None]  # (T, max_len)
+        return (causal & (real | own))[:, None]  # (B, 1, T, max_len)
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep rows `rows` (B,) in that order, e.g. the parents of the surviving beams."""
+        self.k = self.k.index_select(1, rows)
+        self.v = self.v.index_select(1, rows)
+        if self.pad is not None:
+            self.pad = self.pad.index_select(0, rows)
 
     def reset(self) -> None:
         """Forget everything written (only needed for reuse; stale slots are masked out anyway)."""

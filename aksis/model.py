@@ -48,9 +48,9 @@ def rope_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (first half, second half) of each head: x (B, T, n_head, hd), cos/sin (T, hd/2)."""
+    """Rotate pairs (first half, second half) of each head: x (B, T, n_head, hd), cos/sin (T, hd/2) or (B, T, hd/2)."""
     x1, x2 = x.float().chunk(2, dim=-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, hd/2), broadcast over batch and heads
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (T, 1, hd/2) or per row (B, T, 1, hd/2): over heads
     out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return out.type_as(x)
 
@@ -91,7 +91,7 @@ class CausalSelfAttention(nn.Module):
         else:
             assert input_pos is not None
             k, v = kv_cache.update(self.layer, input_pos, k, v)  # (B, nkv, max_len, hd)
-            mask = kv_cache.attention_mask(input_pos)  # (T, max_len)
+            mask = kv_cache.attention_mask(input_pos)  # (T, max_len), or (B, 1, T, max_len) with padding
             y = F.scaled_dot_product_attention(q, k.type_as(q), v.type_as(q), attn_mask=mask, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -211,8 +211,9 @@ class GPT(
         """Logits (B, T, vocab_size) for token ids `idx` (B, T), and the mean cross-entropy loss when
         `targets` (B, T) is given (positions equal to IGNORE_INDEX are skipped).
 
-        With a `kv_cache`, `input_pos` (T,) gives the absolute position of each of the T tokens; their keys
-        and values are written to the cache and attention covers every earlier cached position.
+        With a `kv_cache`, `input_pos` (T,) gives the cache slot of each of the T tokens; their keys and values
+        are written there and attention covers every earlier slot. A slot is the token's position, except in
+        left-padded rows (see `KVCache.set_padding`).
         """
         T = idx.size(1)
         limit = self.config.block_size if kv_cache is None else kv_cache.max_len
@@ -225,17 +226,21 @@ class GPT(
             raise ValueError("forward with a kv_cache needs input_pos: the positions (T,) of the tokens in idx")
         if kv_cache is not None and idx.size(0) != kv_cache.batch_size:
             raise ValueError(f"batch of {idx.size(0)} rows but the KV cache was made for {kv_cache.batch_size}")
-        pos = input_pos if input_pos is not None else torch.arange(T, device=idx.device)  # (T,)
+        if kv_cache is not None:
+            assert input_pos is not None
+            pos = kv_cache.positions(input_pos)  # (T,), or (B, T) with left padding
+        else:
+            pos = torch.arange(T, device=idx.device)  # (T,)
 
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
         if self.transformer.wpe is not None:  # gpt2: learned positions
-            x = x + self.transformer.wpe(pos)  # (T, C) broadcast over the batch
+            x = x + self.transformer.wpe(pos)  # (T, C) broadcast over the batch, or (B, T, C)
         else:  # llama: rotary positions, applied to queries and keys in attention
-            rope = (self.rope_cos[pos], self.rope_sin[pos])  # each (T, hd/2)
+            rope = (self.rope_cos[pos], self.rope_sin[pos])  # each (T, hd/2) or (B, T, hd/2)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, rope, kv_cache, pos if kv_cache is not None else None)
+            x = block(x, rope, kv_cache, input_pos)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, vocab_size)
 

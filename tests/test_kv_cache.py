@@ -61,3 +61,40 @@ def test_bad_cache_use_is_a_clear_error() -> None:
         model(torch.zeros(2, 1, dtype=torch.long), kv_cache=cache, input_pos=torch.tensor([0]))
     with pytest.raises(ValueError, match="longer than the KV cache \\(8 tokens\\)"):
         model(torch.zeros(1, 9, dtype=torch.long), kv_cache=cache, input_pos=torch.arange(9))
+
+
+@torch.no_grad()
+def test_a_left_padded_row_computes_what_it_would_alone(arch: str) -> None:
+    cfg = tiny_config(arch)
+    model = GPT(cfg).eval()
+    short, long = torch.randint(0, cfg.vocab_size, (1, 5)), torch.randint(0, cfg.vocab_size, (1, 9))
+    alone_cache = KVCache(cfg, batch_size=1, max_len=12)
+    alone, _ = model(short, kv_cache=alone_cache, input_pos=torch.arange(5))
+    alone_next, _ = model(long[:, :1], kv_cache=alone_cache, input_pos=torch.tensor([5]))
+
+    cache = KVCache(cfg, batch_size=2, max_len=16)
+    cache.set_padding(torch.tensor([4, 0]))  # the short prompt is left-padded with 4 junk tokens
+    batch = torch.cat([torch.cat([torch.full((1, 4), 7), short], dim=1), long])
+    logits, _ = model(batch, kv_cache=cache, input_pos=torch.arange(9))
+    nxt, _ = model(torch.cat([long[:, :1], long[:, :1]]), kv_cache=cache, input_pos=torch.tensor([9]))
+    assert torch.isfinite(logits).all()
+    assert (logits[0, 4:] - alone[0]).abs().max().item() <= 1e-5
+    assert (nxt[0] - alone_next[0]).abs().max().item() <= 1e-5
+    assert (logits[1] - model(long)[0][0]).abs().max().item() <= 1e-5  # the unpadded row is unaffected
+
+
+@torch.no_grad()
+def test_reorder_permutes_the_cached_rows() -> None:
+    cfg = tiny_config("llama")
+    model = GPT(cfg).eval()
+    idx = torch.randint(0, cfg.vocab_size, (3, 6))
+    cache = KVCache(cfg, batch_size=3, max_len=8)
+    cache.set_padding(torch.tensor([0, 2, 1]))
+    model(idx, kv_cache=cache, input_pos=torch.arange(6))
+    rows = torch.tensor([2, 2, 0])
+    k, pad = cache.k.clone(), cache.pad
+    cache.reorder(rows)
+    assert torch.equal(cache.k, k[:, rows]) and pad is not None and cache.pad is not None
+    assert cache.pad.tolist() == [1, 1, 0]
+    with pytest.raises(ValueError, match="one entry per row"):
+        cache.set_padding(torch.tensor([1, 2]))

@@ -1,0 +1,185 @@
+"""Conversations: roles, the chat template, token-budget truncation and JSON persistence.
+
+The template puts one special token before each message and `<|endoftext|>` after it, and ends a prompt
+with the role token of the reply to come:
+
+    <|system|>You are terse.<|endoftext|><|user|>Hi<|endoftext|><|assistant|>Hello.<|endoftext|><|assistant|>
+
+Message text is always encoded as ordinary text, so a user who types "<|assistant|>" gets the tokens of
+those characters and cannot open another role. A reply ends at `<|endoftext|>` or at any role token.
+
+Chat fine-tuning (`--data-format chat`) trains on the same rendering with the loss only on what the
+assistant says: the tokens of its replies and the `<|endoftext|>` that closes each (`render` returns that
+mask). When a conversation outgrows the token budget, whole exchanges are dropped oldest first; the system
+prompt and the newest user message are always kept.
+
+A conversation saves to a small versioned JSON file:
+
+    {"format": "aksis-chat", "version": 1, "system_prompt": "...", "messages": [{"role": ..., "content": ...}]}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aksis.tokenizer import ENDOFTEXT, Tokenizer
+
+ROLES = ("system", "user", "assistant")
+FILE_FORMAT = "aksis-chat"
+FILE_VERSION = 1
+
+
+class ChatError(Exception):
+    """A conversation or chat file is invalid; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ChatError(f"unknown role {self.role!r}: a message's role is one of {', '.join(ROLES)}")
+        if not isinstance(self.content, str):
+            raise ChatError(f"a {self.role} message's content must be text, got {type(self.content).__name__}")
+
+    def to_dict(self) -> dict[str, str]:
+        return {"role": self.role, "content": self.content}
+
+
+def role_token(role: str) -> str:
+    return f"<|{role}|>"
+
+
+def stop_token_ids(tokenizer: Tokenizer) -> set[int]:
+    """The tokens that end a reply: <|endoftext|> and every role token."""
+    return {tokenizer.special_id(ENDOFTEXT), *(tokenizer.special_id(role_token(r)) for r in ROLES)}
+
+
+def render(
+    tokenizer: Tokenizer, messages: Iterable[Message], *, add_generation_prompt: bool = False
+) -> tuple[list[int], list[bool]]:
+    """Token ids of `messages` in the chat template, and for each id whether it is the assistant's output
+    (the tokens a chat fine-tune trains on). With `add_generation_prompt`, end with `<|assistant|>` so the
+    model writes the reply next."""
+    eot = tokenizer.eot_id
+    ids: list[int] = []
+    trained: list[bool] = []
+    for message in messages:
+        content = tokenizer.encode(message.content)
+        ids += [tokenizer.special_id(role_token(message.role)), *content, eot]
+        is_reply = message.role == "assistant"
+        trained += [False] + [is_reply] * (len(content) + 1)
+    if add_generation_prompt:
+        ids.append(tokenizer.special_id(role_token("assistant")))
+        trained.append(False)
+    return ids, trained
+
+
+@dataclass
+class Conversation:
+    """A system prompt (may be empty) and the user / assistant messages that follow it."""
+
+    system_prompt: str = ""
+    messages: list[Message] = field(default_factory=list)
+
+    def add(self, role: str, content: str) -> None:
+        if role == "system":
+            raise ChatError("set the system prompt through Conversation.system_prompt, not as a message")
+        self.messages.append(Message(role, content))
+
+    def reset(self) -> None:
+        """Forget the messages; keep the system prompt."""
+        self.messages.clear()
+
+    def all_messages(self) -> list[Message]:
+        system = [Message("system", self.system_prompt)] if self.system_prompt else []
+        return system + self.messages
+
+    def prompt_ids(self, tokenizer: Tokenizer, budget: int) -> list[int]:
+        """The prompt for the next reply, at most `budget` tokens: whole exchanges are dropped oldest first,
+        never the system prompt or the newest user message. Raises ChatError when those two alone are over."""
+        system = self.all_messages()[: 1 if self.system_prompt else 0]
+        kept = list(self.messages)
+        while True:
+            ids, _ = render(tokenizer, system + kept, add_generation_prompt=True)
+            if len(ids) <= budget:
+                return ids
+            starts = [i for i, m in enumerate(kept) if m.role == "user"]
+            if len(starts) <= 1:  # only the newest user message is left
+                raise ChatError(
+                    f"the system prompt and your message take {len(ids)} tokens, more than the {budget} this chat "
+                    "can give a prompt: write a shorter message (or system prompt)"
+                )
+            kept = kept[starts[1] :]  # drop the oldest exchange: a user message and the replies after it
+
+    # ----- persistence -----
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FILE_FORMAT,
+            "version": FILE_VERSION,
+            "system_prompt": self.system_prompt,
+            "messages": [m.to_dict() for m in self.messages],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Conversation:
+        if not isinstance(data, dict) or data.get("format") != FILE_FORMAT:
+            raise ChatError(f'not an aksis chat file (it should be a JSON object with "format": "{FILE_FORMAT}")')
+        if data.get("version") != FILE_VERSION:
+            raise ChatError(
+                f"chat file version {data.get('version')!r} is not supported (this aksis reads {FILE_VERSION})"
+            )
+        system_prompt, messages = data.get("system_prompt", ""), data.get("messages")
+        if not isinstance(system_prompt, str) or not isinstance(messages, list):
+            raise ChatError('"system_prompt" must be text and "messages" a list')
+        parsed = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or set(m) != {"role", "content"} or m["role"] == "system":
+                raise ChatError(f'message {i} must be {{"role": "user" or "assistant", "content": "..."}}, got {m!r}')
+            try:
+                parsed.append(Message(m["role"], m["content"]))
+            except ChatError as err:
+                raise ChatError(f"message {i}: {err}") from None
+        return cls(system_prompt, parsed)
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically: a crash mid-save leaves the previous file intact."""
+        path = Path(path).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Conversation:
+        path = Path(path).expanduser()
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ChatError(f"no chat file at {path}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ChatError(f"cannot read the chat file {path}: {err}. Fix or move it; it was left untouched") from err
+        try:
+            return cls.from_dict(data)
+        except ChatError as err:
+            raise ChatError(f"{path}: {err}. Fix or move the file; it was left untouched") from err
+
+
+def messages_from_records(records: Sequence[Any]) -> list[Message]:
+    """[{"role": ..., "content": ...}, ...] (a dataset's `messages` column) as Messages; ChatError names the
+    first bad record."""
+    out = []
+    for i, record in enumerate(records):
+        try:
+            out.append(Message(str(record["role"]), record["content"]))
+        except (KeyError, TypeError) as err:
+            raise ChatError(f"message {i} should have a role and a content, got {record!r}") from err
+    return out

@@ -1,0 +1,533 @@
+"""Text generation: prefill the prompt, then decode token by token on a static KV cache.
+
+- Samplers are small steps over the logits of the next token, applied in this order: repetition penalty,
+  temperature, top-k, top-p (nucleus); temperature 0 is greedy. `GenerationConfig` holds the settings (and is
+  saved with every checkpoint); `PRESETS` name a few good combinations and `sampler_config` turns a sampler
+  name (greedy, temperature, top-k, top-p, beam) into a config.
+- Beam search keeps the `num_beams` most likely continuations, scores finished ones by their summed
+  log-probability divided by length ** length_penalty, and returns the n best with their scores.
+- Generation stops at a stop token (`<|endoftext|>` and the chat role tokens: no special token is ever
+  printed), at a stop string (cut from the text), or after `max_new_tokens`; `Completion.finish_reason`
+  says which ("eos", "stop", "length").
+- `stream` yields text pieces as they are decoded. Pieces never split a multi-byte UTF-8 character, text that
+  might be the start of a stop string is held back until it is known not to be, and the pieces always join up
+  to exactly `Completion.text`.
+- Several prompts of different lengths decode together, left-padded (`KVCache.set_padding`); each row
+  computes what it would alone. A `seed` makes sampling reproducible.
+
+The context: a prompt longer than the model's context keeps its last `block_size` tokens (with a warning).
+Generation may run past the context: when the cache is full, the older half of the window is dropped and
+the newer half is read again in one prefill, so every new token sees between half and all of the context
+(the positions restart from the window's start, exactly as the model was trained). `max_new_tokens` is
+capped at `MAX_NEW_TOKENS` only as a guard against typos.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import math
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aksis.chat import stop_token_ids
+from aksis.checkpoint import CheckpointError, load_generation_config, load_tokenizer
+from aksis.config import GenerationConfig
+from aksis.kv_cache import KVCache
+from aksis.model import GPT
+from aksis.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+MAX_NEW_TOKENS = 100_000
+SAMPLERS = ("greedy", "temperature", "top-k", "top-p", "beam")
+DEFAULT_BEAM_WIDTH = 4
+PRESETS: dict[str, dict[str, Any]] = {
+    # Focused and repeatable: a low temperature over the few most likely tokens.
+    "precise": dict(temperature=0.3, top_k=20, top_p=0.9, repetition_penalty=1.1),
+    # The checkpoint defaults (GenerationConfig()): temperature 0.7, top-k 50, top-p 0.95.
+    "balanced": dict(temperature=0.7, top_k=50, top_p=0.95, repetition_penalty=1.0),
+    # Varied: the model's own distribution, trimmed only of its unlikely tail.
+    "creative": dict(temperature=1.0, top_k=0, top_p=0.98, repetition_penalty=1.0),
+}
+
+
+class GenerationError(Exception):
+    """Generation could not start; the message says what to do."""
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]  # the generated tokens, the stop token included
+    finish_reason: str  # "eos" (a stop token), "stop" (a stop string) or "length" (max_new_tokens)
+    prompt_tokens: int  # tokens of the prompt the model read (after any truncation)
+    logprob: float | None = None  # beam search: summed log-probability of token_ids
+    score: float | None = None  # beam search: logprob / len(token_ids) ** length_penalty
+
+
+# ----- samplers: steps over the next-token logits (B, V) -----
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Make tokens already in the text (`seen`, a (B, V) bool mask) less likely: positive logits are divided
+    by `penalty`, negative ones multiplied (CTRL, Keskar et al. 2019)."""
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits of each row (ties with the k-th included); the rest become -inf."""
+    if k <= 0 or k >= logits.size(-1):
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[:, -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, -math.inf)
+
+
+def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the nucleus of each row: the most likely tokens whose probabilities first add up to at least p."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # probability mass of the more likely tokens
+    drop_sorted = before >= p  # the nucleus is complete before this token (the top token always stays)
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, -math.inf)
+
+
+def sampling_steps(config: GenerationConfig) -> list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """The logits steps `config` asks for, in order; each maps (logits, seen) to new logits."""
+    steps: list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = []
+    if config.repetition_penalty != 1.0:
+        steps.append(lambda logits, seen: apply_repetition_penalty(logits, seen, config.repetition_penalty))
+    if config.temperature > 0:
+        steps.append(lambda logits, seen: logits / config.temperature)
+        steps.append(lambda logits, seen: apply_top_k(logits, config.top_k))
+        steps.append(lambda logits, seen: apply_top_p(logits, config.top_p))
+    return steps
+
+
+def choose_next(
+    logits: torch.Tensor, seen: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None
+) -> torch.Tensor:
+    """The next token of each row (B,): argmax at temperature 0, else a draw from the filtered distribution."""
+    logits = logits.float()
+    for step in sampling_steps(config):
+        logits = step(logits, seen)
+    if config.temperature == 0:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def sampler_config(sampler: str | None, base: GenerationConfig | None = None, **settings: Any) -> GenerationConfig:
+    """A config for a sampler by name, or a preset's name (precise, balanced, creative), on top of `base` (a
+    checkpoint's defaults); `settings` given as None are ignored. "greedy" is temperature 0; "temperature"
+    samples from the whole distribution; "top-k" and "top-p" use only their own filter; "beam" is beam search
+    (`num_beams`, 4 unless given)."""
+    config = base or GenerationConfig()
+    given = {k: v for k, v in settings.items() if v is not None}
+    if sampler is None:
+        pass
+    elif sampler in PRESETS:
+        config = replace(config, **PRESETS[sampler])
+    elif sampler == "greedy":
+        config = replace(config, temperature=0.0, num_beams=1)
+    elif sampler == "temperature":
+        config = replace(config, top_k=0, top_p=1.0, num_beams=1)
+    elif sampler == "top-k":
+        config = replace(config, top_p=1.0, num_beams=1)
+    elif sampler == "top-p":
+        config = replace(config, top_k=0, num_beams=1)
+    elif sampler == "beam":
+        given.setdefault("num_beams", DEFAULT_BEAM_WIDTH)
+    else:
+        raise GenerationError(f"unknown sampler {sampler!r}: choose one of {', '.join([*SAMPLERS, *PRESETS])}")
+    try:
+        config = replace(config, **given)
+    except ValueError as err:
+        raise GenerationError(str(err)) from err
+    if config.temperature == 0 and sampler in ("temperature", "top-k", "top-p"):
+        raise GenerationError(f"--sampler {sampler} needs a temperature above 0 (temperature 0 is greedy)")
+    return config
+
+
+# ----- text: incremental decoding, stop strings -----
+
+
+class _Text:
+    """Turns one row's tokens into text as they arrive: bytes decode incrementally (never half a character),
+    and text that could begin a stop string is held back until it is known not to."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.pending = ""
+        self.pieces: list[str] = []
+        self.stopped = False  # a stop string appeared
+
+    def add(self, token_id: int) -> str:
+        """Take one (ordinary) token; return the text that is now certain."""
+        self.pending += self.decoder.decode(self.tokenizer.token_bytes(token_id))
+        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.stopped = True
+            return self._emit(self.pending[: min(hits)])
+        hold = max((n for s in self.stop for n in range(1, len(s)) if self.pending.endswith(s[:n])), default=0)
+        return self._emit(self.pending[: len(self.pending) - hold], keep=hold)
+
+    def finish(self) -> str:
+        """The rest of the text (an incomplete character at the very end becomes U+FFFD)."""
+        if self.stopped:
+            return ""
+        self.pending += self.decoder.decode(b"", final=True)
+        return self._emit(self.pending)
+
+    def _emit(self, text: str, keep: int = 0) -> str:
+        self.pending = self.pending[len(self.pending) - keep :] if keep else ""
+        if text:
+            self.pieces.append(text)
+        return text
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+
+# ----- the decoding loop -----
+
+
+class _Session:
+    """Prefill and decode for a batch of token-id prompts on one static KV cache; rows are left-padded to one
+    length, and the window slides when the cache is full (see the module docstring)."""
+
+    def __init__(self, model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, vocab: int) -> None:
+        cfg = model.config
+        self.vocab = vocab  # logits past the tokenizer's ids (a padded embedding table) are never sampled
+        param = next(model.parameters())
+        self.model, self.device = model, param.device
+        length = max(len(p) for p in prompts)
+        self.capacity = min(cfg.block_size, length + max_new_tokens)
+        self.cache = KVCache(cfg, len(prompts), self.capacity, dtype=param.dtype, device=param.device)
+        rows = [[0] * (length - len(p)) + list(p) for p in prompts]  # pad id 0: never attended to
+        self.tokens = torch.tensor(rows, dtype=torch.long, device=self.device)  # (B, n): every filled slot
+        self.pad = torch.tensor([length - len(p) for p in prompts], device=self.device)  # (B,)
+
+    def prefill(self) -> torch.Tensor:
+        """Read every slot's token into a fresh cache; the next-token logits (B, V)."""
+        self.cache.set_padding(self.pad)
+        positions = torch.arange(self.tokens.size(1), device=self.device)
+        logits, _ = self.model(self.tokens, kv_cache=self.cache, input_pos=positions)
+        return logits[:, -1, : self.vocab]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token per row (B,); the next-token logits (B, V)."""
+        self.tokens = torch.cat([self.tokens, tokens[:, None]], dim=1)
+        n = self.tokens.size(1)
+        if n > self.capacity:  # the cache is full: keep the newer half of the window and read it again
+            drop = n - max(self.capacity // 2, 1)
+            self.tokens, self.pad = self.tokens[:, drop:], (self.pad - drop).clamp(min=0)
+            return self.prefill()
+        logits, _ = self.model(
+            tokens[:, None], kv_cache=self.cache, input_pos=torch.tensor([n - 1], device=self.device)
+        )
+        return logits[:, -1, : self.vocab]
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.tokens, self.pad = self.tokens[rows], self.pad[rows]
+        self.cache.reorder(rows)
+
+
+def _prompt_ids(model: GPT, tokenizer: Tokenizer, prompt: str | Sequence[int]) -> list[int]:
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if not ids:
+        raise GenerationError("the prompt is empty: give some text for the model to continue")
+    limit = model.config.block_size
+    if len(ids) > limit:
+        log.warning("the prompt has %d tokens, more than the context (%d): keeping its last %d", len(ids), limit, limit)
+        ids = ids[-limit:]
+    return ids
+
+
+def _check(config: GenerationConfig) -> None:
+    if config.max_new_tokens > MAX_NEW_TOKENS:
+        raise GenerationError(f"max_new_tokens must be at most {MAX_NEW_TOKENS:,}, got {config.max_new_tokens:,}")
+
+
+def _generator(seed: int | None, device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+@torch.inference_mode()
+def _sample(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str | Sequence[int]],
+    config: GenerationConfig,
+    stop_ids: set[int] | None,
+) -> Generator[tuple[int, str], None, list[Completion]]:
+    """Decode all prompts together; yield (row, new text) as text becomes certain. Returns the completions."""
+    _check(config)
+    ids = [_prompt_ids(model, tokenizer, p) for p in prompts]
+    stop_ids = stop_token_ids(tokenizer) if stop_ids is None else stop_ids
+    session = _Session(model, ids, config.max_new_tokens, tokenizer.vocab_size)
+    generator = _generator(config.seed, session.device)
+    B, V = len(ids), tokenizer.vocab_size
+    seen = torch.zeros(B, V, dtype=torch.bool, device=session.device)
+    if config.repetition_penalty != 1.0:
+        for row, p in enumerate(ids):
+            seen[row, p] = True
+    texts = [_Text(tokenizer, config.stop) for _ in ids]
+    generated: list[list[int]] = [[] for _ in ids]
+    reasons: list[str | None] = [None] * B
+    logits = session.prefill()
+    for i in range(config.max_new_tokens):
+        tokens = choose_next(logits, seen, config, generator)  # (B,)
+        seen[torch.arange(B), tokens] = True
+        for row, token in enumerate(tokens.tolist()):
+            if reasons[row] is not None:
+                continue  # a finished row keeps decoding with the others; its tokens are ignored
+            generated[row].append(token)
+            if token in stop_ids:
+                reasons[row] = "eos"
+            else:
+                piece = texts[row].add(token)
+                if texts[row].stopped:
+                    reasons[row] = "stop"
+                if piece:
+                    yield row, piece
+        if all(r is not None for r in reasons) or i == config.max_new_tokens - 1:
+            break
+        logits = session.step(tokens)
+    for row, text in enumerate(texts):
+        piece = text.finish()
+        if piece:
+            yield row, piece
+    return [
+        Completion(text.text, generated[row], reasons[row] or "length", len(ids[row])) for row, text in enumerate(texts)
+    ]
+
+
+def _drain(gen: Iterator[Any]) -> Any:
+    """Run a generator to its end and return its return value."""
+    while True:
+        try:
+            next(gen)
+        except StopIteration as done:
+            return done.value
+
+
+def generate(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompt: str | Sequence[int],
+    config: GenerationConfig | None = None,
+    *,
+    stop_ids: set[int] | None = None,
+) -> Completion:
+    """Continue one prompt (text, or token ids); beam search when `config.num_beams` > 1 (the best beam)."""
+    config = config or GenerationConfig()
+    if config.num_beams > 1:
+        return beam_search(model, tokenizer, prompt, config, stop_ids=stop_ids)[0]
+    completions: list[Completion] = _drain(_sample(model, tokenizer, [prompt], config, stop_ids))
+    return completions[0]
+
+
+def generate_batch(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str | Sequence[int]],
+    config: GenerationConfig | None = None,
+    *,
+    stop_ids: set[int] | None = None,
+) -> list[Completion]:
+    """Continue several prompts together (they may differ in length); one completion each, in order."""
+    config = config or GenerationConfig()
+    if not prompts:
+        return []
+    if config.num_beams > 1:  # beam search already fills the batch with one prompt's beams
+        return [beam_search(model, tokenizer, p, config, stop_ids=stop_ids)[0] for p in prompts]
+    completions: list[Completion] = _drain(_sample(model, tokenizer, prompts, config, stop_ids))
+    return completions
+
+
+class TextStream:
+    """Iterate to get the text of one generation piece by piece; `completion` is set when the iteration ends."""
+
+    def __init__(self, pieces: Iterator[tuple[int, str]] | Callable[[], Completion]) -> None:
+        self._pieces = pieces
+        self.completion: Completion | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        if callable(self._pieces):  # beam search: the text is known only at the end
+            self.completion = self._pieces()
+            if self.completion.text:
+                yield self.completion.text
+            return
+        while True:
+            try:
+                _, piece = next(self._pieces)
+            except StopIteration as done:
+                self.completion = done.value[0]
+                return
+            yield piece
+
+
+def stream(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompt: str | Sequence[int],
+    config: GenerationConfig | None = None,
+    *,
+    stop_ids: set[int] | None = None,
+) -> TextStream:
+    """Like `generate`, as a stream of text pieces (beam search yields its whole text at the end)."""
+    config = config or GenerationConfig()
+    if config.num_beams > 1:
+        return TextStream(lambda: beam_search(model, tokenizer, prompt, config, stop_ids=stop_ids)[0])
+    _check(config)
+    _prompt_ids(model, tokenizer, prompt)  # bad prompts fail here, not at the first iteration
+    return TextStream(_sample(model, tokenizer, [prompt], config, stop_ids))
+
+
+# ----- beam search -----
+
+
+@torch.inference_mode()
+def beam_search(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompt: str | Sequence[int],
+    config: GenerationConfig | None = None,
+    *,
+    num_return: int = 1,
+    stop_ids: set[int] | None = None,
+) -> list[Completion]:
+    """The `num_return` best continuations of `prompt` found by a beam search of width `config.num_beams`,
+    best first. A hypothesis ends at a stop token (which counts in its score), a stop string, or
+    `max_new_tokens`; it is scored by logprob / length ** length_penalty. The search ends when no live beam
+    can beat the worst of `num_beams` finished hypotheses at its current length, as in Hugging Face's default."""
+    config = config or GenerationConfig()
+    _check(config)
+    width, lp = config.num_beams, config.length_penalty
+    if not 1 <= num_return <= width:
+        raise GenerationError(f"num_return must be between 1 and the beam width ({width}), got {num_return}")
+    ids = _prompt_ids(model, tokenizer, prompt)
+    stop_ids = stop_token_ids(tokenizer) if stop_ids is None else stop_ids
+    session = _Session(model, [ids] * width, config.max_new_tokens, tokenizer.vocab_size)
+    scores = torch.full((width,), -math.inf, device=session.device)
+    scores[0] = 0.0  # the beams start identical: only one of them may expand at first
+    beams: list[list[int]] = [[] for _ in range(width)]
+    finished: list[tuple[float, float, list[int], str]] = []  # (score, logprob, tokens, reason)
+
+    def finish(logprob: float, tokens: list[int], reason: str) -> None:
+        finished.append((logprob / len(tokens) ** lp, logprob, tokens, reason))
+        finished.sort(key=lambda f: -f[0])
+        del finished[width:]
+
+    logits = session.prefill()
+    for step in range(config.max_new_tokens):
+        candidates = (scores[:, None] + logits.float().log_softmax(dim=-1)).view(-1)  # (width * V,)
+        top = torch.topk(candidates, min(2 * width, candidates.numel()))
+        parents, next_tokens_list, new_scores = [], [], []
+        for rank, (logprob, flat) in enumerate(zip(top.values.tolist(), top.indices.tolist(), strict=True)):
+            if logprob == -math.inf:
+                break
+            parent, token = divmod(flat, logits.size(-1))
+            tokens = beams[parent] + [token]
+            if token in stop_ids:
+                if rank < width:  # a stop ranked below the beam width would not have been kept as a beam
+                    finish(logprob, tokens, "eos")
+                continue
+            if config.stop and _stops(tokenizer, tokens, config.stop):
+                finish(logprob, tokens, "stop")
+                continue
+            parents.append(parent)
+            next_tokens_list.append(token)
+            new_scores.append(logprob)
+            if len(parents) == width:
+                break
+        if not parents:
+            break
+        while len(parents) < width:  # fewer live candidates than beams: fill with dead copies
+            parents.append(parents[0])
+            next_tokens_list.append(next_tokens_list[0])
+            new_scores.append(-math.inf)
+        rows = torch.tensor(parents, device=session.device)
+        beams = [beams[p] + [t] for p, t in zip(parents, next_tokens_list, strict=True)]
+        scores = torch.tensor(new_scores, device=session.device)
+        session.reorder(rows)
+        best_live = scores.max().item() / (step + 1) ** lp
+        if len(finished) == width and finished[-1][0] >= best_live:
+            break
+        if step < config.max_new_tokens - 1:
+            logits = session.step(torch.tensor(next_tokens_list, device=session.device))
+    else:  # max_new_tokens reached: the live beams compete with the finished ones
+        for logprob, tokens in zip(scores.tolist(), beams, strict=True):
+            if logprob > -math.inf:
+                finish(logprob, tokens, "length")
+    completions = []
+    for score, logprob, tokens, reason in finished[:num_return]:
+        text = _Text(tokenizer, config.stop)
+        for t in tokens:
+            if t not in stop_ids:
+                text.add(t)
+        text.finish()
+        completions.append(Completion(text.text, tokens, reason, len(ids), logprob=logprob, score=score))
+    return completions
+
+
+def _stops(tokenizer: Tokenizer, tokens: list[int], stop: list[str]) -> bool:
+    text = _Text(tokenizer, stop)
+    for t in tokens:
+        text.add(t)
+    return text.stopped
+
+
+# ----- loading a model for inference -----
+
+
+def find_checkpoint(source: str | Path) -> str:
+    """A checkpoint folder, or for a training run's folder its best/ checkpoint (else its newest step-N);
+    Hub ids pass through unchanged."""
+    path = Path(source).expanduser()
+    if not path.is_dir() or (path / "config.json").is_file():
+        return str(source)
+    if (path / "best" / "config.json").is_file():
+        return str(path / "best")
+    steps = sorted(p for p in path.glob("step-*") if (p / "config.json").is_file())
+    if steps:
+        return str(steps[-1])
+    raise CheckpointError(
+        f"{source} is neither a checkpoint (no config.json) nor a training run (no best/ or step-N/ checkpoint)"
+    )
+
+
+def default_device() -> torch.device:
+    """CUDA, else Apple's MPS, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def load_model(
+    source: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+) -> tuple[GPT, Tokenizer, GenerationConfig]:
+    """Model (in eval mode), tokenizer and default sampling settings of a checkpoint folder, training run
+    folder or Hub repo id."""
+    name = find_checkpoint(source)
+    device = torch.device(device) if device is not None else default_device()
+    model: GPT = GPT.from_pretrained(name, map_location=device, dtype=dtype)
+    return model, load_tokenizer(name), load_generation_config(name)
