@@ -13,6 +13,10 @@ assistant says: the tokens of its replies and the `<|endoftext|>` that closes ea
 mask). When a conversation outgrows the token budget, whole exchanges are dropped oldest first; the system
 prompt and the newest user message are always kept.
 
+`reply` streams the model's answer to the newest user message and adds it to the conversation. Its prompt
+may use the budget (default: the model's context) less the room kept for the reply:
+min(max_new_tokens, budget // 4) tokens.
+
 A conversation saves to a small versioned JSON file:
 
     {"format": "aksis-chat", "version": 1, "system_prompt": "...", "messages": [{"role": ..., "content": ...}]}
@@ -22,11 +26,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aksis.config import GenerationConfig
+from aksis.generation import stream
+from aksis.model import GPT
 from aksis.tokenizer import ENDOFTEXT, Tokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -171,6 +178,28 @@ class Conversation:
             return cls.from_dict(data)
         except ChatError as err:
             raise ChatError(f"{path}: {err}. Fix or move the file; it was left untouched") from err
+
+
+def reply(
+    model: GPT,
+    tokenizer: Tokenizer,
+    conversation: Conversation,
+    config: GenerationConfig | None = None,
+    *,
+    budget: int | None = None,
+) -> Iterator[str]:
+    """Stream the reply to the conversation's newest user message, piece by piece; when the stream is read
+    to its end, the reply (without surrounding whitespace) is added to the conversation as an assistant message."""
+    if not conversation.messages or conversation.messages[-1].role != "user":
+        raise ChatError("the conversation must end with a user message to reply to")
+    config = config or GenerationConfig()
+    budget = min(budget or model.config.block_size, model.config.block_size)
+    reserve = min(config.max_new_tokens, budget // 4)
+    prompt = conversation.prompt_ids(tokenizer, budget - reserve)
+    text_stream = stream(model, tokenizer, prompt, config, stop_ids=stop_token_ids(tokenizer))
+    yield from text_stream
+    assert text_stream.completion is not None
+    conversation.add("assistant", text_stream.completion.text.strip())
 
 
 def messages_from_records(records: Sequence[Any]) -> list[Message]:

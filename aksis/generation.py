@@ -34,7 +34,6 @@ from typing import Any
 
 import torch
 
-from aksis.chat import stop_token_ids
 from aksis.checkpoint import CheckpointError, load_generation_config, load_tokenizer
 from aksis.config import GenerationConfig
 from aksis.kv_cache import KVCache
@@ -279,7 +278,7 @@ def _sample(
     """Decode all prompts together; yield (row, new text) as text becomes certain. Returns the completions."""
     _check(config)
     ids = [_prompt_ids(model, tokenizer, p) for p in prompts]
-    stop_ids = stop_token_ids(tokenizer) if stop_ids is None else stop_ids
+    stop_ids = tokenizer.special_ids if stop_ids is None else stop_ids
     session = _Session(model, ids, config.max_new_tokens, tokenizer.vocab_size)
     generator = _generator(config.seed, session.device)
     B, V = len(ids), tokenizer.vocab_size
@@ -423,7 +422,7 @@ def beam_search(
     if not 1 <= num_return <= width:
         raise GenerationError(f"num_return must be between 1 and the beam width ({width}), got {num_return}")
     ids = _prompt_ids(model, tokenizer, prompt)
-    stop_ids = stop_token_ids(tokenizer) if stop_ids is None else stop_ids
+    stop_ids = tokenizer.special_ids if stop_ids is None else stop_ids
     session = _Session(model, [ids] * width, config.max_new_tokens, tokenizer.vocab_size)
     scores = torch.full((width,), -math.inf, device=session.device)
     scores[0] = 0.0  # the beams start identical: only one of them may expand at first

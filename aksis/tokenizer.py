@@ -127,6 +127,11 @@ class Tokenizer:
     def eot_id(self) -> int:
         return self.encoding._special_tokens[ENDOFTEXT]
 
+    @property
+    def special_ids(self) -> set[int]:
+        """Ids of every special token (generation stops at any of them: none is ever printed)."""
+        return set(self.encoding._special_tokens.values())
+
     def special_id(self, token: str) -> int:
         """Id of a special token such as "<|user|>"; only code should insert these."""
         try:
