@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from aksis import __version__
 
@@ -44,7 +45,6 @@ def cmd_train_model(args: argparse.Namespace) -> None:
     from aksis.config import TrainConfig
     from aksis.trainer import TrainingError, train
 
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("aksis").setLevel(logging.INFO)
     try:
         config = TrainConfig.from_args(args)
@@ -63,6 +63,293 @@ def cmd_train_model(args: argparse.Namespace) -> None:
         print(summary)
 
 
+# ----- inference: generate-text, chat-with-model, benchmark-inference -----
+
+
+def _load_model(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, generation config) of --checkpoint-path on --device, in bf16 with --mixed-precision."""
+    import torch
+
+    from aksis.checkpoint import CheckpointError
+    from aksis.generation import default_device, load_model
+
+    device = default_device() if args.device == "auto" else torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda: no CUDA GPU is available here; use --device cpu (or auto)")
+    dtype = torch.bfloat16 if args.mixed_precision else None
+    try:
+        return load_model(args.checkpoint_path, device=device, dtype=dtype)
+    except CheckpointError as err:
+        raise CLIError(str(err)) from err
+
+
+def _generation_config(args: argparse.Namespace, base: Any) -> Any:
+    from aksis.generation import GenerationError, sampler_config
+
+    settings = dict(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        num_beams=args.beam_width,
+        length_penalty=args.length_penalty,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        stop=args.stop,
+    )
+    if args.beam_width is not None and args.sampler != "beam":
+        raise CLIError("--beam-width applies to --sampler beam")
+    try:
+        return sampler_config(args.sampler, base, **settings)
+    except GenerationError as err:
+        raise CLIError(str(err)) from err
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--checkpoint-path",
+        required=True,
+        help="a checkpoint folder, a training run's folder (its best/ checkpoint), or a Hugging Face Hub repo id",
+    )
+    parser.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to run (default: auto)"
+    )
+    parser.add_argument("--mixed-precision", action="store_true", help="run in bfloat16 (half the memory)")
+
+
+def _add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens_help: str) -> None:
+    from aksis.generation import PRESETS, SAMPLERS
+
+    group = parser.add_argument_group(
+        "sampling",
+        "Unset options come from the checkpoint's generation_config.json (aksis defaults: temperature "
+        "0.7, top-k 50, top-p 0.95).",
+    )
+    group.add_argument(
+        "--sampler",
+        choices=[*SAMPLERS, *PRESETS],
+        help="greedy (most likely token), temperature (the whole distribution), top-k, top-p (nucleus), beam "
+        "search; or a preset: precise, balanced, creative (default: the checkpoint's settings)",
+    )
+    group.add_argument("--temperature", type=float, help="divide the logits by this; 0 is greedy")
+    group.add_argument("--top-k", type=int, help="sample among the k most likely tokens (0: all)")
+    group.add_argument("--top-p", type=float, help="sample within the nucleus of this probability (1: all)")
+    group.add_argument("--repetition-penalty", type=float, help="> 1 makes tokens already present less likely")
+    group.add_argument("--beam-width", type=int, help="beams kept by --sampler beam (default: 4)")
+    group.add_argument("--length-penalty", type=float, help="beam score = logprob / length ** this (default: 1)")
+    group.add_argument("--max-new-tokens", type=int, help=max_new_tokens_help)
+    group.add_argument("--stop", action="append", help="end the text at this string (repeatable)")
+    group.add_argument("--seed", type=int, help="make sampling reproducible")
+
+
+def cmd_generate_text(args: argparse.Namespace) -> None:
+    import time
+
+    from aksis.generation import GenerationError, beam_search, stream
+
+    if not args.prompt.strip():
+        raise CLIError("the prompt is empty: give --prompt some text for the model to continue")
+    model, tokenizer, base = _load_model(args)
+    config = _generation_config(args, base)
+    start = time.perf_counter()
+    try:
+        if config.num_beams > 1 or args.sampler == "beam":
+            beams = beam_search(model, tokenizer, args.prompt, config, num_return=args.num_return)
+            for i, beam in enumerate(beams):
+                if len(beams) > 1:
+                    print(f"--- beam {i + 1} (score {beam.score:.3f}, log-probability {beam.logprob:.3f})")
+                print(args.prompt + beam.text)
+            completion = beams[0]
+        else:
+            text_stream = stream(model, tokenizer, args.prompt, config)
+            if args.stream:
+                print(args.prompt, end="", flush=True)
+                for piece in text_stream:
+                    print(piece, end="", flush=True)
+                print()
+            else:
+                text = "".join(text_stream)
+                print(args.prompt + text)
+            assert text_stream.completion is not None
+            completion = text_stream.completion
+    except GenerationError as err:
+        raise CLIError(str(err)) from err
+    seconds = time.perf_counter() - start
+    n = len(completion.token_ids)
+    print(
+        f"[{n} tokens in {seconds:.2f}s ({n / seconds:.1f} tokens/s), ended by {completion.finish_reason}]",
+        file=sys.stderr,
+    )
+
+
+CHAT_HELP = "/reset forgets the conversation, /save [FILE] saves it, /quit leaves (so do Ctrl-D and Ctrl-C)"
+
+
+def cmd_chat_with_model(args: argparse.Namespace) -> None:
+    from aksis.chat import ChatError, Conversation, reply
+    from aksis.generation import GenerationError
+
+    if args.budget is not None and args.budget < 8:
+        raise CLIError(f"--budget must be at least 8 tokens, got {args.budget}")
+    context_file = Path(args.context_file).expanduser() if args.context_file else None
+    conversation = Conversation()
+    if context_file is not None and context_file.exists():
+        try:
+            conversation = Conversation.load(context_file)
+        except ChatError as err:
+            raise CLIError(str(err)) from err
+    if args.system_prompt is not None:
+        conversation.system_prompt = args.system_prompt
+    model, tokenizer, base = _load_model(args)
+    config = _generation_config(args, base)
+    if config.num_beams > 1:
+        raise CLIError("chat streams its replies: choose a sampler other than beam")
+
+    def save(path: Path | None = context_file) -> None:
+        if path is not None:
+            conversation.save(path)
+
+    resumed = f", {len(conversation.messages)} messages from {context_file}" if conversation.messages else ""
+    print(f"chatting with {args.checkpoint_path}{resumed}. {CHAT_HELP}.", file=sys.stderr)
+    try:
+        while True:
+            try:
+                line = input("you> ")
+            except EOFError:
+                print()
+                break
+            text = line.strip()
+            if not text:
+                continue
+            if text.startswith("/"):
+                command, _, rest = text.partition(" ")
+                if command == "/quit":
+                    break
+                if command == "/reset":
+                    conversation.reset()
+                    save()
+                    print("(conversation cleared)")
+                elif command == "/save":
+                    target = Path(rest.strip()).expanduser() if rest.strip() else context_file
+                    if target is None:
+                        print("(give a file: /save chat.json, or start with --context-file)")
+                    else:
+                        save(target)
+                        print(f"(saved to {target})")
+                else:
+                    print(f"(unknown command {command}: {CHAT_HELP})")
+                continue
+            conversation.add("user", text)
+            print("model> ", end="", flush=True)
+            try:
+                for piece in reply(model, tokenizer, conversation, config, budget=args.budget):
+                    print(piece, end="", flush=True)
+            except (ChatError, GenerationError) as err:
+                conversation.messages.pop()  # the message that could not be answered
+                print(f"\n(error: {err})")
+                continue
+            print()
+            save()
+    except KeyboardInterrupt:
+        print()
+    save()
+    if context_file is not None:
+        print(f"conversation saved to {context_file}", file=sys.stderr)
+
+
+def cmd_benchmark_inference(args: argparse.Namespace) -> None:
+    import json
+    import resource
+    import statistics
+
+    import torch
+
+    from aksis.config import ModelConfig
+    from aksis.generation import default_device, time_decoding
+    from aksis.model import GPT
+    from aksis.tokenizer import Tokenizer
+
+    for name in ("max_new_tokens", "num_runs", "batch_size"):
+        if getattr(args, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.checkpoint_path:
+        model, tokenizer, _ = _load_model(args)
+        source = args.checkpoint_path
+    else:
+        try:
+            config = ModelConfig.from_preset(args.preset)
+        except ValueError as err:
+            raise CLIError(str(err)) from err
+        device = default_device() if args.device == "auto" else torch.device(args.device)
+        dtype = torch.bfloat16 if args.mixed_precision else None
+        model = GPT(config).to(device=device, dtype=dtype).eval()
+        tokenizer, source = Tokenizer.byte_level(), f"preset {args.preset} (random weights)"
+    prompt = tokenizer.encode(args.prompt)
+    if not prompt:
+        raise CLIError("the prompt is empty: give --prompt some text")
+    device = next(model.parameters()).device
+    if args.compile:
+        model = torch.compile(model)
+
+    def runs(use_cache: bool) -> list[Any]:
+        kwargs = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, use_cache=use_cache)
+        time_decoding(model, prompt, **kwargs)  # warm-up: allocation, kernels, compilation
+        return [time_decoding(model, prompt, **kwargs) for _ in range(args.num_runs)]
+
+    def summary(timings: list[Any]) -> dict[str, Any]:
+        out = {}
+        for key, values in {
+            "tokens_per_s": [t.tokens_per_s for t in timings],
+            "ttft_ms": [1000 * t.ttft_s for t in timings],
+            "ms_per_token": [t.ms_per_token for t in timings],
+        }.items():
+            out[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+        return out
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    results: dict[str, Any] = {"cached": summary(runs(True))}
+    if args.compare_no_cache:
+        results["no_cache"] = summary(runs(False))
+        speedup = results["cached"]["tokens_per_s"]["median"] / results["no_cache"]["tokens_per_s"]["median"]
+        results["speedup"] = speedup
+    if device.type == "cuda":
+        peak, peak_kind = torch.cuda.max_memory_allocated(device) / 2**20, "GPU memory allocated"
+    else:
+        peak, peak_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process resident memory"
+    report = {
+        "model": source,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "device": str(device),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "compiled": args.compile,
+        "batch_size": args.batch_size,
+        "prompt_tokens": len(prompt),
+        "new_tokens": args.max_new_tokens,
+        "runs": args.num_runs,
+        **results,
+        "peak_memory_mib": round(peak, 1),
+        "peak_memory_kind": peak_kind,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(
+        f"{report['model']}: {report['parameters'] / 1e6:.2f}M parameters on {report['device']} ({report['dtype']}"
+        f"{', compiled' if args.compile else ''}); batch {args.batch_size}, {len(prompt)} prompt tokens, "
+        f"{args.max_new_tokens} new tokens, median of {args.num_runs} runs (min-max)"
+    )
+    labels = {"tokens_per_s": "tokens/s", "ttft_ms": "time to first token (ms)", "ms_per_token": "ms per token"}
+    modes = [m for m in ("cached", "no_cache") if m in results]
+    print(f"{'':28}" + "".join(f"{m.replace('_', ' '):>26}" for m in modes))
+    for key, label in labels.items():
+        cells = [results[m][key] for m in modes]
+        print(f"{label:28}" + "".join(f"{c['median']:>10.1f} ({c['min']:.1f}-{c['max']:.1f})".rjust(26) for c in cells))
+    if "speedup" in results:
+        print(f"KV cache speedup: {results['speedup']:.2f}x tokens/s")
+    print(f"peak memory: {report['peak_memory_mib']:.0f} MiB ({peak_kind})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aksis", description="Train, share and use small GPT language models.")
     parser.add_argument("--version", action="version", version=f"aksis {__version__}")
@@ -79,6 +366,49 @@ def build_parser() -> argparse.ArgumentParser:
         "or the path of a tokenizer.json or checkpoint folder (default: cl100k_base, available offline)",
     )
     tok.set_defaults(func=cmd_tokenize)
+
+    gen = commands.add_parser("generate-text", help="continue a prompt with a trained model")
+    _add_model_arguments(gen)
+    gen.add_argument("--prompt", required=True, help="the text to continue")
+    _add_sampling_arguments(gen, "tokens to generate at most (default: the checkpoint's, 256)")
+    gen.add_argument("--num-return", type=int, default=1, help="beam search: print this many best beams")
+    gen.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    gen.set_defaults(func=cmd_generate_text)
+
+    chat = commands.add_parser(
+        "chat-with-model",
+        help="chat in the terminal; the conversation can be kept in a JSON file",
+        description=f"Chat with a model, replies streamed. {CHAT_HELP}.",
+    )
+    _add_model_arguments(chat)
+    chat.add_argument("--system-prompt", help="the system message (replaces the one in --context-file)")
+    chat.add_argument(
+        "--context-file", help="load the conversation from this JSON file if it exists; save it after every turn"
+    )
+    chat.add_argument(
+        "--budget", type=int, help="tokens of conversation the model reads; older turns are dropped (default: context)"
+    )
+    _add_sampling_arguments(chat, "tokens per reply at most (default: the checkpoint's, 256)")
+    chat.set_defaults(func=cmd_chat_with_model)
+
+    bench = commands.add_parser(
+        "benchmark-inference",
+        help="time generation: tokens/s, time to first token, ms per token, peak memory",
+        description="Time greedy generation of exactly --max-new-tokens tokens per row, after one warm-up run.",
+    )
+    which = bench.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint-path", help="a checkpoint folder, training run folder or Hub repo id")
+    which.add_argument("--preset", help="a model preset with random weights (base, small, tiny, ...)")
+    bench.add_argument("--prompt", default="The quick brown fox jumps over the lazy dog.", help="the prompt")
+    bench.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per run (default: 128)")
+    bench.add_argument("--num-runs", type=int, default=5, help="timed runs (default: 5)")
+    bench.add_argument("--batch-size", type=int, default=1, help="copies of the prompt decoded together (default: 1)")
+    bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="(default: auto)")
+    bench.add_argument("--mixed-precision", action="store_true", help="run in bfloat16")
+    bench.add_argument("--compile", action="store_true", help="torch.compile the model first")
+    bench.add_argument("--compare-no-cache", action="store_true", help="also time decoding without the KV cache")
+    bench.add_argument("--json", action="store_true", help="print the results as JSON")
+    bench.set_defaults(func=cmd_benchmark_inference)
 
     from aksis.config import TrainConfig  # plain dataclasses: cheap to import
 
@@ -111,7 +441,10 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    import logging
+
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # warnings (a cut prompt, ...) reach stderr
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import codecs
 import logging
 import math
+import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -395,8 +396,8 @@ def stream(
     if config.num_beams > 1:
         return TextStream(lambda: beam_search(model, tokenizer, prompt, config, stop_ids=stop_ids)[0])
     _check(config)
-    _prompt_ids(model, tokenizer, prompt)  # bad prompts fail here, not at the first iteration
-    return TextStream(_sample(model, tokenizer, [prompt], config, stop_ids))
+    ids = _prompt_ids(model, tokenizer, prompt)  # bad prompts fail here, not at the first iteration
+    return TextStream(_sample(model, tokenizer, [ids], config, stop_ids))
 
 
 # ----- beam search -----
@@ -530,3 +531,58 @@ def load_model(
     device = torch.device(device) if device is not None else default_device()
     model: GPT = GPT.from_pretrained(name, map_location=device, dtype=dtype)
     return model, load_tokenizer(name), load_generation_config(name)
+
+
+# ----- timing (aksis benchmark-inference) -----
+
+
+@dataclass
+class DecodeTiming:
+    ttft_s: float  # time to first token: prefill plus choosing the first new token
+    total_s: float  # the whole generation
+    batch_size: int
+    new_tokens: int  # per row
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.batch_size * self.new_tokens / self.total_s
+
+    @property
+    def ms_per_token(self) -> float:
+        """Decode time per step after the first token (every row advances one token per step)."""
+        return 1000 * (self.total_s - self.ttft_s) / max(self.new_tokens - 1, 1)
+
+
+@torch.inference_mode()
+def time_decoding(
+    model: GPT, prompt: Sequence[int], *, batch_size: int = 1, max_new_tokens: int = 128, use_cache: bool = True
+) -> DecodeTiming:
+    """Time greedy decoding of exactly `max_new_tokens` per row (no stop rules), with the KV cache, or without
+    it (every step runs the model over the whole window again, as before caches). Only the final token choice
+    synchronises with the GPU, so the timing includes no per-token host round trip."""
+    device = next(model.parameters()).device
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    prompts = [list(prompt)[-model.config.block_size :]] * batch_size
+    sync()
+    start = time.perf_counter()
+    if use_cache:
+        session = _Session(model, prompts, max_new_tokens, model.config.vocab_size)
+        tokens = session.prefill().argmax(dim=-1)
+        sync()
+        ttft = time.perf_counter() - start
+        for _ in range(max_new_tokens - 1):
+            tokens = session.step(tokens).argmax(dim=-1)
+    else:
+        seq = torch.tensor(prompts, device=device)
+        for i in range(max_new_tokens):
+            logits, _ = model(seq[:, -model.config.block_size :])
+            seq = torch.cat([seq, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
+            if i == 0:
+                sync()
+                ttft = time.perf_counter() - start
+    sync()
+    return DecodeTiming(ttft, time.perf_counter() - start, batch_size, max_new_tokens)

@@ -57,3 +57,189 @@ def test_train_model_bad_settings_exit_2_with_one_line(capsys: pytest.CaptureFix
     (tmp_path / "bad.yaml").write_text("epochz: 3\n")
     assert main(["train-model", "--config", str(tmp_path / "bad.yaml")]) == 2
     assert "unknown TrainConfig field(s): epochz" in capsys.readouterr().err
+
+
+# ----- inference commands -----
+
+AKSIS = [sys.executable, "-m", "aksis.cli"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model with the byte tokenizer, saved the way the trainer saves a run (run/best/)."""
+    import torch
+    from conftest import tiny_config
+
+    from aksis.model import GPT
+
+    torch.manual_seed(0)
+    run = tmp_path_factory.mktemp("run")
+    GPT(tiny_config("llama", vocab_size=260)).save_pretrained(run / "best", tokenizer=Tokenizer.byte_level())
+    return run
+
+
+def run_cli(*args: str, stdin: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*AKSIS, *args], input=stdin, capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def test_generate_text_streams_as_a_subprocess(checkpoint: Path) -> None:
+    args = ["generate-text", "--checkpoint-path", str(checkpoint), "--prompt", "ROMEO:", "--max-new-tokens", "12"]
+    streamed = run_cli(*args, "--sampler", "top-p", "--seed", "1", "--stream")
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout.startswith("ROMEO:") and "tokens/s), ended by" in streamed.stderr
+    again = run_cli(*args, "--sampler", "top-p", "--seed", "1")
+    assert again.stdout == streamed.stdout  # same seed, same text, streamed or not
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        ["--sampler", "greedy"],
+        ["--sampler", "temperature", "--temperature", "1.2"],
+        ["--sampler", "top-k", "--top-k", "5"],
+        ["--sampler", "top-p", "--top-p", "0.9"],
+        ["--sampler", "beam", "--beam-width", "3", "--num-return", "2"],
+        ["--sampler", "creative", "--repetition-penalty", "1.3"],
+        [],
+    ],
+    ids=lambda a: a[1] if a else "checkpoint-defaults",
+)
+def test_generate_text_with_each_sampler(
+    checkpoint: Path, sampler: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["generate-text", "--checkpoint-path", str(checkpoint), "--prompt", "To be", "--max-new-tokens", "8"]
+    assert main([*args, *sampler, "--seed", "0", "--device", "cpu"]) == 0
+    out = capsys.readouterr()
+    assert "ended by" in out.err
+    if "beam" in sampler:
+        assert out.out.count("--- beam") == 2 and out.out.count("\nTo be") == 2 and "log-probability" in out.out
+    else:
+        assert out.out.startswith("To be")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--prompt", "   "], "the prompt is empty"),
+        (["--prompt", "x", "--max-new-tokens", "-5"], "max_new_tokens must be at least 1, got -5"),
+        (["--prompt", "x", "--max-new-tokens", "10000000"], "max_new_tokens must be at most 100,000"),
+        (["--prompt", "x", "--sampler", "nucleus"], "invalid choice: 'nucleus'"),
+        (["--prompt", "x", "--sampler", "top-k", "--temperature", "0"], "needs a temperature above 0"),
+        (["--prompt", "x", "--top-p", "0"], "top_p must be in (0, 1]"),
+        (["--prompt", "x", "--beam-width", "3"], "--beam-width applies to --sampler beam"),
+    ],
+)
+def test_generate_text_bad_input_exits_2_with_a_clear_message(
+    checkpoint: Path, args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    try:
+        code = main(["generate-text", "--checkpoint-path", str(checkpoint), *args])
+    except SystemExit as exit_info:  # argparse's own errors
+        code = int(exit_info.code or 0)
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_missing_checkpoint_is_a_clear_error_and_writes_nothing(tmp_path: Path) -> None:
+    result = run_cli(
+        "chat-with-model",
+        "--checkpoint-path",
+        "./no-such-run",
+        "--context-file",
+        "chat.json",
+        stdin="hi\n",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2 and "no checkpoint folder at ./no-such-run: check the path" in result.stderr
+    result = run_cli("generate-text", "--checkpoint-path", "./no-such-run", "--prompt", "hi", cwd=tmp_path)
+    assert result.returncode == 2 and "no checkpoint folder at ./no-such-run" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_chat_loop_streams_replies_and_keeps_the_context_file(checkpoint: Path, tmp_path: Path) -> None:
+    from aksis.chat import Conversation
+
+    chat_file = tmp_path / "chat.json"
+    args = ["chat-with-model", "--checkpoint-path", str(checkpoint), "--context-file", str(chat_file)]
+    first = run_cli(*args, "--system-prompt", "Speak in verse.", "--max-new-tokens", "6", stdin="Hello\nHow are you?\n")
+    assert first.returncode == 0, first.stderr  # stdin ended: Ctrl-D
+    assert first.stdout.count("model> ") == 2 and f"conversation saved to {chat_file}" in first.stderr
+    saved = Conversation.load(chat_file)
+    assert saved.system_prompt == "Speak in verse."
+    assert [m.role for m in saved.messages] == ["user", "assistant", "user", "assistant"]
+    assert saved.messages[2].content == "How are you?"
+
+    # The context file is read back; /save writes a copy, /reset clears, /quit leaves.
+    second = run_cli(
+        *args, "--max-new-tokens", "4", stdin=f"Again\n/save {tmp_path / 'copy.json'}\n/nope\n/reset\n/quit\n"
+    )
+    assert second.returncode == 0, second.stderr
+    assert "4 messages from" in second.stderr and "unknown command /nope" in second.stdout
+    assert len(Conversation.load(tmp_path / "copy.json").messages) == 6
+    cleared = Conversation.load(chat_file)
+    assert cleared.messages == [] and cleared.system_prompt == "Speak in verse."
+
+
+def test_chat_refuses_a_malformed_context_file_and_leaves_it_alone(checkpoint: Path, tmp_path: Path) -> None:
+    chat_file = tmp_path / "chat.json"
+    chat_file.write_text('{"format": "aksis-chat", "version": 1, "messages": [{"role": "robot"}]}')
+    before = chat_file.read_bytes()
+    result = run_cli(
+        "chat-with-model", "--checkpoint-path", str(checkpoint), "--context-file", str(chat_file), stdin="hi\n"
+    )
+    assert result.returncode == 2 and "message 0 must be" in result.stderr and "left untouched" in result.stderr
+    assert chat_file.read_bytes() == before
+
+
+def test_chat_ctrl_c_leaves_cleanly_with_the_context_saved(checkpoint: Path, tmp_path: Path) -> None:
+    import signal
+    import time
+
+    from aksis.chat import Conversation
+
+    chat_file = tmp_path / "chat.json"
+    proc = subprocess.Popen(
+        [*AKSIS, "chat-with-model", "--checkpoint-path", str(checkpoint), "--context-file", str(chat_file)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write("Hello\n")
+    proc.stdin.flush()
+    deadline = time.monotonic() + 60
+    while not chat_file.exists() and time.monotonic() < deadline:  # saved after the first turn
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "conversation saved" in err
+    assert [m.role for m in Conversation.load(chat_file).messages] == ["user", "assistant"]
+
+
+def test_benchmark_inference_reports_speed_and_memory(checkpoint: Path) -> None:
+    import json
+
+    result = run_cli(
+        "benchmark-inference", "--checkpoint-path", str(checkpoint), "--max-new-tokens", "16", "--num-runs", "2",
+        "--batch-size", "2", "--compare-no-cache", "--json", "--device", "cpu",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    for mode in ("cached", "no_cache"):
+        assert set(report[mode]) == {"tokens_per_s", "ttft_ms", "ms_per_token"}
+        stats = report[mode]["tokens_per_s"]
+        assert 0 < stats["min"] <= stats["median"] <= stats["max"]
+    assert report["speedup"] > 0 and report["peak_memory_mib"] > 0 and report["batch_size"] == 2
+
+
+def test_benchmark_inference_table_for_a_preset(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["benchmark-inference", "--preset", "tiny", "--max-new-tokens", "4", "--num-runs", "1", "--device", "cpu"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "preset tiny (random weights)" in out and "time to first token (ms)" in out and "peak memory" in out
+    assert main([*args[:-2], "--num-runs", "0"]) == 2
+    assert "--num-runs must be at least 1" in capsys.readouterr().err
+    assert main(["benchmark-inference", "--preset", "huge"]) == 2
+    assert "huge" in capsys.readouterr().err
