@@ -63,6 +63,57 @@ def cmd_train_model(args: argparse.Namespace) -> None:
         print(summary)
 
 
+def cmd_load_data(args: argparse.Namespace) -> None:
+    import itertools
+
+    from aksis.data import DataError, PackedBlocks, build_data
+    from aksis.model import IGNORE_INDEX
+
+    for name in ("batch_size", "max_length"):
+        if getattr(args, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    try:
+        data = build_data(
+            args.dataset,
+            block_size=args.max_length,
+            tokenizer=args.tokenizer,
+            vocab_size=args.vocab_size,
+            text_column=args.text_column,
+            streaming=args.streaming or None,
+            val_fraction=args.val_fraction,
+            data_format=args.data_format,
+        )
+    except DataError as err:
+        raise CLIError(str(err)) from err
+    tok = data.tokenizer
+    print(
+        f"dataset: {args.dataset} ({args.data_format}); tokenizer: {tok.name} ({tok.kind}, {tok.vocab_size:,} tokens)"
+    )
+    if not isinstance(data.train, PackedBlocks):
+        print(f"train: streamed, packed on the fly into blocks of {args.max_length} tokens")
+    else:
+        print(f"train: {data.train_tokens:,} tokens in {len(data.train):,} blocks of {args.max_length} tokens")
+    val = data.validation
+    print(f"validation: {len(val.tokens):,} tokens in {len(val):,} blocks of {val.block_size} tokens")
+    batch = list(itertools.islice(iter(data.train), args.batch_size))
+    print(
+        f"sample batch: {len(batch)} blocks" + (" ([[...]]: the tokens that carry loss)" if batch[0].dim() == 2 else "")
+    )
+    for i, block in enumerate(batch):
+        if block.dim() == 1:  # text: inputs are block[:-1]
+            text = tok.decode(block[:-1].tolist())
+        else:  # chat: [ids; labels]; target t + 1 is trained when its label is not IGNORE_INDEX
+            ids, trained = block[0, 1:].tolist(), (block[1, 1:] != IGNORE_INDEX).tolist()
+            runs = itertools.groupby(zip(ids, trained, strict=True), key=lambda pair: pair[1])
+            text = "".join(
+                f"[[{tok.decode([t for t, _ in run])}]]" if is_trained else tok.decode([t for t, _ in run])
+                for is_trained, run in runs
+            )
+        if len(text) > args.show_chars:
+            text = text[: args.show_chars] + " …"
+        print(f"--- block {i}\n{text}")
+
+
 # ----- inference: generate-text, chat-with-model, benchmark-inference -----
 
 
@@ -367,6 +418,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tok.set_defaults(func=cmd_tokenize)
 
+    from aksis.config import TRAIN_CHOICES, TRAIN_HELP, TrainConfig  # plain dataclasses: cheap to import
+
+    load = commands.add_parser(
+        "load-data", help="load, tokenize and pack a corpus; print its statistics and a decoded sample batch"
+    )
+    defaults = TrainConfig()
+    for name, kind in [
+        ("dataset", str),
+        ("data_format", str),
+        ("text_column", str),
+        ("tokenizer", str),
+        ("vocab_size", int),
+        ("val_fraction", float),
+        ("batch_size", int),
+    ]:
+        default = getattr(defaults, name)
+        load.add_argument(
+            "--" + name.replace("_", "-"),
+            type=kind,
+            default=default,
+            choices=TRAIN_CHOICES.get(name),
+            help=f"{TRAIN_HELP[name]} (default: {default})".replace("%", "%%"),
+        )
+    load.add_argument("--streaming", action="store_true", help=TRAIN_HELP["streaming"])
+    load.add_argument("--max-length", type=int, default=256, help="tokens per block, the context (default: 256)")
+    load.add_argument("--show-chars", type=int, default=400, help="characters shown per block (default: 400)")
+    load.set_defaults(func=cmd_load_data)
+
     gen = commands.add_parser("generate-text", help="continue a prompt with a trained model")
     _add_model_arguments(gen)
     gen.add_argument("--prompt", required=True, help="the text to continue")
@@ -409,8 +488,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compare-no-cache", action="store_true", help="also time decoding without the KV cache")
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
     bench.set_defaults(func=cmd_benchmark_inference)
-
-    from aksis.config import TrainConfig  # plain dataclasses: cheap to import
 
     train = commands.add_parser(
         "train-model",

@@ -243,3 +243,30 @@ def test_benchmark_inference_table_for_a_preset(capsys: pytest.CaptureFixture[st
     assert "--num-runs must be at least 1" in capsys.readouterr().err
     assert main(["benchmark-inference", "--preset", "huge"]) == 2
     assert "huge" in capsys.readouterr().err
+
+
+def test_load_data_prints_statistics_and_a_decoded_batch(tmp_path: Path) -> None:
+    from aksis.data import shakespeare_plays
+
+    (tmp_path / "play.txt").write_text(shakespeare_plays()[0])
+    result = run_cli(
+        "load-data", "--dataset", str(tmp_path / "play.txt"), "--tokenizer", "byte", "--batch-size", "3",
+        "--max-length", "64", "--show-chars", "50", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "tokenizer: byte (byte, 260 tokens)" in out and "blocks of 64 tokens" in out
+    assert out.count("--- block") == 3
+    first = out.split("--- block 0\n")[1].split(" …")[0]
+    assert len(first) == 50 and first in shakespeare_plays()[0]
+
+
+def test_load_data_marks_the_trained_tokens_of_conversations(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["load-data", "--dataset", "shakespeare-chat", "--data-format", "chat", "--tokenizer", "byte"]
+    assert main([*args, "--batch-size", "2", "--max-length", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "the tokens that carry loss" in out and "[[" in out and "<|assistant|>[[" in out
+    assert main(["load-data", "--dataset", "no-such-corpus"]) == 2
+    assert "unknown dataset 'no-such-corpus'" in capsys.readouterr().err
+    assert main(["load-data", "--max-length", "0"]) == 2
+    assert "--max-length must be at least 1" in capsys.readouterr().err
