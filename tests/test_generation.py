@@ -266,3 +266,11 @@ def test_ids_past_the_tokenizer_are_never_generated(tok: Tokenizer) -> None:
     config = GenerationConfig(temperature=1.5, top_k=0, top_p=1.0, max_new_tokens=50, seed=0, repetition_penalty=1.2)
     assert max(generate(model, tok, "Hi", config, stop_ids=set()).token_ids) < 260
     assert max(beam_search(model, tok, "Hi", GenerationConfig(num_beams=2, max_new_tokens=5))[0].token_ids) < 260
+
+
+def test_a_compiled_model_generates_what_the_eager_one_does(tok: Tokenizer) -> None:
+    model = model_for("llama")
+    compiled = torch.compile(model)
+    config = GenerationConfig(temperature=0.0, max_new_tokens=6)
+    out = generate(compiled, tok, "Hello", config, stop_ids=set())  # type: ignore[arg-type]
+    assert out.token_ids == generate(model, tok, "Hello", config, stop_ids=set()).token_ids
