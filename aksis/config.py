@@ -149,6 +149,7 @@ class TrainConfig:
 
     # data
     dataset: str = "shakespeare"
+    data_format: str = "text"
     text_column: str | None = None
     streaming: bool = False
     tokenizer: str = "bpe"
@@ -217,6 +218,7 @@ class TrainConfig:
             "mixed_precision": MIXED_PRECISIONS,
             "device": DEVICES,
             "report_to": REPORTERS,
+            "data_format": DATA_FORMATS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -225,6 +227,11 @@ class TrainConfig:
             problems.append(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         if self.preset not in PRESETS:
             problems.append(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        if self.data_format == "chat" and self.streaming:
+            problems.append(
+                "--streaming cannot be combined with --data-format chat (conversations are tokenized "
+                "and cached whole); drop --streaming"
+            )
         if problems:
             raise ValueError("invalid training settings: " + "; ".join(problems))
 
@@ -290,7 +297,9 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 REPORTERS = ("none", "tensorboard", "wandb", "trackio")
+DATA_FORMATS = ("text", "chat")
 TRAIN_CHOICES = {
+    "data_format": DATA_FORMATS,
     "optimizer": OPTIMIZERS,
     "mixed_precision": MIXED_PRECISIONS,
     "device": DEVICES,
@@ -300,8 +309,13 @@ TRAIN_CHOICES = {
 }
 TRAIN_HELP = {
     "dataset": "corpus: 'shakespeare' (embedded, offline), wikitext2, wikitext103, tiny_shakespeare, tinystories, "
-    "fineweb-edu, a Hub dataset id, or local .txt/.md/.jsonl/.parquet files, a folder or a glob",
-    "text_column": "the column holding the text, for Hub ids and .jsonl/.parquet files",
+    "fineweb-edu, a Hub dataset id, or local .txt/.md/.jsonl/.parquet files, a folder or a glob; with "
+    "--data-format chat: 'shakespeare-chat' (embedded; 'shakespeare' means it too), smoltalk, "
+    "everyday-conversations, a Hub dataset id or local .jsonl/.json/.parquet files with a 'messages' column",
+    "data_format": "'text': plain text, the loss on every token; 'chat': conversations (a 'messages' column of "
+    "{role, content}) in the chat template, the loss only on the assistant's replies (fine-tune with --init-from)",
+    "text_column": "the column holding the text (or, with --data-format chat, the messages), for Hub ids and "
+    ".jsonl/.parquet files",
     "streaming": "read the corpus as a stream (for corpora too large to download); needs --max-steps or --max-tokens",
     "tokenizer": "'bpe' (trained on the corpus once, then cached), 'byte', a tiktoken encoding (cl100k_base, gpt2, "
     "...), or a tokenizer.json path",

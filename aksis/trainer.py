@@ -18,6 +18,9 @@ Notable choices:
   into place, so an interrupted save never leaves a half-written `step-N`.
 - The LR scheduler is stepped here, once per optimizer step (not through `accelerator.prepare`, which would
   step it once per process), and saved with `register_for_checkpointing`.
+- Chat fine-tuning (`--data-format chat`) reads blocks of [ids; labels] and trains only where the labels are
+  not IGNORE_INDEX (the assistant's replies); see `batch_loss` for how such a loss is normalised. Validation
+  loss is the mean over the trained target tokens, in both formats.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from tqdm.auto import tqdm
 from aksis.checkpoint import CONFIG_FILE, CheckpointError, load_tokenizer, read_model_config, resolve_file
 from aksis.config import ModelConfig, TrainConfig
 from aksis.data import DataError, PackedBlocks, StreamingBlocks, TrainData, build_data
-from aksis.model import GPT
+from aksis.model import GPT, IGNORE_INDEX
 from aksis.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -186,6 +189,7 @@ class Trainer:
                     seed=config.seed,
                     num_proc=config.num_proc,
                     cache_dir=Path(config.data_cache).expanduser() if config.data_cache else None,
+                    data_format=config.data_format,
                 )
             except DataError as err:
                 raise TrainingError(str(err)) from err
@@ -474,7 +478,7 @@ class Trainer:
             batch = batch.to(acc.device)
             self.state.batches_in_epoch += 1
             with acc.accumulate(self.model):
-                _, loss = self.model(batch[:, :-1], batch[:, 1:])
+                loss = batch_loss(self.model, batch)
                 losses.append(loss.detach().float())
                 if acc.sync_gradients:
                     # One reduction per step, before the update: every process learns the loss and any stop request.
@@ -504,18 +508,23 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation loss per token over (at most) `eval_batches` batches per process."""
+        """Mean validation loss per trained target token (every token for text, the assistant's for chat) over
+        (at most) `eval_batches` batches per process, all processes together."""
         acc = self.accelerator
         self.model.eval()
-        losses = []
+        sums, counts = [], []
         for i, batch in enumerate(self.val_loader):
             if i >= self.config.eval_batches:
                 break
-            logits, _ = self.model(batch[:, :-1])
-            per_block = F.cross_entropy(logits.float().transpose(1, 2), batch[:, 1:], reduction="none").mean(1)
-            losses.append(acc.gather_for_metrics(per_block))
+            inputs, targets = inputs_and_targets(batch)
+            logits, _ = self.model(inputs)
+            block_sums, block_counts = target_loss_sums(logits, targets)
+            sums.append(acc.gather_for_metrics(block_sums))
+            counts.append(acc.gather_for_metrics(block_counts))
         self.model.train()
-        return torch.cat(losses).mean().item()
+        # build_data guarantees trained targets in the validation split, but the first eval_batches might hold
+        # none (a long chat prompt): max(count, 1) then reports 0 rather than NaN.
+        return (torch.cat(sums).sum() / torch.cat(counts).sum().clamp(min=1)).item()
 
     def _evaluate(self) -> None:
         """Evaluate, log, and keep the best checkpoint."""
@@ -614,6 +623,45 @@ class Trainer:
 def train(config: TrainConfig) -> TrainResult:
     """Run one training job described by `config`."""
     return Trainer(config).train()
+
+
+# ----- losses -----
+
+
+def inputs_and_targets(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets), each (B, T), of a batch of blocks: text blocks (B, T+1) predict their own next
+    token; chat blocks (B, 2, T+1) hold [ids; labels], and the target of position t is labels[t + 1]
+    (IGNORE_INDEX where it is not trained)."""
+    if batch.dim() == 2:
+        return batch[:, :-1], batch[:, 1:]
+    return batch[:, 0, :-1], batch[:, 1, 1:]
+
+
+def target_loss_sums(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block: the sum of the cross-entropy over trained targets (not IGNORE_INDEX) and their number,
+    each (B,). Summed rather than averaged so blocks (and processes) can be pooled into a per-token mean."""
+    losses = F.cross_entropy(
+        logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+    )  # (B, T), 0 where ignored
+    return losses.sum(1), (targets != IGNORE_INDEX).sum(1)
+
+
+def batch_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """The training loss of one batch: the mean cross-entropy over its trained targets.
+
+    Text: the model's own loss, over every target, exactly as always. Chat: the sum over the batch's trained
+    targets divided by max(their number, 1). Each batch is normalised by its own count, as the model does for
+    text (batches of an accumulated step and of several processes are then weighted equally, however many
+    assistant tokens each holds). A batch cut entirely from prompts has no trained target: its loss is 0 with
+    zero gradient, instead of the 0/0 = NaN that a plain mean gives and that would stop the run."""
+    inputs, targets = inputs_and_targets(batch)
+    if batch.dim() == 2:
+        _, loss = model(inputs, targets)
+        assert loss is not None
+        return loss
+    logits, _ = model(inputs)
+    sums, counts = target_loss_sums(logits, targets)
+    return sums.sum() / counts.sum().clamp(min=1)
 
 
 # ----- helpers -----

