@@ -208,7 +208,9 @@ def messages_from_records(records: Sequence[Any]) -> list[Message]:
     out = []
     for i, record in enumerate(records):
         try:
-            out.append(Message(str(record["role"]), record["content"]))
+            out.append(Message(record["role"], record["content"]))
         except (KeyError, TypeError) as err:
             raise ChatError(f"message {i} should have a role and a content, got {record!r}") from err
+        except ChatError as err:
+            raise ChatError(f"message {i}: {err}") from None
     return out

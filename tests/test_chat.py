@@ -111,3 +111,16 @@ def test_a_role_token_ends_the_reply() -> None:
     chat = Conversation("", [Message("user", "Hello")])
     assert list(reply(model, TOK, chat, GenerationConfig(temperature=0.0))) == []
     assert chat.messages[-1] == Message("assistant", "")
+
+
+def test_records_become_messages_and_a_bad_one_is_named() -> None:
+    from aksis.chat import messages_from_records
+
+    records = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    assert messages_from_records(records) == [Message("user", "hi"), Message("assistant", "hello")]
+    with pytest.raises(ChatError, match="message 1: unknown role 'bot'"):
+        messages_from_records([records[0], {"role": "bot", "content": "x"}])
+    with pytest.raises(ChatError, match="message 0 should have a role and a content"):
+        messages_from_records([{"content": "x"}])
+    with pytest.raises(ChatError, match="message 0: a user message's content must be text"):
+        messages_from_records([{"role": "user", "content": 3}])

@@ -377,7 +377,7 @@ def test_bad_conversations_are_clear_errors(tmp_path: Path) -> None:
             cache_dir=tmp_path,
         )
     unchecked = datasets.Dataset.from_dict({"messages": [[{"role": "bot", "content": "beep"}]]})
-    with pytest.raises(DataError, match="conversation 0: unknown role 'bot'"):
+    with pytest.raises(DataError, match="conversation 0: message 0: unknown role 'bot'"):
         tokenize_chat(unchecked, Tokenizer.byte_level(), cache_dir=tmp_path)
     with pytest.raises(DataError, match="at least 2"):
         load_conversations(str(_write_jsonl(tmp_path / "one.jsonl", [good])))

@@ -1,5 +1,7 @@
-"""The README's examples run as written: every python block, every aksis command in the bash blocks, and
-every training command (cut short: a few steps each; install, test and lint commands are what CI itself runs)."""
+"""The README's examples run as written: every python block, and every command in its bash blocks, in README
+order in one folder (so each command finds the checkpoints of the training runs before it). Training runs are
+cut to a few steps, generation to a few tokens, chats to one message; install, test and lint commands are
+what CI itself runs."""
 
 import re
 import subprocess
@@ -12,12 +14,14 @@ README = ROOT / "README.md"
 BLOCKS = re.findall(r"```(python|bash)\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
 PYTHON = [code for lang, code in BLOCKS if lang == "python"]
 LINES = [line.split("  #")[0].strip() for lang, code in BLOCKS if lang == "bash" for line in code.splitlines()]
-TRAINING = [line for line in LINES if line.startswith(("aksis train-model", "python training/", "accelerate launch"))]
-COMMANDS = [line for line in LINES if line.startswith(("aksis ", "python -m aksis")) and line not in TRAINING]
+TRAINING = ("aksis train-model", "python training/", "accelerate launch")
+COMMANDS = [line for line in LINES if line.startswith(("aksis ", "python -m aksis", *TRAINING))]
 
 
 def test_readme_has_examples() -> None:
-    assert len(PYTHON) >= 4 and len(COMMANDS) >= 2 and len(TRAINING) >= 3
+    assert len(PYTHON) >= 6 and len(COMMANDS) >= 15
+    for command in ("train-model", "generate-text", "chat-with-model", "benchmark-inference", "load-data"):
+        assert any(command in line for line in COMMANDS), command
 
 
 @pytest.mark.parametrize("code", PYTHON, ids=[f"python-{i}" for i in range(len(PYTHON))])
@@ -26,17 +30,21 @@ def test_python_example_runs(code: str, tmp_path: Path, monkeypatch: pytest.Monk
     exec(compile(code, str(README), "exec"), {"__name__": "readme_example"})
 
 
-@pytest.mark.parametrize("command", COMMANDS)
-def test_cli_example_runs(command: str, tmp_path: Path) -> None:
-    # As a user types it: the `aksis` console script and `python` come from PATH (the installed package).
-    result = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert "count:" in result.stdout
+def shortened(command: str, steps: int) -> tuple[str, str | None]:
+    """The command cut to a test's length (flags given last win), and what to type into it."""
+    if command.startswith(TRAINING):
+        return f"{command} --max-steps {steps} --eval-every 2 --eval-batches 1 --no-progress", None
+    if "generate-text" in command:
+        return f"{command} --max-new-tokens 8", None
+    if "chat-with-model" in command:
+        return f"{command} --max-new-tokens 8", "Good morrow!\n/quit\n"
+    if "benchmark-inference" in command:
+        return f"{command} --max-new-tokens 4 --num-runs 1", None
+    return command, None
 
 
-def test_training_commands_run_in_order(tmp_path: Path) -> None:
-    """Each training command as written, in README order (so --resume finds the run before it), with a few
-    steps appended; relative paths resolve as in a clone of the repository."""
+def test_commands_run_in_order(tmp_path: Path) -> None:
+    """As a user types them, from a clone's root: `aksis` and `python` come from PATH (the installed package)."""
     (tmp_path / "training").symlink_to(ROOT / "training")
     (tmp_path / "my_texts").mkdir()
     from aksis.data import shakespeare_plays
@@ -44,10 +52,18 @@ def test_training_commands_run_in_order(tmp_path: Path) -> None:
     for i, play in enumerate(shakespeare_plays()[:2]):
         (tmp_path / "my_texts" / f"play{i}.txt").write_text(play)
     steps = 0
-    for command in TRAINING:
+    for command in COMMANDS:
         steps = steps + 2 if "--resume" in command else 2
-        short = f"{command} --max-steps {steps} --eval-every 2 --eval-batches 1 --no-progress"
-        result = subprocess.run(short, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        short, stdin = shortened(command, steps)
+        result = subprocess.run(
+            short, shell=True, cwd=tmp_path, input=stdin, capture_output=True, text=True, timeout=300
+        )
         assert result.returncode == 0, f"{short}\n{result.stderr}"
-        assert f"{steps} steps" in result.stdout, result.stdout
-    assert len(list((tmp_path / "checkpoints").glob("*/best/model.safetensors"))) == 3  # three runs, one resumed
+        if command.startswith(TRAINING):
+            assert f"{steps} steps" in result.stdout, result.stdout
+        if re.search(r"(aksis|aksis\.cli) tokenize ", command):
+            assert "count:" in result.stdout
+        if "generate-text" in command:
+            assert "ROMEO:" in result.stdout and "ended by" in result.stderr
+    runs = {p.parent.parent.name for p in (tmp_path / "checkpoints").glob("*/best/model.safetensors")}
+    assert {"tiny-shakespeare", "tiny-shakespeare-chat"} <= runs
