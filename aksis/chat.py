@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -189,10 +189,13 @@ def reply(
     budget: int | None = None,
 ) -> Iterator[str]:
     """Stream the reply to the conversation's newest user message, piece by piece; when the stream is read
-    to its end, the reply (without surrounding whitespace) is added to the conversation as an assistant message."""
+    to its end, the reply (without surrounding whitespace) is added to the conversation as an assistant message.
+    A `config.seed` is offset by the number of messages, so each turn draws differently, reproducibly."""
     if not conversation.messages or conversation.messages[-1].role != "user":
         raise ChatError("the conversation must end with a user message to reply to")
     config = config or GenerationConfig()
+    if config.seed is not None:  # reproducible, yet not the same random draws at every turn
+        config = replace(config, seed=config.seed + len(conversation.messages))
     budget = min(budget or model.config.block_size, model.config.block_size)
     reserve = min(config.max_new_tokens, budget // 4)
     prompt = conversation.prompt_ids(tokenizer, budget - reserve)

@@ -435,9 +435,15 @@ def beam_search(
         finished.sort(key=lambda f: -f[0])
         del finished[width:]
 
+    penalty = config.repetition_penalty
+    seen = torch.zeros(width, tokenizer.vocab_size, dtype=torch.bool, device=session.device)
+    seen[:, ids] = True
     logits = session.prefill()
     for step in range(config.max_new_tokens):
-        candidates = (scores[:, None] + logits.float().log_softmax(dim=-1)).view(-1)  # (width * V,)
+        logits = logits.float()
+        if penalty != 1.0:  # the scores are then log-probabilities of the penalised distribution
+            logits = apply_repetition_penalty(logits, seen, penalty)
+        candidates = (scores[:, None] + logits.log_softmax(dim=-1)).view(-1)  # (width * V,)
         top = torch.topk(candidates, min(2 * width, candidates.numel()))
         parents, next_tokens_list, new_scores = [], [], []
         for rank, (logprob, flat) in enumerate(zip(top.values.tolist(), top.indices.tolist(), strict=True)):
@@ -467,6 +473,8 @@ def beam_search(
         beams = [beams[p] + [t] for p, t in zip(parents, next_tokens_list, strict=True)]
         scores = torch.tensor(new_scores, device=session.device)
         session.reorder(rows)
+        seen = seen[rows]
+        seen[torch.arange(width), torch.tensor(next_tokens_list, device=session.device)] = True
         best_live = scores.max().item() / (step + 1) ** lp
         if len(finished) == width and finished[-1][0] >= best_live:
             break

@@ -124,3 +124,18 @@ def test_records_become_messages_and_a_bad_one_is_named() -> None:
         messages_from_records([{"content": "x"}])
     with pytest.raises(ChatError, match="message 0: a user message's content must be text"):
         messages_from_records([{"role": "user", "content": 3}])
+
+
+def test_a_seeded_chat_is_reproducible_and_draws_anew_at_each_turn() -> None:
+    from dataclasses import replace
+
+    from aksis.generation import generate
+
+    torch.manual_seed(0)
+    model = GPT(tiny_config("gpt2", vocab_size=TOK.vocab_size)).eval()
+    config = GenerationConfig(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=10, seed=3)
+    chat = Conversation("", [Message("user", "Hi"), Message("assistant", "Hello"), Message("user", "Hi")])
+    prompt = chat.prompt_ids(TOK, 64)
+    text = "".join(reply(model, TOK, chat, config))
+    expected = generate(model, TOK, prompt, replace(config, seed=3 + 3), stop_ids=stop_token_ids(TOK))
+    assert text == expected.text

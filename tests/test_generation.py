@@ -274,3 +274,15 @@ def test_a_compiled_model_generates_what_the_eager_one_does(tok: Tokenizer) -> N
     config = GenerationConfig(temperature=0.0, max_new_tokens=6)
     out = generate(compiled, tok, "Hello", config, stop_ids=set())  # type: ignore[arg-type]
     assert out.token_ids == generate(model, tok, "Hello", config, stop_ids=set()).token_ids
+
+
+def test_beam_search_applies_the_repetition_penalty_as_greedy_does(tok: Tokenizer) -> None:
+    model = model_for("gpt2")
+    penalised = dict(max_new_tokens=20, repetition_penalty=1.8)
+    [beam] = beam_search(model, tok, "To be", GenerationConfig(num_beams=1, **penalised), stop_ids=set())  # type: ignore[arg-type]
+    greedy = generate(model, tok, "To be", GenerationConfig(temperature=0.0, **penalised), stop_ids=set())  # type: ignore[arg-type]
+    assert beam.token_ids == greedy.token_ids
+    assert (
+        greedy.token_ids
+        != generate(model, tok, "To be", GenerationConfig(temperature=0.0, max_new_tokens=20)).token_ids
+    )
