@@ -521,7 +521,14 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     import logging
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # warnings (a cut prompt, ...) reach stderr
+    # aksis's own messages (a cut prompt, training progress) go to stderr as plain lines. Only the "aksis" logger
+    # gets a handler: a root handler would print other libraries' messages twice, next to their own handlers.
+    log = logging.getLogger("aksis")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.WARNING)
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)

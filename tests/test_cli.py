@@ -130,14 +130,12 @@ def test_generate_text_with_each_sampler(
     ],
 )
 def test_generate_text_bad_input_exits_2_with_a_clear_message(
-    checkpoint: Path, args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+    checkpoint: Path, args: list[str], message: str, tmp_path: Path
 ) -> None:
-    try:
-        code = main(["generate-text", "--checkpoint-path", str(checkpoint), *args])
-    except SystemExit as exit_info:  # argparse's own errors
-        code = int(exit_info.code or 0)
-    assert code == 2
-    assert message in capsys.readouterr().err
+    result = run_cli("generate-text", "--checkpoint-path", str(checkpoint), *args, cwd=tmp_path)
+    assert result.returncode == 2 and message in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert list(tmp_path.iterdir()) == []  # nothing written
 
 
 def test_a_missing_checkpoint_is_a_clear_error_and_writes_nothing(tmp_path: Path) -> None:
