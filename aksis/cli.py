@@ -202,6 +202,8 @@ def cmd_generate_text(args: argparse.Namespace) -> None:
         raise CLIError("the prompt is empty: give --prompt some text for the model to continue")
     model, tokenizer, base = _load_model(args)
     config = _generation_config(args, base)
+    if args.num_return != 1 and config.num_beams == 1:
+        raise CLIError("--num-return applies to beam search (--sampler beam)")
     start = time.perf_counter()
     try:
         if config.num_beams > 1 or args.sampler == "beam":

@@ -127,6 +127,8 @@ def test_generate_text_with_each_sampler(
         (["--prompt", "x", "--sampler", "top-k", "--temperature", "0"], "needs a temperature above 0"),
         (["--prompt", "x", "--top-p", "0"], "top_p must be in (0, 1]"),
         (["--prompt", "x", "--beam-width", "3"], "--beam-width applies to --sampler beam"),
+        (["--prompt", "x", "--num-return", "2"], "--num-return applies to beam search"),
+        (["--prompt", "x", "--sampler", "beam", "--num-return", "9"], "between 1 and the beam width (4)"),
     ],
 )
 def test_generate_text_bad_input_exits_2_with_a_clear_message(
