@@ -63,6 +63,18 @@ def is_local(source: str | Path) -> bool:
     return False
 
 
+def split_revision(source: str | Path) -> tuple[str, str | None]:
+    """("user/name", "rev") for a Hub id written "user/name@rev"; anything else (a local path, a plain id) is
+    returned unchanged with no revision."""
+    text = str(source)
+    if "@" not in text or Path(text).expanduser().exists():
+        return text, None
+    repo_id, _, revision = text.partition("@")  # repo ids never hold "@"; revisions may hold "/"
+    if not repo_id or not revision:
+        raise CheckpointError(f"{text!r}: write a Hub revision as user/name@revision (a branch, tag or commit)")
+    return repo_id, revision
+
+
 def resolve_file(
     source: str | Path,
     filename: str,
@@ -73,7 +85,8 @@ def resolve_file(
     token: str | bool | None = None,
     local_files_only: bool = False,
 ) -> Path:
-    """Path of `filename` in a local checkpoint folder, or downloaded (through the Hub cache) from a repo."""
+    """Path of `filename` in a local checkpoint folder, or downloaded (through the Hub cache) from a repo id,
+    optionally written `user/name@revision`."""
     if is_local(source):
         path = Path(source).expanduser() / filename
         if not path.is_file():
@@ -82,6 +95,8 @@ def resolve_file(
                 "Was the folder written by save_pretrained, and copied completely?"
             )
         return path
+    source, at = split_revision(source)
+    revision = revision or at
     repo = f"{source}@{revision}" if revision else str(source)
     not_local = f"(there is no local folder named {source} either)"
     try:
@@ -288,10 +303,13 @@ class CheckpointMixin(PyTorchModelHubMixin):
         dtype: torch.dtype | None = None,
         **kwargs: Any,
     ) -> Any:
-        """Load from a local checkpoint folder or a Hub repo id (through the Hub cache), in eval mode."""
+        """Load from a local checkpoint folder or a Hub repo id (`user/name` or `user/name@revision`, through the
+        Hub cache), in eval mode."""
         # Read config.json first, so every failure (bad path, missing repo, offline, corrupt or invalid
         # config) gets our message: the mixin would log and carry on without a config, or fail in json.
         hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "force_download", "token", "local_files_only") if k in kwargs}
+        pretrained_model_name_or_path, at = split_revision(pretrained_model_name_or_path)
+        revision = revision or at
         config = read_model_config(
             resolve_file(pretrained_model_name_or_path, CONFIG_FILE, revision=revision, **hub_kwargs)
         )

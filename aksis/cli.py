@@ -61,6 +61,8 @@ def cmd_train_model(args: argparse.Namespace) -> None:
         summary += f"; continue with --resume (latest checkpoint: {result.last_checkpoint})"
     if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, once, from the main process
         print(summary)
+        for error in result.push_errors:
+            print(f"warning: {error}", file=sys.stderr)
 
 
 def cmd_load_data(args: argparse.Namespace) -> None:
@@ -112,6 +114,25 @@ def cmd_load_data(args: argparse.Namespace) -> None:
         if len(text) > args.show_chars:
             text = text[: args.show_chars] + " …"
         print(f"--- block {i}\n{text}")
+
+
+def cmd_push(args: argparse.Namespace) -> None:
+    from aksis.hub import HubError, push_checkpoint
+
+    try:
+        commit = push_checkpoint(
+            args.checkpoint_path,
+            args.repo_id,
+            branch=args.revision,
+            tag=args.tag,
+            private=args.private,
+            license=args.license,
+            commit_message=args.commit_message,
+            with_training_state=args.with_training_state,
+        )
+    except HubError as err:
+        raise CLIError(str(err)) from err
+    print(f"pushed {args.checkpoint_path} to {args.repo_id}@{args.revision or 'main'} (commit {commit[:12]})")
 
 
 # ----- inference: generate-text, chat-with-model, benchmark-inference -----
@@ -490,6 +511,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compare-no-cache", action="store_true", help="also time decoding without the KV cache")
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
     bench.set_defaults(func=cmd_benchmark_inference)
+
+    push = commands.add_parser(
+        "push",
+        help="push a checkpoint folder to the Hugging Face Hub (token: HF_TOKEN or `hf auth login`)",
+        description="Push a checkpoint folder as one commit, with a generated model card and loss curve.",
+    )
+    push.add_argument("--checkpoint-path", required=True, help="the checkpoint folder (e.g. checkpoints/run/best)")
+    push.add_argument("--repo-id", required=True, help="user/name or org/name; created if it does not exist")
+    push.add_argument("--revision", help="the branch to push to (default: main; created if needed)")
+    push.add_argument("--tag", help="also tag the commit (e.g. v1)")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--license", help="the license in the model card (e.g. mit, apache-2.0)")
+    push.add_argument("--commit-message", help="the commit message")
+    push.add_argument(
+        "--with-training-state", action="store_true", help="also push training_state/ (for --resume from the Hub)"
+    )
+    push.set_defaults(func=cmd_push)
 
     train = commands.add_parser(
         "train-model",

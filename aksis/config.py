@@ -195,16 +195,36 @@ class TrainConfig:
     log_every: int = 10
     report_to: str = "none"
     progress: bool = True
+    # sharing on the Hugging Face Hub
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    hub_private: bool = False
+    hub_license: str | None = None
+    push_every: int | None = None
+    push_training_state: bool = False
 
     def __post_init__(self) -> None:
         problems = []
         for name in ("vocab_size", "epochs", "batch_size", "grad_accum_steps", "eval_every", "eval_batches"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("stride", "num_proc", "block_size", "max_steps", "max_tokens", "save_every", "patience"):
+        for name in (
+            "stride",
+            "num_proc",
+            "block_size",
+            "max_steps",
+            "max_tokens",
+            "save_every",
+            "patience",
+            "push_every",
+        ):
             value = getattr(self, name)
             if value is not None and value < 1:
                 problems.append(f"{name} must be at least 1 (or unset), got {value}")
+        if self.push_to_hub and not self.hub_model_id:
+            problems.append("--push-to-hub needs --hub-model-id user/name (the repo to push to)")
+        if not self.push_to_hub and (self.hub_model_id or self.push_training_state or self.push_every):
+            problems.append("--hub-model-id, --push-every and --push-training-state apply with --push-to-hub")
         if self.log_every < 1 or self.keep_last < 1:
             problems.append("log_every and keep_last must be at least 1")
         if not 0.0 < self.val_fraction < 1.0:
@@ -353,11 +373,20 @@ TRAIN_HELP = {
     "keep_last": "how many step checkpoints to keep (the best one is kept separately)",
     "patience": "stop when the validation loss has not improved for this many evaluations",
     "output_dir": "the run folder: step-N checkpoints, best/, metrics.jsonl",
-    "resume": "continue a run: alone, from the latest checkpoint in --output-dir; or from a step-N folder",
+    "resume": "continue a run: alone, from the latest checkpoint in --output-dir; or from a step-N folder, or a "
+    "training state pushed to the Hub (user/name@training-state)",
     "overwrite": "start afresh in an --output-dir that already holds this run's checkpoints (deletes them)",
     "log_every": "log the training loss every N steps",
     "report_to": "also log to this tracker",
     "progress": "show a progress bar",
+    "push_to_hub": "push checkpoints to the Hugging Face Hub as training goes (in the background), and the best "
+    "model to main at the end; the token comes from HF_TOKEN or `hf auth login`",
+    "hub_model_id": "the Hub repo to push to, user/name or org/name (created if needed)",
+    "hub_private": "create the Hub repo private",
+    "hub_license": "the license in the model card (e.g. mit, apache-2.0)",
+    "push_every": "push a step checkpoint (tagged step-N) every N steps (default: every saved checkpoint)",
+    "push_training_state": "also push the resumable training state to the branch 'training-state', so "
+    "`--resume user/name@training-state` continues the run on another machine",
 }
 
 

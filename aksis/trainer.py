@@ -53,6 +53,15 @@ from tqdm.auto import tqdm
 from aksis.checkpoint import CONFIG_FILE, CheckpointError, load_tokenizer, read_model_config, resolve_file
 from aksis.config import ModelConfig, TrainConfig
 from aksis.data import DataError, PackedBlocks, StreamingBlocks, TrainData, build_data
+from aksis.hub import (
+    TRAINING_STATE_BRANCH,
+    BackgroundPusher,
+    HubError,
+    download_checkpoint,
+    ensure_repo,
+    is_hub_id,
+    push_checkpoint,
+)
 from aksis.model import GPT, IGNORE_INDEX
 from aksis.tokenizer import Tokenizer
 
@@ -91,6 +100,7 @@ class TrainResult:
     last_checkpoint: Path | None
     best_checkpoint: Path | None
     best_val_loss: float | None
+    push_errors: list[str] = dataclasses.field(default_factory=list)  # pushes that failed after their retries
 
 
 class EpochSampler(torch.utils.data.Sampler[int]):
@@ -171,6 +181,16 @@ class Trainer:
         self.resume_from = self._find_resume()
         if acc.is_main_process:
             self._check_output_dir()
+        self.pusher: BackgroundPusher | None = None
+        self._last_push_step: int | None = None
+        if config.push_to_hub and acc.is_main_process:
+            assert config.hub_model_id is not None  # TrainConfig checks it
+            try:  # fail now, not after hours of training, when the repo cannot be written
+                url = ensure_repo(config.hub_model_id, private=config.hub_private)
+            except HubError as err:
+                raise TrainingError(f"{err} (or train without --push-to-hub)") from err
+            log.info("pushing checkpoints to %s", url)
+            self.pusher = BackgroundPusher(push_checkpoint)
         acc.wait_for_everyone()
 
         set_seed(config.seed)
@@ -243,6 +263,12 @@ class Trainer:
                 )
             return found[-1]
         path = Path(resume).expanduser()
+        if is_hub_id(resume):  # a training state pushed with --push-training-state
+            with self.accelerator.main_process_first():  # one download; the others read the Hub cache
+                try:
+                    path = download_checkpoint(resume)
+                except HubError as err:
+                    raise TrainingError(str(err)) from err
         if not (path / TRAINING_STATE_DIR / TRAINER_STATE_FILE).is_file():
             raise TrainingError(
                 f"cannot resume from {resume}: it is not a step-N checkpoint with a {TRAINING_STATE_DIR}/ folder "
@@ -363,6 +389,9 @@ class Trainer:
             acc.init_trackers("aksis", config={k: v for k, v in config.to_dict().items() if v is not None})
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            history = self.resume_from / METRICS_FILE if self.resume_from is not None else None
+            if history is not None and history.is_file() and not (self.output_dir / METRICS_FILE).exists():
+                shutil.copy(history, self.output_dir / METRICS_FILE)  # resumed elsewhere: bring the log along
             self._trim_metrics()
         log.info(
             "training for %d steps of %d tokens on %s (%d process%s, %s)",
@@ -427,8 +456,9 @@ class Trainer:
         if stopped != "interrupted" and last_eval != state.step:
             self._evaluate()
         if last_saved != state.step:
-            self._save_checkpoint()
+            self._save_checkpoint(final=True)
             last_saved = state.step
+        push_errors = self._finish_pushes()
         acc.end_training()
         last = self.output_dir / _step_name(last_saved) if last_saved is not None else None
         best = self.output_dir / BEST_DIR
@@ -441,6 +471,7 @@ class Trainer:
             last_checkpoint=last,
             best_checkpoint=best if (best / CONFIG_FILE).exists() else None,
             best_val_loss=state.best_val_loss,
+            push_errors=push_errors,
         )
 
     def _limit_reached(self) -> str:
@@ -577,12 +608,12 @@ class Trainer:
             shutil.copy(self.output_dir / METRICS_FILE, target / METRICS_FILE)
         self.accelerator.wait_for_everyone()
 
-    def _save_checkpoint(self) -> None:
+    def _save_checkpoint(self, final: bool = False) -> None:
         """A resumable `step-N` folder: model files, metrics, and the training state of every process. Built
         under a temporary name and renamed, then older step folders beyond `keep_last` are removed."""
         acc, state = self.accelerator, self.state
-        final = self.output_dir / _step_name(state.step)
-        tmp = self.output_dir / f".{final.name}.tmp"
+        final_dir = self.output_dir / _step_name(state.step)
+        tmp = self.output_dir / f".{final_dir.name}.tmp"
         if acc.is_main_process and tmp.exists():
             shutil.rmtree(tmp)
         acc.wait_for_everyone()
@@ -596,13 +627,63 @@ class Trainer:
                 "train_config": self.config.to_dict(),
             }
             (tmp / TRAINING_STATE_DIR / TRAINER_STATE_FILE).write_text(json.dumps(record, indent=2) + "\n")
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
+            if final_dir.exists():
+                shutil.rmtree(final_dir)
+            os.rename(tmp, final_dir)
+            self._push_step(final_dir, last=final)
             for old in step_checkpoints(self.output_dir)[: -self.config.keep_last]:
                 shutil.rmtree(old)
         acc.wait_for_everyone()
-        log.info("saved %s", final)
+        log.info("saved %s", final_dir)
+
+    # ----- the Hub -----
+
+    def _push_step(self, checkpoint: Path, last: bool) -> None:
+        """Queue the push of a step checkpoint (tagged step-N), every `push_every` steps and at the end; with
+        --push-training-state, its training state too (branch training-state)."""
+        config, step = self.config, self.state.step
+        if self.pusher is None:
+            return
+        due = self._last_push_step is None or step - self._last_push_step >= (config.push_every or 1)
+        if not (due or last):
+            return
+        self._last_push_step = step
+        assert config.hub_model_id is not None
+        common = dict(repo_id=config.hub_model_id, license=config.hub_license, train_config=config.to_dict())
+        self.pusher.submit(checkpoint, tag=f"step-{step}", commit_message=f"aksis: step {step}", **common)
+        if config.push_training_state:
+            self.pusher.submit(
+                checkpoint,
+                branch=TRAINING_STATE_BRANCH,
+                with_training_state=True,
+                samples=False,
+                commit_message=f"aksis: training state at step {step}",
+                **common,
+            )
+
+    def _finish_pushes(self) -> list[str]:
+        """Push the best checkpoint (else the last) to main, wait for every queued push, and report."""
+        if self.pusher is None:
+            return []
+        config = self.config
+        assert config.hub_model_id is not None
+        best = self.output_dir / BEST_DIR
+        if (best / CONFIG_FILE).exists():
+            loss = f", validation loss {self.state.best_val_loss:.4f}" if self.state.best_val_loss is not None else ""
+            self.pusher.submit(
+                best,
+                repo_id=config.hub_model_id,
+                license=config.hub_license,
+                train_config=config.to_dict(),
+                commit_message=f"aksis: best checkpoint (step {self.state.best_step}{loss})",
+            )
+        log.info("waiting for the pushes to %s to finish", config.hub_model_id)
+        self.pusher.close()
+        if self.pusher.errors:
+            log.warning("%d push(es) failed; push later with `aksis push`", len(self.pusher.errors))
+        else:
+            log.info("pushed to %s", config.hub_model_id)
+        return list(self.pusher.errors)
 
     def _load(self, checkpoint: Path) -> None:
         record = json.loads((checkpoint / TRAINING_STATE_DIR / TRAINER_STATE_FILE).read_text())

@@ -1,0 +1,453 @@
+"""Sharing checkpoints on the Hugging Face Hub: push a checkpoint folder as a commit (with a model card and a
+loss curve), tag it, find a user's aksis models, and pull a run's training state to resume elsewhere.
+
+Pulling a checkpoint needs nothing from here: everything that loads one (`GPT.from_pretrained`,
+`--checkpoint-path`, `--init-from`) takes a local folder or a Hub id, optionally `user/name@revision`, through
+the Hub cache (aksis.checkpoint).
+
+Tokens come from huggingface_hub itself (HF_TOKEN, or the login saved by `hf auth login`); aksis never reads,
+prints or stores one. Hub failures become `HubError`s that say what to do; a failed push never touches the
+local checkpoint.
+
+The model card (the repo's README.md) is written from the checkpoint: YAML metadata (library_name: aksis,
+pipeline_tag, tags, datasets, license, and `model-index` with the results of eval_results.json), then the
+architecture, the training setup and data, a loss curve drawn from metrics.jsonl (loss_curve.png), sample
+generations and how to use the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, HfApi, ModelCardData, snapshot_download
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import errors as hf_errors
+
+from aksis.checkpoint import CONFIG_FILE, REQUIRED_FILES, read_json, split_revision
+
+log = logging.getLogger(__name__)
+
+CARD_FILE = "README.md"
+LOSS_CURVE_FILE = "loss_curve.png"
+EVAL_RESULTS_FILE = "eval_results.json"
+METRICS_FILE = "metrics.jsonl"
+TRAINING_STATE_DIR = "training_state"
+TRAINING_STATE_BRANCH = "training-state"
+SAMPLE_PROMPTS = ("The ", "Once upon a time", "ROMEO:")
+
+
+class HubError(Exception):
+    """A Hub operation failed; the message says what to do (and never holds a token)."""
+
+
+def _explain(err: Exception, repo_id: str, action: str) -> HubError:
+    """A HubError for a huggingface_hub failure while `action` (e.g. "push to") on `repo_id`."""
+    if hf_constants.HF_HUB_OFFLINE:
+        return HubError(f"cannot {action} {repo_id}: HF_HUB_OFFLINE is set; unset it to reach the Hub")
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    if isinstance(err, hf_errors.RepositoryNotFoundError) or status == 404:
+        return HubError(
+            f"cannot {action} {repo_id}: the repo does not exist, or your token cannot see it. Check the id, and "
+            "log in (`hf auth login` or HF_TOKEN) with a token that has access"
+        )
+    if status in (401, 403):
+        return HubError(
+            f"cannot {action} {repo_id}: no write access ({status}). Log in with `hf auth login` or set HF_TOKEN to "
+            "a token with write access to that user or organisation"
+        )
+    if isinstance(err, hf_errors.RevisionNotFoundError):
+        return HubError(f"cannot {action} {repo_id}: that revision does not exist")
+    return HubError(f"cannot {action} {repo_id}: {type(err).__name__}: {err}")
+
+
+# ----- the model card -----
+
+
+def read_metrics(folder: Path) -> list[dict[str, Any]]:
+    path = folder / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_loss_curve(records: Sequence[dict[str, Any]], target: Path) -> bool:
+    """Draw training and validation loss against tokens seen into `target` (PNG); False when there is nothing
+    to draw."""
+    train = [(r["tokens"], r["loss"]) for r in records if "loss" in r and "tokens" in r]
+    val = [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r and "tokens" in r]
+    if not train and not val:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: render to a file
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for points, label in ((train, "training"), (val, "validation")):
+        if points:
+            ax.plot(*zip(*points, strict=True), label=label, marker="o" if len(points) < 20 else None)
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("loss (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(target)
+    plt.close(fig)
+    return True
+
+
+def _eval_results(folder: Path, dataset: str) -> list[EvalResult]:
+    """`model-index` entries from eval_results.json: {"dataset": ..., "split": ..., "metrics": {name: value}}
+    (or a flat {name: value})."""
+    path = folder / EVAL_RESULTS_FILE
+    if not path.is_file():
+        return []
+    data = read_json(path)
+    metrics = data.get("metrics", data)
+    name = str(data.get("dataset", dataset))
+    return [
+        EvalResult(
+            task_type="text-generation",
+            dataset_type=name,
+            dataset_name=name,
+            dataset_split=data.get("split"),
+            metric_type=metric,
+            metric_value=value,
+        )
+        for metric, value in metrics.items()
+        if isinstance(value, int | float) and math.isfinite(value)
+    ]
+
+
+def _hub_dataset(dataset: str | None) -> str | None:
+    """The Hub id of a training dataset, for the card's `datasets:` (None for local files and embedded text)."""
+    if not dataset:
+        return None
+    from aksis.data import HUB_CORPORA
+
+    if dataset in HUB_CORPORA:
+        return HUB_CORPORA[dataset].path
+    if "/" in dataset and not Path(dataset).expanduser().exists() and dataset.count("/") == 1:
+        return dataset
+    return None
+
+
+def _samples(folder: Path, prompts: Sequence[str]) -> list[tuple[str, str]]:
+    """A few generations of the checkpoint (CPU, seeded) for the card."""
+    from aksis.config import GenerationConfig
+    from aksis.generation import generate, load_model
+
+    model, tokenizer, defaults = load_model(folder, device="cpu")
+    config = GenerationConfig(**{**defaults.to_dict(), "max_new_tokens": 48, "seed": 0, "num_beams": 1})
+    return [(p, generate(model, tokenizer, p, config).text) for p in prompts]
+
+
+def model_card(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    train_config: dict[str, Any] | None = None,
+    license: str | None = None,
+    samples: Sequence[tuple[str, str]] = (),
+    loss_curve: bool = False,
+) -> str:
+    """The README.md of a checkpoint folder's Hub repo."""
+    folder = Path(folder)
+    config = read_json(folder / CONFIG_FILE)
+    train = train_config or {}
+    records = read_metrics(folder)
+    dataset = train.get("dataset")
+    hub_dataset = _hub_dataset(dataset)
+    arch = config.get("arch", "gpt2")
+    results = _eval_results(folder, hub_dataset or str(dataset or "unknown"))
+    data = ModelCardData(
+        library_name="aksis",
+        pipeline_tag="text-generation",
+        tags=["aksis", "text-generation", f"{arch}-style"],
+        license=license,
+        datasets=[hub_dataset] if hub_dataset else None,
+        model_name=repo_id.split("/")[-1],
+        eval_results=results or None,
+    )
+    n_params = _parameter_count(config)
+    lines = [
+        "---",
+        data.to_yaml(),
+        "---",
+        "",
+        f"# {repo_id.split('/')[-1]}",
+        "",
+        f"A {n_params / 1e6:.1f}M-parameter decoder-only transformer language model, trained with "
+        "[aksis](https://pypi.org/project/aksis/).",
+        "",
+        "## Architecture",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| flavour | {_flavour(arch)} |",
+        f"| layers | {config.get('n_layer')} |",
+        f"| model width (n_embd) | {config.get('n_embd')} |",
+        f"| attention heads (key/value) | {config.get('n_head')} ({config.get('n_kv_head') or config.get('n_head')}) |",
+        f"| MLP width (d_ff) | {config.get('d_ff')} |",
+        f"| context | {config.get('block_size')} tokens |",
+        f"| vocabulary | {config.get('vocab_size'):,} tokens |",
+        f"| parameters | {n_params:,} |",
+        "",
+    ]
+    if train or records:
+        lines += ["## Training", ""]
+        if dataset:
+            where = f"[{hub_dataset}](https://huggingface.co/datasets/{hub_dataset})" if hub_dataset else f"`{dataset}`"
+            fmt = " (conversations, loss on the assistant's replies)" if train.get("data_format") == "chat" else ""
+            lines.append(f"- data: {where}{fmt}")
+        for key, label in (
+            ("init_from", "fine-tuned from"),
+            ("tokenizer", "tokenizer"),
+            ("batch_size", "batch size per process"),
+            ("grad_accum_steps", "gradient accumulation"),
+            ("optimizer", "optimizer"),
+            ("learning_rate", "peak learning rate"),
+            ("mixed_precision", "mixed precision"),
+        ):
+            if train.get(key) is not None:
+                lines.append(f"- {label}: `{train[key]}`")
+        last = records[-1] if records else {}
+        if last:
+            lines.append(f"- trained for {last.get('step', 0):,} steps, {last.get('tokens', 0):,} tokens")
+        vals = [r["val_loss"] for r in records if "val_loss" in r]
+        if vals:
+            best = min(vals)
+            lines.append(f"- best validation loss: {best:.4f} nats/token (perplexity {math.exp(min(best, 50)):.2f})")
+        lines.append("")
+        if loss_curve:
+            lines += [f"![training and validation loss]({LOSS_CURVE_FILE})", ""]
+    if results:
+        lines += ["## Evaluation", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {r.metric_type} | {r.metric_value:.4g} |" for r in results]
+        lines.append("")
+    if samples:
+        lines += ["## Samples", "", "Default sampling settings, seed 0, 48 new tokens:", ""]
+        for prompt, text in samples:
+            lines += ["```text", (prompt + text).replace("```", "'''"), "```", ""]
+    lines += [
+        "## Use it",
+        "",
+        "```bash",
+        "pip install aksis",
+        f'aksis generate-text --checkpoint-path {repo_id} --prompt "Once upon a time" --stream',
+        f"aksis chat-with-model --checkpoint-path {repo_id}",
+        "```",
+        "",
+        "```python",
+        "from aksis.generation import generate, load_model",
+        "",
+        f'model, tokenizer, settings = load_model("{repo_id}")',
+        'print(generate(model, tokenizer, "Once upon a time", settings).text)',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _flavour(arch: str) -> str:
+    if arch == "llama":
+        return "LLaMA style: rotary positions, RMSNorm, SwiGLU"
+    return "GPT-2 style: learned positions, pre-norm LayerNorm, GELU"
+
+
+def _parameter_count(config: dict[str, Any]) -> int:
+    import torch
+
+    from aksis.config import ModelConfig
+    from aksis.model import GPT
+
+    with torch.device("meta"):  # shapes only: no memory, no time
+        model = GPT(ModelConfig.from_dict({k: v for k, v in config.items() if k != "format_version"}))
+    return model.num_params()
+
+
+# ----- pushing -----
+
+
+def stage_checkpoint(folder: Path, with_training_state: bool = False) -> Path:
+    """A snapshot of a checkpoint folder beside it, made of hard links (or copies): a push reads it while
+    training goes on and may delete the original (keep_last). The caller removes it."""
+    staging = folder.parent / f".{folder.name}.push-{os.getpid()}-{time.monotonic_ns()}"
+    staging.mkdir()
+    _stage(folder, staging, with_training_state)
+    return staging
+
+
+def _stage(folder: Path, staging: Path, with_training_state: bool) -> None:
+    for source in sorted(folder.rglob("*")):
+        relative = source.relative_to(folder)
+        if relative.parts[0] == TRAINING_STATE_DIR and not with_training_state:
+            continue
+        target = staging / relative
+        if source.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copy2(source, target)
+
+
+def push_checkpoint(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    branch: str | None = None,
+    tag: str | None = None,
+    private: bool = False,
+    license: str | None = None,
+    train_config: dict[str, Any] | None = None,
+    commit_message: str | None = None,
+    with_training_state: bool = False,
+    samples: bool = True,
+    token: str | None = None,
+) -> str:
+    """Push a checkpoint folder as one commit to `repo_id` (created if needed) on `branch` (default: main),
+    with a generated model card and loss curve; optionally tag the commit. Returns the commit id."""
+    folder = Path(folder).expanduser()
+    missing = [f for f in REQUIRED_FILES if not (folder / f).is_file()]
+    if missing:
+        raise HubError(f"{folder} is not a complete checkpoint folder (missing {', '.join(missing)}); nothing pushed")
+    if train_config is None:  # a step-N checkpoint knows how it was trained
+        state = folder / TRAINING_STATE_DIR / "trainer_state.json"
+        train_config = read_json(state).get("train_config") if state.is_file() else None
+    staging = stage_checkpoint(folder, with_training_state)
+    try:
+        has_curve = plot_loss_curve(read_metrics(staging), staging / LOSS_CURVE_FILE)
+        generated: list[tuple[str, str]] = []
+        if samples:
+            try:
+                generated = _samples(staging, SAMPLE_PROMPTS)
+            except Exception as err:  # a card without samples is still a card
+                log.warning("no sample generations for the model card: %s", err)
+        card = model_card(
+            staging, repo_id, train_config=train_config, license=license, samples=generated, loss_curve=has_curve
+        )
+        (staging / CARD_FILE).unlink(missing_ok=True)  # a hard link: replace it, never write through it
+        (staging / CARD_FILE).write_text(card, encoding="utf-8")
+        api = HfApi(token=token)
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            if branch and branch != "main":
+                api.create_branch(repo_id, branch=branch, exist_ok=True)
+            info = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=staging,
+                revision=branch,
+                commit_message=commit_message or f"aksis: upload {folder.name}",
+                delete_patterns=[f"{TRAINING_STATE_DIR}/**"] if with_training_state else None,
+            )
+            if tag:
+                api.create_tag(repo_id, tag=tag, revision=info.oid, exist_ok=True)
+        except (hf_errors.HfHubHTTPError, hf_errors.OfflineModeIsEnabled, OSError) as err:
+            raise _explain(err, repo_id, "push to") from None
+        log.info("pushed %s to %s (%s)", folder, repo_id, info.oid[:8] if info.oid else "?")
+        return str(info.oid)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+class BackgroundPusher:
+    """Pushes checkpoints one at a time on a worker thread, so training never waits for the network. A push is
+    tried `attempts` times with exponential backoff; a push that still fails is logged and recorded in
+    `errors`, and training goes on. `wait()` blocks until every queued push is done."""
+
+    def __init__(self, push: Callable[..., str], *, attempts: int = 3, backoff_s: float = 2.0) -> None:
+        self._push, self.attempts, self.backoff_s = push, attempts, backoff_s
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aksis-push")
+        self._futures: list[Future[str | None]] = []
+        self.errors: list[str] = []
+        self.pushed: list[str] = []
+
+    def submit(self, folder: Path, **kwargs: Any) -> None:
+        """Queue a push of `folder` as it is now (a snapshot is taken before returning)."""
+        snapshot = stage_checkpoint(folder, kwargs.get("with_training_state", False))
+        kwargs.setdefault("commit_message", f"aksis: upload {folder.name}")
+        self._futures.append(self._pool.submit(self._run, snapshot, folder.name, kwargs))
+
+    def _run(self, snapshot: Path, name: str, kwargs: dict[str, Any]) -> str | None:
+        try:
+            for attempt in range(1, self.attempts + 1):
+                try:
+                    commit = self._push(snapshot, **kwargs)
+                    self.pushed.append(commit)
+                    return commit
+                except HubError as err:
+                    if attempt == self.attempts:
+                        message = f"push of {name} failed after {attempt} attempts: {err}"
+                        log.warning("%s (the local checkpoint is intact)", message)
+                        self.errors.append(message)
+                        return None
+                    delay = self.backoff_s * 2 ** (attempt - 1)
+                    log.warning("push of %s failed (%s); retrying in %.0f s", name, err, delay)
+                    time.sleep(delay)
+            return None
+        finally:
+            shutil.rmtree(snapshot, ignore_errors=True)
+
+    def wait(self) -> None:
+        for future in self._futures:
+            future.result()
+        self._futures.clear()
+
+    def close(self) -> None:
+        self.wait()
+        self._pool.shutdown()
+
+
+def ensure_repo(repo_id: str, *, private: bool = False, token: str | None = None) -> str:
+    """Create the model repo if it does not exist (checking write access on the way); its URL."""
+    try:
+        return str(HfApi(token=token).create_repo(repo_id, private=private, exist_ok=True))
+    except (hf_errors.HfHubHTTPError, hf_errors.OfflineModeIsEnabled, OSError) as err:
+        raise _explain(err, repo_id, "create or push to") from None
+
+
+# ----- finding and pulling -----
+
+
+def list_models(author: str, *, token: str | None = None) -> list[str]:
+    """Repo ids of the aksis models (library_name: aksis) of a user or organisation, newest first."""
+    try:
+        models = HfApi(token=token).list_models(author=author, filter="aksis", sort="last_modified")
+        return [m.id for m in models if m.library_name in (None, "aksis") or "aksis" in (m.tags or [])]
+    except (hf_errors.HfHubHTTPError, hf_errors.OfflineModeIsEnabled, OSError) as err:
+        raise _explain(err, author, "list the models of") from None
+
+
+def download_checkpoint(source: str, *, token: str | None = None) -> Path:
+    """A local folder with every file of a Hub checkpoint `user/name[@revision]` (training state included),
+    through the Hub cache."""
+    repo_id, revision = split_revision(source)
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, token=token))
+    except (hf_errors.HfHubHTTPError, hf_errors.LocalEntryNotFoundError, OSError) as err:
+        if isinstance(err, hf_errors.LocalEntryNotFoundError):
+            raise HubError(
+                f"{source} is not in the local Hub cache and the Hub cannot be reached (offline, or HF_HUB_OFFLINE is "
+                "set): connect once to download it"
+            ) from None
+        raise _explain(err, source, "download") from None
+
+
+def is_hub_id(source: str) -> bool:
+    """True for `user/name` or `user/name@revision` that is not an existing local path."""
+    if source.startswith((".", "/", "~")) or Path(source).expanduser().exists():
+        return False
+    repo_id, _ = split_revision(source)
+    return repo_id.count("/") == 1
