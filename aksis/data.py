@@ -284,8 +284,11 @@ def _download(
             f"the dataset {source!r} ({spec.path}) comes from the Hugging Face Hub and needs the network (or a copy "
             f"in the datasets cache); connect, or train on local files instead, e.g. --dataset '{local_example}'"
         ) from err
-    except datasets.exceptions.DatasetNotFoundError as err:
-        raise DataError(f"no dataset {spec.path!r} on the Hub: check the name") from err
+    except datasets.exceptions.DatasetNotFoundError as err:  # missing, or private/gated without a token
+        raise DataError(
+            f"the dataset {source!r} ({spec.path}) is not on the Hugging Face Hub, or it is private or gated and no "
+            "token was given: check the name, or log in (`hf auth login` or HF_TOKEN)"
+        ) from err
     assert isinstance(loaded, datasets.DatasetDict | datasets.IterableDatasetDict)
     return loaded
 

@@ -1,21 +1,138 @@
-"""Shared fixtures. Tests are hermetic: no network, tiny models, CPU."""
+"""Shared fixtures. Tests are hermetic: tiny models, CPU, and no network beyond 127.0.0.1.
+
+The Hub is a local look-alike (tests/hub_server.py) that this file starts when pytest imports it, before anything
+imports huggingface_hub, which reads its settings at import time. The whole session, subprocesses included, then
+talks to it with the real client: HF_ENDPOINT points at it, HF_HUB_OFFLINE=0, HF_HUB_DISABLE_XET=1 (the server
+speaks LFS, not Xet), no HF_TOKEN, and an empty HF_HOME of the session's own. A Hub id that no test created is
+therefore "not found" (404), and nothing can reach the real Hub. Offline behaviour is tested in a subprocess with
+`hub.subprocess_env(tmp_path, offline=True)`.
+
+The `hub` fixture (session scope) is a `Hub`:
+
+    hub.endpoint                   the server's URL (also HF_ENDPOINT)
+    hub.user, hub.write_token      "alice" and her write token
+    hub.org                        "aksis-org", an organisation alice may write to
+    hub.other_user, hub.other_token  "bob" and his read-only token (403 on alice's namespace, and on his own)
+    hub.storage                    the server's folder (objects/<sha256> holds every file content)
+    hub.requests                   every request the server received, as `RecordedRequest`s (method, path,
+                                   headers, body, status); `hub.requests[n:]` for those after a point
+    hub.token_leaks(token, since=0)  requests with `token` anywhere but the Authorization header
+    hub.fresh_repo_id("tiny", namespace=None)  "alice/tiny-<n>", unique in the session (as the server)
+    hub.fresh_cache(tmp_path)      an empty Hub cache folder, for `cache_dir=`
+    hub.subprocess_env(tmp_path, offline=False, token=None)
+                                   os.environ with an empty HF_HOME (and HF_HUB_OFFLINE, HF_TOKEN) for a subprocess
+    hub.server                     the `HubServer` itself (`.errors`: requests it answered 501, also listed at the
+                                   end of the pytest run)
+
+Example:
+
+    def test_round_trip(hub: Hub, tmp_path: Path) -> None:
+        api = HfApi(endpoint=hub.endpoint, token=hub.write_token)
+        repo_id = api.create_repo(hub.fresh_repo_id("tiny")).repo_id
+        api.upload_file(path_or_fileobj=b"{}", path_in_repo="config.json", repo_id=repo_id)
+        path = hf_hub_download(repo_id, "config.json", cache_dir=hub.fresh_cache(tmp_path))
+"""
 
 from __future__ import annotations
 
 import importlib.metadata
+import itertools
 import os
+import sys
 import tempfile
-
-# huggingface_hub reads these when it is imported, so they are set before any test module imports it:
-# no network, and an empty Hub cache of the test session's own.
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
-os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="aksis-test-hf-home-")
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
+from hub_server import HubServer, RecordedRequest
 
-from aksis.config import ModelConfig
+from aksis.config import ModelConfig  # none of these imports huggingface_hub
+
+USER, WRITE_TOKEN = "alice", "hf_aksisTestWriteTokenOfAlice0123456789"
+OTHER_USER, OTHER_TOKEN = "bob", "hf_aksisTestReadTokenOfBob0123456789ab"
+ORG = "aksis-org"
+
+# huggingface_hub (and datasets) read these when imported: nothing may have imported them yet.
+assert "huggingface_hub" not in sys.modules, "huggingface_hub was imported before conftest.py could configure it"
+HUB_SERVER = HubServer({WRITE_TOKEN: USER, OTHER_TOKEN: OTHER_USER}, read_only={OTHER_TOKEN}, orgs={ORG: {USER}})
+HUB_SERVER.start()
+os.environ.update(
+    HF_ENDPOINT=HUB_SERVER.endpoint,
+    HF_HUB_OFFLINE="0",
+    HF_HUB_DISABLE_XET="1",
+    HF_HUB_DISABLE_TELEMETRY="1",
+    HF_HOME=tempfile.mkdtemp(prefix="aksis-test-hf-home-"),
+)
+# Settings from the developer's shell that would bring in a token, another cache or offline mode.
+for name in (
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "HF_TOKEN_PATH",
+    "HF_HUB_CACHE",
+    "HUGGINGFACE_HUB_CACHE",
+    "HF_DATASETS_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HUGGINGFACE_CO_STAGING",
+):
+    os.environ.pop(name, None)
+
+
+@dataclass
+class Hub:
+    """The local Hub server and the accounts the tests use (see the module docstring)."""
+
+    server: HubServer
+    user: str = USER
+    write_token: str = WRITE_TOKEN
+    org: str = ORG
+    other_user: str = OTHER_USER
+    other_token: str = OTHER_TOKEN
+    _ids: itertools.count[int] = field(default_factory=itertools.count)
+
+    @property
+    def endpoint(self) -> str:
+        return self.server.endpoint
+
+    @property
+    def storage(self) -> Path:
+        return self.server.storage
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        return self.server.requests
+
+    def token_leaks(self, token: str, since: int = 0) -> list[RecordedRequest]:
+        return self.server.token_leaks(token, since)
+
+    def fresh_repo_id(self, name: str = "repo", namespace: str | None = None) -> str:
+        return f"{namespace or self.user}/{name}-{next(self._ids)}"
+
+    def fresh_cache(self, tmp_path: Path) -> Path:
+        return Path(tempfile.mkdtemp(prefix="hf-cache-", dir=tmp_path))
+
+    def subprocess_env(self, tmp_path: Path, *, offline: bool = False, token: str | None = None) -> dict[str, str]:
+        env = {**os.environ, "HF_HOME": tempfile.mkdtemp(prefix="hf-home-", dir=tmp_path)}
+        env["HF_HUB_OFFLINE"] = "1" if offline else "0"
+        if token is not None:
+            env["HF_TOKEN"] = token
+        return env
+
+
+@pytest.fixture(scope="session")
+def hub() -> Hub:
+    return Hub(HUB_SERVER)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Requests the test Hub server could not answer (501: not implemented, or a bug in it) would otherwise only
+    show up as some error far from their cause."""
+    for error in HUB_SERVER.errors:
+        terminalreporter.write_line(f"test Hub server: {error}", red=True)
+
+
+def pytest_unconfigure() -> None:
+    HUB_SERVER.close()
 
 
 def tiny_config(arch: str = "gpt2", **overrides: object) -> ModelConfig:

@@ -1,10 +1,13 @@
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import Hub, tiny_config
+from huggingface_hub import HfApi
 
 from aksis.checkpoint import (
     CheckpointError,
@@ -123,10 +126,26 @@ def test_never_unpickles_a_pytorch_bin(tmp_path: Path) -> None:
         GPT.from_pretrained(folder)
 
 
-def test_offline_hub_id_that_is_not_cached_says_so() -> None:
-    # conftest sets HF_HUB_OFFLINE=1 and an empty HF_HOME.
-    with pytest.raises(CheckpointError, match="not in the local Hub cache and the Hub cannot be reached.*no local"):
-        GPT.from_pretrained("someone/not-cached")
+def test_hub_ids_without_a_checkpoint_say_what_is_missing(hub: Hub) -> None:
+    # The Hub is conftest's local server: only what a test created is there.
+    with pytest.raises(CheckpointError, match=f"no model repo {hub.user}/never-pushed on the Hub, or it is private"):
+        GPT.from_pretrained(f"{hub.user}/never-pushed")
+    empty = HfApi(endpoint=hub.endpoint, token=hub.write_token).create_repo(hub.fresh_repo_id("empty")).repo_id
+    with pytest.raises(CheckpointError, match=f"the Hub repo {empty} has no config.json: it is not an aksis"):
+        GPT.from_pretrained(empty)
+
+
+def test_offline_hub_id_that_is_not_cached_says_so(hub: Hub, tmp_path: Path) -> None:
+    script = "from aksis.model import GPT; GPT.from_pretrained('someone/not-cached')"
+    env = hub.subprocess_env(tmp_path, offline=True)  # HF_HUB_OFFLINE=1 and an empty HF_HOME
+    start = len(hub.requests)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert (
+        "CheckpointError: config.json of someone/not-cached is not in the local Hub cache and the Hub cannot be "
+        "reached (offline, or HF_HUB_OFFLINE is set) (there is no local folder named someone/not-cached either)"
+    ) in result.stderr, result.stderr
+    assert not [r for r in hub.requests[start:] if "not-cached" in r.path]  # offline: not even a try
 
 
 def test_interrupted_save_keeps_the_previous_checkpoint(saved: tuple[GPT, Path]) -> None:

@@ -1,11 +1,15 @@
 import itertools
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import Hub
+from huggingface_hub import HfApi
 
 from aksis.chat import ROLES
 from aksis.data import (
@@ -116,14 +120,14 @@ def test_bad_local_input_is_a_clear_error(tmp_path: Path) -> None:
         load_corpus(val_fraction=1.5)
 
 
-def test_unknown_names_and_offline_hub_datasets_say_what_to_do() -> None:
+def test_unknown_names_and_missing_hub_datasets_say_what_to_do(hub: Hub) -> None:
     with pytest.raises(DataError, match="unknown dataset 'shakespear'.*wikitext2"):
         load_corpus("shakespear")
-    # conftest sets HF_HUB_OFFLINE=1 with an empty cache: a Hub name cannot be fetched.
-    with pytest.raises(DataError, match="needs the network.*local files"):
+    # The Hub is conftest's local server, where no test made these: not found (a 404, answered at once).
+    with pytest.raises(DataError, match=r"'wikitext2' \(Salesforce/wikitext\) is not on the Hugging Face Hub.*log in"):
         load_corpus("wikitext2")
-    with pytest.raises(DataError, match="needs the network"):
-        load_corpus("someone/some-dataset", text_column="content")
+    with pytest.raises(DataError, match="is not on the Hugging Face Hub, or it is private or gated"):
+        load_corpus(f"{hub.user}/no-such-dataset", text_column="content")
 
 
 def test_a_dataset_with_its_own_validation_or_test_split_keeps_it() -> None:
@@ -385,10 +389,54 @@ def test_bad_conversations_are_clear_errors(tmp_path: Path) -> None:
         load_conversations(str(_write_jsonl(tmp_path / "two.jsonl", [good, good])), val_fraction=0.9)
     with pytest.raises(DataError, match="unknown conversation dataset 'nope'"):
         load_conversations("nope")
-    with pytest.raises(DataError, match="needs the network.*jsonl"):
-        load_conversations("smoltalk")  # conftest: offline, empty Hub cache
+    with pytest.raises(DataError, match=r"'smoltalk' \(HuggingFaceTB/smoltalk\) is not on the Hugging Face Hub"):
+        load_conversations("smoltalk")  # not on conftest's local Hub
     with pytest.raises(DataError, match="--streaming cannot be combined with --data-format chat"):
         build_data("shakespeare-chat", block_size=8, tokenizer="byte", streaming=True, data_format="chat")
     with pytest.raises(DataError, match="data_format must be one of text, chat"):
         build_data(block_size=8, tokenizer="byte", data_format="chats")
     assert set(ROLES) == {"system", "user", "assistant"}  # the roles the error messages list
+
+
+# ----- Hub datasets, from conftest's local Hub server -----
+
+
+def _dataset_repo(hub: Hub, name: str, rows: list[dict], private: bool = False) -> str:
+    api = HfApi(endpoint=hub.endpoint, token=hub.write_token)
+    repo_id = api.create_repo(hub.fresh_repo_id(name), repo_type="dataset", private=private).repo_id
+    data = "".join(json.dumps(row) + "\n" for row in rows).encode()
+    api.upload_file(path_or_fileobj=data, path_in_repo="data/train.jsonl", repo_id=repo_id, repo_type="dataset")
+    return repo_id
+
+
+def test_hub_datasets_are_downloaded_and_split(hub: Hub, monkeypatch: pytest.MonkeyPatch) -> None:
+    docs = [{"content": f"document number {i}", "id": i} for i in range(40)]
+    corpus = load_corpus(_dataset_repo(hub, "texts", docs), text_column="content", val_fraction=0.1)
+    assert corpus["train"].column_names == ["text"] and len(corpus["validation"]) == 4
+    assert sorted([*corpus["train"]["text"], *corpus["validation"]["text"]]) == sorted(d["content"] for d in docs)
+    chats = load_conversations(_dataset_repo(hub, "chats", [{"messages": c} for c in CHATS]), val_fraction=0.1)
+    assert len(chats["train"]) + len(chats["validation"]) == len(CHATS)
+
+    private = _dataset_repo(hub, "private-texts", docs, private=True)
+    with pytest.raises(DataError, match="is not on the Hugging Face Hub, or it is private or gated"):
+        load_corpus(private, text_column="content")
+    monkeypatch.setenv("HF_TOKEN", hub.write_token)  # what `hf auth login` or a CI secret gives
+    assert len(load_corpus(private, text_column="content", val_fraction=0.1)["train"]) == 36
+
+
+def test_hub_datasets_need_the_network_when_offline(hub: Hub, tmp_path: Path) -> None:
+    script = """
+from aksis.data import DataError, load_conversations, load_corpus
+for load, name in ((load_corpus, "wikitext2"), (load_corpus, "someone/some-dataset"), (load_conversations, "smoltalk")):
+    try:
+        load(name)
+    except DataError as err:
+        print(err)
+"""
+    env = hub.subprocess_env(tmp_path, offline=True)  # HF_HUB_OFFLINE=1 and an empty HF_HOME
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3, result.stdout + result.stderr
+    assert "'wikitext2' (Salesforce/wikitext) comes from the Hugging Face Hub and needs the network" in lines[0]
+    assert "train on local files instead, e.g. --dataset 'my_texts/*.txt'" in lines[1]
+    assert "'smoltalk' (HuggingFaceTB/smoltalk)" in lines[2] and "--dataset 'my_chats/*.jsonl'" in lines[2]

@@ -1,13 +1,16 @@
 """The README's examples run as written: every python block, and every command in its bash blocks, in README
 order in one folder (so each command finds the checkpoints of the training runs before it). Training runs are
 cut to a few steps, generation to a few tokens, chats to one message; install, test and lint commands are
-what CI itself runs."""
+what CI itself runs. The Hub is conftest's local server: the commands run logged in (HF_TOKEN) as its user, who
+stands in for the README's `your-name`."""
 
+import os
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import Hub
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -43,7 +46,7 @@ def shortened(command: str, steps: int) -> tuple[str, str | None]:
     return command, None
 
 
-def test_commands_run_in_order(tmp_path: Path) -> None:
+def test_commands_run_in_order(tmp_path: Path, hub: Hub) -> None:
     """As a user types them, from a clone's root: `aksis` and `python` come from PATH (the installed package)."""
     (tmp_path / "training").symlink_to(ROOT / "training")
     (tmp_path / "my_texts").mkdir()
@@ -51,12 +54,13 @@ def test_commands_run_in_order(tmp_path: Path) -> None:
 
     for i, play in enumerate(shakespeare_plays()[:2]):
         (tmp_path / "my_texts" / f"play{i}.txt").write_text(play)
+    env = {**os.environ, "HF_TOKEN": hub.write_token}  # as after `hf auth login`
     steps = 0
     for command in COMMANDS:
         steps = steps + 2 if "--resume" in command else 2
-        short, stdin = shortened(command, steps)
+        short, stdin = shortened(command.replace("your-name/", f"{hub.user}/"), steps)
         result = subprocess.run(
-            short, shell=True, cwd=tmp_path, input=stdin, capture_output=True, text=True, timeout=300
+            short, shell=True, cwd=tmp_path, input=stdin, capture_output=True, text=True, timeout=300, env=env
         )
         assert result.returncode == 0, f"{short}\n{result.stderr}"
         if command.startswith(TRAINING):
