@@ -241,8 +241,9 @@ def model_card(
     lines += [
         "## Use it",
         "",
+        "With aksis installed:",
+        "",
         "```bash",
-        "pip install aksis",
         f'aksis generate-text --checkpoint-path {repo_id} --prompt "Once upon a time" --stream',
         f"aksis chat-with-model --checkpoint-path {repo_id}",
         "```",

@@ -190,6 +190,9 @@ class Trainer:
             except HubError as err:
                 raise TrainingError(f"{err} (or train without --push-to-hub)") from err
             log.info("pushing checkpoints to %s", url)
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()  # upload bars from the push thread would tear through the training bar
             self.pusher = BackgroundPusher(push_checkpoint)
         acc.wait_for_everyone()
 

@@ -1,0 +1,276 @@
+"""aksis.hub and everything that reaches the Hub, end to end: the real huggingface_hub client against the local
+Hub look-alike of tests/hub_server.py (started by conftest.py; HF_ENDPOINT points at it)."""
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from conftest import Hub, tiny_config
+
+from aksis.checkpoint import CheckpointError, split_revision
+from aksis.config import GenerationConfig, TrainConfig
+from aksis.generation import generate, load_model
+from aksis.hub import (
+    BackgroundPusher,
+    HubError,
+    is_hub_id,
+    list_models,
+    model_card,
+    plot_loss_curve,
+    push_checkpoint,
+)
+from aksis.model import GPT
+from aksis.tokenizer import Tokenizer
+from aksis.trainer import Trainer
+
+GREEDY = GenerationConfig(temperature=0.0, max_new_tokens=12)
+
+
+def save_tiny(folder: Path, arch: str = "gpt2") -> GPT:
+    torch.manual_seed(0)
+    model = GPT(tiny_config(arch, vocab_size=260)).eval()
+    model.save_pretrained(folder, tokenizer=Tokenizer.byte_level())
+    records = [
+        {"step": 1, "tokens": 512, "loss": 5.6, "lr": 1e-3},
+        {"step": 2, "tokens": 1024, "loss": 5.2, "lr": 1e-3},
+        {"step": 2, "tokens": 1024, "val_loss": 5.3, "val_ppl": 200.3},
+    ]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return model
+
+
+def front_matter(card: str) -> dict[str, Any]:
+    assert card.startswith("---\n")
+    data: dict[str, Any] = yaml.safe_load(card.split("---\n")[1])
+    return data
+
+
+# ----- offline pieces: the card, the curve, revisions, the background pusher -----
+
+
+def test_the_model_card_carries_metadata_architecture_training_results_and_usage(tmp_path: Path) -> None:
+    save_tiny(tmp_path, "llama")
+    (tmp_path / "eval_results.json").write_text(
+        json.dumps(
+            {"dataset": "karpathy/tiny_shakespeare", "split": "test", "metrics": {"perplexity": 41.5, "bleu": 0.12}}
+        )
+    )
+    train = TrainConfig(dataset="tinystories", learning_rate=3e-4, hub_license=None).to_dict()
+    card = model_card(
+        tmp_path, "alice/tiny", train_config=train, license="mit", samples=[("Once", " upon")], loss_curve=True
+    )
+    meta = front_matter(card)
+    assert meta["library_name"] == "aksis" and meta["pipeline_tag"] == "text-generation"
+    assert "aksis" in meta["tags"] and "llama-style" in meta["tags"]
+    assert meta["license"] == "mit" and meta["datasets"] == ["roneneldan/TinyStories"]
+    [index] = meta["model-index"]
+    metrics = {m["type"]: m["value"] for m in index["results"][0]["metrics"]}
+    assert metrics == {"perplexity": 41.5, "bleu": 0.12}
+    assert index["results"][0]["dataset"]["split"] == "test"
+    for text in (
+        "LLaMA style",
+        "| layers | 2 |",
+        "| vocabulary | 260 tokens |",
+        "peak learning rate: `0.0003`",
+        "best validation loss: 5.3000",
+        "![training and validation loss](loss_curve.png)",
+        "Once upon",
+        "aksis generate-text --checkpoint-path alice/tiny",
+        'load_model("alice/tiny")',
+    ):
+        assert text in card, text
+
+
+def test_the_loss_curve_is_a_png_drawn_from_metrics(tmp_path: Path) -> None:
+    save_tiny(tmp_path)
+    from aksis.hub import read_metrics
+
+    assert plot_loss_curve(read_metrics(tmp_path), tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not plot_loss_curve([], tmp_path / "none.png") and not (tmp_path / "none.png").exists()
+
+
+def test_revisions_are_written_after_an_at_sign(tmp_path: Path) -> None:
+    assert split_revision("alice/tiny@training-state") == ("alice/tiny", "training-state")
+    assert split_revision("alice/tiny@refs/pr/1") == ("alice/tiny", "refs/pr/1")
+    assert split_revision("alice/tiny") == ("alice/tiny", None)
+    odd = tmp_path / "odd@name"
+    odd.mkdir()
+    assert split_revision(str(odd)) == (str(odd), None)  # an existing local path is never split
+    with pytest.raises(CheckpointError, match="user/name@revision"):
+        split_revision("alice/tiny@")
+    assert is_hub_id("alice/tiny@v1") and not is_hub_id(str(odd)) and not is_hub_id("./alice/tiny")
+
+
+def test_a_failed_background_push_is_retried_then_reported_and_the_checkpoint_is_untouched(tmp_path: Path) -> None:
+    folder = tmp_path / "step-000002"
+    save_tiny(folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    calls: list[Path] = []
+
+    def flaky(snapshot: Path, **kwargs: Any) -> str:  # fails twice, then succeeds
+        calls.append(snapshot)
+        assert sorted(p.name for p in snapshot.iterdir()) == sorted(before)
+        if len(calls) < 3:
+            raise HubError("the Hub is having a moment")
+        return "c0ffee"
+
+    pusher = BackgroundPusher(flaky, attempts=3, backoff_s=0.01)
+    pusher.submit(folder)
+    pusher.wait()
+    assert len(calls) == 3 and pusher.pushed == ["c0ffee"] and pusher.errors == []
+
+    def broken(snapshot: Path, **kwargs: Any) -> str:
+        raise HubError("no write access")
+
+    pusher = BackgroundPusher(broken, attempts=2, backoff_s=0.01)
+    pusher.submit(folder)
+    pusher.close()
+    assert pusher.errors == ["push of step-000002 failed after 2 attempts: no write access"]
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["step-000002"]  # the snapshots are gone
+
+
+# ----- against the local Hub server -----
+
+
+def tree_bytes(root: Path) -> list[bytes]:
+    return [p.read_bytes() for p in root.rglob("*") if p.is_file()]
+
+
+def test_push_then_pull_into_a_fresh_cache_generates_identical_text(hub: Hub, tmp_path: Path) -> None:
+    from huggingface_hub import HfApi
+
+    model = save_tiny(tmp_path / "ckpt", "llama")
+    repo = hub.fresh_repo_id("tiny")
+    commit = push_checkpoint(tmp_path / "ckpt", repo, tag="v1", license="mit", token=hub.write_token)
+    api = HfApi(token=hub.write_token)
+    files = set(api.list_repo_files(repo))
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= files
+    assert {"metrics.jsonl", "README.md", "loss_curve.png"} <= files and "training_state" not in str(files)
+    assert [t.target_commit for t in api.list_repo_refs(repo).tags if t.name == "v1"] == [commit]
+    card = (Path(api.hf_hub_download(repo, "README.md", cache_dir=hub.fresh_cache(tmp_path)))).read_text()
+    assert front_matter(card)["library_name"] == "aksis" and "## Samples" in card
+
+    pulled = GPT.from_pretrained(repo, cache_dir=hub.fresh_cache(tmp_path))
+    tokenizer = Tokenizer.byte_level()
+    assert generate(pulled, tokenizer, "Hi", GREEDY).text == generate(model, tokenizer, "Hi", GREEDY).text
+    assert GPT.from_pretrained(f"{repo}@v1").config == model.config  # a revision after @
+    assert repo in list_models(hub.user)
+    with pytest.raises(CheckpointError, match="revision 'nope' does not exist"):
+        GPT.from_pretrained(f"{repo}@nope")
+
+
+def test_hub_errors_say_what_to_do(hub: Hub, tmp_path: Path) -> None:
+    save_tiny(tmp_path / "ckpt")
+    with pytest.raises(HubError, match="no write access \\(401\\).*hf auth login"):
+        push_checkpoint(tmp_path / "ckpt", hub.fresh_repo_id("x"), samples=False)  # no token at all
+    with pytest.raises(HubError, match="no write access \\(403\\)"):
+        push_checkpoint(tmp_path / "ckpt", hub.fresh_repo_id("x"), samples=False, token=hub.other_token)
+    with pytest.raises(CheckpointError, match="no model repo alice/missing on the Hub"):
+        GPT.from_pretrained("alice/missing")
+    with pytest.raises(HubError, match="not a complete checkpoint folder .*nothing pushed"):
+        push_checkpoint(tmp_path, hub.fresh_repo_id("x"), token=hub.write_token)
+
+
+def test_aksis_push_from_the_terminal(hub: Hub, tmp_path: Path) -> None:
+    save_tiny(tmp_path / "ckpt")
+    repo = hub.fresh_repo_id("cli")
+    env = hub.subprocess_env(tmp_path, token=hub.write_token)
+    args = [sys.executable, "-m", "aksis.cli", "push", "--checkpoint-path", str(tmp_path / "ckpt"), "--repo-id", repo]
+    result = subprocess.run([*args, "--private"], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"pushed {tmp_path / 'ckpt'} to {repo}@main" in result.stdout
+    denied = subprocess.run(args, env=hub.subprocess_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert denied.returncode == 2 and "no write access (401)" in denied.stderr
+    anonymous = subprocess.run(  # a private repo is invisible without a token
+        [sys.executable, "-m", "aksis.cli", "generate-text", "--checkpoint-path", repo, "--prompt", "Hi"],
+        env=hub.subprocess_env(tmp_path), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert anonymous.returncode == 2 and f"no model repo {repo} on the Hub, or it is private" in anonymous.stderr
+
+
+def run_config(tmp_path: Path, name: str, **overrides: Any) -> TrainConfig:
+    settings: dict[str, Any] = dict(
+        dataset=str(tmp_path / "texts"),
+        tokenizer="byte",
+        preset="tiny",
+        block_size=32,
+        batch_size=4,
+        max_steps=4,
+        eval_every=2,
+        eval_batches=1,
+        log_every=1,
+        device="cpu",
+        progress=False,
+        output_dir=str(tmp_path / name),
+    )
+    return TrainConfig(**{**settings, **overrides})
+
+
+def test_train_push_pull_resume_and_fine_tune_through_the_hub(
+    hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The whole loop: train with pushes, pull on a "different machine" (a fresh cache), generate the same
+    text, fine-tune from the Hub id, resume from the pushed training state, and work offline from the cache."""
+    from huggingface_hub import HfApi
+
+    from aksis.data import shakespeare_plays
+
+    caplog.set_level(logging.DEBUG)
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "play.txt").write_text(shakespeare_plays()[0][:60_000])
+    monkeypatch.setenv("HF_TOKEN", hub.write_token)  # as after `hf auth login`
+    repo, first_request = hub.fresh_repo_id("run"), len(hub.requests)
+    config = run_config(tmp_path, "run", push_to_hub=True, hub_model_id=repo, push_training_state=True)
+    result = Trainer(config).train()
+    assert result.push_errors == []
+
+    api = HfApi()
+    refs = api.list_repo_refs(repo)
+    assert {t.name for t in refs.tags} == {"step-2", "step-4"}
+    assert {b.name for b in refs.branches} == {"main", "training-state"}
+    assert "training_state/trainer_state.json" in api.list_repo_files(repo, revision="training-state")
+    assert not any(f.startswith("training_state") for f in api.list_repo_files(repo))
+    on_main = Path(api.hf_hub_download(repo, "model.safetensors", cache_dir=hub.fresh_cache(tmp_path)))
+    assert on_main.read_bytes() == (tmp_path / "run" / "best" / "model.safetensors").read_bytes()  # main = best
+
+    # A different machine: an empty Hub cache, through the CLI, equals the local best checkpoint.
+    local, tokenizer, _ = load_model(tmp_path / "run" / "best", device="cpu")
+    expected = "ROMEO:" + generate(local, tokenizer, "ROMEO:", GREEDY).text
+    env = hub.subprocess_env(tmp_path, token=hub.write_token)
+    pull = [sys.executable, "-m", "aksis.cli", "generate-text", "--checkpoint-path", repo, "--prompt", "ROMEO:"]
+    pull += ["--sampler", "greedy", "--max-new-tokens", "12", "--device", "cpu"]
+    pulled = subprocess.run(pull, env=env, capture_output=True, text=True, timeout=120)
+    assert pulled.returncode == 0, pulled.stderr
+    assert pulled.stdout.rstrip("\n") == expected
+
+    # Offline: the cache that pull filled works; an empty one says what is missing.
+    offline = subprocess.run(pull, env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=120)
+    assert offline.returncode == 0 and offline.stdout.rstrip("\n") == expected
+    empty = hub.subprocess_env(tmp_path, offline=True)
+    missing = subprocess.run(pull, env=empty, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and f"config.json of {repo} is not in the local Hub cache" in missing.stderr
+
+    # Fine-tune from the Hub id, and resume the run elsewhere from its pushed training state.
+    tuned = Trainer(run_config(tmp_path, "tuned", init_from=repo, max_steps=2)).train()
+    assert tuned.steps == 2
+    resumed_trainer = Trainer(run_config(tmp_path, "elsewhere", resume=f"{repo}@training-state", max_steps=6))
+    assert resumed_trainer.state.step == 4
+    resumed = resumed_trainer.train()
+    assert resumed.steps == 6
+    steps = [json.loads(line)["step"] for line in (tmp_path / "elsewhere" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[0] == 1 and steps[-1] == 6  # the history came along
+
+    # The token is in no file written, no log, and no request except as the Authorization header.
+    assert hub.token_leaks(hub.write_token, since=first_request) == []
+    for root in (tmp_path, hub.storage):
+        assert not any(hub.write_token.encode() in data for data in tree_bytes(root))
+    assert hub.write_token not in pulled.stderr + pulled.stdout + missing.stderr + caplog.text
+    assert "pushed to" in caplog.text  # the logs were captured
