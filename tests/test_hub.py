@@ -274,3 +274,19 @@ def test_train_push_pull_resume_and_fine_tune_through_the_hub(
         assert not any(hub.write_token.encode() in data for data in tree_bytes(root))
     assert hub.write_token not in pulled.stderr + pulled.stdout + missing.stderr + caplog.text
     assert "pushed to" in caplog.text  # the logs were captured
+
+
+def test_push_settings_are_checked_before_training(hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from aksis.trainer import TrainingError
+
+    with pytest.raises(ValueError, match="--push-to-hub needs --hub-model-id"):
+        TrainConfig(push_to_hub=True)
+    with pytest.raises(ValueError, match="apply with --push-to-hub"):
+        TrainConfig(hub_model_id="alice/x")
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("To be, or not to be, that is the question. " * 200)
+    monkeypatch.setenv("HF_TOKEN", hub.other_token)  # bob may not write to alice's namespace
+    config = run_config(tmp_path, "run", push_to_hub=True, hub_model_id=hub.fresh_repo_id("denied"))
+    with pytest.raises(TrainingError, match="no write access \\(403\\).*or train without --push-to-hub"):
+        Trainer(config)
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").glob("step-*"))
