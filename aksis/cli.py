@@ -135,6 +135,94 @@ def cmd_push(args: argparse.Namespace) -> None:
     print(f"pushed {args.checkpoint_path} to {args.repo_id}@{args.revision or 'main'} (commit {commit[:12]})")
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    import logging
+
+    from aksis.checkpoint import CheckpointError
+    from aksis.config import GenerationConfig
+    from aksis.data import DataError, load_corpus
+    from aksis.generation import GenerationError
+    from aksis.hub import HubError, is_hub_id, push_checkpoint
+    from aksis.metrics import TASKS, evaluate_checkpoint, markdown_table, read_prompts, save_results
+
+    logging.getLogger("aksis").setLevel(logging.INFO)
+    requested = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    metrics = [t for t in requested if t in ("bleu", "rouge")] or ["bleu", "rouge"]
+    tasks = [t for t in requested if t not in ("bleu", "rouge")]
+    if not tasks:  # "bleu" or "rouge" alone: score generations, on the prompts file if given
+        tasks = ["prompts" if args.prompts_file else "continuation"]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise CLIError(f"unknown task(s) {', '.join(unknown)}: choose from {', '.join([*TASKS, 'bleu', 'rouge'])}")
+    if args.prompts_file and "prompts" not in tasks:
+        tasks.append("prompts")
+    if args.push_to_hub and args.compare:
+        raise CLIError("--push-to-hub pushes one checkpoint's results: leave out --compare")
+    try:
+        prompts = read_prompts(args.prompts_file) if args.prompts_file else []
+        texts: list[str] = []
+        if {"perplexity", "continuation"} & set(tasks):
+            corpus = load_corpus(args.dataset, text_column=args.text_column)
+            if args.split not in corpus:
+                raise CLIError(f"the dataset has no split {args.split!r}: choose from {', '.join(corpus)}")
+            texts = [row["text"] for row in corpus[args.split].take(args.max_texts)]
+    except (DataError, ValueError) as err:
+        raise CLIError(str(err)) from err
+    columns: dict[str, dict[str, float]] = {}
+    for source in [args.checkpoint_path, *(args.compare or [])]:
+        args.checkpoint_path = source
+        model, tokenizer, base = _load_model(args)
+        # Greedy unless a sampler is chosen: scores should not depend on the luck of the draw.
+        config = _generation_config(args, base if args.sampler else GenerationConfig(temperature=0.0))
+        try:
+            results = evaluate_checkpoint(
+                model,
+                tokenizer,
+                texts,
+                tasks=tasks,
+                metrics=metrics,
+                config=config,
+                prompts=prompts,
+                stride=args.stride,
+                batch_size=args.batch_size,
+                prompt_tokens=args.prompt_tokens,
+                new_tokens=args.new_tokens,
+                num_samples=args.num_samples,
+                progress=True,
+            )
+        except (ValueError, GenerationError) as err:
+            raise CLIError(f"{source}: {err}") from err
+        columns[source] = results["metrics"]
+        settings = {k: v for k, v in vars(args).items() if k not in ("func", "command", "compare", "checkpoint_path")}
+        folder = Path(source).expanduser()
+        if is_hub_id(source) and not folder.exists():
+            if args.push_to_hub:
+                raise CLIError(
+                    "--push-to-hub needs a local checkpoint folder (download the repo, or evaluate it locally)"
+                )
+            continue
+        try:
+            from aksis.generation import find_checkpoint
+
+            folder = Path(find_checkpoint(source))
+        except CheckpointError as err:
+            raise CLIError(str(err)) from err
+        if not args.no_save:
+            path = save_results(folder, results, dataset=args.dataset, split=args.split, settings=settings)
+            print(f"wrote {path}", file=sys.stderr)
+        if args.push_to_hub:
+            if not args.hub_model_id:
+                raise CLIError("--push-to-hub needs --hub-model-id user/name")
+            try:
+                push_checkpoint(folder, args.hub_model_id, commit_message="aksis: evaluation results")
+            except HubError as err:
+                raise CLIError(str(err)) from err
+            print(f"pushed the results to {args.hub_model_id}", file=sys.stderr)
+    what = ", ".join(tasks) + (f" ({' and '.join(metrics)})" if set(tasks) - {"perplexity"} else "")
+    print(f"## Evaluation on {args.dataset} / {args.split}: {what}\n")
+    print(markdown_table(columns))
+
+
 # ----- inference: generate-text, chat-with-model, benchmark-inference -----
 
 
@@ -511,6 +599,42 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compare-no-cache", action="store_true", help="also time decoding without the KV cache")
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
     bench.set_defaults(func=cmd_benchmark_inference)
+
+    ev = commands.add_parser(
+        "evaluate",
+        help="perplexity, bits per byte, BLEU / ROUGE of generations: a Markdown report (and eval_results.json)",
+        description="Evaluate a checkpoint (and others side by side with --compare). Writes eval_results.json into "
+        "a local checkpoint folder; the Hub model card shows it as model-index results.",
+    )
+    _add_model_arguments(ev)
+    ev.add_argument("--compare", nargs="+", metavar="CHECKPOINT", help="more checkpoints to evaluate side by side")
+    ev.add_argument(
+        "--dataset", default="shakespeare", help="held-out texts: a corpus name or files (default: shakespeare)"
+    )
+    ev.add_argument("--split", default="validation", help="the split to evaluate on (default: validation)")
+    ev.add_argument("--text-column", help="the text column, for Hub datasets and .jsonl/.parquet files")
+    ev.add_argument("--max-texts", type=int, default=100, help="evaluate on at most this many documents (default: 100)")
+    ev.add_argument(
+        "--tasks",
+        default="perplexity,continuation",
+        help="comma-separated: perplexity, continuation (generate the next tokens of held-out text), prompts "
+        "(--prompts-file), bleu, rouge (which scores generations get; default both) (default: perplexity,continuation)",
+    )
+    ev.add_argument("--prompts-file", help='a JSONL file of {"prompt": ..., "reference": ...} to generate from')
+    ev.add_argument("--stride", type=int, help="perplexity window stride in tokens (default: half the context)")
+    ev.add_argument("--batch-size", type=int, default=8, help="windows or prompts per batch (default: 8)")
+    ev.add_argument("--prompt-tokens", type=int, default=32, help="continuation: prompt length in tokens (default: 32)")
+    ev.add_argument(
+        "--new-tokens", type=int, default=32, help="continuation: tokens generated and compared (default: 32)"
+    )
+    ev.add_argument("--num-samples", type=int, default=50, help="continuation: held-out windows (default: 50)")
+    ev.add_argument("--no-save", action="store_true", help="do not write eval_results.json")
+    ev.add_argument(
+        "--push-to-hub", action="store_true", help="push the checkpoint with its results (needs --hub-model-id)"
+    )
+    ev.add_argument("--hub-model-id", help="the Hub repo to push to with --push-to-hub")
+    _add_sampling_arguments(ev, "prompts task: tokens to generate (default: the checkpoint's)")
+    ev.set_defaults(func=cmd_evaluate)
 
     push = commands.add_parser(
         "push",

@@ -270,3 +270,47 @@ def test_load_data_marks_the_trained_tokens_of_conversations(capsys: pytest.Capt
     assert "unknown dataset 'no-such-corpus'" in capsys.readouterr().err
     assert main(["load-data", "--max-length", "0"]) == 2
     assert "--max-length must be at least 1" in capsys.readouterr().err
+
+
+def test_evaluate_reports_a_checkpoint_beside_another_and_saves_results(checkpoint: Path, tmp_path: Path) -> None:
+    import json
+
+    import torch
+    from conftest import tiny_config
+
+    from aksis.data import shakespeare_plays
+    from aksis.model import GPT
+
+    torch.manual_seed(1)
+    other = tmp_path / "other"
+    GPT(tiny_config("gpt2", vocab_size=260)).save_pretrained(other, tokenizer=Tokenizer.byte_level())
+    (tmp_path / "play.txt").write_text(shakespeare_plays()[0][:20_000])
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "To be", "reference": " or not to be"}\n')
+    result = run_cli(
+        "evaluate", "--checkpoint-path", str(checkpoint), "--compare", str(other), "--dataset", "play.txt",
+        "--tasks", "perplexity,continuation,bleu,rouge", "--prompts-file", "prompts.jsonl", "--num-samples", "3",
+        "--prompt-tokens", "16", "--new-tokens", "8", "--max-new-tokens", "8", "--device", "cpu", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("## Evaluation on play.txt / validation: perplexity, continuation, prompts")
+    assert f"| metric | {checkpoint} | {other} |" in lines
+    for row in ("| perplexity |", "| bits per byte |", "| continuation bleu |", "| prompts rougeL |"):
+        assert any(line.startswith(row) for line in lines), row
+    for folder in (checkpoint / "best", other):
+        saved = json.loads((folder / "eval_results.json").read_text())
+        assert saved["dataset"] == "play.txt" and saved["metrics"]["perplexity"] > 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--tasks", "accuracy"], "unknown task(s) accuracy"),
+        (["--tasks", "prompts"], "needs (prompt, reference) pairs: give --prompts-file"),
+        (["--dataset", "no-such-corpus"], "unknown dataset 'no-such-corpus'"),
+        (["--prompts-file", "absent.jsonl"], "cannot read the prompts file"),
+    ],
+)
+def test_evaluate_bad_input_exits_2(checkpoint: Path, tmp_path: Path, args: list[str], message: str) -> None:
+    result = run_cli("evaluate", "--checkpoint-path", str(checkpoint), "--no-save", *args, cwd=tmp_path)
+    assert result.returncode == 2 and message in result.stderr, result.stderr

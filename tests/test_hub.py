@@ -290,3 +290,25 @@ def test_push_settings_are_checked_before_training(hub: Hub, tmp_path: Path, mon
     with pytest.raises(TrainingError, match="no write access \\(403\\).*or train without --push-to-hub"):
         Trainer(config)
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").glob("step-*"))
+
+
+def test_evaluation_results_reach_the_model_card_on_the_hub(
+    hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import HfApi
+
+    from aksis.cli import main
+
+    save_tiny(tmp_path / "ckpt")
+    (tmp_path / "held_out.txt").write_text("To be, or not to be, that is the question.\n" * 40)
+    monkeypatch.setenv("HF_TOKEN", hub.write_token)
+    repo = hub.fresh_repo_id("evaluated")
+    args = ["evaluate", "--checkpoint-path", str(tmp_path / "ckpt"), "--dataset", str(tmp_path / "held_out.txt")]
+    args += ["--tasks", "perplexity", "--device", "cpu", "--push-to-hub", "--hub-model-id", repo]
+    assert main(args) == 0
+    saved = json.loads((tmp_path / "ckpt" / "eval_results.json").read_text())
+    card = Path(HfApi().hf_hub_download(repo, "README.md", cache_dir=hub.fresh_cache(tmp_path))).read_text()
+    [index] = front_matter(card)["model-index"]
+    values = {m["type"]: m["value"] for m in index["results"][0]["metrics"]}
+    assert values["perplexity"] == pytest.approx(saved["metrics"]["perplexity"])
+    assert "bits_per_byte" in values and "## Evaluation" in card

@@ -18,12 +18,12 @@ BLOCKS = re.findall(r"```(python|bash)\n(.*?)```", README.read_text(encoding="ut
 PYTHON = [code for lang, code in BLOCKS if lang == "python"]
 LINES = [line.split("  #")[0].strip() for lang, code in BLOCKS if lang == "bash" for line in code.splitlines()]
 TRAINING = ("aksis train-model", "python training/", "accelerate launch")
-COMMANDS = [line for line in LINES if line.startswith(("aksis ", "python -m aksis", *TRAINING))]
+COMMANDS = [line for line in LINES if line.startswith(("aksis ", "python -m aksis", "python evaluation/", *TRAINING))]
 
 
 def test_readme_has_examples() -> None:
     assert len(PYTHON) >= 6 and len(COMMANDS) >= 15
-    for command in ("train-model", "generate-text", "chat-with-model", "benchmark-inference", "load-data"):
+    for command in ("train-model", "generate-text", "chat-with-model", "benchmark-inference", "load-data", "evaluate"):
         assert any(command in line for line in COMMANDS), command
 
 
@@ -41,6 +41,8 @@ def shortened(command: str, steps: int) -> tuple[str, str | None]:
         return f"{command} --max-new-tokens 8", None
     if "chat-with-model" in command:
         return f"{command} --max-new-tokens 8", "Good morrow!\n/quit\n"
+    if "evaluate" in command:
+        return f"{command} --max-texts 1 --num-samples 2", None
     if "benchmark-inference" in command:
         return f"{command} --max-new-tokens 4 --num-runs 1", None
     return command, None
