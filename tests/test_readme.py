@@ -51,6 +51,7 @@ def shortened(command: str, steps: int) -> tuple[str, str | None]:
 def test_commands_run_in_order(tmp_path: Path, hub: Hub) -> None:
     """As a user types them, from a clone's root: `aksis` and `python` come from PATH (the installed package)."""
     (tmp_path / "training").symlink_to(ROOT / "training")
+    (tmp_path / "evaluation").symlink_to(ROOT / "evaluation")
     (tmp_path / "my_texts").mkdir()
     from aksis.data import shakespeare_plays
 
