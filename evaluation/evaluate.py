@@ -5,8 +5,14 @@ generations, a Markdown table on stdout and eval_results.json in each local chec
 """
 
 import sys
+from pathlib import Path
 
-from aksis.cli import main
+# Python puts this script's folder first on the import path, where this very file would shadow the `evaluate`
+# library that the BLEU and ROUGE modules are loaded with.
+HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+
+from aksis.cli import main  # noqa: E402 - after the path is fixed
 
 if __name__ == "__main__":
     sys.exit(main(["evaluate", *sys.argv[1:]]))
