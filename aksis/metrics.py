@@ -219,6 +219,7 @@ def evaluate_checkpoint(
             nll=result.nll,
             bits_per_byte=result.bits_per_byte,
             tokens_scored=result.tokens,
+            bytes_scored=result.bytes,
         )
     jobs: list[tuple[str, Sequence[tuple[str | list[int], str]], GenerationConfig]] = []
     if "continuation" in tasks:
@@ -259,6 +260,7 @@ LABELS = {
     "nll": "NLL per token (nats)",
     "bits_per_byte": "bits per byte",
     "tokens_scored": "tokens scored",
+    "bytes_scored": "bytes scored",
 }
 
 

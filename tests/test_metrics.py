@@ -110,7 +110,14 @@ def test_a_report_with_every_task_and_a_comparison_table(tmp_path: Path) -> None
         num_samples=4,
     )
     metrics = results["metrics"]
-    for name in ("perplexity", "bits_per_byte", "continuation_bleu", "continuation_rougeL", "prompts_rouge1"):
+    for name in (
+        "perplexity",
+        "bits_per_byte",
+        "bytes_scored",
+        "continuation_bleu",
+        "continuation_rougeL",
+        "prompts_rouge1",
+    ):
         assert name in metrics and math.isfinite(metrics[name]), name
     assert "continuation_distinct_2" in metrics and len(results["samples"]["prompts"]) == 2
     table = markdown_table({"a": metrics, "b": {"perplexity": 12.5}})
