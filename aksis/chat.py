@@ -160,10 +160,16 @@ class Conversation:
     def save(self, path: str | Path) -> None:
         """Write atomically: a crash mid-save leaves the previous file intact."""
         path = Path(path).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        try:
+            if path.is_dir():
+                raise IsADirectoryError(f"{path} is a folder")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise ChatError(f"cannot save the conversation to {path}: {err}; give a file path you can write") from err
 
     @classmethod
     def load(cls, path: str | Path) -> Conversation:

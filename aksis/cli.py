@@ -136,10 +136,10 @@ def cmd_push(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    import dataclasses
     import logging
 
     from aksis.checkpoint import CheckpointError
-    from aksis.config import GenerationConfig
     from aksis.data import DataError, load_corpus
     from aksis.generation import GenerationError
     from aksis.hub import HubError, is_hub_id, push_checkpoint
@@ -149,8 +149,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     requested = [t.strip() for t in args.tasks.split(",") if t.strip()]
     metrics = [t for t in requested if t in ("bleu", "rouge")] or ["bleu", "rouge"]
     tasks = [t for t in requested if t not in ("bleu", "rouge")]
-    if not tasks:  # "bleu" or "rouge" alone: score generations, on the prompts file if given
-        tasks = ["prompts" if args.prompts_file else "continuation"]
+    if set(requested) & {"bleu", "rouge"} and not set(tasks) & {"continuation", "prompts"}:
+        tasks.append("prompts" if args.prompts_file else "continuation")  # BLEU / ROUGE score generations
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise CLIError(f"unknown task(s) {', '.join(unknown)}: choose from {', '.join([*TASKS, 'bleu', 'rouge'])}")
@@ -158,6 +158,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         tasks.append("prompts")
     if args.push_to_hub and args.compare:
         raise CLIError("--push-to-hub pushes one checkpoint's results: leave out --compare")
+    if args.push_to_hub and not args.hub_model_id:
+        raise CLIError("--push-to-hub needs --hub-model-id user/name")
     try:
         prompts = read_prompts(args.prompts_file) if args.prompts_file else []
         texts: list[str] = []
@@ -173,7 +175,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         args.checkpoint_path = source
         model, tokenizer, base = _load_model(args)
         # Greedy unless a sampler is chosen: scores should not depend on the luck of the draw.
-        config = _generation_config(args, base if args.sampler else GenerationConfig(temperature=0.0))
+        config = _generation_config(args, base if args.sampler else dataclasses.replace(base, temperature=0.0))
         try:
             results = evaluate_checkpoint(
                 model,
@@ -211,8 +213,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             path = save_results(folder, results, dataset=args.dataset, split=args.split, settings=settings)
             print(f"wrote {path}", file=sys.stderr)
         if args.push_to_hub:
-            if not args.hub_model_id:
-                raise CLIError("--push-to-hub needs --hub-model-id user/name")
             try:
                 push_checkpoint(folder, args.hub_model_id, commit_message="aksis: evaluation results")
             except HubError as err:
@@ -367,9 +367,22 @@ def cmd_chat_with_model(args: argparse.Namespace) -> None:
     if config.num_beams > 1:
         raise CLIError("chat streams its replies: choose a sampler other than beam")
 
-    def save(path: Path | None = context_file) -> None:
-        if path is not None:
+    def save(path: Path | None = context_file) -> bool:
+        if path is None:
+            return False
+        try:
             conversation.save(path)
+        except ChatError as err:
+            print(f"(error: {err})", file=sys.stderr)
+            return False
+        return True
+
+    if context_file is not None and not context_file.exists():
+        writable = context_file.parent.expanduser()
+        while not writable.exists():
+            writable = writable.parent
+        if not (writable.is_dir() and os.access(writable, os.W_OK)):
+            raise CLIError(f"cannot write the context file {context_file}: choose a path in a folder you can write")
 
     resumed = f", {len(conversation.messages)} messages from {context_file}" if conversation.messages else ""
     print(f"chatting with {args.checkpoint_path}{resumed}. {CHAT_HELP}.", file=sys.stderr)
@@ -395,8 +408,7 @@ def cmd_chat_with_model(args: argparse.Namespace) -> None:
                     target = Path(rest.strip()).expanduser() if rest.strip() else context_file
                     if target is None:
                         print("(give a file: /save chat.json, or start with --context-file)")
-                    else:
-                        save(target)
+                    elif save(target):
                         print(f"(saved to {target})")
                 else:
                     print(f"(unknown command {command}: {CHAT_HELP})")
@@ -414,8 +426,7 @@ def cmd_chat_with_model(args: argparse.Namespace) -> None:
             save()
     except KeyboardInterrupt:
         print()
-    save()
-    if context_file is not None:
+    if save():
         print(f"conversation saved to {context_file}", file=sys.stderr)
 
 

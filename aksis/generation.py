@@ -12,8 +12,9 @@
 - `stream` yields text pieces as they are decoded. Pieces never split a multi-byte UTF-8 character, text that
   might be the start of a stop string is held back until it is known not to be, and the pieces always join up
   to exactly `Completion.text`.
-- Several prompts of different lengths decode together, left-padded (`KVCache.set_padding`); each row
-  computes what it would alone. A `seed` makes sampling reproducible.
+- Several prompts of different lengths decode together, left-padded (`KVCache.set_padding`); within the
+  context each row computes what it would alone (past it, all rows slide their window together, so a short
+  row may lose context it would have kept alone). A `seed` makes sampling reproducible.
 
 The context: a prompt longer than the model's context keeps its last `block_size` tokens (with a warning).
 Generation may run past the context: when the cache is full, the older half of the window is dropped and

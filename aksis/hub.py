@@ -49,6 +49,28 @@ class HubError(Exception):
     """A Hub operation failed; the message says what to do (and never holds a token)."""
 
 
+def _transport_errors() -> tuple[type[Exception], ...]:
+    """The connection errors of the HTTP library under huggingface_hub (httpx, or httpx2 in 2.x)."""
+    found: list[type[Exception]] = []
+    for module in ("httpx2", "httpx", "requests"):
+        try:
+            found.append(__import__(module).HTTPError if module != "requests" else __import__(module).RequestException)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+# Everything a Hub call may raise for a bad id, bad credentials, a missing repo or no network.
+HUB_FAILURES: tuple[type[Exception], ...] = (
+    hf_errors.HfHubHTTPError,
+    hf_errors.OfflineModeIsEnabled,
+    hf_errors.HFValidationError,
+    hf_errors.LocalEntryNotFoundError,
+    OSError,
+    *_transport_errors(),
+)
+
+
 def _explain(err: Exception, repo_id: str, action: str) -> HubError:
     """A HubError for a huggingface_hub failure while `action` (e.g. "push to") on `repo_id`."""
     if hf_constants.HF_HUB_OFFLINE:
@@ -60,10 +82,16 @@ def _explain(err: Exception, repo_id: str, action: str) -> HubError:
             "log in (`hf auth login` or HF_TOKEN) with a token that has access"
         )
     if status in (401, 403):
+        access = "write access" if action.startswith(("push", "create")) else "access"
         return HubError(
-            f"cannot {action} {repo_id}: no write access ({status}). Log in with `hf auth login` or set HF_TOKEN to "
-            "a token with write access to that user or organisation"
+            f"cannot {action} {repo_id}: no {access} ({status}). Log in with `hf auth login` or set HF_TOKEN to "
+            f"a token with {access} to that user or organisation"
         )
+    if isinstance(err, hf_errors.HFValidationError):
+        return HubError(f"cannot {action} {repo_id!r}: not a valid Hub repo id (write it user/name)")
+    if isinstance(err, _transport_errors()):
+        reason = type(err).__name__
+        return HubError(f"cannot {action} {repo_id}: the Hub cannot be reached ({reason}); check the network")
     if isinstance(err, hf_errors.RevisionNotFoundError):
         return HubError(f"cannot {action} {repo_id}: that revision does not exist")
     return HubError(f"cannot {action} {repo_id}: {type(err).__name__}: {err}")
@@ -355,7 +383,7 @@ def push_checkpoint(
             )
             if tag:
                 api.create_tag(repo_id, tag=tag, revision=info.oid, exist_ok=True)
-        except (hf_errors.HfHubHTTPError, hf_errors.OfflineModeIsEnabled, OSError) as err:
+        except HUB_FAILURES as err:
             raise _explain(err, repo_id, "push to") from None
         log.info("pushed %s to %s (%s)", folder, repo_id, info.oid[:8] if info.oid else "?")
         return str(info.oid)
@@ -388,7 +416,7 @@ class BackgroundPusher:
                     commit = self._push(snapshot, **kwargs)
                     self.pushed.append(commit)
                     return commit
-                except HubError as err:
+                except Exception as err:  # whatever fails (network, disk, a bug), training must go on
                     if attempt == self.attempts:
                         message = f"push of {name} failed after {attempt} attempts: {err}"
                         log.warning("%s (the local checkpoint is intact)", message)
@@ -415,7 +443,7 @@ def ensure_repo(repo_id: str, *, private: bool = False, token: str | None = None
     """Create the model repo if it does not exist (checking write access on the way); its URL."""
     try:
         return str(HfApi(token=token).create_repo(repo_id, private=private, exist_ok=True))
-    except (hf_errors.HfHubHTTPError, hf_errors.OfflineModeIsEnabled, OSError) as err:
+    except HUB_FAILURES as err:
         raise _explain(err, repo_id, "create or push to") from None
 
 
@@ -427,7 +455,7 @@ def list_models(author: str, *, token: str | None = None) -> list[str]:
     try:
         models = HfApi(token=token).list_models(author=author, filter="aksis", sort="last_modified")
         return [m.id for m in models if m.library_name in (None, "aksis") or "aksis" in (m.tags or [])]
-    except (hf_errors.HfHubHTTPError, hf_errors.OfflineModeIsEnabled, OSError) as err:
+    except HUB_FAILURES as err:
         raise _explain(err, author, "list the models of") from None
 
 
@@ -437,7 +465,7 @@ def download_checkpoint(source: str, *, token: str | None = None) -> Path:
     repo_id, revision = split_revision(source)
     try:
         return Path(snapshot_download(repo_id, revision=revision, token=token))
-    except (hf_errors.HfHubHTTPError, hf_errors.LocalEntryNotFoundError, OSError) as err:
+    except HUB_FAILURES as err:
         if isinstance(err, hf_errors.LocalEntryNotFoundError):
             raise HubError(
                 f"{source} is not in the local Hub cache and the Hub cannot be reached (offline, or HF_HUB_OFFLINE is "

@@ -117,22 +117,17 @@ def perplexity(
 def continuation_pairs(
     tokenizer: Tokenizer, texts: Sequence[str], *, prompt_tokens: int = 32, new_tokens: int = 32, num_samples: int = 50
 ) -> list[tuple[list[int], str]]:
-    """(prompt ids, reference text) pairs cut from held-out texts: windows of `prompt_tokens` + `new_tokens`
-    consecutive tokens, spread evenly over the texts and within each, at most `num_samples` of them."""
+    """(prompt ids, reference text) pairs cut from held-out texts: of all the back-to-back windows of
+    `prompt_tokens` + `new_tokens` tokens in the texts, `num_samples` spread evenly from first to last."""
     span = prompt_tokens + new_tokens
-    docs = [ids for ids in (tokenizer.encode(t) for t in texts) if len(ids) >= span]
-    if not docs:
+    windows = [
+        (ids, start) for ids in (tokenizer.encode(t) for t in texts) for start in range(0, len(ids) - span + 1, span)
+    ]
+    if not windows:
         raise ValueError(f"no text holds {span} tokens ({prompt_tokens} of prompt + {new_tokens} to generate)")
-    per_doc = math.ceil(num_samples / len(docs))
-    pairs = []
-    for ids in docs:
-        starts = range(0, len(ids) - span + 1, span)
-        step = max(len(starts) // per_doc, 1)
-        for start in list(starts)[::step][:per_doc]:
-            pairs.append(
-                (ids[start : start + prompt_tokens], tokenizer.decode(ids[start + prompt_tokens : start + span]))
-            )
-    return pairs[:num_samples]
+    step = len(windows) / min(num_samples, len(windows))
+    chosen = [windows[int(i * step)] for i in range(min(num_samples, len(windows)))]
+    return [(ids[s : s + prompt_tokens], tokenizer.decode(ids[s + prompt_tokens : s + span])) for ids, s in chosen]
 
 
 def read_prompts(path: str | Path) -> list[tuple[str, str]]:

@@ -670,6 +670,9 @@ class Trainer:
             return []
         config = self.config
         assert config.hub_model_id is not None
+        latest = self.output_dir / _step_name(self.state.step)
+        if self._last_push_step != self.state.step and (latest / CONFIG_FILE).exists():
+            self._push_step(latest, last=True)  # the last step, when --push-every skipped its save
         best = self.output_dir / BEST_DIR
         if (best / CONFIG_FILE).exists():
             loss = f", validation loss {self.state.best_val_loss:.4f}" if self.state.best_val_loss is not None else ""

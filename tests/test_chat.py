@@ -139,3 +139,13 @@ def test_a_seeded_chat_is_reproducible_and_draws_anew_at_each_turn() -> None:
     text = "".join(reply(model, TOK, chat, config))
     expected = generate(model, TOK, prompt, replace(config, seed=3 + 3), stop_ids=stop_token_ids(TOK))
     assert text == expected.text
+
+
+def test_saving_where_no_file_can_be_written_is_a_clear_error(tmp_path: Path) -> None:
+    chat = Conversation("S", [Message("user", "hi")])
+    with pytest.raises(ChatError, match="cannot save the conversation to .*a folder; give a file path"):
+        chat.save(tmp_path)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ChatError, match="cannot save the conversation"):
+        chat.save(tmp_path / "file" / "chat.json")  # a file where a folder should be
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # no temporary files left

@@ -171,13 +171,30 @@ def test_chat_loop_streams_replies_and_keeps_the_context_file(checkpoint: Path, 
 
     # The context file is read back; /save writes a copy, /reset clears, /quit leaves.
     second = run_cli(
-        *args, "--max-new-tokens", "4", stdin=f"Again\n/save {tmp_path / 'copy.json'}\n/nope\n/reset\n/quit\n"
+        *args,
+        "--max-new-tokens",
+        "4",
+        stdin=f"Again\n/save {tmp_path}\n/save {tmp_path / 'copy.json'}\n/nope\n/reset\n/quit\n",
     )
     assert second.returncode == 0, second.stderr
     assert "4 messages from" in second.stderr and "unknown command /nope" in second.stdout
+    assert "cannot save the conversation to" in second.stderr  # a folder: the chat goes on
     assert len(Conversation.load(tmp_path / "copy.json").messages) == 6
     cleared = Conversation.load(chat_file)
     assert cleared.messages == [] and cleared.system_prompt == "Speak in verse."
+
+
+def test_chat_refuses_a_context_file_it_could_not_write(checkpoint: Path, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    args = [
+        "chat-with-model",
+        "--checkpoint-path",
+        str(checkpoint),
+        "--context-file",
+        str(tmp_path / "file" / "c.json"),
+    ]
+    result = run_cli(*args, stdin="hi\n")
+    assert result.returncode == 2 and "cannot write the context file" in result.stderr
 
 
 def test_chat_refuses_a_malformed_context_file_and_leaves_it_alone(checkpoint: Path, tmp_path: Path) -> None:
@@ -305,6 +322,7 @@ def test_evaluate_reports_a_checkpoint_beside_another_and_saves_results(checkpoi
 @pytest.mark.parametrize(
     ("args", "message"),
     [
+        (["--push-to-hub"], "--push-to-hub needs --hub-model-id"),
         (["--tasks", "accuracy"], "unknown task(s) accuracy"),
         (["--tasks", "prompts"], "needs (prompt, reference) pairs: give --prompts-file"),
         (["--dataset", "no-such-corpus"], "unknown dataset 'no-such-corpus'"),

@@ -3,6 +3,7 @@ Hub look-alike of tests/hub_server.py (started by conftest.py; HF_ENDPOINT point
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -312,3 +313,21 @@ def test_evaluation_results_reach_the_model_card_on_the_hub(
     values = {m["type"]: m["value"] for m in index["results"][0]["metrics"]}
     assert values["perplexity"] == pytest.approx(saved["metrics"]["perplexity"])
     assert "bits_per_byte" in values and "## Evaluation" in card
+
+
+def test_an_unreachable_hub_or_a_bad_id_is_a_clear_error_and_a_background_push_failure_is_kept(tmp_path: Path) -> None:
+    save_tiny(tmp_path / "ckpt")
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": "hf_x"}  # nothing listens on port 9
+    args = [sys.executable, "-m", "aksis.cli", "push", "--checkpoint-path", str(tmp_path / "ckpt")]
+    result = subprocess.run([*args, "--repo-id", "alice/x"], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "the Hub cannot be reached" in result.stderr and "Traceback" not in result.stderr
+    result = subprocess.run([*args, "--repo-id", "bad id"], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "not a valid Hub repo id" in result.stderr
+
+    def crashing(snapshot: Path, **kwargs: Any) -> str:
+        raise RuntimeError("disk full")
+
+    pusher = BackgroundPusher(crashing, attempts=1, backoff_s=0.01)
+    pusher.submit(tmp_path / "ckpt")
+    pusher.close()  # does not raise: training would go on
+    assert pusher.errors == ["push of ckpt failed after 1 attempts: disk full"]
