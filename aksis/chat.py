@@ -24,6 +24,7 @@ A conversation saves to a small versioned JSON file:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -168,7 +169,8 @@ class Conversation:
             tmp.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
             os.replace(tmp, path)
         except OSError as err:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # there may be no temporary file, or no folder to hold one
+                tmp.unlink(missing_ok=True)
             raise ChatError(f"cannot save the conversation to {path}: {err}; give a file path you can write") from err
 
     @classmethod
