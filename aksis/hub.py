@@ -332,6 +332,18 @@ def _stage(folder: Path, staging: Path, with_training_state: bool) -> None:
             shutil.copy2(source, target)
 
 
+def _run_settings(folder: Path) -> dict[str, Any] | None:
+    """How a checkpoint was trained, for its card: a step-N checkpoint keeps it in its training state; a run's
+    best/ borrows it from the newest step-N beside it."""
+    candidates = [folder, *(sorted(folder.parent.glob("step-*"), reverse=True) if folder.name == "best" else [])]
+    for candidate in candidates:
+        state = candidate / TRAINING_STATE_DIR / "trainer_state.json"
+        if state.is_file():
+            settings: dict[str, Any] | None = read_json(state).get("train_config")
+            return settings
+    return None
+
+
 def push_checkpoint(
     folder: str | Path,
     repo_id: str,
@@ -352,9 +364,8 @@ def push_checkpoint(
     missing = [f for f in REQUIRED_FILES if not (folder / f).is_file()]
     if missing:
         raise HubError(f"{folder} is not a complete checkpoint folder (missing {', '.join(missing)}); nothing pushed")
-    if train_config is None:  # a step-N checkpoint knows how it was trained
-        state = folder / TRAINING_STATE_DIR / "trainer_state.json"
-        train_config = read_json(state).get("train_config") if state.is_file() else None
+    if train_config is None:
+        train_config = _run_settings(folder)
     staging = stage_checkpoint(folder, with_training_state)
     try:
         has_curve = plot_loss_curve(read_metrics(staging), staging / LOSS_CURVE_FILE)

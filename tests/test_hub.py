@@ -331,3 +331,18 @@ def test_an_unreachable_hub_or_a_bad_id_is_a_clear_error_and_a_background_push_f
     pusher.submit(tmp_path / "ckpt")
     pusher.close()  # does not raise: training would go on
     assert pusher.errors == ["push of ckpt failed after 1 attempts: disk full"]
+
+
+def test_a_runs_best_checkpoint_is_pushed_with_its_training_settings(hub: Hub, tmp_path: Path) -> None:
+    from huggingface_hub import HfApi
+
+    save_tiny(tmp_path / "run" / "best")
+    state = tmp_path / "run" / "step-000004" / "training_state"
+    state.mkdir(parents=True)
+    settings = TrainConfig(dataset="tinystories", learning_rate=5e-4).to_dict()
+    (state / "trainer_state.json").write_text(json.dumps({"train_config": settings}))
+    repo = hub.fresh_repo_id("best")
+    push_checkpoint(tmp_path / "run" / "best", repo, samples=False, token=hub.write_token)
+    card = Path(HfApi(token=hub.write_token).hf_hub_download(repo, "README.md", cache_dir=hub.fresh_cache(tmp_path)))
+    text = card.read_text()
+    assert front_matter(text)["datasets"] == ["roneneldan/TinyStories"] and "peak learning rate: `0.0005`" in text
