@@ -139,9 +139,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     import dataclasses
     import logging
 
-    from aksis.checkpoint import CheckpointError
     from aksis.data import DataError, load_corpus
-    from aksis.generation import GenerationError
+    from aksis.generation import GenerationError, find_checkpoint
     from aksis.hub import HubError, is_hub_id, push_checkpoint
     from aksis.metrics import TASKS, evaluate_checkpoint, markdown_table, read_prompts, save_results
 
@@ -160,6 +159,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         raise CLIError("--push-to-hub pushes one checkpoint's results: leave out --compare")
     if args.push_to_hub and not args.hub_model_id:
         raise CLIError("--push-to-hub needs --hub-model-id user/name")
+    if args.push_to_hub and is_hub_id(args.checkpoint_path):
+        raise CLIError("--push-to-hub needs a local checkpoint folder (download the repo, or evaluate it locally)")
+    for name in ("max_texts", "batch_size", "prompt_tokens", "new_tokens", "num_samples"):
+        if getattr(args, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     try:
         prompts = read_prompts(args.prompts_file) if args.prompts_file else []
         texts: list[str] = []
@@ -196,19 +200,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             raise CLIError(f"{source}: {err}") from err
         columns[source] = results["metrics"]
         settings = {k: v for k, v in vars(args).items() if k not in ("func", "command", "compare", "checkpoint_path")}
-        folder = Path(source).expanduser()
-        if is_hub_id(source) and not folder.exists():
-            if args.push_to_hub:
-                raise CLIError(
-                    "--push-to-hub needs a local checkpoint folder (download the repo, or evaluate it locally)"
-                )
+        if is_hub_id(source):  # results are written into local checkpoint folders only
             continue
-        try:
-            from aksis.generation import find_checkpoint
-
-            folder = Path(find_checkpoint(source))
-        except CheckpointError as err:
-            raise CLIError(str(err)) from err
+        folder = Path(find_checkpoint(source))  # already resolved once by _load_model: cannot fail here
         if not args.no_save:
             path = save_results(folder, results, dataset=args.dataset, split=args.split, settings=settings)
             print(f"wrote {path}", file=sys.stderr)
@@ -226,17 +220,25 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 # ----- inference: generate-text, chat-with-model, benchmark-inference -----
 
 
-def _load_model(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    """(model, tokenizer, generation config) of --checkpoint-path on --device, in bf16 with --mixed-precision."""
+def _device_and_dtype(args: argparse.Namespace) -> tuple[Any, Any]:
+    """--device (auto: CUDA, MPS, else CPU) and the dtype --mixed-precision asks for (bf16, else the stored one)."""
     import torch
 
-    from aksis.checkpoint import CheckpointError
-    from aksis.generation import default_device, load_model
+    from aksis.generation import default_device
 
     device = default_device() if args.device == "auto" else torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda: no CUDA GPU is available here; use --device cpu (or auto)")
-    dtype = torch.bfloat16 if args.mixed_precision else None
+    return device, torch.bfloat16 if args.mixed_precision else None
+
+
+def _load_model(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, generation config) of --checkpoint-path on --device, in bf16 with --mixed-precision."""
+
+    from aksis.checkpoint import CheckpointError
+    from aksis.generation import load_model
+
+    device, dtype = _device_and_dtype(args)
     try:
         return load_model(args.checkpoint_path, device=device, dtype=dtype)
     except CheckpointError as err:
@@ -438,7 +440,7 @@ def cmd_benchmark_inference(args: argparse.Namespace) -> None:
     import torch
 
     from aksis.config import ModelConfig
-    from aksis.generation import default_device, time_decoding
+    from aksis.generation import time_decoding
     from aksis.model import GPT
     from aksis.tokenizer import Tokenizer
 
@@ -453,8 +455,7 @@ def cmd_benchmark_inference(args: argparse.Namespace) -> None:
             config = ModelConfig.from_preset(args.preset)
         except ValueError as err:
             raise CLIError(str(err)) from err
-        device = default_device() if args.device == "auto" else torch.device(args.device)
-        dtype = torch.bfloat16 if args.mixed_precision else None
+        device, dtype = _device_and_dtype(args)
         model = GPT(config).to(device=device, dtype=dtype).eval()
         tokenizer, source = Tokenizer.byte_level(), f"preset {args.preset} (random weights)"
     prompt = tokenizer.encode(args.prompt)

@@ -17,6 +17,7 @@ generations and how to use the model.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -50,16 +51,17 @@ class HubError(Exception):
 
 
 def _transport_errors() -> tuple[type[Exception], ...]:
-    """The connection errors of the HTTP library under huggingface_hub (httpx, or httpx2 in 2.x)."""
+    """The connection errors of the HTTP libraries huggingface_hub may run on (httpx2 in 2.x, httpx, requests)."""
     found: list[type[Exception]] = []
-    for module in ("httpx2", "httpx", "requests"):
+    for module, name in (("httpx2", "HTTPError"), ("httpx", "HTTPError"), ("requests", "RequestException")):
         try:
-            found.append(__import__(module).HTTPError if module != "requests" else __import__(module).RequestException)
+            found.append(getattr(importlib.import_module(module), name))
         except (ImportError, AttributeError):
             continue
     return tuple(found)
 
 
+TRANSPORT_ERRORS = _transport_errors()
 # Everything a Hub call may raise for a bad id, bad credentials, a missing repo or no network.
 HUB_FAILURES: tuple[type[Exception], ...] = (
     hf_errors.HfHubHTTPError,
@@ -67,7 +69,7 @@ HUB_FAILURES: tuple[type[Exception], ...] = (
     hf_errors.HFValidationError,
     hf_errors.LocalEntryNotFoundError,
     OSError,
-    *_transport_errors(),
+    *TRANSPORT_ERRORS,
 )
 
 
@@ -89,7 +91,7 @@ def _explain(err: Exception, repo_id: str, action: str) -> HubError:
         )
     if isinstance(err, hf_errors.HFValidationError):
         return HubError(f"cannot {action} {repo_id!r}: not a valid Hub repo id (write it user/name)")
-    if isinstance(err, _transport_errors()):
+    if isinstance(err, TRANSPORT_ERRORS):
         reason = type(err).__name__
         return HubError(f"cannot {action} {repo_id}: the Hub cannot be reached ({reason}); check the network")
     if isinstance(err, hf_errors.RevisionNotFoundError):

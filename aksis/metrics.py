@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from aksis.config import GenerationConfig
 from aksis.generation import generate_batch
-from aksis.model import GPT
+from aksis.model import GPT, IGNORE_INDEX
 from aksis.tokenizer import Tokenizer
 
 EVAL_RESULTS_FILE = "eval_results.json"
@@ -91,15 +91,17 @@ def perplexity(
         batch = jobs[start : start + batch_size]
         width = max(len(w) for w, _ in batch) - 1
         inputs = torch.zeros(len(batch), width, dtype=torch.long)
-        targets = torch.full((len(batch), width), -100, dtype=torch.long)
+        targets = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
         for row, (window, keep) in enumerate(batch):
             n = len(window) - 1
             inputs[row, :n] = torch.tensor(window[:-1])
             targets[row, n - keep : n] = torch.tensor(window[n - keep + 1 :])
         logits, _ = model(inputs.to(device))
-        nll = F.cross_entropy(logits.float().transpose(1, 2), targets.to(device), ignore_index=-100, reduction="sum")
+        nll = F.cross_entropy(
+            logits.float().transpose(1, 2), targets.to(device), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
         total_nll += nll.item()
-        total_tokens += int((targets != -100).sum())
+        total_tokens += int((targets != IGNORE_INDEX).sum())
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     mean = total_nll / total_tokens
     return PerplexityResult(

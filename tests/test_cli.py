@@ -323,6 +323,7 @@ def test_evaluate_reports_a_checkpoint_beside_another_and_saves_results(checkpoi
     ("args", "message"),
     [
         (["--push-to-hub"], "--push-to-hub needs --hub-model-id"),
+        (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
         (["--tasks", "accuracy"], "unknown task(s) accuracy"),
         (["--tasks", "prompts"], "needs (prompt, reference) pairs: give --prompts-file"),
         (["--dataset", "no-such-corpus"], "unknown dataset 'no-such-corpus'"),
