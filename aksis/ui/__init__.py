@@ -1,0 +1,140 @@
+"""The Gradio app, the Hugging Face Space demo: `python app.py` (or `build_app()` from Python).
+
+Layout: the model picker on top (a local run folder, or a Hub id with an optional @revision), then one tab per
+file in this package: Chat, Generate, Evaluate, Model, Arena (human evaluation) and Train. `context.py` holds
+what the tabs share. Every event has an `api_name`, so the app is also an API (`gradio_client.Client`).
+
+Requests wait in a queue and at most `AKSIS_CONCURRENCY` run at once. The device is chosen once, when the app
+is built (CUDA > MPS > CPU, bf16 on a GPU that supports it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from aksis.ui.context import AppContext, AppSettings, user_errors
+
+if TYPE_CHECKING:
+    import gradio as gr
+
+__all__ = ["AppSettings", "build_app", "main"]
+
+log = logging.getLogger(__name__)
+
+INTRO = (
+    "# aksis\n"
+    "A small GPT, trained from scratch. Pick a model (a local training run, or a Hub id such as `user/name` or "
+    "`user/name@revision`), then chat with it, sample from it, score it, look inside it, or train a new one."
+)
+NO_MODEL = (
+    "### No model yet\n"
+    "No checkpoint was found in `{folder}`{hub}. Train a tiny model on the embedded Shakespeare right here (a few "
+    "minutes on a laptop CPU; it appears in the picker when done), or type a Hub id into the picker."
+)
+
+
+def _device(settings: AppSettings) -> tuple[torch.device, torch.dtype | None]:
+    from aksis.generation import default_device
+
+    device = torch.device(settings.device) if settings.device else default_device()
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return device, (torch.bfloat16 if bf16 else None)
+
+
+def describe(entry: Any) -> str:
+    """One line about a loaded model, for the status bar."""
+    cfg = entry.model.config
+    return (
+        f"**{entry.source}**: {cfg.arch}, {cfg.n_layer} layers × {cfg.n_embd}, "
+        f"{entry.model.num_params() / 1e6:.2f}M parameters, context {cfg.block_size}, "
+        f"tokenizer {entry.tokenizer.name} ({entry.tokenizer.vocab_size} tokens), on {entry.model.lm_head.weight.device}"
+    )
+
+
+def build_app(settings: AppSettings | None = None) -> gr.Blocks:
+    import gradio as gr
+
+    from aksis.ui import arena_tab, chat_tab, evaluate_tab, generate_tab, model_tab, train_tab
+    from aksis.ui.feedback import FeedbackLog
+    from aksis.ui.models import ModelStore
+
+    settings = settings or AppSettings.from_env()
+    device, dtype = _device(settings)
+    store = ModelStore(
+        settings.checkpoints_dir,
+        device=device,
+        dtype=dtype,
+        max_bytes=settings.cache_mb << 20,
+        hub_author=settings.hub_author,
+    )
+    feedback = FeedbackLog(settings.feedback_file, repo_id=settings.feedback_repo)
+    choices = store.choices(settings.model)
+
+    with gr.Blocks(title="aksis") as demo:
+        gr.Markdown(INTRO)
+        with gr.Row(equal_height=True):
+            picker = gr.Dropdown(
+                choices,
+                value=choices[0] if choices else None,
+                allow_custom_value=True,
+                label="Model: a local folder or a Hub id[@revision]",
+                elem_id="model-picker",
+                scale=5,
+            )
+            load_button = gr.Button("Load", elem_id="load-model", scale=1)
+            refresh_button = gr.Button("Refresh list", scale=1)
+        status = gr.Markdown(elem_id="model-status")
+        hub = f" or on the Hub under `{settings.hub_author}`" if settings.hub_author else ""
+        with gr.Column(visible=not choices, elem_id="welcome") as welcome:
+            gr.Markdown(NO_MODEL.format(folder=settings.checkpoints_dir, hub=hub))
+            welcome_button = gr.Button("Train a tiny model now", variant="primary", elem_id="welcome-train")
+
+        ctx = AppContext(settings, store, feedback, picker, welcome_button=welcome_button)
+        ctx.extra.update(status=status, welcome=welcome)
+
+        def load(source: str | None, progress: gr.Progress = gr.Progress()) -> str:
+            with user_errors("load the model"):
+                entry = store.get(source, progress=lambda frac, text: progress(frac, desc=text))
+            return describe(entry)
+
+        def refresh(current: str | None) -> Any:
+            names = store.choices(settings.model)
+            return gr.Dropdown(choices=names, value=current or (names[0] if names else None))
+
+        load_button.click(load, picker, status, api_name="load_model")
+        picker.input(load, picker, status, api_name=False)
+        refresh_button.click(refresh, picker, picker, api_name="list_models")
+
+        for tab in (chat_tab, generate_tab, evaluate_tab, model_tab, arena_tab, train_tab):
+            tab.build(ctx)
+
+        if choices:  # show what is picked as soon as the page opens
+            demo.load(load, picker, status, api_name=False)
+
+    demo.queue(default_concurrency_limit=settings.concurrency, max_size=256)
+    return demo
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Serve the aksis demo (the Hugging Face Space app).")
+    parser.add_argument("--model", help="the model shown first: a local folder or a Hub id (default: AKSIS_MODEL)")
+    parser.add_argument("--checkpoints", help="where local models are found and trained (default: ./checkpoints)")
+    parser.add_argument("--host", default=None, help="address to serve on (default: 127.0.0.1; a Space sets it)")
+    parser.add_argument("--port", type=int, default=None, help="port (default: 7860, or GRADIO_SERVER_PORT)")
+    parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    settings = AppSettings.from_env()
+    if args.model:
+        settings.model = args.model
+    if args.checkpoints:
+        from pathlib import Path
+
+        settings.checkpoints_dir = Path(args.checkpoints)
+    demo = build_app(settings)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size="50mb")

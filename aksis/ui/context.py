@@ -1,0 +1,121 @@
+"""What every tab of the app shares: the settings (read from the environment once, at start), the model store,
+the model picker, and the helpers that turn library errors into messages in the UI.
+
+A tab module exposes `build(ctx)`, called inside the app's `gr.Blocks`; it adds one `gr.Tab` and wires its
+events. Event handlers take the picker's value (a model source) as an input and fetch the model from
+`ctx.store`, so each browser session uses the model it picked, and a model switch in one session never
+disturbs a generation running in another.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+
+if TYPE_CHECKING:
+    import gradio as gr
+
+    from aksis.ui.feedback import FeedbackLog
+    from aksis.ui.models import ModelStore
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# The most new tokens one request of the app may ask for: enough for long stories, small enough that one
+# visitor cannot hold a worker for minutes on a CPU Space.
+MAX_NEW_TOKENS = 1024
+
+
+@dataclass
+class AppSettings:
+    """The app's settings. A Space sets them as environment variables (see `from_env`)."""
+
+    model: str | None = None  # AKSIS_MODEL: the model shown first (a local folder or a Hub id[@revision])
+    checkpoints_dir: Path = Path("checkpoints")  # AKSIS_CHECKPOINTS: where local models are found and trained
+    hub_author: str | None = None  # AKSIS_HUB_AUTHOR: whose aksis models to list from the Hub
+    feedback_file: Path = Path("feedback/feedback.jsonl")  # AKSIS_FEEDBACK_FILE: votes and likes, one per line
+    feedback_repo: str | None = None  # AKSIS_FEEDBACK_REPO: a Hub dataset repo that receives the feedback
+    cache_mb: int = 2048  # AKSIS_MODEL_CACHE_MB: bound on the weights of the models kept loaded
+    concurrency: int = 4  # AKSIS_CONCURRENCY: requests served at once (the rest wait in the queue)
+    max_new_tokens: int = MAX_NEW_TOKENS
+    device: str | None = None  # AKSIS_DEVICE: cpu, cuda, mps; default: the best there is
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> AppSettings:
+        env = os.environ if environ is None else environ
+        defaults = cls()
+
+        def number(name: str, default: int) -> int:
+            text = env.get(name)
+            if not text:
+                return default
+            try:
+                value = int(text)
+            except ValueError:
+                raise ValueError(f"{name}={text!r} is not a whole number") from None
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+            return value
+
+        return cls(
+            model=env.get("AKSIS_MODEL") or None,
+            checkpoints_dir=Path(env.get("AKSIS_CHECKPOINTS") or defaults.checkpoints_dir),
+            hub_author=env.get("AKSIS_HUB_AUTHOR") or None,
+            feedback_file=Path(env.get("AKSIS_FEEDBACK_FILE") or defaults.feedback_file),
+            feedback_repo=env.get("AKSIS_FEEDBACK_REPO") or None,
+            cache_mb=number("AKSIS_MODEL_CACHE_MB", defaults.cache_mb),
+            concurrency=number("AKSIS_CONCURRENCY", defaults.concurrency),
+            device=env.get("AKSIS_DEVICE") or None,
+        )
+
+
+@dataclass
+class AppContext:
+    """Built once by `aksis.ui.build_app` and handed to every tab's `build`."""
+
+    settings: AppSettings
+    store: ModelStore
+    feedback: FeedbackLog
+    picker: gr.Dropdown  # value: the model source this browser session uses
+    # Hooks the Train tab (and the first-start banner) use to refresh the picker after a run.
+    welcome_button: gr.Button | None = None  # "Train a model now" on the first-start banner, when shown
+    extra: dict[str, Any] = field(default_factory=dict)  # components a tab offers to others, by name
+
+    @property
+    def device(self) -> torch.device:
+        return self.store.device
+
+
+@contextmanager
+def user_errors(action: str) -> Iterator[None]:
+    """Turn the library's errors (bad input, missing checkpoints, Hub failures) into a `gr.Error`, which the UI
+    shows as a message and the API returns as an error, while the app goes on serving."""
+    import gradio as gr
+
+    from aksis.chat import ChatError
+    from aksis.checkpoint import CheckpointError
+    from aksis.generation import GenerationError
+    from aksis.hub import HubError
+
+    try:
+        yield
+    except gr.Error:
+        raise
+    except (ValueError, CheckpointError, GenerationError, HubError, ChatError, OSError) as err:
+        raise gr.Error(f"Could not {action}: {err}", print_exception=False) from err
+
+
+def on_gpu(fn: F) -> F:
+    """On a ZeroGPU Space (the `spaces` package is importable), ask for a GPU while `fn` runs; elsewhere `fn`
+    unchanged. The device itself is chosen once, by the model store."""
+    try:
+        import spaces  # type: ignore[import-not-found]
+    except ImportError:
+        return fn
+    return functools.wraps(fn)(spaces.GPU(fn))  # type: ignore[no-any-return]

@@ -1,0 +1,155 @@
+"""The app's models: where they are found (local training runs, the Hub) and a bounded cache of loaded ones.
+
+- `local_models()` lists the run and checkpoint folders under the checkpoints folder (`./checkpoints`);
+  `hub_models()` lists the aksis models of one Hub author when the Hub can be reached (and nothing, quietly,
+  when it cannot: the app works offline).
+- `get(source)` loads a model once and keeps it: least recently used models are dropped when the weights kept
+  would pass `max_bytes` (the newest is always kept). Loading is serialised per source, so many requests for a
+  model that is not loaded yet load it once. A request holds its own reference, so dropping a model from the
+  cache never disturbs a generation that is using it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from aksis.checkpoint import CheckpointError, is_local, resolve_file, split_revision
+from aksis.config import GenerationConfig
+from aksis.generation import find_checkpoint, load_model
+from aksis.hub import HubError, is_hub_id, list_models
+from aksis.model import GPT
+from aksis.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    source: str  # as picked: a folder, a run folder, or a Hub id[@revision]
+    checkpoint: str  # the checkpoint folder or Hub id the weights came from
+    model: GPT
+    tokenizer: Tokenizer
+    generation: GenerationConfig
+    nbytes: int  # bytes of weights
+
+    def file(self, name: str) -> Path | None:
+        """A file of the checkpoint (e.g. README.md, metrics.jsonl), downloaded when it is on the Hub; None when
+        the checkpoint has none. metrics.jsonl of a local run lives beside best/ and step-N/, so the run folder is
+        looked at too."""
+        candidates = [self.checkpoint]
+        if is_local(self.source) and Path(self.source).resolve() != Path(self.checkpoint).resolve():
+            candidates.append(self.source)
+        for candidate in candidates:
+            try:
+                return resolve_file(candidate, name)
+            except CheckpointError:
+                continue
+        return None
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+class ModelStore:
+    def __init__(
+        self,
+        checkpoints_dir: Path,
+        *,
+        device: torch.device,
+        dtype: torch.dtype | None = None,
+        max_bytes: int = 2 << 30,
+        hub_author: str | None = None,
+    ) -> None:
+        self.checkpoints_dir = Path(checkpoints_dir)
+        self.device = device
+        self.dtype = dtype
+        self.max_bytes = max_bytes
+        self.hub_author = hub_author
+        self._models: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}
+
+    # ----- finding -----
+
+    def local_models(self) -> list[str]:
+        """Run and checkpoint folders directly under the checkpoints folder, by name."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        found = []
+        for folder in sorted(p for p in self.checkpoints_dir.iterdir() if p.is_dir()):
+            try:
+                find_checkpoint(folder)
+            except CheckpointError:
+                continue  # a folder that holds no checkpoint (yet): a run that is still starting, say
+            found.append(str(folder))
+        return found
+
+    def hub_models(self) -> list[str]:
+        if not self.hub_author:
+            return []
+        try:
+            return list_models(self.hub_author)
+        except HubError as err:
+            log.info("not listing Hub models: %s", err)
+            return []
+
+    def choices(self, first: str | None = None) -> list[str]:
+        """What the picker offers: `first` (the configured model), then local models, then Hub models."""
+        names = ([first] if first else []) + self.local_models() + self.hub_models()
+        return list(dict.fromkeys(names))
+
+    # ----- loading -----
+
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return list(self._models)
+
+    def get(self, source: str | None, progress: Callable[[float, str], None] | None = None) -> LoadedModel:
+        """The model named by `source`, loaded on first use. Raises CheckpointError with what to do."""
+        source = (source or "").strip()
+        if not source:
+            raise CheckpointError("no model picked: choose one in the model picker (or train one in the Train tab)")
+        with self._lock:
+            if source in self._models:
+                self._models.move_to_end(source)
+                return self._models[source]
+            loading = self._loading.setdefault(source, threading.Lock())
+        with loading:  # one load per source; others wait for it and then find it in the cache
+            with self._lock:
+                if source in self._models:
+                    return self._models[source]
+            if progress is not None:
+                progress(0.1, f"loading {source}")
+            entry = self._load(source)
+            if progress is not None:
+                progress(1.0, f"loaded {source}")
+            with self._lock:
+                self._models[source] = entry
+                self._evict()
+                self._loading.pop(source, None)
+            return entry
+
+    def _load(self, source: str) -> LoadedModel:
+        if not is_local(source) and not is_hub_id(source):
+            raise CheckpointError(f"{source!r} is neither a local folder nor a Hub id of the form user/name[@revision]")
+        if is_hub_id(source):
+            split_revision(source)  # a malformed revision is named before any download
+        checkpoint = find_checkpoint(source)
+        model, tokenizer, generation = load_model(checkpoint, device=self.device, dtype=self.dtype)
+        entry = LoadedModel(source, checkpoint, model, tokenizer, generation, weight_bytes(model))
+        log.info("loaded %s (%.1f MB of weights) on %s", source, entry.nbytes / 1e6, self.device)
+        return entry
+
+    def _evict(self) -> None:
+        """Drop least recently used models while the kept weights pass the bound; the newest always stays."""
+        while len(self._models) > 1 and sum(m.nbytes for m in self._models.values()) > self.max_bytes:
+            name, _ = self._models.popitem(last=False)
+            log.info("unloaded %s to stay within %.0f MB", name, self.max_bytes / 1e6)
