@@ -52,7 +52,7 @@ def describe(entry: Any) -> str:
     return (
         f"**{entry.source}**: {cfg.arch}, {cfg.n_layer} layers × {cfg.n_embd}, "
         f"{entry.model.num_params() / 1e6:.2f}M parameters, context {cfg.block_size}, "
-        f"tokenizer {entry.tokenizer.name} ({entry.tokenizer.vocab_size} tokens), on {entry.model.lm_head.weight.device}"
+        f"tokenizer {entry.tokenizer.name} ({entry.tokenizer.vocab_size} tokens), on {entry.device}"
     )
 
 
@@ -107,14 +107,14 @@ def build_app(settings: AppSettings | None = None) -> gr.Blocks:
             return gr.Dropdown(choices=names, value=current or (names[0] if names else None))
 
         load_button.click(load, picker, status, api_name="load_model")
-        picker.input(load, picker, status, api_name=False)
+        picker.input(load, picker, status, api_visibility="private")
         refresh_button.click(refresh, picker, picker, api_name="list_models")
 
         for tab in (chat_tab, generate_tab, evaluate_tab, model_tab, arena_tab, train_tab):
             tab.build(ctx)
 
         if choices:  # show what is picked as soon as the page opens
-            demo.load(load, picker, status, api_name=False)
+            demo.load(load, picker, status, api_visibility="private")
 
     demo.queue(default_concurrency_limit=settings.concurrency, max_size=256)
     return demo

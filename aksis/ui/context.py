@@ -9,13 +9,12 @@ disturbs a generation running in another.
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 
@@ -118,4 +117,4 @@ def on_gpu(fn: F) -> F:
         import spaces  # type: ignore[import-not-found]
     except ImportError:
         return fn
-    return functools.wraps(fn)(spaces.GPU(fn))  # type: ignore[no-any-return]
+    return cast(F, spaces.GPU(fn))

@@ -39,6 +39,10 @@ class LoadedModel:
     generation: GenerationConfig
     nbytes: int  # bytes of weights
 
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
     def file(self, name: str) -> Path | None:
         """A file of the checkpoint (e.g. README.md, metrics.jsonl), downloaded when it is on the Hub; None when
         the checkpoint has none. metrics.jsonl of a local run lives beside best/ and step-N/, so the run folder is
