@@ -1,0 +1,144 @@
+"""The app's frame (aksis.ui): settings from the environment, the model store (finding, loading once, a bound on
+memory), the picker, first start with no model, a Hub checkpoint named by AKSIS_MODEL, and many clients at once."""
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import Hub, ServedApp, serve_app, write_run
+
+from aksis.checkpoint import CheckpointError
+from aksis.ui import AppSettings
+from aksis.ui.models import ModelStore, weight_bytes
+
+
+def test_settings_come_from_the_environment() -> None:
+    env = {"AKSIS_MODEL": "alice/tiny@v1", "AKSIS_CHECKPOINTS": "/data/runs", "AKSIS_MODEL_CACHE_MB": "512"}
+    settings = AppSettings.from_env(env)
+    assert settings.model == "alice/tiny@v1" and settings.checkpoints_dir == Path("/data/runs")
+    assert settings.cache_mb == 512 and settings.concurrency == AppSettings().concurrency
+    assert AppSettings.from_env({}) == AppSettings()
+    with pytest.raises(ValueError, match="AKSIS_CONCURRENCY='many' is not a whole number"):
+        AppSettings.from_env({"AKSIS_CONCURRENCY": "many"})
+    with pytest.raises(ValueError, match="AKSIS_MODEL_CACHE_MB must be at least 1"):
+        AppSettings.from_env({"AKSIS_MODEL_CACHE_MB": "0"})
+
+
+def test_store_lists_runs_and_skips_folders_without_a_checkpoint(app_checkpoints: Path, tmp_path: Path) -> None:
+    store = ModelStore(app_checkpoints, device=torch.device("cpu"))
+    runs = [str(app_checkpoints / "tiny-gpt2"), str(app_checkpoints / "tiny-llama")]
+    assert store.local_models() == runs
+    assert store.choices("alice/tiny") == ["alice/tiny", *runs]
+    assert store.choices(runs[1]) == [runs[1], runs[0]]  # the configured model first, listed once
+    (tmp_path / "starting-run").mkdir()  # a run whose first checkpoint is not written yet
+    assert ModelStore(tmp_path, device=torch.device("cpu")).local_models() == []
+    assert ModelStore(tmp_path / "missing", device=torch.device("cpu")).choices() == []
+
+
+def test_store_loads_once_and_keeps_within_its_memory_bound(app_checkpoints: Path) -> None:
+    llama, gpt2 = str(app_checkpoints / "tiny-llama"), str(app_checkpoints / "tiny-gpt2")
+    store = ModelStore(app_checkpoints, device=torch.device("cpu"))
+    first = store.get(llama)
+    assert store.get(llama) is first and first.checkpoint.endswith("best")
+    assert first.nbytes == weight_bytes(first.model) and first.file("metrics.jsonl") is not None
+    assert first.file("no-such-file.txt") is None
+
+    small = ModelStore(app_checkpoints, device=torch.device("cpu"), max_bytes=first.nbytes + 1)
+    kept = small.get(llama)
+    small.get(gpt2)
+    assert small.loaded() == [gpt2]  # the older one was dropped to stay within the bound...
+    assert next(kept.model.parameters()).numel() > 0  # ...while a request holding it can still use it
+    small.get(llama)
+    assert small.loaded() == [llama]
+
+
+def test_concurrent_requests_load_a_model_once(app_checkpoints: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = ModelStore(app_checkpoints, device=torch.device("cpu"))
+    loads = []
+    real_load = store._load
+
+    def counting_load(source: str):  # type: ignore[no-untyped-def]
+        loads.append(source)
+        return real_load(source)
+
+    monkeypatch.setattr(store, "_load", counting_load)
+    source = str(app_checkpoints / "tiny-llama")
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(store.get(source))) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert loads == [source] and len(results) == 6 and all(r is results[0] for r in results)
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("", "no model picked"),
+        ("./no/such/folder", "no checkpoint folder at ./no/such/folder"),
+        ("just-a-name", "neither a local folder nor a Hub id"),
+        ("alice/tiny@", "write a Hub revision as user/name@revision"),
+    ],
+)
+def test_store_explains_bad_sources(app_checkpoints: Path, source: str, message: str) -> None:
+    with pytest.raises(CheckpointError, match=message):
+        ModelStore(app_checkpoints, device=torch.device("cpu")).get(source)
+
+
+def test_first_start_without_models_offers_training(tmp_path: Path) -> None:
+    app = serve_app(AppSettings(checkpoints_dir=tmp_path / "checkpoints", feedback_file=tmp_path / "f.jsonl"))
+    try:
+        welcome = component(app, "welcome")
+        assert welcome["props"]["visible"] is True
+        assert component(app, "model-picker")["props"].get("value") in (None, "", [])
+    finally:
+        app.demo.close()
+
+
+def component(app: ServedApp, elem_id: str) -> dict:  # type: ignore[type-arg]
+    """A component of the served app's config (what the browser receives), by elem_id."""
+    import httpx
+
+    config = httpx.get(app.url + "config", timeout=10).json()
+    (found,) = [c for c in config["components"] if c.get("props", {}).get("elem_id") == elem_id]
+    return found  # type: ignore[no-any-return]
+
+
+def test_a_served_app_with_models_hides_the_welcome(served_app: ServedApp) -> None:
+    assert component(served_app, "welcome")["props"]["visible"] is False
+    assert component(served_app, "model-picker")["props"]["value"] == served_app.settings.model
+
+
+def test_picker_loads_and_explains_errors(served_app: ServedApp) -> None:
+    from gradio_client.exceptions import AppError
+
+    client = served_app.client()
+    status = client.predict(served_app.settings.model, api_name="/load_model")
+    assert "llama, 2 layers × 64" in status and "on cpu" in status
+    with pytest.raises(AppError, match="Could not load the model: no model repo nobody/nothing on the Hub"):
+        client.predict("nobody/nothing", api_name="/load_model")
+    assert "llama" in client.predict(served_app.settings.model, api_name="/load_model")  # still serving
+
+
+def test_aksis_model_names_a_hub_checkpoint(hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Space sets AKSIS_MODEL to a Hub id: the app starts with it picked and loads it through the Hub."""
+    from aksis.hub import push_checkpoint
+
+    run = write_run(tmp_path / "run", "gpt2", seed=3)
+    repo_id = hub.fresh_repo_id("space-model")
+    monkeypatch.setenv("HF_TOKEN", hub.write_token)
+    push_checkpoint(run / "best", repo_id)
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setenv("AKSIS_MODEL", repo_id)
+    monkeypatch.setenv("AKSIS_CHECKPOINTS", str(tmp_path / "empty"))
+    monkeypatch.setenv("AKSIS_FEEDBACK_FILE", str(tmp_path / "feedback.jsonl"))
+    app = serve_app(AppSettings.from_env())
+    try:
+        assert component(app, "model-picker")["props"]["value"] == repo_id
+        assert component(app, "welcome")["props"]["visible"] is False
+        status = app.client().predict(repo_id, api_name="/load_model")
+        assert f"**{repo_id}**: gpt2" in status
+    finally:
+        app.demo.close()
