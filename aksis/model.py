@@ -5,7 +5,8 @@
   weights map over with only the Conv1D transposes (see aksis.interop).
 - "llama": rotary position embeddings (RoPE), RMSNorm, SwiGLU MLP, no biases, grouped-query attention.
 
-Attention goes through `F.scaled_dot_product_attention`. The model knows nothing about sampling: it
+Attention goes through `F.scaled_dot_product_attention`, which never materialises the attention probabilities;
+`GPT.attention_weights` recomputes them for one layer, for inspection. The model knows nothing about sampling: it
 maps token ids to logits, optionally reading and writing a caller-owned `KVCache`. Saving and loading
 (`save_pretrained`, `from_pretrained`, `push_to_hub`) come from `CheckpointMixin`; the folder format
 lives in aksis.checkpoint.
@@ -95,6 +96,24 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k.type_as(q), v.type_as(q), attn_mask=mask, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+    def attention_weights(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """softmax(q k^T / sqrt(hd)) under the causal mask, (B, n_head, T, T) in float32, for this layer's input x
+        (B, T, C) without a cache: what SDPA in `forward` computes without ever materialising it. For inspection
+        (the app's attention view), not speed."""
+        B, T, _ = x.shape
+        q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        q, k, _ = self.c_attn(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, nh, hd)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)  # (B, T, nkv, hd)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        # GQA: query head h reads key head h // (nh / nkv), as SDPA's enable_gqa does.
+        k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=2)  # (B, T, nh, hd)
+        q, k = q.transpose(1, 2).float(), k.transpose(1, 2).float()  # (B, nh, T, hd)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, nh, T, T)
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        return scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
 
 
 class MLP(nn.Module):
@@ -250,6 +269,29 @@ class GPT(
                 logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX
             )
         return logits, loss
+
+    @torch.no_grad()
+    def attention_weights(self, idx: torch.Tensor, layer: int) -> torch.Tensor:
+        """Attention probabilities (B, n_head, T, T) of block `layer` for token ids `idx` (B, T): the blocks before
+        it run as in `forward` (no cache), then that block's attention recomputes its weights explicitly."""
+        if not 0 <= layer < self.config.n_layer:
+            raise ValueError(f"layer must be between 0 and {self.config.n_layer - 1}, got {layer}")
+        T = idx.size(1)
+        if T > self.config.block_size:
+            raise ValueError(f"input of {T} tokens is longer than the context ({self.config.block_size} tokens)")
+        pos = torch.arange(T, device=idx.device)  # (T,)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if self.transformer.wpe is not None:
+            x = x + self.transformer.wpe(pos)
+        else:
+            rope = (self.rope_cos[pos], self.rope_sin[pos])  # each (T, hd/2)
+        x = self.transformer.drop(x)
+        for block in self.transformer.h[:layer]:
+            x = block(x, rope, None, None)
+        block = self.transformer.h[layer]
+        assert isinstance(block, Block)  # for the type checker: ModuleList items are plain Modules
+        return block.attn.attention_weights(block.ln_1(x), rope)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameter count (tied weights counted once); optionally without token and position embeddings."""

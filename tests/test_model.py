@@ -132,3 +132,38 @@ def test_backward_reaches_every_parameter(arch: str) -> None:
     assert loss is not None
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# n_kv_head None: as many key/value heads as query heads; 2 of 4: grouped-query attention.
+@pytest.mark.parametrize(("arch", "n_kv_head"), [("gpt2", None), ("llama", None), ("llama", 2)])
+def test_attention_weights_are_causal_probabilities_that_reproduce_sdpa(arch: str, n_kv_head: int | None) -> None:
+    """Weights @ V equals the attention output that SDPA computes in forward, layer by layer."""
+    model = GPT(tiny_config(arch, n_kv_head=n_kv_head)).eval()
+    idx = torch.randint(0, 300, (2, 12))
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (attention input, attention output)
+    hooks = [
+        block.attn.register_forward_hook(lambda m, args, out, i=i: seen.__setitem__(i, (args[0], out)))
+        for i, block in enumerate(model.transformer.h)
+    ]
+    with torch.no_grad():
+        model(idx)
+    for hook in hooks:
+        hook.remove()
+    cfg = model.config
+    for layer, block in enumerate(model.transformer.h):
+        weights = model.attention_weights(idx, layer)
+        assert weights.shape == (2, cfg.n_head, 12, 12)
+        assert torch.all(weights.triu(diagonal=1) == 0)  # no token attends to a later one
+        torch.testing.assert_close(weights.sum(-1), torch.ones(2, cfg.n_head, 12))
+        x, out = seen[layer]
+        kv_dim = cfg.n_kv_head * cfg.head_dim
+        v = block.attn.c_attn(x)[..., -kv_dim:].view(2, 12, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        v = v.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)  # (B, nh, T, hd)
+        y = (weights @ v).transpose(1, 2).reshape(2, 12, cfg.n_embd)
+        torch.testing.assert_close(block.attn.c_proj(y), out, atol=1e-5, rtol=1e-4)
+
+
+def test_attention_weights_name_a_layer_that_does_not_exist() -> None:
+    model = GPT(tiny_config())
+    with pytest.raises(ValueError, match="layer must be between 0 and 1, got 2"):
+        model.attention_weights(torch.zeros(1, 4, dtype=torch.long), 2)
