@@ -74,3 +74,44 @@ def test_commands_run_in_order(tmp_path: Path, hub: Hub) -> None:
             assert "ROMEO:" in result.stdout and "ended by" in result.stderr
     runs = {p.parent.parent.name for p in (tmp_path / "checkpoints").glob("*/best/model.safetensors")}
     assert {"tiny-shakespeare", "tiny-shakespeare-chat"} <= runs
+
+
+def test_first_command_installs_and_serves_the_app(tmp_path: Path) -> None:
+    """The newcomer's first command ends in `python app.py`; run from a fresh clone (no checkpoints, no Hub), the
+    app serves its page and offers to train a model."""
+    import signal
+    import socket
+
+    import httpx
+
+    first = next(code for lang, code in BLOCKS if lang == "bash").strip()
+    assert first.startswith("pip install") and first.endswith("&& python app.py")
+    (tmp_path / "app.py").symlink_to(ROOT / "app.py")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "HF_HUB_OFFLINE": "1"}
+    app = subprocess.Popen(
+        ["python", "app.py"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        assert app.stdout is not None
+        lines = []
+        for line in app.stdout:  # gradio prints its URL once it serves
+            lines.append(line)
+            if f"127.0.0.1:{port}" in line:
+                break
+        else:
+            pytest.fail("python app.py ended without serving:\n" + "".join(lines))
+        page = httpx.get(f"http://127.0.0.1:{port}/", timeout=30)
+        assert page.status_code == 200
+        config = httpx.get(f"http://127.0.0.1:{port}/config", timeout=30).json()
+        assert config["title"] == "aksis"
+        (welcome,) = [c for c in config["components"] if c.get("props", {}).get("elem_id") == "welcome"]
+        assert welcome["props"]["visible"] is True  # no model anywhere: the one-click training is offered
+    finally:
+        app.send_signal(signal.SIGINT)
+        try:
+            app.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            app.kill()

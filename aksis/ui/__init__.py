@@ -128,8 +128,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=None, help="port (default: 7860, or GRADIO_SERVER_PORT)")
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    settings = AppSettings.from_env()
+    # aksis's own messages (models loaded, training progress) as plain lines on stderr; only the "aksis" logger
+    # gets a handler, as in the CLI, so other libraries' messages are not printed twice.
+    aksis_log = logging.getLogger("aksis")
+    if not aksis_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        aksis_log.addHandler(handler)
+        aksis_log.setLevel(logging.INFO)
+    try:
+        settings = AppSettings.from_env()
+    except ValueError as err:
+        parser.error(str(err))
     if args.model:
         settings.model = args.model
     if args.checkpoints:
