@@ -19,6 +19,7 @@ def test_settings_come_from_the_environment() -> None:
     assert settings.model == "alice/tiny@v1" and settings.checkpoints_dir == Path("/data/runs")
     assert settings.cache_mb == 512 and settings.concurrency == AppSettings().concurrency
     assert AppSettings.from_env({}) == AppSettings()
+    assert AppSettings.from_env({"SPACE_AUTHOR_NAME": "alice"}).hub_author == "alice"  # a Space lists its owner's
     with pytest.raises(ValueError, match="AKSIS_CONCURRENCY='many' is not a whole number"):
         AppSettings.from_env({"AKSIS_CONCURRENCY": "many"})
     with pytest.raises(ValueError, match="AKSIS_MODEL_CACHE_MB must be at least 1"):

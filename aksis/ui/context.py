@@ -37,7 +37,7 @@ class AppSettings:
 
     model: str | None = None  # AKSIS_MODEL: the model shown first (a local folder or a Hub id[@revision])
     checkpoints_dir: Path = Path("checkpoints")  # AKSIS_CHECKPOINTS: where local models are found and trained
-    hub_author: str | None = None  # AKSIS_HUB_AUTHOR: whose aksis models to list from the Hub
+    hub_author: str | None = None  # AKSIS_HUB_AUTHOR (on a Space, its owner): whose aksis models the Hub lists
     feedback_file: Path = Path("feedback/feedback.jsonl")  # AKSIS_FEEDBACK_FILE: votes and likes, one per line
     feedback_repo: str | None = None  # AKSIS_FEEDBACK_REPO: a Hub dataset repo that receives the feedback
     cache_mb: int = 2048  # AKSIS_MODEL_CACHE_MB: bound on the weights of the models kept loaded
@@ -65,7 +65,7 @@ class AppSettings:
         return cls(
             model=env.get("AKSIS_MODEL") or None,
             checkpoints_dir=Path(env.get("AKSIS_CHECKPOINTS") or defaults.checkpoints_dir),
-            hub_author=env.get("AKSIS_HUB_AUTHOR") or None,
+            hub_author=env.get("AKSIS_HUB_AUTHOR") or env.get("SPACE_AUTHOR_NAME") or None,
             feedback_file=Path(env.get("AKSIS_FEEDBACK_FILE") or defaults.feedback_file),
             feedback_repo=env.get("AKSIS_FEEDBACK_REPO") or None,
             cache_mb=number("AKSIS_MODEL_CACHE_MB", defaults.cache_mb),
