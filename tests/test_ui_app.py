@@ -143,3 +143,14 @@ def test_aksis_model_names_a_hub_checkpoint(hub: Hub, tmp_path: Path, monkeypatc
         assert f"**{repo_id}**: gpt2" in status
     finally:
         app.demo.close()
+
+
+def test_store_lists_the_hub_models_of_an_author(hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from aksis.hub import push_checkpoint
+
+    repo_id = hub.fresh_repo_id("listed", namespace=hub.org)
+    monkeypatch.setenv("HF_TOKEN", hub.write_token)
+    push_checkpoint(write_run(tmp_path / "run", "llama", seed=4) / "best", repo_id)
+    store = ModelStore(tmp_path / "none", device=torch.device("cpu"), hub_author=hub.org)
+    assert repo_id in store.hub_models() and repo_id in store.choices()
+    assert ModelStore(tmp_path, device=torch.device("cpu"), hub_author="nobody-at-all").hub_models() == []
