@@ -12,6 +12,8 @@
 - `stream` yields text pieces as they are decoded. Pieces never split a multi-byte UTF-8 character, text that
   might be the start of a stop string is held back until it is known not to be, and the pieces always join up
   to exactly `Completion.text`.
+- `token_probabilities` tells, for each generated token, how likely the model found it and what else it
+  considered (the app's token view).
 - Several prompts of different lengths decode together, left-padded (`KVCache.set_padding`); within the
   context each row computes what it would alone (past it, all rows slide their window together, so a short
   row may lose context it would have kept alone). A `seed` makes sampling reproducible.
@@ -501,6 +503,75 @@ def _stops(tokenizer: Tokenizer, tokens: list[int], stop: list[str]) -> bool:
     for t in tokens:
         text.add(t)
     return text.stopped
+
+
+# ----- token probabilities (the app's token view) -----
+
+
+@dataclass
+class TokenProb:
+    """One generated token and what the model thought of it (see `token_probabilities`)."""
+
+    token_id: int
+    text: str  # the token on its own (a byte that is only part of a character shows as U+FFFD)
+    prob: float
+    alternatives: list[tuple[str, float]]  # the most likely tokens at its place (text, probability), best first
+
+
+@torch.inference_mode()
+def token_probabilities(
+    model: GPT, tokenizer: Tokenizer, prompt: str | Sequence[int], token_ids: Sequence[int], top_n: int = 5
+) -> list[TokenProb]:
+    """For each of `token_ids` (a completion of `prompt`, e.g. `Completion.token_ids`), its probability and the
+    `top_n` most likely tokens at its place.
+
+    Probabilities are the softmax of the model's raw logits at temperature 1 (over the tokenizer's ids): what
+    the model itself predicts, before repetition penalty, temperature, top-k or top-p reshape it. So a greedy
+    token (without repetition penalty) is always the most likely one, and a sampled token may be unlikely here.
+
+    Each token is scored in the context generation gave it: the prompt keeps its last `block_size` tokens, and
+    past the context the window slides as in `generate` (when it is full, the newer half is kept and read
+    again). Within the context this is one forward pass over prompt + completion; past it, one pass per window.
+    """
+    if top_n < 0:
+        raise GenerationError(f"top_n must be 0 or more, got {top_n}")
+    vocab = tokenizer.vocab_size
+    bad = [t for t in token_ids if not 0 <= t < vocab]
+    if bad:
+        raise GenerationError(f"token ids {bad[:5]} are not ids of the tokenizer (0 to {vocab - 1})")
+    ids = _prompt_ids(model, tokenizer, prompt)
+    seq, P = ids + list(token_ids), len(ids)
+    device = next(model.parameters()).device
+    block = model.config.block_size
+    # starts[i]: where the window begins when token P + i is chosen; it is predicted from seq[start : P + i].
+    # When every token fits in the context no window ever slides, whatever max_new_tokens was, and when they do
+    # not, generation's cache held exactly block_size tokens, so block_size is the capacity to mirror.
+    starts, start = [], 0
+    for j in range(P, len(seq)):
+        if j - start > block:
+            start = j - max(block // 2, 1)
+        starts.append(start)
+    scores: list[TokenProb] = []
+    i = 0
+    while i < len(starts):
+        end = i
+        while end < len(starts) and starts[end] == starts[i]:
+            end += 1
+        start = starts[i]
+        # Tokens P+i .. P+end-1 share this window; the logits at position j - 1 predict token j.
+        window = torch.tensor([seq[start : P + end - 1]], device=device)  # (1, T), T <= block_size
+        logits, _ = model(window)
+        probs = logits[0, P + i - 1 - start :, :vocab].float().softmax(dim=-1)  # (end - i, V)
+        chosen = torch.tensor(seq[P + i : P + end], device=device)
+        chosen_probs = probs[torch.arange(end - i, device=device), chosen].tolist()
+        top = torch.topk(probs, min(top_n, vocab), dim=-1)
+        for token, prob, top_probs, top_ids in zip(
+            chosen.tolist(), chosen_probs, top.values.tolist(), top.indices.tolist(), strict=True
+        ):
+            alternatives = [(tokenizer.decode([t]), p) for t, p in zip(top_ids, top_probs, strict=True)]
+            scores.append(TokenProb(token, tokenizer.decode([token]), prob, alternatives))
+        i = end
+    return scores
 
 
 # ----- loading a model for inference -----

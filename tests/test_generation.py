@@ -22,6 +22,7 @@ from aksis.generation import (
     load_model,
     sampler_config,
     stream,
+    token_probabilities,
 )
 from aksis.model import GPT
 from aksis.tokenizer import Tokenizer
@@ -285,3 +286,67 @@ def test_beam_search_applies_the_repetition_penalty_as_greedy_does(tok: Tokenize
         greedy.token_ids
         != generate(model, tok, "To be", GenerationConfig(temperature=0.0, max_new_tokens=20)).token_ids
     )
+
+
+# ----- token probabilities -----
+
+
+def test_token_probabilities_are_the_softmax_of_a_direct_model_call(arch: str, tok: Tokenizer) -> None:
+    model = model_for(arch)
+    prompt = tok.encode("To be, or not")
+    config = GenerationConfig(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=12, seed=3)
+    out = generate(model, tok, prompt, config, stop_ids=set())
+    scores = token_probabilities(model, tok, prompt, out.token_ids, top_n=4)
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([prompt + out.token_ids]))
+    probs = logits[0, len(prompt) - 1 : -1].softmax(dim=-1)  # (12, V): row i predicts token i
+    assert [s.token_id for s in scores] == out.token_ids
+    assert [s.text for s in scores] == [tok.decode([t]) for t in out.token_ids]
+    expected = probs[torch.arange(12), torch.tensor(out.token_ids)]
+    torch.testing.assert_close(torch.tensor([s.prob for s in scores]), expected)
+    for score, row in zip(scores, probs, strict=True):
+        top = row.topk(4)
+        assert [p for _, p in score.alternatives] == pytest.approx(top.values.tolist())
+        assert [t for t, _ in score.alternatives] == [tok.decode([i]) for i in top.indices.tolist()]
+
+
+@torch.no_grad()
+def test_past_the_context_each_token_is_scored_in_the_window_generation_used(tok: Tokenizer) -> None:
+    model = model_for("llama", block_size=16)
+    prompt = tok.encode("a long prompt of twenty")  # 23 tokens: generation keeps the last 16
+    config = GenerationConfig(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=30, seed=5)
+    out = generate(model, tok, prompt, config, stop_ids=set())
+    scores = token_probabilities(model, tok, prompt, out.token_ids, top_n=2)
+    # Step by step as generation slides its window: full, then keep the newer half (8 tokens) and go on.
+    seq, start, expected = prompt[-16:] + out.token_ids, 0, []
+    for j in range(16, len(seq)):
+        if j - start > 16:
+            start = j - 8
+        logits, _ = model(torch.tensor([seq[start:j]]))
+        expected.append(logits[0, -1].softmax(dim=-1)[seq[j]].item())
+    assert [s.prob for s in scores] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+
+def test_greedy_tokens_are_the_most_likely_with_sorted_alternatives(arch: str, tok: Tokenizer) -> None:
+    model = model_for(arch, block_size=16)
+    prompt = tok.encode("Once upon")
+    out = generate(model, tok, prompt, GenerationConfig(temperature=0.0, max_new_tokens=40), stop_ids=set())
+    scores = token_probabilities(model, tok, prompt, out.token_ids, top_n=3)
+    assert len(scores) == 40  # well past the context of 16
+    for score in scores:
+        probs = [p for _, p in score.alternatives]
+        assert probs == sorted(probs, reverse=True) and len(probs) == 3
+        assert score.alternatives[0] == (score.text, score.prob)  # the top alternative is the greedy choice
+
+
+def test_token_probabilities_cover_only_the_tokenizer_ids(tok: Tokenizer) -> None:
+    model = model_for("gpt2", vocab_size=320)  # a padded embedding table: ids 260..319 have no text
+    with torch.no_grad():
+        model.lm_head.weight[260:] += 5.0  # they would take most of the probability
+    out = generate(model, tok, "Hi", GenerationConfig(temperature=0.0, max_new_tokens=5), stop_ids=set())
+    scores = token_probabilities(model, tok, "Hi", out.token_ids, top_n=260)
+    for score in scores:
+        assert sum(p for _, p in score.alternatives) == pytest.approx(1.0, abs=1e-4)
+    assert token_probabilities(model, tok, "Hi", []) == []
+    with pytest.raises(GenerationError, match="not ids of the tokenizer"):
+        token_probabilities(model, tok, "Hi", [300])

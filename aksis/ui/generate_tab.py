@@ -1,12 +1,493 @@
-"""PLACEHOLDER: the Generate tab (being written)."""
+"""The Generate tab: continue a prompt with any sampler, watch the text stream in, then see every generated token
+coloured by how likely the model found it, with the alternatives it considered.
+
+- Settings: a sampler ("sample" uses temperature, top-k and top-p together, as the checkpoints' defaults do; the
+  others are `aksis.generation.SAMPLERS`), its sliders, max new tokens (at most the app's limit) and a seed
+  (blank or negative: a random one, shown in the stats line so the output can be reproduced). The sliders a
+  sampler does not read are greyed out. `generation_config` turns them into a `GenerationConfig` through
+  `sampler_config`, on top of the checkpoint's own defaults (its stop strings and length penalty stay).
+- Presets: the checkpoint's generation_config.json or one of `aksis.generation.PRESETS`. Picking a model or a
+  preset fills the sampler and the sliders (a model switch thus also resets tweaked sliders to the preset).
+- Output: the text streams in (beam search shows its text once, at the end); then the token view (HTML spans,
+  coloured by probability, the alternatives in a tooltip), a token table and a stats line. Probabilities are
+  the model's own (`token_probabilities`: softmax at temperature 1, before any sampler reshapes them).
+
+API (`gradio_client`):
+- `/generate` (source, prompt, sampler, temperature, top_k, top_p, num_beams, repetition_penalty,
+  max_new_tokens, seed) -> (continuation, token view HTML, token table, stats). The continuation is the generated
+  text alone, without the prompt: with a seed it equals `aksis.generation.generate(...).text` for the same
+  settings (beam search: `beam_search(...)[0].text`).
+- `/generation_preset` (source, preset) -> (sampler, temperature, top_k, top_p, num_beams, repetition_penalty,
+  max_new_tokens): the settings a preset puts in the sliders.
+
+Element ids (browser tests): generate-prompt, generate-button, generate-stop, generate-preset, generate-sampler,
+generate-temperature, generate-top-k, generate-top-p, generate-beams, generate-repetition-penalty,
+generate-max-new-tokens, generate-seed, generate-output, generate-stats, generate-tokens, generate-token-table.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import html
+import math
+import secrets
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
 import gradio as gr
 
-from aksis.ui.context import AppContext
+from aksis.checkpoint import CheckpointError
+from aksis.config import GenerationConfig
+from aksis.generation import (
+    DEFAULT_BEAM_WIDTH,
+    PRESETS,
+    SAMPLERS,
+    Completion,
+    TokenProb,
+    sampler_config,
+    stream,
+    token_probabilities,
+)
+from aksis.hub import HubError
+from aksis.ui.context import AppContext, on_gpu, user_errors
+from aksis.ui.models import LoadedModel, ModelStore
+
+SAMPLE = "sample"  # temperature + top-k + top-p together: sampler_config(None, ...)
+SAMPLER_CHOICES = [SAMPLE, *SAMPLERS]
+CHECKPOINT_PRESET = "checkpoint defaults"
+PRESET_CHOICES = [CHECKPOINT_PRESET, *PRESETS]
+TOP_N = 5  # alternatives shown per token
+MAX_TEMPERATURE, MAX_TOP_K, MAX_BEAMS, MAX_PENALTY = 2.0, 200, 8, 2.0
+
+# The sliders each sampler reads. Only these reach sampler_config, where a setting given overrides the sampler's
+# own choice (top_p given to "top-k" would switch top-p back on). The repetition penalty applies to all.
+SAMPLER_SLIDERS: dict[str, tuple[str, ...]] = {
+    SAMPLE: ("temperature", "top_k", "top_p"),
+    "greedy": (),
+    "temperature": ("temperature",),
+    "top-k": ("temperature", "top_k"),
+    "top-p": ("temperature", "top_p"),
+    "beam": ("num_beams",),
+}
+SLIDERS = ("temperature", "top_k", "top_p", "num_beams")
+
+FINISH = {"eos": "a stop token", "stop": "a stop string", "length": "max new tokens reached"}
+TABLE_HEADERS = ["#", "token", "probability", "top alternatives"]
+EXAMPLES = ["To be, or not to be", "ROMEO:\n", "Once upon a time", "The king said"]
+HELP = (
+    "Continue a prompt with the picked model. **sample** draws with temperature, top-k and top-p together; "
+    "**greedy** always takes the most likely token; **beam** searches for the most likely continuation. "
+    "After generating, each token is coloured by its probability under the model (red: unlikely, green: likely); "
+    "hover over a token to see what else the model considered."
+)
+
+
+# ----- settings -----
+
+
+def _input_error(message: str) -> gr.Error:
+    """A message for the UI (or the API caller); bad input is no server fault, so no traceback in the log."""
+    return gr.Error(message, print_exception=False)
+
+
+def _number(value: Any, name: str) -> float:
+    """A number from an input (the API may send anything), or a gr.Error that names the input."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise _input_error(f"{name} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise _input_error(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise _input_error(f"{name} must be a finite number, got {value!r}")
+    return number
+
+
+def _whole(value: Any, name: str) -> int:
+    number = _number(value, name)
+    if number != int(number):
+        raise _input_error(f"{name} must be a whole number, got {value!r}")
+    return int(number)
+
+
+def _max_new_tokens(value: Any, limit: int) -> int:
+    if value is None:
+        raise _input_error(f"max new tokens is missing: give a number from 1 to {limit}")
+    n = _whole(value, "max new tokens")
+    if not 1 <= n <= limit:
+        raise _input_error(f"max new tokens must be between 1 and {limit} (this app's limit), got {n}")
+    return n
+
+
+def generation_config(
+    base: GenerationConfig,
+    sampler: str | None,
+    *,
+    temperature: Any = None,
+    top_k: Any = None,
+    top_p: Any = None,
+    num_beams: Any = None,
+    repetition_penalty: Any = None,
+    max_new_tokens: Any = None,
+    seed: Any = None,
+    limit: int,
+) -> GenerationConfig:
+    """The GenerationConfig for the tab's settings on top of `base` (the checkpoint's defaults): only the
+    sliders the sampler reads are used (see SAMPLER_SLIDERS); `max_new_tokens` must be 1 to `limit`; a blank
+    or negative seed becomes a random one. Bad settings raise gr.Error with what would be accepted."""
+    sampler = sampler or SAMPLE
+    if sampler not in SAMPLER_SLIDERS:
+        raise _input_error(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLER_CHOICES)}")
+    n = _max_new_tokens(max_new_tokens, limit)
+    values = dict(temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams)
+    given: dict[str, Any] = {}
+    for name in SAMPLER_SLIDERS[sampler]:
+        if values[name] is not None:
+            label = name.replace("_", "-") if name != "num_beams" else "beam width"
+            given[name] = (
+                _whole(values[name], label) if name in ("top_k", "num_beams") else _number(values[name], label)
+            )
+    if sampler == "beam" and given.get("num_beams", DEFAULT_BEAM_WIDTH) < 2:
+        raise _input_error("beam search needs a beam width of 2 or more (a width of 1 is greedy: pick greedy)")
+    if repetition_penalty is not None:
+        given["repetition_penalty"] = _number(repetition_penalty, "repetition penalty")
+    if seed is None or seed == "" or _number(seed, "seed") < 0:
+        seed = secrets.randbelow(2**31)  # shown in the stats line, so a good draw can be had again
+    given["seed"] = _whole(seed, "seed")
+    with user_errors("use these settings"):  # sampler_config checks the values (top-p 0, a negative top-k...)
+        return sampler_config(None if sampler == SAMPLE else sampler, base, max_new_tokens=n, **given)
+
+
+def preset_settings(
+    base: GenerationConfig, preset: str | None, limit: int
+) -> tuple[str, float, int, float, int, float, int]:
+    """What a preset puts in the sampler dropdown and the sliders: (sampler, temperature, top_k, top_p,
+    num_beams, repetition_penalty, max_new_tokens). "checkpoint defaults" is `base` itself; values beyond a
+    slider's range are brought within it."""
+    preset = preset or CHECKPOINT_PRESET
+    if preset == CHECKPOINT_PRESET:
+        config = base
+    elif preset in PRESETS:
+        with user_errors("apply the preset"):
+            config = sampler_config(preset, base, num_beams=1)
+    else:
+        raise _input_error(f"unknown preset {preset!r}: choose one of {', '.join(PRESET_CHOICES)}")
+    sampler = "beam" if config.num_beams > 1 else "greedy" if config.temperature == 0 else SAMPLE
+    return (
+        sampler,
+        min(config.temperature, MAX_TEMPERATURE),
+        min(config.top_k, MAX_TOP_K),
+        config.top_p,
+        min(config.num_beams, MAX_BEAMS) if config.num_beams > 1 else DEFAULT_BEAM_WIDTH,
+        min(max(config.repetition_penalty, 1.0), MAX_PENALTY),
+        min(config.max_new_tokens, limit),
+    )
+
+
+# ----- showing the tokens -----
+
+
+WHITESPACE = {" ": "␣", "\n": "↵", "\t": "⇥"}
+
+
+def _control(c: str) -> str:
+    """Control characters (a tiny model writes plenty) as their Unicode pictures, e.g. U+0015 as ␕."""
+    code = ord(c)
+    return chr(0x2400 + code) if code < 0x20 else "␡" if code == 0x7F else c
+
+
+def _visible(text: str, whitespace: bool = True) -> str:
+    """A token's text with control characters, and unless `whitespace` is False its whitespace, made visible
+    (a table cell or a tooltip would hide them)."""
+    shown = []
+    for c in text:
+        if c in WHITESPACE:
+            shown.append(WHITESPACE[c] if whitespace else c)
+        else:
+            shown.append(_control(c))
+    return "".join(shown)
+
+
+def _colour(prob: float) -> str:
+    """Red (unlikely) through yellow to green (likely)."""
+    return f"hsl({round(120 * prob)}, 80%, 80%)"
+
+
+def _escape(text: str) -> str:
+    """HTML-escaped, and braces and dollars too: gr.HTML fills its value into a template (JS `${}` and
+    Handlebars `{{}}`), where the model's text must stay text."""
+    return html.escape(text).replace("{", "&#123;").replace("}", "&#125;").replace("$", "&#36;")
+
+
+# A thin line on each token's right shows where one ends and the next begins.
+TOKEN_STYLE = "color:#111;border-radius:3px;box-shadow:inset -1px 0 0 rgba(0,0,0,0.2)"
+
+
+def token_html(prompt: str, scores: Sequence[TokenProb]) -> str:
+    """The prompt (grey), then each token on a background coloured by its probability; its tooltip shows the
+    probability and the alternatives. Every text is escaped: the model may well write '<script>'."""
+    spans = []
+    for score in scores:
+        alternatives = "\n".join(f"{_visible(text)}  {prob:.3f}" for text, prob in score.alternatives)
+        tip = f"p = {score.prob:.3f}\nalternatives:\n{alternatives}"
+        spans.append(
+            f'<span class="aksis-token" style="background:{_colour(score.prob)};{TOKEN_STYLE}" '
+            f'title="{_escape(tip)}">{_escape(_visible(score.text, whitespace=False))}</span>'
+        )
+    return (
+        '<div id="aksis-token-view" style="white-space:pre-wrap;font-family:monospace;line-height:1.9">'
+        f'<span style="opacity:0.55">{_escape(prompt)}</span>{"".join(spans)}</div>'
+    )
+
+
+def token_rows(scores: Sequence[TokenProb]) -> list[list[Any]]:
+    """The token table: position, token, probability, and the alternatives with theirs."""
+    return [
+        [
+            i,
+            _visible(score.text),
+            round(score.prob, 4),
+            "   ".join(f"{_visible(text)} {prob:.3f}" for text, prob in score.alternatives),
+        ]
+        for i, score in enumerate(scores, start=1)
+    ]
+
+
+def stats_line(completion: Completion, seconds: float, config: GenerationConfig) -> str:
+    n = len(completion.token_ids)
+    rate = n / seconds if seconds > 0 else float("inf")
+    parts = [
+        f"{n} tokens in {seconds:.2f} s ({rate:.1f} tokens/s)",
+        f"stopped by {FINISH.get(completion.finish_reason, completion.finish_reason)}",
+        f"prompt {completion.prompt_tokens} tokens",
+    ]
+    if config.num_beams == 1 and config.temperature > 0:  # greedy and beam search draw nothing at random
+        parts.append(f"seed {config.seed}")
+    return " · ".join(parts)
+
+
+# ----- generating -----
+
+Output = tuple[str, str, list[list[Any]], str]  # continuation, token view, token table, stats
+
+
+@on_gpu
+def stream_generation(
+    entry: LoadedModel, prompt: str, config: GenerationConfig, top_n: int = TOP_N
+) -> Iterator[Output]:
+    """Yield the growing continuation while it is decoded (beam search: nothing until the end), then once
+    more with the finished text, the token view, the token table and the stats line."""
+    start = time.perf_counter()
+    pieces = stream(entry.model, entry.tokenizer, prompt, config)
+    text = ""
+    for piece in pieces:
+        text += piece
+        if config.num_beams == 1:
+            yield text, "", [], "generating…"
+    seconds = time.perf_counter() - start
+    completion = pieces.completion
+    assert completion is not None  # set when the stream ends
+    scores = token_probabilities(entry.model, entry.tokenizer, prompt, completion.token_ids, top_n)
+    yield completion.text, token_html(prompt, scores), token_rows(scores), stats_line(completion, seconds, config)
+
+
+def run_generate(
+    store: ModelStore,
+    limit: int,
+    source: str | None,
+    prompt: Any,
+    sampler: str | None,
+    temperature: Any,
+    top_k: Any,
+    top_p: Any,
+    num_beams: Any,
+    repetition_penalty: Any,
+    max_new_tokens: Any,
+    seed: Any,
+) -> Iterator[Output]:
+    """The `/generate` event: check the input, fetch the model, stream. Cheap checks come before the model load,
+    so a bad request fails at once."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise _input_error("The prompt is empty: type some text for the model to continue (or pick an example).")
+    _max_new_tokens(max_new_tokens, limit)
+    with user_errors("load the model"):
+        entry = store.get(source)
+    config = generation_config(
+        entry.generation,
+        sampler,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        num_beams=num_beams,
+        repetition_penalty=repetition_penalty,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        limit=limit,
+    )
+    with user_errors("generate"):
+        yield from stream_generation(entry, prompt, config)
+
+
+# ----- the tab -----
 
 
 def build(ctx: AppContext) -> None:
-    with gr.Tab("Generate"):
-        gr.Markdown("Generate")
+    store, limit = ctx.store, ctx.settings.max_new_tokens
+    start = preset_settings(GenerationConfig(), CHECKPOINT_PRESET, limit)  # until the picked model's are known
+    with gr.Tab("Generate", elem_id="generate-tab"):
+        gr.Markdown(HELP)
+        with gr.Row():
+            with gr.Column(scale=3):
+                prompt = gr.Textbox(
+                    label="Prompt",
+                    lines=4,
+                    placeholder="Type the start of a text for the model to continue…",
+                    elem_id="generate-prompt",
+                )
+                with gr.Row():
+                    generate_button = gr.Button("Generate", variant="primary", elem_id="generate-button")
+                    stop_button = gr.Button("Stop", variant="stop", elem_id="generate-stop")
+                gr.Examples(EXAMPLES, inputs=prompt, label="Example prompts")
+                output = gr.Textbox(
+                    label="Continuation", lines=8, interactive=False, buttons=["copy"], elem_id="generate-output"
+                )
+                stats = gr.Markdown(label="Stats", elem_id="generate-stats")
+                token_view = gr.HTML(
+                    label="Tokens, coloured by probability (hover for the alternatives)",
+                    show_label=True,
+                    container=True,
+                    padding=True,
+                    elem_id="generate-tokens",
+                )
+                with gr.Accordion("Token table", open=False):
+                    table = gr.Dataframe(
+                        headers=TABLE_HEADERS,
+                        label="Token table",
+                        datatype=["number", "str", "number", "str"],
+                        interactive=False,
+                        wrap=True,
+                        elem_id="generate-token-table",
+                    )
+            with gr.Column(scale=2):
+                preset = gr.Dropdown(
+                    PRESET_CHOICES,
+                    value=CHECKPOINT_PRESET,
+                    label="Preset",
+                    info="fills the settings below",
+                    elem_id="generate-preset",
+                )
+                sampler = gr.Dropdown(SAMPLER_CHOICES, value=start[0], label="Sampler", elem_id="generate-sampler")
+                temperature = gr.Slider(
+                    0,
+                    MAX_TEMPERATURE,
+                    start[1],
+                    step=0.05,
+                    label="Temperature",
+                    info="0 is greedy; higher is more surprising",
+                    elem_id="generate-temperature",
+                )
+                top_k = gr.Slider(
+                    0,
+                    MAX_TOP_K,
+                    start[2],
+                    step=1,
+                    label="Top-k",
+                    info="sample among the k most likely tokens (0: all)",
+                    elem_id="generate-top-k",
+                )
+                top_p = gr.Slider(
+                    0.01,
+                    1.0,
+                    start[3],
+                    step=0.01,
+                    label="Top-p",
+                    info="sample among the most likely tokens that make up this probability (1: all)",
+                    elem_id="generate-top-p",
+                )
+                num_beams = gr.Slider(
+                    2,
+                    MAX_BEAMS,
+                    start[4],
+                    step=1,
+                    label="Beam width",
+                    info="continuations kept by beam search",
+                    interactive=False,
+                    elem_id="generate-beams",
+                )
+                repetition_penalty = gr.Slider(
+                    1.0,
+                    MAX_PENALTY,
+                    start[5],
+                    step=0.05,
+                    label="Repetition penalty",
+                    info="above 1 makes tokens already in the text less likely",
+                    elem_id="generate-repetition-penalty",
+                )
+                max_new_tokens = gr.Slider(
+                    1, limit, start[6], step=1, label="Max new tokens", elem_id="generate-max-new-tokens"
+                )
+                seed = gr.Number(
+                    -1,
+                    label="Seed",
+                    info="blank or -1: a new random draw each time",
+                    precision=0,
+                    elem_id="generate-seed",
+                )
+
+        sliders = [temperature, top_k, top_p, num_beams]
+        settings = [sampler, *sliders, repetition_penalty, max_new_tokens]
+
+        def apply_preset(source: str | None, chosen: str | None) -> tuple[Any, ...]:
+            base = GenerationConfig()
+            if source:
+                # A model that cannot be loaded keeps the library defaults: the picker's own load event says why.
+                with contextlib.suppress(CheckpointError, HubError, OSError, ValueError):
+                    base = store.get(source).generation
+            return preset_settings(base, chosen, limit)
+
+        def grey_out(chosen: str | None) -> list[Any]:
+            used = SAMPLER_SLIDERS.get(chosen or SAMPLE, ())
+            return [gr.update(interactive=name in used) for name in SLIDERS]
+
+        def generate(
+            source: str | None,
+            prompt: Any,
+            sampler: str | None,
+            temperature: Any,
+            top_k: Any,
+            top_p: Any,
+            num_beams: Any,
+            repetition_penalty: Any,
+            max_new_tokens: Any,
+            seed: Any,
+        ) -> Iterator[Output]:
+            yield from run_generate(
+                store,
+                limit,
+                source,
+                prompt,
+                sampler,
+                temperature,
+                top_k,
+                top_p,
+                num_beams,
+                repetition_penalty,
+                max_new_tokens,
+                seed,
+            )
+
+        # No triggers: runs when the page loads and whenever the model or the preset changes.
+        gr.on(None, apply_preset, [ctx.picker, preset], settings, api_name="generation_preset", show_progress="hidden")
+        sampler.change(grey_out, sampler, sliders, api_visibility="private", show_progress="hidden")
+        event = gr.on(
+            [generate_button.click, prompt.submit],
+            generate,
+            [ctx.picker, prompt, *settings, seed],
+            [output, token_view, table, stats],
+            api_name="generate",
+            # The inputs reach `generate` as sent, unchecked by Gradio: it checks each itself, so a bad value from
+            # the API gets a message naming the setting (Gradio's own says only "Value 0 is less than minimum").
+            preprocess=False,
+        )
+        stop_button.click(None, cancels=[event], api_visibility="private")
