@@ -1,0 +1,71 @@
+"""The app in a real browser: Debian's chromium driven by playwright, against the app served by the `served_app`
+fixture. Each test clicks through one tab as a visitor would and saves a screenshot under test-artifacts/ (or
+$AKSIS_ARTIFACTS).
+
+Gradio keeps a connection open, so pages are awaited with wait_until="load" and then by the elements themselves,
+never "networkidle". Without chromium (`apt-get install chromium`) the tests are skipped, except where
+AKSIS_REQUIRE_BROWSER=1 (CI) makes that a failure.
+"""
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import ServedApp
+
+CHROMIUM = Path(os.environ.get("AKSIS_CHROMIUM", "/usr/bin/chromium"))
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARTIFACTS = Path(os.environ.get("AKSIS_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
+TIMEOUT_MS = 60_000  # a generous bound on any one wait; the tiny model answers in well under a second
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    if not CHROMIUM.is_file():
+        message = f"no chromium at {CHROMIUM}: install it (apt-get install chromium) or set AKSIS_CHROMIUM"
+        if os.environ.get("AKSIS_REQUIRE_BROWSER") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, served_app: ServedApp, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """A fresh page on the app, loaded; a screenshot of it is saved when the test ends, pass or fail."""
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda err: errors.append(str(err)))
+    page.goto(served_app.url, wait_until="load")
+    page.locator("#model-status").get_by_text("parameters").wait_for()  # the picked model is loaded
+    yield page
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"), full_page=True)
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def open_tab(page, name: str) -> None:  # type: ignore[no-untyped-def]
+    page.get_by_role("tab", name=name, exact=True).click()
+
+
+def test_generate_after_moving_a_slider(page) -> None:  # type: ignore[no-untyped-def]
+    open_tab(page, "Generate")
+    page.locator("#generate-sampler input").click()
+    page.get_by_role("option", name="greedy", exact=True).click()
+    max_tokens = page.locator("#generate-max-new-tokens input[type=number]")
+    max_tokens.fill("12")
+    max_tokens.press("Enter")
+    page.locator("#generate-prompt textarea").fill("ROMEO:")
+    page.locator("#generate-button").click()
+    stats = page.locator("#generate-stats")
+    stats.get_by_text("12 tokens").wait_for()
+    assert page.locator("#generate-output textarea").input_value() != ""
+    assert page.locator("#generate-tokens .aksis-token").count() >= 1
