@@ -15,7 +15,13 @@ import pytest
 from conftest import ServedApp
 
 CHROMIUM = Path(os.environ.get("AKSIS_CHROMIUM", "/usr/bin/chromium"))
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 ARTIFACTS = Path(os.environ.get("AKSIS_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
 TIMEOUT_MS = 60_000  # a generous bound on any one wait; the tiny model answers in well under a second
 
