@@ -1,12 +1,453 @@
-"""PLACEHOLDER: the Evaluate tab (being written)."""
+"""The Evaluate tab: how good is the picked model (and, side by side, a second one) on texts of your choice.
+
+- Texts: pasted, an uploaded UTF-8 file (at most `MAX_UPLOAD_BYTES`), or a dataset split read by
+  `aksis.data.load_corpus` (the embedded "shakespeare", a local .txt/.md/.jsonl/.parquet path, or a Hub dataset,
+  which needs the network: offline it fails with `load_corpus`'s message). At most `MAX_TEXT_CHARS` characters
+  are scored, so one request cannot hold a worker for long.
+- Scores: perplexity and bits per byte (`aksis.metrics.perplexity`), and BLEU / ROUGE (`aksis.scores`) of
+  generations, either continuing held-out windows of the texts (`metrics.continuation_pairs`) or answering the
+  prompts of an uploaded JSONL file of {"prompt": ..., "reference": ...} (`metrics.read_prompts`). Generation
+  is greedy unless a temperature is set (then seeded, so scores can be reproduced).
+- A second model (optional) is scored on the same texts; the table puts them side by side
+  (`metrics.markdown_table`). Bits per byte compare across tokenizers; perplexity only within one.
+
+API (`gradio_client`):
+- `/perplexity` (source, text) -> (perplexity, bits per byte): equal to `aksis.metrics.perplexity(model,
+  tokenizer, [text])` for the same model.
+- `/evaluate` (source, compare, texts_from, text, file, dataset, split, max_texts, scores, generate_from,
+  prompts_file, temperature, max_new_tokens, prompt_tokens, num_samples, seed) -> (perplexity, bits per byte,
+  table, report, markdown table). Perplexity and bits per byte are the first model's (None without that score).
+
+Element ids (browser tests): evaluate-tab, eval-source, eval-text, eval-text-perplexity (the "Score this text"
+button), eval-file, eval-dataset, eval-split, eval-max-texts, eval-compare, eval-scores, eval-generate-from,
+eval-prompts-file, eval-temperature, eval-max-new-tokens, eval-prompt-tokens, eval-samples, eval-seed, eval-run,
+eval-perplexity, eval-bpb, eval-table, eval-report, eval-markdown.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
 import gradio as gr
 
-from aksis.ui.context import AppContext
+from aksis.metrics import LABELS, PerplexityResult, evaluate_checkpoint, markdown_table, perplexity, read_prompts
+from aksis.ui.context import AppContext, on_gpu, user_errors
+from aksis.ui.models import LoadedModel, ModelStore
+
+MAX_UPLOAD_BYTES = 2 << 20  # 2 MiB: a long novel; scoring more on a CPU Space would hold a worker for minutes
+MAX_TEXT_CHARS = 2_000_000  # the same bound on pasted text and on what is read from a dataset
+MAX_TEXTS = 100  # documents read from a dataset split
+MAX_SAMPLES = 200  # continuation windows or prompts scored by BLEU / ROUGE
+
+PASTED, UPLOADED, DATASET = "pasted text", "uploaded file", "dataset"
+SOURCES = (PASTED, UPLOADED, DATASET)
+PERPLEXITY, BLEU_ROUGE = "perplexity", "BLEU / ROUGE"
+SCORES = (PERPLEXITY, BLEU_ROUGE)
+CONTINUATION, PROMPTS = "continuation of the texts", "prompts file (JSONL)"
+GENERATE_FROM = {CONTINUATION: "continuation", PROMPTS: "prompts"}  # choice -> metrics task
+
+HELP = (
+    "Score the picked model on texts of your choice: **perplexity** (lower is better; compare it only between "
+    "models with the same tokenizer) and **bits per byte** (the same loss per byte of UTF-8 text, comparable "
+    "across tokenizers). **BLEU / ROUGE** compare what the model generates with references: the true "
+    "continuation of windows of the texts, or the references of an uploaded JSONL file of "
+    '`{"prompt": "...", "reference": "..."}` lines. Pick a second model to compare the two in one table.'
+)
+
+
+# ----- reading the input -----
+
+
+def read_upload(path: str | None, what: str) -> str:
+    """The text of an uploaded file, or a gr.Error that says why it cannot be scored (missing, too large,
+    binary, not UTF-8)."""
+    if not path:
+        raise gr.Error(f"No {what} uploaded: choose a file first.")
+    size = os.path.getsize(path)
+    if size > MAX_UPLOAD_BYTES:
+        raise gr.Error(
+            f"The {what} is {size / 2**20:.1f} MiB; this app scores at most {MAX_UPLOAD_BYTES / 2**20:.0f} MiB: "
+            "upload a shorter excerpt."
+        )
+    with open(path, "rb") as f:
+        data = f.read()
+    if b"\0" in data:  # text files never hold NUL bytes; images, archives and PDFs do
+        raise gr.Error(f"The {what} looks binary, not text: upload a UTF-8 text file.")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise gr.Error(f"The {what} is not UTF-8 text (byte {err.start} cannot be decoded): save it as UTF-8.") from err
+
+
+def load_texts(
+    texts_from: str | None, text: Any, file: str | None, dataset: Any, split: Any, max_texts: Any
+) -> tuple[list[str], str]:
+    """The texts to score and a few words saying what they are, from the source chosen; gr.Error when there is
+    nothing to score."""
+    texts_from = texts_from or PASTED
+    if texts_from == PASTED:
+        if not isinstance(text, str) or not text.strip():
+            raise gr.Error("The text is empty: paste some text to score (or upload a file, or name a dataset).")
+        if len(text) > MAX_TEXT_CHARS:
+            raise gr.Error(f"The text has {len(text):,} characters; this app scores at most {MAX_TEXT_CHARS:,}.")
+        return [text], f"the pasted text ({len(text):,} characters)"
+    if texts_from == UPLOADED:
+        content = read_upload(file, "text file")
+        if not content.strip():
+            raise gr.Error("The uploaded file holds no text.")
+        return [content], f"{os.path.basename(file or '')} ({len(content):,} characters)"
+    if texts_from == DATASET:
+        return _dataset_texts(dataset, split, max_texts)
+    raise gr.Error(f"Unknown source of texts {texts_from!r}: choose one of {', '.join(SOURCES)}.")
+
+
+def _dataset_texts(dataset: Any, split: Any, max_texts: Any) -> tuple[list[str], str]:
+    from aksis.data import DataError, load_corpus
+
+    name = dataset.strip() if isinstance(dataset, str) else ""
+    if not name:
+        raise gr.Error("No dataset named: give 'shakespeare', a Hub dataset id or a local text file.")
+    split = str(split).strip() if split else "validation"
+    count = _whole(max_texts if max_texts is not None else 10, "max texts", 1, MAX_TEXTS)
+    try:
+        corpus = load_corpus(name)
+    except DataError as err:  # not a ValueError: user_errors would not know it
+        raise gr.Error(f"Could not load the dataset: {err}", print_exception=False) from err
+    if split not in corpus:
+        raise gr.Error(f"The dataset {name!r} has no split {split!r}: choose one of {', '.join(corpus)}.")
+    texts, chars = [], 0
+    for row in corpus[split].take(count):
+        text = row["text"][: MAX_TEXT_CHARS - chars]
+        if text:
+            texts.append(text)
+            chars += len(text)
+        if chars >= MAX_TEXT_CHARS:
+            break
+    if not texts:
+        raise gr.Error(f"The split {split!r} of {name!r} holds no text.")
+    cut = " (cut at this app's limit)" if chars >= MAX_TEXT_CHARS else ""
+    return texts, f"{len(texts)} text(s) of {name} / {split}, {chars:,} characters{cut}"
+
+
+def read_prompt_pairs(path: str | None) -> list[tuple[str, str]]:
+    """(prompt, reference) pairs of an uploaded JSONL file, with read_prompts' message when a line is bad."""
+    read_upload(path, "prompts file")  # the size, binary and encoding checks
+    assert path is not None
+    with user_errors("read the prompts file"):
+        return read_prompts(path)
+
+
+def _whole(value: Any, name: str, low: int, high: int) -> int:
+    """A whole number from low to high from an input (the API may send anything), or a gr.Error naming it."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise gr.Error(f"{name} must be a whole number from {low} to {high}, got {value!r}") from None
+    if not math.isfinite(number) or number != int(number) or not low <= number <= high:
+        raise gr.Error(f"{name} must be a whole number from {low} to {high}, got {value!r}")
+    return int(number)
+
+
+# ----- scoring -----
+
+
+@on_gpu
+def score_text(entry: LoadedModel, texts: Sequence[str]) -> PerplexityResult:
+    return perplexity(entry.model, entry.tokenizer, texts, progress=True)
+
+
+@on_gpu
+def evaluate_model(
+    entry: LoadedModel,
+    texts: Sequence[str],
+    *,
+    tasks: Sequence[str],
+    prompts: Sequence[tuple[str, str]],
+    temperature: float,
+    max_new_tokens: int,
+    prompt_tokens: int,
+    num_samples: int,
+    seed: int,
+) -> dict[str, Any]:
+    """`metrics.evaluate_checkpoint` for one model: its metrics ({name: value}) and samples of its generations.
+    Sampling settings other than the temperature are the checkpoint's own."""
+    config = dataclasses.replace(entry.generation, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+    return evaluate_checkpoint(
+        entry.model,
+        entry.tokenizer,
+        texts,
+        tasks=tasks,
+        config=config,
+        prompts=prompts[:num_samples],
+        prompt_tokens=prompt_tokens,
+        new_tokens=max_new_tokens,
+        num_samples=num_samples,
+        progress=True,
+    )
+
+
+def run_perplexity(store: ModelStore, source: str | None, text: Any) -> tuple[float, float]:
+    """The `/perplexity` event: perplexity and bits per byte of one pasted text."""
+    texts, _ = load_texts(PASTED, text, None, None, None, None)
+    with user_errors("load the model"):
+        entry = store.get(source)
+    with user_errors("score the text"):
+        result = score_text(entry, texts)
+    return result.perplexity, result.bits_per_byte
+
+
+def results_table(columns: dict[str, dict[str, float]]) -> dict[str, list[Any]]:
+    """The comparison table as gr.Dataframe takes it: one row per metric (named as in markdown_table), one
+    column per model."""
+    names = list(dict.fromkeys(k for metrics in columns.values() for k in metrics))
+    rows = [[LABELS.get(n, n.replace("_", " ")), *(metrics.get(n) for metrics in columns.values())] for n in names]
+    return {"headers": ["metric", *columns], "data": rows}
+
+
+def report(what: str, samples: dict[str, dict[str, list[dict[str, str]]]]) -> str:
+    """What was scored, and a few generations of each model beside their references (the table is shown apart):
+    one code block per sample, a line each for the prompt, the reference and the generation (line breaks shown
+    as ↵, so the three stay aligned)."""
+    lines = [f"Scored on {what}."]
+    for source, tasks in samples.items():
+        for task, items in tasks.items():
+            lines += ["", f"#### {task} samples of {source}"]
+            for item in items:
+                rows = [f"{key:<10} {item[key]}".replace("\n", "↵") for key in ("prompt", "reference", "generated")]
+                lines += ["", "```text", *(row.replace("```", "'''") for row in rows), "```"]
+    return "\n".join(lines)
+
+
+EvaluateOutput = tuple[float | None, float | None, dict[str, list[Any]], str, str]
+
+
+def run_evaluate(
+    store: ModelStore,
+    limit: int,
+    source: str | None,
+    compare: str | None,
+    texts_from: str | None,
+    text: Any,
+    file: str | None,
+    dataset: Any,
+    split: Any,
+    max_texts: Any,
+    scores: Sequence[str] | None,
+    generate_from: str | None,
+    prompts_file: str | None,
+    temperature: Any,
+    max_new_tokens: Any,
+    prompt_tokens: Any,
+    num_samples: Any,
+    seed: Any,
+) -> EvaluateOutput:
+    """The `/evaluate` event: check the settings, read the texts (and prompts), then score each model."""
+    chosen = list(scores or [])
+    if not chosen or not set(chosen) <= set(SCORES):
+        raise gr.Error(f"Choose what to score: {' and/or '.join(SCORES)}.")
+    tasks = [PERPLEXITY] if PERPLEXITY in chosen else []
+    if BLEU_ROUGE in chosen:
+        if (generate_from or CONTINUATION) not in GENERATE_FROM:
+            raise gr.Error(f"BLEU / ROUGE score generations from: {' or '.join(GENERATE_FROM)}.")
+        tasks.append(GENERATE_FROM[generate_from or CONTINUATION])
+    new_tokens = _whole(max_new_tokens, "max new tokens", 1, limit)
+    settings = dict(
+        max_new_tokens=new_tokens,
+        prompt_tokens=_whole(prompt_tokens, "prompt tokens", 1, limit),
+        num_samples=_whole(num_samples, "samples", 1, MAX_SAMPLES),
+        seed=_whole(seed if seed is not None else 0, "seed", 0, 2**31 - 1),
+    )
+    try:
+        heat = float(temperature if temperature is not None else 0.0)
+    except (TypeError, ValueError):
+        heat = -1.0
+    if not 0.0 <= heat <= 2.0:
+        raise gr.Error(f"temperature must be from 0 (greedy) to 2, got {temperature!r}")
+    what: list[str] = []
+    texts: list[str] = []
+    prompts: list[tuple[str, str]] = []
+    if {"perplexity", "continuation"} & set(tasks):
+        texts, described = load_texts(texts_from, text, file, dataset, split, max_texts)
+        what.append(described)
+    if "prompts" in tasks:
+        prompts = read_prompt_pairs(prompts_file)
+        what.append(f"{min(len(prompts), settings['num_samples'])} prompt(s) of {os.path.basename(prompts_file or '')}")
+    sources = [s for s in dict.fromkeys([source, compare]) if s and s.strip()]
+    if not sources:
+        raise gr.Error("No model picked: choose one in the model picker.")
+    columns: dict[str, dict[str, float]] = {}
+    samples: dict[str, dict[str, list[dict[str, str]]]] = {}
+    for name in sources:
+        with user_errors(f"load the model {name}"):
+            entry = store.get(name)
+        with user_errors(f"evaluate {name}"):
+            results = evaluate_model(entry, texts, tasks=tasks, prompts=prompts, temperature=heat, **settings)
+        columns[name] = results["metrics"]
+        samples[name] = results["samples"]
+    first = columns[sources[0]]
+    return (
+        first.get("perplexity"),
+        first.get("bits_per_byte"),
+        results_table(columns),
+        report(" and ".join(what), samples),
+        markdown_table(columns),
+    )
+
+
+# ----- the tab -----
 
 
 def build(ctx: AppContext) -> None:
-    with gr.Tab("Evaluate"):
-        gr.Markdown("Evaluate")
+    store, limit = ctx.store, ctx.settings.max_new_tokens
+    with gr.Tab("Evaluate", elem_id="evaluate-tab"):
+        gr.Markdown(HELP)
+        with gr.Row():
+            with gr.Column(scale=3):
+                texts_from = gr.Radio(list(SOURCES), value=PASTED, label="Texts to score", elem_id="eval-source")
+                with gr.Group(visible=True) as pasted_group:
+                    text = gr.Textbox(
+                        label="Text",
+                        lines=8,
+                        max_length=MAX_TEXT_CHARS,
+                        placeholder="Paste the text to score here…",
+                        elem_id="eval-text",
+                    )
+                    score_button = gr.Button("Score this text (perplexity)", elem_id="eval-text-perplexity")
+                file = gr.File(
+                    label=f"A UTF-8 text file (at most {MAX_UPLOAD_BYTES >> 20} MiB)",
+                    file_types=[".txt", ".md", "text"],
+                    visible=False,
+                    elem_id="eval-file",
+                )
+                with gr.Row(visible=False) as dataset_row:
+                    dataset = gr.Textbox(
+                        "shakespeare",
+                        label="Dataset",
+                        info="'shakespeare' (built in), a Hub dataset id (needs the network) or a local file path",
+                        elem_id="eval-dataset",
+                        scale=3,
+                    )
+                    split = gr.Dropdown(
+                        ["validation", "train"], value="validation", allow_custom_value=True, label="Split",
+                        elem_id="eval-split", scale=1,
+                    )  # fmt: skip
+                    max_texts = gr.Slider(
+                        1, MAX_TEXTS, 10, step=1, label="At most this many texts", elem_id="eval-max-texts", scale=2
+                    )
+            with gr.Column(scale=2):
+                compare = gr.Dropdown(
+                    store.choices(ctx.settings.model),
+                    value=None,
+                    allow_custom_value=True,
+                    label="Compare with (optional)",
+                    info="a second model, scored on the same texts",
+                    elem_id="eval-compare",
+                )
+                scores = gr.CheckboxGroup(list(SCORES), value=[PERPLEXITY], label="Scores", elem_id="eval-scores")
+                generate_from = gr.Radio(
+                    list(GENERATE_FROM), value=CONTINUATION, label="BLEU / ROUGE of", elem_id="eval-generate-from"
+                )
+                prompts_file = gr.File(
+                    label='Prompts: a JSONL file of {"prompt": "...", "reference": "..."} lines',
+                    file_types=[".jsonl", ".json"],
+                    visible=False,
+                    elem_id="eval-prompts-file",
+                )
+                with gr.Accordion("Generation settings (BLEU / ROUGE)", open=False):
+                    temperature = gr.Slider(
+                        0.0, 2.0, 0.0, step=0.05, label="Temperature", info="0: greedy",
+                        elem_id="eval-temperature",
+                    )  # fmt: skip
+                    max_new_tokens = gr.Slider(
+                        1, min(256, limit), 32, step=1, label="Max new tokens",
+                        info="continuation: also the reference's length", elem_id="eval-max-new-tokens",
+                    )  # fmt: skip
+                    prompt_tokens = gr.Slider(
+                        1, 256, 32, step=1, label="Prompt tokens (continuation)", elem_id="eval-prompt-tokens"
+                    )
+                    num_samples = gr.Slider(
+                        1, MAX_SAMPLES, 20, step=1, label="Samples", info="windows or prompts scored, at most",
+                        elem_id="eval-samples",
+                    )  # fmt: skip
+                    seed = gr.Number(0, label="Seed (temperature above 0)", precision=0, elem_id="eval-seed")
+        run_button = gr.Button("Evaluate", variant="primary", elem_id="eval-run")
+        with gr.Row():
+            ppl = gr.Number(label="Perplexity", interactive=False, elem_id="eval-perplexity")
+            bpb = gr.Number(label="Bits per byte", interactive=False, elem_id="eval-bpb")
+        table = gr.Dataframe(label="Scores", interactive=False, wrap=True, elem_id="eval-table")
+        with gr.Accordion("Markdown table (for a model card)", open=False):
+            markdown = gr.Code(language="markdown", elem_id="eval-markdown")
+        report_view = gr.Markdown(elem_id="eval-report")
+
+        def show_source(chosen: str | None) -> tuple[Any, Any, Any]:
+            return (
+                gr.update(visible=chosen == PASTED),
+                gr.update(visible=chosen == UPLOADED),
+                gr.update(visible=chosen == DATASET),
+            )
+
+        def score(source: str | None, text: Any, progress: gr.Progress = gr.Progress(track_tqdm=True)) -> Any:
+            return run_perplexity(store, source, text)
+
+        def evaluate(
+            source: str | None,
+            compare: str | None,
+            texts_from: str | None,
+            text: Any,
+            file: str | None,
+            dataset: Any,
+            split: Any,
+            max_texts: Any,
+            scores: list[str] | None,
+            generate_from: str | None,
+            prompts_file: str | None,
+            temperature: Any,
+            max_new_tokens: Any,
+            prompt_tokens: Any,
+            num_samples: Any,
+            seed: Any,
+            progress: gr.Progress = gr.Progress(track_tqdm=True),
+        ) -> EvaluateOutput:
+            return run_evaluate(
+                store, limit, source, compare, texts_from, text, file, dataset, split, max_texts, scores,
+                generate_from, prompts_file, temperature, max_new_tokens, prompt_tokens, num_samples, seed,
+            )  # fmt: skip
+
+        generate_from.change(
+            lambda chosen: gr.update(visible=chosen == PROMPTS),
+            generate_from,
+            prompts_file,
+            api_visibility="private",
+            show_progress="hidden",
+        )
+        texts_from.change(
+            show_source, texts_from, [pasted_group, file, dataset_row], api_visibility="private", show_progress="hidden"
+        )
+        score_button.click(score, [ctx.picker, text], [ppl, bpb], api_name="perplexity")
+        run_button.click(
+            evaluate,
+            [
+                ctx.picker,
+                compare,
+                texts_from,
+                text,
+                file,
+                dataset,
+                split,
+                max_texts,
+                scores,
+                generate_from,
+                prompts_file,
+                temperature,
+                max_new_tokens,
+                prompt_tokens,
+                num_samples,
+                seed,
+            ],
+            [ppl, bpb, table, report_view, markdown],
+            api_name="evaluate",
+        )

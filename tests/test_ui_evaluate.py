@@ -1,0 +1,216 @@
+"""The Evaluate tab (aksis/ui/evaluate_tab.py): its plain functions against the library's own numbers, the bad
+inputs it must refuse with a clear message, and the `/perplexity` and `/evaluate` API of the served app."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import gradio as gr
+import pytest
+import torch
+from conftest import Hub, ServedApp
+
+from aksis.data import load_corpus
+from aksis.metrics import evaluate_checkpoint, markdown_table, perplexity
+from aksis.ui import evaluate_tab as ev
+from aksis.ui.models import ModelStore
+
+TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n" * 3
+LIMIT = 64  # the max-new-tokens limit these tests give run_evaluate
+
+
+@pytest.fixture(scope="module")
+def store(app_checkpoints: Path) -> ModelStore:
+    return ModelStore(app_checkpoints, device=torch.device("cpu"))
+
+
+def sources(app_checkpoints: Path) -> tuple[str, str]:
+    return str(app_checkpoints / "tiny-llama"), str(app_checkpoints / "tiny-gpt2")
+
+
+def evaluate(store: ModelStore, source: str, **overrides: object) -> ev.EvaluateOutput:
+    """run_evaluate with the tab's defaults, small enough for tiny models, and `overrides`."""
+    settings: dict[str, object] = dict(
+        compare=None, texts_from=ev.PASTED, text=TEXT, file=None, dataset="shakespeare", split="validation",
+        max_texts=10, scores=[ev.PERPLEXITY], generate_from=ev.CONTINUATION, prompts_file=None, temperature=0.0,
+        max_new_tokens=8, prompt_tokens=8, num_samples=3, seed=0,
+    )  # fmt: skip
+    settings.update(overrides)
+    return ev.run_evaluate(store, LIMIT, source, **settings)  # type: ignore[arg-type]
+
+
+def test_perplexity_of_a_text_is_the_library_s(store: ModelStore, app_checkpoints: Path) -> None:
+    llama, _ = sources(app_checkpoints)
+    entry = store.get(llama)
+    expected = perplexity(entry.model, entry.tokenizer, [TEXT])
+    assert ev.run_perplexity(store, llama, TEXT) == (expected.perplexity, expected.bits_per_byte)
+
+
+def test_two_models_side_by_side_with_continuation_scores(store: ModelStore, app_checkpoints: Path) -> None:
+    llama, gpt2 = sources(app_checkpoints)
+    ppl, bpb, table, report, markdown = evaluate(store, llama, compare=gpt2, scores=[ev.PERPLEXITY, ev.BLEU_ROUGE])
+    columns, samples = {}, {}
+    for source in (llama, gpt2):
+        entry = store.get(source)
+        config = dataclasses.replace(entry.generation, temperature=0.0, seed=0)
+        results = evaluate_checkpoint(
+            entry.model, entry.tokenizer, [TEXT], tasks=["perplexity", "continuation"], config=config,
+            prompt_tokens=8, new_tokens=8, num_samples=3,
+        )  # fmt: skip
+        columns[source], samples[source] = results["metrics"], results["samples"]
+    assert (ppl, bpb) == (columns[llama]["perplexity"], columns[llama]["bits_per_byte"])
+    assert table["headers"] == ["metric", llama, gpt2]
+    rows = {row[0]: row[1:] for row in table["data"]}
+    assert rows["perplexity"] == [columns[llama]["perplexity"], columns[gpt2]["perplexity"]]
+    assert rows["continuation bleu"] == [columns[llama]["continuation_bleu"], columns[gpt2]["continuation_bleu"]]
+    assert "continuation rougeL" in rows
+    assert markdown == markdown_table(columns)
+    assert report.startswith(f"Scored on the pasted text ({len(TEXT)} characters).")
+    for source in (llama, gpt2):  # the generations beside their references, line breaks shown as ↵
+        assert f"continuation samples of {source}" in report
+        for sample in samples[source]["continuation"]:
+            assert f"generated  {sample['generated']}".replace("\n", "↵") in report
+
+
+def test_bleu_and_rouge_of_an_uploaded_prompts_file(store: ModelStore, app_checkpoints: Path, tmp_path: Path) -> None:
+    llama, _ = sources(app_checkpoints)
+    path = tmp_path / "prompts.jsonl"
+    pairs = [{"prompt": "ROMEO:", "reference": "But soft"}, {"prompt": "JULIET:", "reference": "O Romeo"}]
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
+    ppl, bpb, table, report, _ = evaluate(
+        store, llama, scores=[ev.BLEU_ROUGE], generate_from=ev.PROMPTS, prompts_file=str(path)
+    )
+    assert ppl is None and bpb is None  # perplexity was not asked for
+    names = [row[0] for row in table["data"]]
+    assert "prompts bleu" in names and "prompts rouge1" in names and "perplexity" not in names
+    assert "2 prompt(s) of prompts.jsonl" in report and "prompts samples" in report
+
+    path.write_text(json.dumps(pairs[0]) + "\n{not json\n", encoding="utf-8")
+    with pytest.raises(gr.Error, match=r"prompts.jsonl, line 2: expected \{\"prompt\""):
+        evaluate(store, llama, scores=[ev.BLEU_ROUGE], generate_from=ev.PROMPTS, prompts_file=str(path))
+    with pytest.raises(gr.Error, match="No prompts file uploaded"):
+        evaluate(store, llama, scores=[ev.BLEU_ROUGE], generate_from=ev.PROMPTS)
+
+
+def test_an_uploaded_text_file_is_scored_and_bad_files_are_refused(
+    store: ModelStore, app_checkpoints: Path, tmp_path: Path
+) -> None:
+    llama, _ = sources(app_checkpoints)
+    good = tmp_path / "play.txt"
+    good.write_text(TEXT, encoding="utf-8")
+    assert evaluate(store, llama, texts_from=ev.UPLOADED, file=str(good))[:2] == ev.run_perplexity(store, llama, TEXT)
+
+    huge = tmp_path / "huge.txt"
+    huge.write_bytes(b"a" * (ev.MAX_UPLOAD_BYTES + 1))
+    binary = tmp_path / "picture.txt"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("Müller".encode("latin-1"))
+    for path, message in (
+        (huge, "The text file is 2.0 MiB; this app scores at most 2 MiB: upload a shorter excerpt"),
+        (binary, "looks binary, not text"),
+        (latin1, "is not UTF-8 text"),
+    ):
+        with pytest.raises(gr.Error, match=message):
+            evaluate(store, llama, texts_from=ev.UPLOADED, file=str(path))
+    with pytest.raises(gr.Error, match="No text file uploaded"):
+        evaluate(store, llama, texts_from=ev.UPLOADED, file=None)
+
+
+def test_a_local_dataset_file_is_read_with_load_corpus(
+    store: ModelStore, app_checkpoints: Path, tmp_path: Path
+) -> None:
+    llama, _ = sources(app_checkpoints)
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT * 4, encoding="utf-8")
+    texts, what = ev.load_texts(ev.DATASET, None, None, str(path), "validation", 5)
+    assert texts == load_corpus(str(path))["validation"]["text"]
+    assert what.startswith(f"1 text(s) of {path} / validation")
+    ppl, *_ = evaluate(store, llama, texts_from=ev.DATASET, dataset=str(path))
+    entry = store.get(llama)
+    assert ppl == perplexity(entry.model, entry.tokenizer, texts).perplexity
+    with pytest.raises(gr.Error, match="has no split 'test': choose one of train, validation"):
+        ev.load_texts(ev.DATASET, None, None, str(path), "test", 5)
+
+
+@pytest.mark.parametrize(
+    ("dataset", "message"),
+    [
+        ("no-such-corpus", "unknown dataset 'no-such-corpus'"),
+        ("alice/no-such-dataset", "is not on the Hugging Face Hub, or it is private or gated"),  # the local test Hub
+        ("", "No dataset named"),
+    ],
+)
+def test_unknown_datasets_are_clear_errors(dataset: str, message: str, hub: Hub) -> None:
+    with pytest.raises(gr.Error, match=message):
+        ev.load_texts(ev.DATASET, None, None, dataset, "validation", 5)
+
+
+def test_a_hub_dataset_offline_fails_at_once_with_a_clear_message(hub: Hub, tmp_path: Path) -> None:
+    script = """
+import gradio as gr
+from aksis.ui.evaluate_tab import DATASET, load_texts
+try:
+    load_texts(DATASET, None, None, "wikitext2", "validation", 5)
+except gr.Error as err:
+    print(err)
+"""
+    env = hub.subprocess_env(tmp_path, offline=True)  # HF_HUB_OFFLINE=1 and an empty cache
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert "Could not load the dataset: the dataset 'wikitext2'" in result.stdout, result.stdout + result.stderr
+    assert "needs the network" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(text="   \n"), "The text is empty: paste some text"),
+        (dict(scores=[]), "Choose what to score"),
+        (
+            dict(scores=[ev.BLEU_ROUGE], max_new_tokens=LIMIT + 1),
+            f"max new tokens must be a whole number from 1 to {LIMIT}",
+        ),
+        (dict(temperature=3), "temperature must be from 0 \\(greedy\\) to 2"),
+        (dict(texts_from="a feeling"), "Unknown source of texts 'a feeling'"),
+        (dict(scores=[ev.BLEU_ROUGE], prompt_tokens=40), "no text holds 48 tokens"),  # TEXT is too short
+    ],
+)
+def test_bad_settings_are_clear_errors(
+    store: ModelStore, app_checkpoints: Path, overrides: dict[str, object], message: str
+) -> None:
+    llama, _ = sources(app_checkpoints)
+    with pytest.raises(gr.Error, match=message):
+        evaluate(store, llama, **{"text": "short text", **overrides})
+
+
+def test_the_served_app_s_perplexity_api_equals_the_library(
+    served_app: ServedApp, app_checkpoints: Path, tmp_path: Path
+) -> None:
+    from gradio_client import handle_file
+
+    from aksis.generation import load_model
+
+    llama, gpt2 = sources(app_checkpoints)
+    client = served_app.client()
+    model, tokenizer, _ = load_model(str(app_checkpoints / "tiny-llama" / "best"), device="cpu")
+    expected = perplexity(model, tokenizer, [TEXT])
+    got = client.predict(source=llama, text=TEXT, api_name="/perplexity")
+    assert got == pytest.approx((expected.perplexity, expected.bits_per_byte), rel=1e-6)
+
+    with pytest.raises(Exception, match="The text is empty"):  # shown in the UI; the app goes on serving
+        client.predict(source=llama, text="", api_name="/perplexity")
+
+    upload = tmp_path / "upload.txt"
+    upload.write_text(TEXT, encoding="utf-8")
+    ppl, bpb, table, _, _ = client.predict(
+        source=llama, compare=gpt2, texts_from=ev.UPLOADED, text="", file=handle_file(str(upload)),
+        dataset="shakespeare", split="validation", max_texts=1, scores=[ev.PERPLEXITY], generate_from=ev.CONTINUATION,
+        prompts_file=None, temperature=0, max_new_tokens=8, prompt_tokens=8, num_samples=2, seed=0,
+        api_name="/evaluate",
+    )  # fmt: skip
+    assert (ppl, bpb) == pytest.approx(got, rel=1e-6)
+    assert table["headers"] == ["metric", llama, gpt2]
