@@ -1,12 +1,584 @@
-"""PLACEHOLDER: the Train tab (being written)."""
+"""The Train tab: a quick run of the tiny preset on the embedded Shakespeare or an uploaded text file, with a
+live loss plot and progress; the result is picked in the model picker and can be pushed to the Hub. Also the
+first-start flow: the welcome banner's button (shown when no model exists anywhere) starts the same run with
+the defaults in one click.
+
+How a run goes:
+- The recipe is that of `training/configs/tiny-cpu.yaml` (`RECIPE`; a test keeps the two equal), with the
+  steps and the tokenizer chosen here. It trains into `<checkpoints>/<name>`, a run folder like any other.
+- One run at a time per app (`TrainingSlot`): a laptop CPU has no room for two, and a second request is told
+  which run is going rather than left waiting in the queue.
+- The `Trainer` (data preparation included: a first BPE takes seconds) runs in a worker thread (`TrainJob`).
+  The event handler is a generator that polls the run's metrics.jsonl, which the trainer appends to as it
+  goes, and yields the loss plot and a progress line; nothing in the trainer knows about the app.
+- Stop calls the trainer's `request_stop()`: it finishes the step, saves a resumable step-N checkpoint and
+  ends, so a stopped run is still a model in the picker.
+- The training thread outlives the browser tab that started it (a closed tab does not stop a run); the run
+  then shows up in the picker through "Refresh list".
+"""
 
 from __future__ import annotations
 
-import gradio as gr
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from aksis.ui.context import AppContext
+import gradio as gr
+import pandas as pd  # type: ignore[import-untyped]  # (no stubs installed; gradio depends on pandas)
+
+from aksis.checkpoint import CONFIG_FILE, CheckpointError
+from aksis.config import TrainConfig
+from aksis.ui.context import AppContext, AppSettings, user_errors
+
+if TYPE_CHECKING:  # the trainer (and accelerate) are imported when a run starts, not when the app starts
+    from aksis.trainer import Trainer, TrainResult
+
+log = logging.getLogger(__name__)
+
+# training/configs/tiny-cpu.yaml, the laptop recipe: the tiny preset (2 layers x 128) with a 10k BPE, context
+# 256, batches of 16, 300 steps (about one pass over the plays). Kept here because the app is also installed
+# without the training/ folder; tests/test_ui_train.py checks that the two agree.
+RECIPE: dict[str, Any] = dict(
+    dataset="shakespeare",
+    tokenizer="bpe",
+    preset="tiny",
+    block_size=256,
+    batch_size=16,
+    max_steps=300,
+    learning_rate=2.0e-3,
+    warmup_steps=30,
+    min_lr_ratio=0.1,
+    eval_every=100,
+    eval_batches=10,
+    log_every=10,
+    device="cpu",
+)
+TOKENIZERS = ("bpe", "byte")
+MAX_STEPS = 5000
+CORPORA = ("shakespeare", "upload")
+MAX_UPLOAD_BYTES = 20 << 20  # more than this takes long to tokenize on a CPU: use training/train.py then
+# One optimizer step of the recipe needs 16 blocks of 257 tokens; with the byte tokenizer (one token per byte)
+# and the held-out validation share that is about 4.4 KB, so ask for a little more.
+MIN_UPLOAD_CHARS = 5_000
+UPLOAD_FILE = "corpus.txt"  # the upload, checked and re-saved as UTF-8 in the run folder (what the run read)
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}")
+POLL_SECONDS = 0.5
+PROGRESS_ID = "train-progress"
+
+
+class TrainingBusy(Exception):
+    """Another run is training in this app."""
+
+
+# ----- inputs -----
+
+
+def check_upload(path: str | Path) -> str:
+    """The text of an uploaded corpus, or a ValueError that says what is wrong with it and what to upload."""
+    path = Path(path)
+    if path.suffix.lower() != ".txt":
+        raise ValueError(f"{path.name} is not a .txt file: upload plain text (UTF-8) in a .txt file")
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"{path.name} is empty: upload a text file with at least {MIN_UPLOAD_CHARS:,} characters")
+    if size > MAX_UPLOAD_BYTES:
+        raise ValueError(
+            f"{path.name} is {size / 2**20:.1f} MB; the quick run takes files up to {MAX_UPLOAD_BYTES >> 20} MB "
+            "(train on larger corpora with training/train.py)"
+        )
+    raw = path.read_bytes()
+    if b"\x00" in raw:  # UTF-8 text never holds NUL bytes; binaries (and UTF-16 text) do
+        raise ValueError(f"{path.name} looks like a binary file (it holds NUL bytes), not text: upload a .txt file")
+    try:
+        text = raw.decode("utf-8-sig")  # a leading byte-order mark is dropped
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path.name} is not UTF-8 text (invalid byte 0x{raw[err.start]:02x} at offset {err.start}); "
+            "save it as UTF-8 and upload it again"
+        ) from None
+    chars = len(text.strip())
+    if chars < MIN_UPLOAD_CHARS:
+        raise ValueError(
+            f"{path.name} holds {chars:,} characters of text; the quick run needs at least {MIN_UPLOAD_CHARS:,}"
+        )
+    return text
+
+
+def default_name(corpus: str, upload: str | Path | None) -> str:
+    """quick-<corpus>: quick-shakespeare, or quick-<file name> for an upload."""
+    stem = Path(upload).stem if corpus == "upload" and upload else corpus
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.") or "upload"
+    return f"quick-{slug}"[:60]
+
+
+def run_folder(checkpoints_dir: Path, name: str, corpus: str, upload: str | Path | None, overwrite: bool) -> Path:
+    """Where the run goes. A name given is used as is: refused when it exists, unless `overwrite`. No name:
+    quick-<corpus>, or the first free quick-<corpus>-2, -3, ... (so one click always starts a run)."""
+    name = name.strip()
+    if not name:
+        base = default_name(corpus, upload)
+        n = 1
+        while (checkpoints_dir / (base if n == 1 else f"{base}-{n}")).exists():
+            n += 1
+        return checkpoints_dir / (base if n == 1 else f"{base}-{n}")
+    if not NAME.fullmatch(name):
+        raise ValueError(
+            f"run name {name!r}: use letters, digits, '.', '_' and '-' (up to 80, starting with a letter or digit)"
+        )
+    folder = checkpoints_dir / name
+    if folder.exists():
+        if not folder.is_dir() or (folder / CONFIG_FILE).exists():
+            raise ValueError(
+                f"{folder} is {'a file' if not folder.is_dir() else 'a checkpoint folder, not a training run'}; "
+                "choose another run name"
+            )
+        if not overwrite:
+            raise ValueError(
+                f"a run named {name!r} already exists in {checkpoints_dir}: choose another name, or tick "
+                "'Overwrite' to replace it"
+            )
+    return folder
+
+
+def quick_config(
+    dataset: str, output_dir: Path, *, steps: int, tokenizer: str, overwrite: bool = False, **overrides: Any
+) -> TrainConfig:
+    """The recipe for `steps` steps of `tokenizer` on `dataset` into `output_dir`. Logging, evaluation and warmup
+    follow the length of the run (the recipe's own values at its 300 steps), so short runs still draw a curve.
+    `overrides` (any TrainConfig field) come last: tests use them for tiny blocks."""
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"tokenizer {tokenizer!r}: choose one of {', '.join(TOKENIZERS)}")
+    if not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps must be between 1 and {MAX_STEPS}, got {steps}")
+    settings = {
+        **RECIPE,
+        "dataset": dataset,
+        "tokenizer": tokenizer,
+        "max_steps": steps,
+        "eval_every": max(1, min(RECIPE["eval_every"], steps // 3)),
+        "log_every": max(1, min(RECIPE["log_every"], steps // 30)),
+        "warmup_steps": min(RECIPE["warmup_steps"], steps // 10),
+        "output_dir": str(output_dir),
+        "overwrite": overwrite,
+        "progress": False,  # no terminal bar from a worker thread: the app shows its own progress
+        **overrides,
+    }
+    return TrainConfig(**settings)
+
+
+# ----- the run -----
+
+
+class TrainJob:
+    """One training run in a worker thread: builds the `Trainer` (data, tokenizer, model) and trains. `error`
+    holds what went wrong, `result` the `TrainResult` once it is done."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        self.name = self.output_dir.name
+        self.total_steps = config.max_steps  # until the trainer knows the real length (an epoch may end first)
+        self.started = time.monotonic()
+        self.finished: float | None = None
+        self.result: TrainResult | None = None
+        self.error: str | None = None
+        self.stop_requested = False
+        self._trainer: Trainer | None = None
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"aksis-train-{self.name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        from aksis.data import DataError
+        from aksis.tokenizer import TokenizerError
+        from aksis.trainer import Trainer, TrainingError
+
+        try:
+            trainer = Trainer(self.config)
+            with self._lock:
+                self.total_steps = trainer.total_steps
+                self._trainer = trainer
+                stop = self.stop_requested
+            if stop:  # Stop came while the data was being prepared: nothing trained, nothing to save
+                return
+            self.result = trainer.train()
+        except (TrainingError, DataError, TokenizerError, CheckpointError, ValueError, OSError) as err:
+            self.error = str(err)
+        except Exception as err:  # an unexpected failure is still reported to the user, with a trace in the log
+            log.exception("training %s failed", self.name)
+            self.error = f"{type(err).__name__}: {err}"
+        finally:
+            self.finished = time.monotonic()
+            self._done.set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    def request_stop(self) -> None:
+        """End the run after the current step, with a saved checkpoint (or before training when it has not begun)."""
+        with self._lock:
+            self.stop_requested = True
+            if self._trainer is not None:
+                self._trainer.request_stop()
+
+    @property
+    def elapsed(self) -> float:
+        return (self.finished or time.monotonic()) - self.started
+
+
+class TrainingSlot:
+    """Holds the app's one training run."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.job: TrainJob | None = None
+
+    def start(self, config: TrainConfig, prepare: Callable[[], None] | None = None) -> TrainJob:
+        """Start a run of `config`; `prepare` runs first, once the slot is held (it writes into the run folder,
+        which must not happen while another run might be using that folder). Raises TrainingBusy."""
+        with self._lock:
+            current = self.job
+            if current is not None and not current.done:
+                raise TrainingBusy(
+                    f"the run {current.name!r} is training now (one run at a time in this app): wait for it to "
+                    "finish or press Stop, then start again"
+                )
+            job = TrainJob(config)
+            if prepare is not None:
+                prepare()
+            self.job = job
+        job.start()
+        return job
+
+    def stop(self) -> str:
+        job = self.job
+        if job is None or job.done:
+            return "No run is training."
+        job.request_stop()
+        return f"Stopping **{job.name}**: it saves a checkpoint after the current step, then ends."
+
+
+# ----- progress -----
+
+
+def read_records(output_dir: Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl so far. The trainer may be writing the last line as we read:
+    a line that does not parse is skipped (it is read whole at the next poll)."""
+    import json
+
+    from aksis.trainer import METRICS_FILE
+
+    path = output_dir / METRICS_FILE
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "step" in record:
+            records.append(record)
+    return records
+
+
+def loss_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """Training and validation loss against the step, in the long form a gr.LinePlot draws (one line per curve)."""
+    rows = [(r["step"], r["loss"], "train") for r in records if "loss" in r]
+    rows += [(r["step"], r["val_loss"], "validation") for r in records if "val_loss" in r]
+    return pd.DataFrame(rows, columns=["step", "loss", "curve"])
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+def progress_text(job: TrainJob, records: list[dict[str, Any]]) -> str:
+    """One line: where the run is (step / total, tokens/s, time left, latest losses), or how it ended."""
+    head = f"**{job.name}**"
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    losses = []
+    if train:
+        losses.append(f"loss {train[-1]['loss']:.3f}")
+    if val:
+        losses.append(f"validation loss {val[-1]['val_loss']:.3f}")
+    if job.done:
+        if job.error is not None:
+            return f"{head}: failed after {_duration(job.elapsed)}: {job.error}"
+        result = job.result
+        if result is None:
+            return f"{head}: stopped before training began; nothing was saved."
+        how = "stopped by request" if result.stopped == "interrupted" else f"done ({result.stopped})"
+        parts = [f"{head}: {how} at step {result.steps} after {_duration(job.elapsed)}", *losses]
+        return " · ".join(parts) + "."
+    if not train:
+        if job.stop_requested:
+            return f"{head}: stopping before training begins…"
+        first = " (a BPE tokenizer is trained on the corpus the first time)" if job.config.tokenizer == "bpe" else ""
+        return f"{head}: preparing the data and the model{first}… {_duration(job.elapsed)}"
+    step, total = int(train[-1]["step"]), job.total_steps or 0
+    parts = [f"{head}: step {step} / {total}"]
+    speeds = [r["tokens_per_s"] for r in train if "tokens_per_s" in r]
+    if speeds:
+        parts.append(f"{speeds[-1]:,.0f} tokens/s")
+    elapsed = train[-1].get("elapsed")
+    if elapsed and step and total > step:
+        # The trainer's elapsed counts training steps only; evaluations and saves add a little.
+        parts.append(f"about {_duration(elapsed / step * (total - step))} left")
+    if job.stop_requested:
+        parts.append("stopping after this step")
+    return " · ".join([*parts, *losses])
+
+
+# ----- the event handlers -----
+
+
+def start_run(
+    slot: TrainingSlot,
+    settings: AppSettings,
+    corpus: str,
+    upload: str | None,
+    name: str,
+    overwrite: bool,
+    steps: float,
+    tokenizer: str,
+    loaded: list[str] | None = None,
+    **overrides: Any,
+) -> TrainJob:
+    """Check the inputs and start a run; ValueError (bad input) or TrainingBusy otherwise. `loaded`: the sources
+    the app's model store holds, which a run must not overwrite (the store would keep serving the old weights).
+    `overrides` go to `quick_config`."""
+    if corpus not in CORPORA:
+        raise ValueError(f"corpus {corpus!r}: choose one of {', '.join(CORPORA)}")
+    text = None
+    if corpus == "upload":
+        if not upload:
+            raise ValueError("no file uploaded: upload a .txt file, or choose the embedded Shakespeare")
+        text = check_upload(upload)
+    steps = int(steps)
+    checkpoints_dir = Path(settings.checkpoints_dir)
+    # The folder is checked twice: here for a clear message before any work, and in `prepare`, where the slot is
+    # held and no other run can create the same folder in between.
+    output_dir = run_folder(checkpoints_dir, name, corpus, upload, overwrite)
+    dataset = str(output_dir / UPLOAD_FILE) if text is not None else "shakespeare"
+    device = settings.device or "auto"
+    config = quick_config(
+        dataset, output_dir, steps=steps, tokenizer=tokenizer, overwrite=overwrite, device=device, **overrides
+    )
+
+    def prepare() -> None:
+        from aksis.checkpoint import is_local
+        from aksis.trainer import METRICS_FILE
+
+        if any(Path(source).resolve() == output_dir.resolve() for source in loaded or [] if is_local(source)):
+            raise ValueError(
+                f"the run {output_dir.name!r} is loaded in the app, which would go on serving its old weights: "
+                "choose another run name"
+            )
+        checked = run_folder(checkpoints_dir, name, corpus, upload, overwrite)
+        if checked != output_dir:  # only a default name can move: a run took it since the first check
+            raise ValueError(f"{output_dir.name!r} was just taken by another run; start again")
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / METRICS_FILE).unlink(missing_ok=True)  # an overwritten run's curve must not show
+        if text is not None:
+            (output_dir / UPLOAD_FILE).write_text(text, encoding="utf-8")
+
+    return slot.start(config, prepare)
+
+
+def follow(job: TrainJob, poll: float = POLL_SECONDS) -> Iterator[tuple[pd.DataFrame, str]]:
+    """(loss curves, progress line) while the job runs, whenever either changes, and once more when it ends."""
+    last: tuple[int, str] | None = None
+    while True:
+        done = job.done  # read before the records, so the last yield sees every record
+        records = read_records(job.output_dir)
+        text = progress_text(job, records)
+        if done or (len(records), text) != last:
+            last = (len(records), text)
+            yield loss_frame(records), text
+        if done:
+            return
+        job.wait(poll)
+
+
+def finished_source(job: TrainJob) -> str | None:
+    """The run folder to pick once the job is done, when it left a checkpoint (None when it failed or
+    stopped before its first step)."""
+    from aksis.generation import find_checkpoint
+
+    if job.error is not None or job.result is None:
+        return None
+    try:
+        find_checkpoint(job.output_dir)
+    except CheckpointError:
+        return None
+    return str(job.output_dir)
+
+
+def push_run(source: str | None, repo_id: str, token: str | None, settings: AppSettings) -> str:
+    """Push the picked local model (a run's best/ or newest step-N, or a checkpoint folder) to `repo_id`."""
+    from huggingface_hub import get_token
+
+    from aksis.checkpoint import is_local
+    from aksis.generation import find_checkpoint
+    from aksis.hub import is_hub_id, push_checkpoint
+
+    source = (source or "").strip()
+    repo_id = (repo_id or "").strip()
+    token = (token or "").strip() or None
+    if not source or not is_local(source):
+        raise ValueError(
+            "pick a local model (a run trained here, or a folder) to push; the picked one "
+            f"{'is ' + repr(source) if source else 'is empty'}"
+        )
+    if not is_hub_id(repo_id) or "@" in repo_id:
+        raise ValueError(f"repo id {repo_id!r}: give user/name or org/name")
+    if token is None and not get_token():
+        raise ValueError("no Hub token: paste a write token into the token box, or set HF_TOKEN for the app")
+    checkpoint = find_checkpoint(source)
+    commit = push_checkpoint(checkpoint, repo_id, token=token, commit_message=f"aksis: {Path(source).name}")
+    return f"Pushed `{checkpoint}` to **{repo_id}** (commit `{commit[:8]}`). Load it back with the id `{repo_id}`."
+
+
+# ----- the tab -----
 
 
 def build(ctx: AppContext) -> None:
-    with gr.Tab("Train"):
-        gr.Markdown("Train")
+    from aksis.ui import describe
+
+    slot = TrainingSlot()
+    ctx.extra["training"] = slot
+    settings = ctx.settings
+
+    with gr.Tab("Train", elem_id="train-tab"):
+        gr.Markdown(
+            "Train a tiny GPT (2 layers × 128, the recipe of `training/configs/tiny-cpu.yaml`) right here: "
+            "about one pass over the plays, a few minutes on a laptop CPU. It trains into "
+            f"`{settings.checkpoints_dir}/<run name>` and is picked in the model picker when done. "
+            "For bigger models and corpora use `training/train.py`."
+        )
+        with gr.Row():
+            with gr.Column():
+                corpus = gr.Radio(
+                    [("Shakespeare (embedded)", "shakespeare"), ("my .txt file", "upload")],
+                    value="shakespeare",
+                    label="Corpus",
+                    elem_id="train-corpus",
+                )
+                upload = gr.File(
+                    file_types=[".txt"],
+                    type="filepath",
+                    label=f"Text file (UTF-8, {MIN_UPLOAD_CHARS:,} characters to {MAX_UPLOAD_BYTES >> 20} MB)",
+                    elem_id="train-upload",
+                )
+                tokenizer = gr.Radio(
+                    [("BPE, 10k tokens (the recipe)", "bpe"), ("bytes (no tokenizer training)", "byte")],
+                    value=RECIPE["tokenizer"],
+                    label="Tokenizer",
+                    elem_id="train-tokenizer",
+                )
+            with gr.Column():
+                name = gr.Textbox(
+                    label="Run name",
+                    placeholder="empty: quick-<corpus> (the next free one)",
+                    elem_id="train-name",
+                )
+                overwrite = gr.Checkbox(label="Overwrite a run of this name", elem_id="train-overwrite")
+                steps = gr.Slider(1, MAX_STEPS, value=RECIPE["max_steps"], step=1, label="Steps", elem_id="train-steps")
+                with gr.Row():
+                    start = gr.Button("Train", variant="primary", elem_id="train-start")
+                    stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
+        progress = gr.Markdown(elem_id=PROGRESS_ID)
+        plot = gr.LinePlot(
+            loss_frame([]),
+            x="step",
+            y="loss",
+            color="curve",
+            title="Loss (nats per token)",
+            height=300,
+            elem_id="train-plot",
+        )
+
+        with gr.Accordion("Share on the Hugging Face Hub", open=False, elem_id="train-hub"):
+            gr.Markdown(
+                "Push the picked local model (its best checkpoint) to a model repo, with a model card. A token "
+                "with write access comes from HF_TOKEN when the app has one, or from the box below."
+            )
+            with gr.Row():
+                repo = gr.Textbox(label="Repo id", placeholder="user/tiny-shakespeare", elem_id="hub-repo")
+                token = gr.Textbox(
+                    label="Hub token (not needed when HF_TOKEN is set)", type="password", elem_id="hub-token"
+                )
+            push = gr.Button("Push", elem_id="hub-push")
+            pushed = gr.Markdown(elem_id="hub-push-status")
+
+    status = ctx.extra.get("status")
+    welcome = ctx.extra.get("welcome")
+    outputs: list[Any] = [plot, progress, ctx.picker]
+    if status is not None:
+        outputs.append(status)
+    if welcome is not None:
+        outputs.append(welcome)
+
+    def run(corpus: str, upload: str | None, name: str, overwrite: bool, steps: float, tokenizer: str) -> Iterator[Any]:
+        with user_errors("start training"):
+            try:
+                job = start_run(slot, settings, corpus, upload, name, overwrite, steps, tokenizer, ctx.store.loaded())
+            except TrainingBusy as err:
+                raise gr.Error(f"Not started: {err}", print_exception=False) from err
+        rest = [gr.skip()] * (len(outputs) - 2)
+        for frame, text in follow(job):
+            yield frame, text, *rest
+        if job.error is not None:
+            raise gr.Error(f"Training {job.name} failed: {job.error}", print_exception=False)
+        source = finished_source(job)
+        if source is None:
+            return
+        final: list[Any] = [gr.Dropdown(choices=ctx.store.choices(settings.model), value=source)]
+        if status is not None:
+            with user_errors("load the trained model"):
+                final.append(describe(ctx.store.get(source)))
+        if welcome is not None:
+            final.append(gr.Column(visible=False))
+        yield frame, f"{text} It is now picked in the model picker.", *final
+
+    def quick_start() -> Iterator[Any]:
+        """The first-start button: the recipe on the embedded Shakespeare, under the next free quick- name."""
+        yield from run("shakespeare", None, "", False, RECIPE["max_steps"], RECIPE["tokenizer"])
+
+    def stop_run() -> str:
+        return slot.stop()
+
+    def push_picked(source: str | None, repo_id: str, token: str) -> str:
+        with user_errors("push to the Hub"):
+            return push_run(source, repo_id, token, settings)
+
+    # concurrency_limit=None: the slot allows one run, and a second request must reach it to be told so,
+    # rather than wait silently in the queue behind the first.
+    inputs = [corpus, upload, name, overwrite, steps, tokenizer]
+    start.click(run, inputs, outputs, api_name="train", concurrency_limit=None)
+    # A file dropped in means: train on it.
+    upload.upload(lambda: "upload", None, corpus, api_visibility="private", queue=False)
+    stop.click(stop_run, None, progress, api_name="stop_training", concurrency_limit=None)
+    push.click(push_picked, [ctx.picker, repo, token], pushed, api_name="push")
+    if ctx.welcome_button is not None:
+        # Show the Train tab (its button is the tab's elem_id + "-button"), where the run's progress is drawn.
+        ctx.welcome_button.click(
+            None, js="() => { document.getElementById('train-tab-button')?.click(); }", api_visibility="private"
+        )
+        ctx.welcome_button.click(quick_start, None, outputs, api_visibility="private", concurrency_limit=None)
