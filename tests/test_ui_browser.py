@@ -75,3 +75,27 @@ def test_generate_after_moving_a_slider(page) -> None:  # type: ignore[no-untype
     stats.get_by_text("12 tokens").wait_for()
     assert page.locator("#generate-output textarea").input_value() != ""
     assert page.locator("#generate-tokens .aksis-token").count() >= 1
+
+
+def test_perplexity_of_pasted_text(page, served_app: ServedApp) -> None:  # type: ignore[no-untyped-def]
+    from aksis.generation import load_model
+    from aksis.metrics import perplexity
+
+    text = "O Romeo, Romeo, wherefore art thou Romeo?"
+    open_tab(page, "Evaluate")
+    page.locator("#eval-text textarea").fill(text)
+    page.locator("#eval-text-perplexity").click()
+    shown = page.locator("#eval-perplexity input")
+    page.wait_for_function("() => document.querySelector('#eval-perplexity input').value !== ''")
+    model, tokenizer, _ = load_model(served_app.settings.model, device="cpu")
+    expected = perplexity(model, tokenizer, [text]).perplexity
+    assert float(shown.input_value()) == pytest.approx(expected, rel=1e-3)
+
+
+def test_model_tab_shows_the_config_curves_and_attention(page) -> None:  # type: ignore[no-untyped-def]
+    open_tab(page, "Model")
+    page.locator("#model-summary").get_by_text("llama").first.wait_for()
+    page.locator("#model-curves img").wait_for()  # matplotlib figures arrive as images
+    page.locator("#attention-prompt textarea").fill("To be or not")
+    page.locator("#attention-run").click()
+    page.locator("#attention-heatmap img").wait_for()
