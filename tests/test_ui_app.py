@@ -177,3 +177,30 @@ def test_eight_clients_generating_at_once_all_finish(served_app: ServedApp) -> N
         texts = list(pool.map(visit, range(len(clients))))
     again = clients[3].predict(source, "Visitor 3:", "sample", 1.0, 0, 1.0, 2, 1.0, 48, 3, api_name="/generate")[0]
     assert again == texts[3]  # the same seed alone gives the same text as under load
+
+
+def test_a_space_does_not_read_files_named_by_visitors(app_checkpoints: Path, tmp_path: Path) -> None:
+    """On a Space (SPACE_ID set) visitors are strangers: models only from the checkpoints folder, no local dataset."""
+    import gradio as gr
+
+    from aksis.ui.evaluate_tab import load_texts
+
+    assert AppSettings.from_env({"SPACE_ID": "alice/demo"}).local_paths is False
+    assert AppSettings.from_env({"SPACE_ID": "alice/demo", "AKSIS_LOCAL_PATHS": "1"}).local_paths is True
+    assert AppSettings.from_env({}).local_paths is True
+    with pytest.raises(ValueError, match="AKSIS_LOCAL_PATHS='maybe': use 1"):
+        AppSettings.from_env({"AKSIS_LOCAL_PATHS": "maybe"})
+
+    outside = write_run(tmp_path / "elsewhere", "gpt2", seed=5)
+    closed = ModelStore(app_checkpoints, device=torch.device("cpu"), local_paths=False)
+    assert closed.get(str(app_checkpoints / "tiny-gpt2")).model is not None  # a listed model still loads
+    with pytest.raises(CheckpointError, match="serves local models only from"):
+        closed.get(str(outside))
+    assert ModelStore(app_checkpoints, device=torch.device("cpu")).get(str(outside)).model is not None
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not show this " * 50)
+    with pytest.raises(gr.Error, match="does not read its own files"):
+        load_texts("dataset", None, None, str(secret), "train", 1, local_paths=False)
+    texts, _ = load_texts("dataset", None, None, str(secret), "train", 1, local_paths=True)
+    assert "do not show this" in texts[0]

@@ -71,6 +71,7 @@ def build_app(settings: AppSettings | None = None) -> gr.Blocks:
         dtype=dtype,
         max_bytes=settings.cache_mb << 20,
         hub_author=settings.hub_author,
+        local_paths=settings.local_paths,
     )
     feedback = FeedbackLog(settings.feedback_file, repo_id=settings.feedback_repo)
     choices = store.choices(settings.model)

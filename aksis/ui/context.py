@@ -44,6 +44,9 @@ class AppSettings:
     concurrency: int = 4  # AKSIS_CONCURRENCY: requests served at once (the rest wait in the queue)
     max_new_tokens: int = MAX_NEW_TOKENS
     device: str | None = None  # AKSIS_DEVICE: cpu, cuda, mps; default: the best there is
+    # AKSIS_LOCAL_PATHS=0/1: whether visitors may name files and folders of this machine (a dataset to score, a
+    # model outside the checkpoints folder). Off by default on a Space (SPACE_ID is set), where visitors are strangers.
+    local_paths: bool = True
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> AppSettings:
@@ -62,6 +65,14 @@ class AppSettings:
                 raise ValueError(f"{name} must be at least 1, got {value}")
             return value
 
+        def flag(name: str, default: bool) -> bool:
+            text = env.get(name, "").strip().lower()
+            if not text:
+                return default
+            if text not in ("0", "1", "true", "false", "yes", "no"):
+                raise ValueError(f"{name}={env[name]!r}: use 1 (on) or 0 (off)")
+            return text in ("1", "true", "yes")
+
         return cls(
             model=env.get("AKSIS_MODEL") or None,
             checkpoints_dir=Path(env.get("AKSIS_CHECKPOINTS") or defaults.checkpoints_dir),
@@ -71,6 +82,7 @@ class AppSettings:
             cache_mb=number("AKSIS_MODEL_CACHE_MB", defaults.cache_mb),
             concurrency=number("AKSIS_CONCURRENCY", defaults.concurrency),
             device=env.get("AKSIS_DEVICE") or None,
+            local_paths=flag("AKSIS_LOCAL_PATHS", default="SPACE_ID" not in env),
         )
 
 

@@ -84,10 +84,16 @@ def read_upload(path: str | None, what: str) -> str:
 
 
 def load_texts(
-    texts_from: str | None, text: Any, file: str | None, dataset: Any, split: Any, max_texts: Any
+    texts_from: str | None,
+    text: Any,
+    file: str | None,
+    dataset: Any,
+    split: Any,
+    max_texts: Any,
+    local_paths: bool = True,
 ) -> tuple[list[str], str]:
     """The texts to score and a few words saying what they are, from the source chosen; gr.Error when there is
-    nothing to score."""
+    nothing to score. Without `local_paths` (a public Space) a dataset may not be a file of this machine."""
     texts_from = texts_from or PASTED
     if texts_from == PASTED:
         if not isinstance(text, str) or not text.strip():
@@ -101,16 +107,21 @@ def load_texts(
             raise gr.Error("The uploaded file holds no text.")
         return [content], f"{os.path.basename(file or '')} ({len(content):,} characters)"
     if texts_from == DATASET:
-        return _dataset_texts(dataset, split, max_texts)
+        return _dataset_texts(dataset, split, max_texts, local_paths)
     raise gr.Error(f"Unknown source of texts {texts_from!r}: choose one of {', '.join(SOURCES)}.")
 
 
-def _dataset_texts(dataset: Any, split: Any, max_texts: Any) -> tuple[list[str], str]:
+def _dataset_texts(dataset: Any, split: Any, max_texts: Any, local_paths: bool = True) -> tuple[list[str], str]:
     from aksis.data import DataError, load_corpus
 
     name = dataset.strip() if isinstance(dataset, str) else ""
     if not name:
         raise gr.Error("No dataset named: give 'shakespeare', a Hub dataset id or a local text file.")
+    if not local_paths and (name.startswith((".", "/", "~", "\\")) or os.path.exists(os.path.expanduser(name))):
+        raise gr.Error(
+            f"This server does not read its own files ({name!r}): upload the file instead, or name 'shakespeare' or "
+            "a Hub dataset."
+        )
     split = str(split).strip() if split else "validation"
     count = _whole(max_texts if max_texts is not None else 10, "max texts", 1, MAX_TEXTS)
     try:
@@ -271,7 +282,7 @@ def run_evaluate(
     texts: list[str] = []
     prompts: list[tuple[str, str]] = []
     if {"perplexity", "continuation"} & set(tasks):
-        texts, described = load_texts(texts_from, text, file, dataset, split, max_texts)
+        texts, described = load_texts(texts_from, text, file, dataset, split, max_texts, store.local_paths)
         what.append(described)
     if "prompts" in tasks:
         prompts = read_prompt_pairs(prompts_file)

@@ -71,12 +71,14 @@ class ModelStore:
         dtype: torch.dtype | None = None,
         max_bytes: int = 2 << 30,
         hub_author: str | None = None,
+        local_paths: bool = True,
     ) -> None:
         self.checkpoints_dir = Path(checkpoints_dir)
         self.device = device
         self.dtype = dtype
         self.max_bytes = max_bytes
         self.hub_author = hub_author
+        self.local_paths = local_paths  # False: local models only from checkpoints_dir (see AppSettings.local_paths)
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
@@ -146,11 +148,19 @@ class ModelStore:
             raise CheckpointError(f"{source!r} is neither a local folder nor a Hub id of the form user/name[@revision]")
         if is_hub_id(source):
             split_revision(source)  # a malformed revision is named before any download
+        elif not self.local_paths and not self._in_checkpoints_dir(source):
+            raise CheckpointError(
+                f"this app serves local models only from {self.checkpoints_dir}/: pick one of the listed models or "
+                "name a Hub id"
+            )
         checkpoint = find_checkpoint(source)
         model, tokenizer, generation = load_model(checkpoint, device=self.device, dtype=self.dtype)
         entry = LoadedModel(source, checkpoint, model, tokenizer, generation, weight_bytes(model))
         log.info("loaded %s (%.1f MB of weights) on %s", source, entry.nbytes / 1e6, self.device)
         return entry
+
+    def _in_checkpoints_dir(self, source: str) -> bool:
+        return Path(source).expanduser().resolve().is_relative_to(self.checkpoints_dir.resolve())
 
     def _evict(self) -> None:
         """Drop least recently used models while the kept weights pass the bound; the newest always stays."""
