@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import gradio as gr
-import pandas as pd  # type: ignore[import-untyped]  # (no stubs installed; gradio depends on pandas)
+import pandas as pd
 
 from aksis.checkpoint import CONFIG_FILE, CheckpointError
 from aksis.config import TrainConfig
