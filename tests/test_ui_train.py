@@ -273,6 +273,9 @@ def test_push_run_refuses_what_it_cannot_push(tmp_path: Path) -> None:
         push_run(str(tmp_path), "not a repo", "token", settings)
     with pytest.raises(ValueError, match="no Hub token"):  # the tests run with no HF_TOKEN and no login
         push_run(str(tmp_path), "alice/copy", "", settings)
+    space = AppSettings(checkpoints_dir=tmp_path / "checkpoints", local_paths=False)
+    with pytest.raises(ValueError, match="pushes only the runs in"):  # a Space: not a folder of the server's own
+        push_run(str(tmp_path), "alice/copy", "token", space)
 
 
 # ----- through the served app -----

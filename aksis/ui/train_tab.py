@@ -446,6 +446,9 @@ def push_run(source: str | None, repo_id: str, token: str | None, settings: AppS
             "pick a local model (a run trained here, or a folder) to push; the picked one "
             f"{'is ' + repr(source) if source else 'is empty'}"
         )
+    inside = Path(source).expanduser().resolve().is_relative_to(settings.checkpoints_dir.resolve())
+    if not settings.local_paths and not inside:  # a Space pushes only what was trained here
+        raise ValueError(f"this app pushes only the runs in {settings.checkpoints_dir}/: pick one of those")
     if not is_hub_id(repo_id) or "@" in repo_id:
         raise ValueError(f"repo id {repo_id!r}: give user/name or org/name")
     if token is None and not get_token():
