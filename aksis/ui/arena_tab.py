@@ -1,12 +1,324 @@
-"""PLACEHOLDER: the Arena tab (being written)."""
+"""The Arena tab: blind A/B human evaluation. Two models answer one prompt; the answers are shown as A and B
+only; the visitor votes (A is better, B is better, tie, both are bad); the vote is recorded in the feedback log
+and the models are revealed; a leaderboard counts the wins.
+
+- Blind: the two models picked (model 1, model 2; by default two different models of the picker's choices,
+  drawn at random) are assigned to A and B at random for each battle, and which is which stays server-side in
+  the session's `Battle` (a gr.State) until the vote. Both answer with the same settings (a preset of
+  `aksis.generation.PRESETS` over the library defaults, the same max new tokens and seed), so the vote compares
+  the models, not their checkpoints' sampling defaults.
+- Mode: "continue" continues the prompt as text (what a model trained on plain text does well); "chat" answers
+  it as the user message of a new conversation (`aksis.chat.reply`), for chat fine-tuned models.
+- One vote per battle: a second vote on the same answers is refused with a message; a new battle (press Answer
+  again) can be voted on. Votes wait until both answers are complete.
+- The vote record ("vote": battle id, model_a, model_b, winner a/b/tie/both-bad, prompt, answer_a, answer_b,
+  mode, settings) goes to `ctx.feedback` (a JSONL file, and a Hub dataset when AKSIS_FEEDBACK_REPO is set).
+  The leaderboard is `aksis.ui.feedback.leaderboard` over all records.
+
+API (`gradio_client`; one client is one session, so a vote applies to that client's last battle):
+- `/arena_answer` (prompt, model_1, model_2, mode, preset, max_new_tokens, seed) -> (answer A, answer B, status)
+- `/arena_vote` (winner: "a", "b", "tie" or "both-bad") -> (the reveal, the leaderboard)
+- `/leaderboard` () -> the leaderboard (model, battles, wins, ties, losses, win rate)
+
+Element ids (browser tests): arena-prompt, arena-answer, arena-model-1, arena-model-2, arena-random-pair,
+arena-mode, arena-preset, arena-max-new-tokens, arena-seed, arena-answer-a, arena-answer-b, arena-vote-a,
+arena-vote-b, arena-vote-tie, arena-vote-both-bad, arena-reveal, arena-leaderboard, arena-refresh.
+"""
 
 from __future__ import annotations
 
+import random
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
 import gradio as gr
 
-from aksis.ui.context import AppContext
+from aksis.chat import Conversation, reply
+from aksis.config import GenerationConfig
+from aksis.generation import PRESETS, sampler_config, stream
+from aksis.ui.chat_tab import to_max_new_tokens, to_seed
+from aksis.ui.context import AppContext, on_gpu, user_errors
+from aksis.ui.feedback import LEADERBOARD_COLUMNS, WINNERS, FeedbackLog, leaderboard
+from aksis.ui.models import LoadedModel, ModelStore
+
+MODES = {"continue": "Continue the text", "chat": "Answer as a chat reply"}
+VOTES = {"a": "A is better", "b": "B is better", "tie": "Tie", "both-bad": "Both are bad"}
+DEFAULT_PRESET = "balanced"
+DEFAULT_MAX_NEW_TOKENS = 64
+HELP = (
+    "Two models answer the same prompt; you see only **A** and **B**. Vote for the better answer and the models "
+    "are revealed. Your prompt, both answers and your vote are recorded (without any account or address) to "
+    "rank the models."
+)
+READY = "Which answer is better? Vote below; the models are revealed after your vote."
+_vote_lock = threading.Lock()  # one vote per battle, also when two requests of a session race
+
+
+@dataclass
+class Battle:
+    """One blind comparison: what was asked, which model is behind A and B, their answers, and the vote."""
+
+    prompt: str
+    mode: str
+    models: tuple[str, str]  # (behind A, behind B)
+    settings: dict[str, Any]
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    answers: list[str] = field(default_factory=lambda: ["", ""])
+    complete: bool = False  # both answers are written
+    winner: str | None = None  # set by the vote
+
+
+def random_pair(choices: Sequence[str], rng: random.Random | None = None) -> tuple[str | None, str | None]:
+    """Two different models of `choices` in random order (one model twice when there is only one; None when
+    there are none)."""
+    names = list(dict.fromkeys(choices))
+    if len(names) < 2:
+        first = names[0] if names else None
+        return first, first
+    a, b = (rng or random.SystemRandom()).sample(names, 2)
+    return a, b
+
+
+def arena_config(preset: str | None, max_new_tokens: Any, seed: Any, limit: int) -> GenerationConfig:
+    """The settings both models answer with: a preset over the library defaults (not either checkpoint's own)."""
+    preset = preset or DEFAULT_PRESET
+    if preset not in PRESETS:
+        raise gr.Error(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    n = to_max_new_tokens(max_new_tokens, limit)
+    with user_errors("use these settings"):
+        return sampler_config(preset, GenerationConfig(), max_new_tokens=n, seed=to_seed(seed))
+
+
+def new_battle(
+    prompt: str | None,
+    model_1: str | None,
+    model_2: str | None,
+    mode: str | None,
+    config: GenerationConfig,
+    *,
+    swap: bool | None = None,
+) -> Battle:
+    """A battle of model 1 against model 2, assigned to A and B at random (`swap` fixes it, for tests)."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise gr.Error("The prompt is empty: write something for both models to answer.")
+    model_1, model_2 = (model_1 or "").strip(), (model_2 or "").strip()
+    if not model_1 or not model_2:
+        raise gr.Error("Pick two models to compare (model 1 and model 2, under 'Models and settings').")
+    if model_1 == model_2:
+        raise gr.Error("Pick two different models: a model compared with itself tells the leaderboard nothing.")
+    mode = mode or "continue"
+    if mode not in MODES:
+        raise gr.Error(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
+    if swap is None:
+        swap = random.SystemRandom().random() < 0.5
+    models = (model_2, model_1) if swap else (model_1, model_2)
+    return Battle(prompt, mode, models, config.to_dict())
+
+
+@on_gpu
+def answer_text(entry: LoadedModel, prompt: str, mode: str, config: GenerationConfig) -> Iterator[str]:
+    """One model's answer as it grows (each value is the text so far): the continuation of `prompt`, or in
+    "chat" mode the reply to it as a user message (its last value without surrounding space, as a chat keeps it)."""
+    text = ""
+    with user_errors("answer"):
+        if mode == "chat":
+            conversation = Conversation()
+            conversation.add("user", prompt)
+            for piece in reply(entry.model, entry.tokenizer, conversation, config):
+                text += piece
+                yield text
+            yield conversation.messages[-1].content
+        else:
+            for piece in stream(entry.model, entry.tokenizer, prompt, config):
+                text += piece
+                yield text
+
+
+def run_battle(store: ModelStore, battle: Battle) -> Iterator[Battle]:
+    """Write A's answer, then B's, yielding the battle as they grow; the last one is complete."""
+    config = GenerationConfig.from_dict(battle.settings)
+    for side, source in zip("AB", battle.models, strict=True):
+        # The error names the model: a battle that fails is not voted on, so nothing blind is spoiled.
+        with user_errors(f"load model {side}"):
+            entry = store.get(source)
+        for text in answer_text(entry, battle.prompt, battle.mode, config):
+            battle.answers["AB".index(side)] = text
+            yield battle
+    battle.complete = True
+    yield battle
+
+
+def winner_code(winner: str | None) -> str:
+    """ "a", "b", "tie" or "both-bad" from a code or a vote button's label."""
+    text = (winner or "").strip()
+    for code, label in VOTES.items():
+        if text.lower() == code or text == label:
+            return code
+    raise gr.Error(f"unknown vote {winner!r}: vote one of {', '.join(WINNERS)}")
+
+
+def vote(feedback: FeedbackLog, battle: Battle | None, winner: str | None) -> dict[str, Any]:
+    """Record the vote on `battle` (once) and return the record."""
+    code = winner_code(winner)
+    if battle is None:
+        raise gr.Error("There is nothing to vote on yet: write a prompt and press Answer.")
+    if not battle.complete:
+        raise gr.Error("Both answers are not written yet (still answering, or it failed): wait, or press Answer.")
+    with _vote_lock:
+        if battle.winner is not None:
+            raise gr.Error(
+                f"You already voted on this battle ({VOTES[battle.winner]}). Press Answer for a new one to vote again."
+            )
+        battle.winner = code
+    return feedback.record(
+        "vote",
+        battle=battle.id,
+        model_a=battle.models[0],
+        model_b=battle.models[1],
+        winner=code,
+        prompt=battle.prompt,
+        answer_a=battle.answers[0],
+        answer_b=battle.answers[1],
+        mode=battle.mode,
+        settings=battle.settings,
+    )
+
+
+def reveal(record: dict[str, Any]) -> str:
+    """Markdown naming the models behind A and B, and the vote, from a vote record."""
+    return (
+        f"**A** was `{record['model_a']}`; **B** was `{record['model_b']}`. Your vote: **{VOTES[record['winner']]}**. "
+        "Thank you! Write another prompt (or press Answer again) for a new battle."
+    )
+
+
+def leaderboard_table(feedback: FeedbackLog) -> dict[str, Any]:
+    """The leaderboard of every vote so far, as gr.Dataframe takes it."""
+    rows = leaderboard(feedback.records())
+    return {"headers": list(LEADERBOARD_COLUMNS), "data": [[row[c] for c in LEADERBOARD_COLUMNS] for row in rows]}
+
+
+# ----- the tab -----
 
 
 def build(ctx: AppContext) -> None:
-    with gr.Tab("Arena"):
-        gr.Markdown("Arena")
+    limit = ctx.settings.max_new_tokens
+    choices = ctx.store.choices(ctx.settings.model)
+    first, second = random_pair(choices)
+
+    with gr.Tab("Arena", id="arena") as tab:
+        gr.Markdown(HELP)
+        if ctx.feedback.hub_error:
+            gr.Markdown(f"Votes are kept on this machine only: {ctx.feedback.hub_error}.")
+        with gr.Row(equal_height=True):
+            prompt_box = gr.Textbox(label="Prompt", placeholder="e.g. ROMEO:", lines=2, scale=5, elem_id="arena-prompt")
+            answer_button = gr.Button("Answer", variant="primary", scale=1, elem_id="arena-answer")
+        with gr.Accordion("Models and settings", open=False):
+            with gr.Row(equal_height=True):
+                model_1_box = gr.Dropdown(
+                    choices, value=first, allow_custom_value=True, label="Model 1", elem_id="arena-model-1"
+                )
+                model_2_box = gr.Dropdown(
+                    choices, value=second, allow_custom_value=True, label="Model 2", elem_id="arena-model-2"
+                )
+                pair_button = gr.Button("Random pair", size="sm", elem_id="arena-random-pair")
+            with gr.Row():
+                mode_box = gr.Radio(
+                    [(label, mode) for mode, label in MODES.items()],
+                    value="continue",
+                    label="Task",
+                    elem_id="arena-mode",
+                )
+                preset_box = gr.Dropdown(
+                    list(PRESETS), value=DEFAULT_PRESET, label="Sampling preset (both models)", elem_id="arena-preset"
+                )
+                max_new_slider = gr.Slider(
+                    1,
+                    limit,
+                    value=min(DEFAULT_MAX_NEW_TOKENS, limit),
+                    step=1,
+                    label="Max new tokens",
+                    elem_id="arena-max-new-tokens",
+                )
+                seed_box = gr.Number(value=None, precision=0, label="Seed (blank: random)", elem_id="arena-seed")
+        with gr.Row():
+            answer_a = gr.Textbox(label="A", lines=8, interactive=False, elem_id="arena-answer-a")
+            answer_b = gr.Textbox(label="B", lines=8, interactive=False, elem_id="arena-answer-b")
+        with gr.Row():
+            vote_buttons = [
+                gr.Button(label, interactive=False, elem_id=f"arena-vote-{code}") for code, label in VOTES.items()
+            ]
+        status = gr.Markdown(elem_id="arena-reveal")
+        gr.Markdown("### Leaderboard")
+        board = gr.Dataframe(
+            value=lambda: leaderboard_table(ctx.feedback),
+            headers=list(LEADERBOARD_COLUMNS),
+            interactive=False,
+            elem_id="arena-leaderboard",
+        )
+        refresh_button = gr.Button("Refresh leaderboard", size="sm", elem_id="arena-refresh")
+        battle_state = gr.State(None)  # this session's Battle: which model is A and which is B stays here
+        # The API's vote endpoint: the four buttons each vote one way; this takes the way as an input.
+        winner_box = gr.Textbox(visible=False)
+        vote_api_button = gr.Button(visible=False)
+
+    def answer(
+        prompt: str,
+        model_1: str | None,
+        model_2: str | None,
+        mode: str | None,
+        preset: str | None,
+        max_new_tokens: Any,
+        seed: Any,
+    ) -> Iterator[tuple[str, str, Battle, str]]:
+        """Both models' answers to `prompt`, labelled A and B only (which is which is revealed by the vote)."""
+        config = arena_config(preset, max_new_tokens, seed, limit)
+        battle = new_battle(prompt, model_1, model_2, mode, config)
+        for state in run_battle(ctx.store, battle):
+            yield state.answers[0], state.answers[1], state, READY if state.complete else "Answering…"
+
+    def votable(battle: Battle | None) -> list[Any]:
+        ready = battle is not None and battle.complete and battle.winner is None
+        return [gr.Button(interactive=ready) for _ in vote_buttons]
+
+    def cast_vote(winner: str, battle: Battle | None) -> tuple[str, Battle | None, dict[str, Any]]:
+        """Record the vote on this session's battle; reveal the models and the updated leaderboard."""
+        record = vote(ctx.feedback, battle, winner)
+        return reveal(record), battle, leaderboard_table(ctx.feedback)
+
+    triggers = [answer_button.click, prompt_box.submit]
+    gr.on(triggers, lambda: votable(None), None, vote_buttons, api_visibility="private", queue=False)
+    gr.on(
+        triggers,
+        answer,
+        [prompt_box, model_1_box, model_2_box, mode_box, preset_box, max_new_slider, seed_box],
+        [answer_a, answer_b, battle_state, status],
+        api_name="arena_answer",
+    ).then(votable, battle_state, vote_buttons, api_visibility="private", queue=False)
+
+    outputs = [status, battle_state, board]
+    for code, button in zip(VOTES, vote_buttons, strict=True):
+        button.click(partial(cast_vote, code), battle_state, outputs, api_visibility="private").then(
+            votable, battle_state, vote_buttons, api_visibility="private", queue=False
+        )
+    vote_api_button.click(cast_vote, [winner_box, battle_state], outputs, api_name="arena_vote")
+
+    refresh_button.click(lambda: leaderboard_table(ctx.feedback), None, board, api_name="leaderboard")
+
+    def offer_models(model_1: str | None, model_2: str | None) -> tuple[Any, Any]:
+        """Opening the tab lists the models there are now (a run trained meanwhile, say), keeping the pair."""
+        names = ctx.store.choices(ctx.settings.model)
+        if not model_1 or not model_2:
+            model_1, model_2 = random_pair(names)
+        return gr.Dropdown(choices=names, value=model_1), gr.Dropdown(choices=names, value=model_2)
+
+    tab.select(offer_models, [model_1_box, model_2_box], [model_1_box, model_2_box], api_visibility="private")
+
+    def shuffle() -> tuple[str | None, str | None]:
+        return random_pair(ctx.store.choices(ctx.settings.model))
+
+    pair_button.click(shuffle, None, [model_1_box, model_2_box], api_visibility="private")

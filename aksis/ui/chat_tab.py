@@ -1,12 +1,501 @@
-"""PLACEHOLDER: the Chat tab (being written)."""
+"""The Chat tab: a `gr.ChatInterface` over `aksis.chat`, replies streamed, with a system prompt, sampler settings,
+like/dislike feedback on replies, and the conversation saved and loaded as the JSON of `aksis chat-with-model
+--context-file` (`aksis.chat.Conversation`).
+
+- Each turn rebuilds a `Conversation` from the chat history (the system prompt, then the user and assistant
+  messages; a user message left without a reply, because it failed or was stopped before any text, is dropped,
+  as the CLI drops a message it could not answer) and streams `aksis.chat.reply` into it. The prompt gets the
+  token budget the CLI gives it: the model's context less the room kept for the reply (oldest exchanges are
+  dropped first; see `Conversation.prompt_ids`).
+- Sampling: a preset ("checkpoint defaults" or one of `aksis.generation.PRESETS`) fills the sliders; the sliders
+  are what is used, through `sampler_config` on top of the checkpoint's defaults (its stop strings stay). A blank
+  or negative seed samples freshly; a seed makes a turn reproducible (`reply` offsets it by the turn).
+- Like/dislike: the Chatbot's `.like` event records "like", "dislike" (or "retract", when a thumb is taken back)
+  in the feedback log with the model that wrote the reply, its settings, the prompt and the conversation up to it.
+  Which model wrote which reply is kept server-side (a gr.State by message index), so switching models mid-chat
+  still credits the right one.
+- Save/load: "Save conversation" writes the chat as aksis-chat JSON for download; "Load conversation" reads one
+  back (at most MAX_CHAT_FILE_BYTES). A file that is not a chat this app can load is a gr.Error and the current
+  chat stays as it was.
+
+API (`gradio_client`):
+- `/chat` (message, model, system_prompt, preset, temperature, top_k, top_p, repetition_penalty,
+  max_new_tokens, seed) -> the reply: with a seed, equal to what `aksis.chat.reply` writes for the same model and
+  `sampler_config(preset, checkpoint defaults, ...)`. The calls of one client are one conversation, turn after
+  turn (the session keeps it, as the browser's chat does); a new client starts a new one.
+- `/chat_save` (system_prompt) -> the aksis-chat JSON file of this session's chat;
+  `/chat_load` (file) -> (chat messages, system prompt), which the next `/chat` goes on from;
+  `/chat_preset` (model, preset) -> the values the preset puts in the sliders.
+
+Element ids (browser tests): chat-history (the Chatbot), chat-input (the message box), chat-system-prompt,
+chat-preset, chat-temperature, chat-top-k, chat-top-p, chat-repetition-penalty, chat-max-new-tokens, chat-seed,
+chat-save, chat-file (the saved file, for download), chat-load (upload button), chat-clear.
+"""
 
 from __future__ import annotations
 
+import inspect
+import json
+import math
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
 import gradio as gr
 
-from aksis.ui.context import AppContext
+from aksis.chat import ChatError, Conversation, reply
+from aksis.config import GenerationConfig
+from aksis.generation import PRESETS, sampler_config
+from aksis.ui.context import AppContext, on_gpu, user_errors
+from aksis.ui.feedback import FeedbackLog
+from aksis.ui.models import LoadedModel
+
+CHECKPOINT_PRESET = "checkpoint defaults"
+PRESET_CHOICES = [CHECKPOINT_PRESET, *PRESETS]
+MAX_TEMPERATURE, MAX_TOP_K, MAX_PENALTY = 2.0, 200, 2.0
+# A chat file holds text a small model can read in its context: a megabyte is far more than any real one, and
+# small enough that reading it cannot hold a worker.
+MAX_CHAT_FILE_BYTES = 1 << 20
+EMPTY_MESSAGE = "The message is empty: type something for the model to answer."
+HELP = (
+    "Chat with the picked model (its replies are sampled token by token and streamed). A model trained on plain "
+    "text rather than conversations still answers, in its own way. The thumbs under a reply record your "
+    "feedback, with the conversation, to improve the models."
+)
+
+# Per reply: which model wrote it, with which system prompt and settings (see `reply_info`).
+ReplyInfo = dict[int, dict[str, Any]]
+
+
+# ----- the conversation -----
+
+
+def message_text(content: Any) -> str:
+    """The text of a chat message's content as Gradio hands it over: a string, or (Gradio 6 normalises messages)
+    a list of parts, of which the {"type": "text", "text": ...} ones hold text. Files and components have none."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        content = [content]
+    if isinstance(content, list | tuple):
+        return "".join(
+            part if isinstance(part, str) else str(part.get("text", ""))
+            for part in content
+            if isinstance(part, str) or (isinstance(part, dict) and part.get("type", "text") == "text")
+        )
+    return ""
+
+
+def conversation_from_history(
+    history: Sequence[Any], system_prompt: str | None = "", replies: ReplyInfo | None = None
+) -> Conversation:
+    """The `Conversation` that the chat history shows: its user and assistant messages after the system prompt.
+    User messages that are empty, or that got no reply before the next user message (or the end), are left out.
+
+    The Chatbot shows a reply through `inspect.cleandoc` (tabs expanded, common indentation removed), and the
+    browser sends back what it shows; `replies` (by message index) holds the replies as the model wrote them,
+    which are used instead where they still read the same (a reply edited in the browser stays as edited)."""
+    messages = []
+    for index, message in enumerate(history or []):
+        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
+            continue
+        text = message_text(message.get("content"))
+        written = (replies or {}).get(index, {}).get("reply")
+        if message["role"] == "assistant" and isinstance(written, str):
+            text = written if inspect.cleandoc(written) == inspect.cleandoc(text) else text
+        if message["role"] == "user" and not text.strip():
+            continue
+        messages.append((message["role"], text))
+    conversation = Conversation((system_prompt or "").strip())
+    for i, (role, text) in enumerate(messages):
+        answered = i + 1 < len(messages) and messages[i + 1][0] == "assistant"
+        if role == "assistant" or answered:
+            conversation.add(role, text)
+    return conversation
+
+
+def history_from_conversation(conversation: Conversation) -> list[dict[str, str]]:
+    """Chat messages for the Chatbot ({"role", "content"} dicts; the system prompt goes to its own box)."""
+    return [m.to_dict() for m in conversation.messages]
+
+
+# ----- sampling settings -----
+
+
+def to_number(value: Any, name: str) -> float:
+    """A finite number from an input (the API may send anything), or a gr.Error that names the input."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise gr.Error(f"{name} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise gr.Error(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise gr.Error(f"{name} must be a finite number, got {value!r}")
+    return number
+
+
+def to_whole(value: Any, name: str) -> int:
+    number = to_number(value, name)
+    if number != int(number):
+        raise gr.Error(f"{name} must be a whole number, got {value!r}")
+    return int(number)
+
+
+def to_max_new_tokens(value: Any, limit: int) -> int:
+    if value is None:
+        raise gr.Error(f"max new tokens is missing: give a number from 1 to {limit}")
+    n = to_whole(value, "max new tokens")
+    if not 1 <= n <= limit:
+        raise gr.Error(f"max new tokens must be between 1 and {limit} (this app's limit), got {n}")
+    return n
+
+
+def to_seed(value: Any) -> int | None:
+    """A seed from an input: blank or negative means none (fresh draws)."""
+    if value is None or value == "" or to_number(value, "seed") < 0:
+        return None
+    return to_whole(value, "seed")
+
+
+def sampling_config(
+    base: GenerationConfig,
+    preset: str | None,
+    *,
+    temperature: Any,
+    top_k: Any,
+    top_p: Any,
+    repetition_penalty: Any,
+    max_new_tokens: Any,
+    seed: Any,
+    limit: int,
+) -> GenerationConfig:
+    """The GenerationConfig of the tab's settings: `sampler_config(preset, base, ...sliders)`. The sliders are
+    applied over the preset (a preset only fills them); `max_new_tokens` must be 1 to `limit` (the app's limit);
+    a blank or negative seed means unseeded. Bad settings raise gr.Error with what would be accepted."""
+    preset = preset or CHECKPOINT_PRESET
+    if preset not in PRESET_CHOICES:
+        raise gr.Error(f"unknown preset {preset!r}: choose one of {', '.join(PRESET_CHOICES)}")
+    n = to_max_new_tokens(max_new_tokens, limit)
+    given: dict[str, Any] = {
+        "temperature": to_number(temperature, "temperature"),
+        "top_k": to_whole(top_k, "top-k"),
+        "top_p": to_number(top_p, "top-p"),
+        "repetition_penalty": to_number(repetition_penalty, "repetition penalty"),
+        "max_new_tokens": n,
+        "num_beams": 1,  # a chat streams its replies; beam search has its text only at the end
+    }
+    seed_value = to_seed(seed)  # checked before any work
+    with user_errors("use these settings"):
+        config = sampler_config(None if preset == CHECKPOINT_PRESET else preset, base, **given)
+    # Unseeded means fresh draws every turn, even from a checkpoint that saved a seed among its defaults.
+    return replace(config, seed=seed_value)
+
+
+def preset_values(base: GenerationConfig, preset: str | None, limit: int) -> tuple[float, int, float, float, int]:
+    """What a preset puts in the sliders: (temperature, top_k, top_p, repetition_penalty, max_new_tokens), within
+    the sliders' ranges. "checkpoint defaults" is `base`, the checkpoint's generation_config.json."""
+    preset = preset or CHECKPOINT_PRESET
+    if preset not in PRESET_CHOICES:
+        raise gr.Error(f"unknown preset {preset!r}: choose one of {', '.join(PRESET_CHOICES)}")
+    with user_errors("apply the preset"):
+        config = base if preset == CHECKPOINT_PRESET else sampler_config(preset, base)
+    return (
+        min(config.temperature, MAX_TEMPERATURE),
+        min(config.top_k, MAX_TOP_K),
+        config.top_p,
+        min(max(config.repetition_penalty, 1.0), MAX_PENALTY),
+        min(config.max_new_tokens, limit),
+    )
+
+
+# ----- replies -----
+
+
+@on_gpu
+def stream_reply(entry: LoadedModel, conversation: Conversation, config: GenerationConfig) -> Iterator[str]:
+    """The reply to the conversation's newest user message as it grows (each value is the text so far); the
+    last value is the reply as `aksis.chat.reply` adds it to the conversation (without surrounding space)."""
+    text = ""
+    with user_errors("reply"):
+        for piece in reply(entry.model, entry.tokenizer, conversation, config):
+            text += piece
+            yield text
+    yield conversation.messages[-1].content
+
+
+def reply_info(source: str, conversation: Conversation, config: GenerationConfig) -> dict[str, Any]:
+    """What is kept about a reply while it is written (its text, as "reply", is added as it grows)."""
+    return {"model": source, "system_prompt": conversation.system_prompt, "settings": config.to_dict()}
+
+
+def record_feedback(
+    feedback: FeedbackLog,
+    history: Sequence[Any],
+    index: int | Sequence[int],
+    liked: bool | str | None,
+    replies: ReplyInfo | None,
+    system_prompt: str | None = "",
+) -> dict[str, Any]:
+    """Record a like (`liked` True), a dislike (False) or its retraction (anything else: the thumb was clicked
+    again) of the reply at `index` of the chat history; returns the record. The conversation recorded is the
+    one the model answered: the messages before the reply, then the reply."""
+    if isinstance(index, list | tuple):  # a Chatbot in tuples format would give (row, column)
+        index = index[0]
+    if not isinstance(index, int) or not 0 <= index < len(history) or history[index].get("role") != "assistant":
+        raise gr.Error("Only the model's replies can be liked or disliked.")
+    info = (replies or {}).get(index, {})
+    system = info.get("system_prompt", system_prompt)
+    conversation = conversation_from_history(history[: index + 1], system, replies)
+    users = [m.content for m in conversation.messages if m.role == "user"]
+    kind = "like" if liked is True else "dislike" if liked is False else "retract"
+    return feedback.record(
+        kind,
+        model=info.get("model"),  # None: a reply loaded from a file, not written here
+        prompt=users[-1] if users else "",
+        reply=conversation.messages[-1].content,
+        conversation=conversation.to_dict(),
+        settings=info.get("settings"),
+    )
+
+
+# ----- saving and loading -----
+
+
+def save_conversation(
+    history: Sequence[Any], system_prompt: str | None, replies: ReplyInfo | None = None, folder: Path | None = None
+) -> Path:
+    """Write the chat as an aksis-chat JSON file (what `Conversation.load` and `aksis chat-with-model
+    --context-file` read) in `folder` (default: a new temporary folder), and return its path."""
+    conversation = conversation_from_history(history, system_prompt, replies)
+    if not conversation.messages and not conversation.system_prompt:
+        raise gr.Error("There is nothing to save yet: chat first (or write a system prompt).")
+    folder = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="aksis-chat-"))
+    path = folder / f"chat-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    with user_errors("save the conversation"):
+        conversation.save(path)
+    return path
+
+
+def load_conversation(path: str | Path | None) -> Conversation:
+    """Read an aksis-chat JSON file (an upload); a file too large, not UTF-8, not JSON or not a chat is a
+    gr.Error that says which and what a chat file looks like."""
+    if not path:
+        raise gr.Error("No file was uploaded: choose a chat .json file (as saved here or by aksis chat-with-model).")
+    path = Path(path)
+    name = path.name
+    try:
+        size = path.stat().st_size
+        if size > MAX_CHAT_FILE_BYTES:
+            raise gr.Error(
+                f"{name} is {size / 1e6:.1f} MB; a chat file is at most {MAX_CHAT_FILE_BYTES / 1e6:.0f} MB. "
+                "Upload a conversation saved here or by aksis chat-with-model."
+            )
+        text = path.read_bytes().decode("utf-8")
+        data = json.loads(text)
+    except UnicodeDecodeError:
+        raise gr.Error(f"{name} is not UTF-8 text: upload a chat .json file.") from None
+    except (json.JSONDecodeError, RecursionError) as err:
+        reason = err.msg if isinstance(err, json.JSONDecodeError) else "nested too deeply"
+        raise gr.Error(f"{name} is not valid JSON ({reason}): upload a chat .json file.") from None
+    except OSError as err:
+        raise gr.Error(f"Could not read {name}: {err.strerror or err}. Upload it again.") from None
+    try:
+        return Conversation.from_dict(data)
+    except ChatError as err:
+        raise gr.Error(f"{name} is not a chat this app can load: {err}.") from None
+
+
+# ----- the tab -----
 
 
 def build(ctx: AppContext) -> None:
-    with gr.Tab("Chat"):
-        gr.Markdown("Chat")
+    limit = ctx.settings.max_new_tokens
+    defaults = preset_values(GenerationConfig(), CHECKPOINT_PRESET, limit)
+
+    with gr.Tab("Chat", id="chat"):
+        gr.Markdown(HELP)
+        with gr.Row():
+            with gr.Column(scale=1, min_width=260):
+                system_box = gr.Textbox(
+                    label="System prompt",
+                    placeholder="e.g. You are a helpful assistant who answers briefly.",
+                    lines=3,
+                    elem_id="chat-system-prompt",
+                )
+                with gr.Accordion("Sampling", open=False):
+                    preset_box = gr.Dropdown(
+                        PRESET_CHOICES,
+                        value=CHECKPOINT_PRESET,
+                        label="Preset (fills the sliders)",
+                        elem_id="chat-preset",
+                    )
+                    temperature_slider = gr.Slider(
+                        0,
+                        MAX_TEMPERATURE,
+                        value=defaults[0],
+                        step=0.05,
+                        label="Temperature (0: greedy)",
+                        elem_id="chat-temperature",
+                    )
+                    top_k_slider = gr.Slider(
+                        0, MAX_TOP_K, value=defaults[1], step=1, label="Top-k (0: off)", elem_id="chat-top-k"
+                    )
+                    top_p_slider = gr.Slider(
+                        0.05, 1.0, value=defaults[2], step=0.01, label="Top-p (1: off)", elem_id="chat-top-p"
+                    )
+                    penalty_slider = gr.Slider(
+                        1.0,
+                        MAX_PENALTY,
+                        value=defaults[3],
+                        step=0.05,
+                        label="Repetition penalty (1: off)",
+                        elem_id="chat-repetition-penalty",
+                    )
+                    max_new_slider = gr.Slider(
+                        1,
+                        limit,
+                        value=defaults[4],
+                        step=1,
+                        label="Max new tokens per reply",
+                        elem_id="chat-max-new-tokens",
+                    )
+                    seed_box = gr.Number(value=None, precision=0, label="Seed (blank: random)", elem_id="chat-seed")
+                reply_state = gr.State({})  # ReplyInfo of this session's chat
+
+            with gr.Column(scale=3):
+
+                def respond(
+                    message: str,
+                    history: list[dict[str, Any]],
+                    model: str | None,
+                    system_prompt: str | None,
+                    preset: str | None,
+                    temperature: Any,
+                    top_k: Any,
+                    top_p: Any,
+                    repetition_penalty: Any,
+                    max_new_tokens: Any,
+                    seed: Any,
+                    replies: ReplyInfo | None,
+                ) -> Iterator[tuple[str, ReplyInfo]]:
+                    """Stream the model's reply to `message`, after the chat so far."""
+                    if not isinstance(message, str) or not message.strip():
+                        raise gr.Error(EMPTY_MESSAGE)
+                    with user_errors("load the model"):
+                        entry = ctx.store.get(model)
+                    config = sampling_config(
+                        entry.generation,
+                        preset,
+                        temperature=temperature,
+                        top_k=top_k,
+                        top_p=top_p,
+                        repetition_penalty=repetition_penalty,
+                        max_new_tokens=max_new_tokens,
+                        seed=seed,
+                        limit=limit,
+                    )
+                    with user_errors("read the chat"):
+                        conversation = conversation_from_history(history, system_prompt, replies)
+                        conversation.add("user", message)
+                    # The ChatInterface shows the message at len(history) and the reply right after it.
+                    index, about = len(history) + 1, reply_info(entry.source, conversation, config)
+                    for text in stream_reply(entry, conversation, config):
+                        yield text, {**(replies or {}), index: {**about, "reply": text}}
+
+                chat = gr.ChatInterface(
+                    respond,
+                    chatbot=gr.Chatbot(label="Chat", height=480, elem_id="chat-history", buttons=["copy", "copy_all"]),
+                    textbox=gr.Textbox(
+                        placeholder="Type a message and press Enter",
+                        show_label=False,
+                        submit_btn=True,
+                        stop_btn=True,
+                        autofocus=False,
+                        elem_id="chat-input",
+                    ),
+                    additional_inputs=[
+                        ctx.picker,
+                        system_box,
+                        preset_box,
+                        temperature_slider,
+                        top_k_slider,
+                        top_p_slider,
+                        penalty_slider,
+                        max_new_slider,
+                        seed_box,
+                        reply_state,
+                    ],
+                    additional_outputs=[reply_state],
+                    api_name="chat",
+                    api_description="The model's reply to a message (a new conversation per call).",
+                    fill_height=False,
+                )
+                with gr.Row():
+                    save_button = gr.Button("Save conversation", elem_id="chat-save", size="sm")
+                    load_button = gr.UploadButton(
+                        "Load conversation", file_types=[".json"], type="filepath", elem_id="chat-load", size="sm"
+                    )
+                    clear_button = gr.Button("Clear", elem_id="chat-clear", size="sm")
+                saved_file = gr.File(
+                    label="Saved conversation (aksis-chat JSON, for aksis chat-with-model --context-file)",
+                    interactive=False,
+                    height=80,
+                    elem_id="chat-file",
+                )
+
+        def fill_sliders(model: str | None, preset: str | None) -> tuple[float, int, float, float, int]:
+            """The sliders' values for a preset ("checkpoint defaults": the picked model's own settings)."""
+            base = GenerationConfig()
+            if preset in (None, CHECKPOINT_PRESET):
+                with user_errors("load the model"):
+                    base = ctx.store.get(model).generation
+            return preset_values(base, preset, limit)
+
+        def model_defaults(model: str | None, preset: str | None) -> Any:
+            """A new model brings its own defaults, when those are what the sliders show. Quiet when the model
+            cannot be loaded: the picker says why."""
+            if preset not in (None, CHECKPOINT_PRESET):
+                return [gr.skip()] * len(sliders)
+            try:
+                return fill_sliders(model, preset)
+            except gr.Error:
+                return [gr.skip()] * len(sliders)
+
+        sliders = [temperature_slider, top_k_slider, top_p_slider, penalty_slider, max_new_slider]
+        preset_box.input(fill_sliders, [ctx.picker, preset_box], sliders, api_name="chat_preset")
+        # No triggers: when the page opens and whenever the model (or preset) changes.
+        gr.on(None, model_defaults, [ctx.picker, preset_box], sliders, api_visibility="private")
+
+        def like(
+            history: list[dict[str, Any]], replies: ReplyInfo | None, system_prompt: str | None, data: gr.LikeData
+        ) -> None:
+            record_feedback(ctx.feedback, history, data.index, data.liked, replies, system_prompt)
+
+        chat.chatbot.like(like, [chat.chatbot, reply_state, system_box], None, api_visibility="private")
+
+        def save(history: list[dict[str, Any]], system_prompt: str | None, replies: ReplyInfo | None) -> str:
+            return str(save_conversation(history, system_prompt, replies))
+
+        save_button.click(save, [chat.chatbot_state, system_box, reply_state], saved_file, api_name="chat_save")
+
+        def load(file: str | None) -> tuple[list[dict[str, str]], list[dict[str, str]], str, ReplyInfo]:
+            conversation = load_conversation(file)
+            history = history_from_conversation(conversation)
+            gr.Info(f"Loaded {len(history)} messages.")
+            return history, history, conversation.system_prompt, {}
+
+        # The chat's own state (what the next turn reads) is set with what it shows.
+        load_button.upload(
+            load, load_button, [chat.chatbot, chat.chatbot_state, system_box, reply_state], api_name="chat_load"
+        )
+        clear_button.click(
+            lambda: ([], [], {}, None),
+            None,
+            [chat.chatbot, chat.chatbot_state, reply_state, saved_file],
+            api_visibility="private",
+        )
+        chat.chatbot.clear(lambda: {}, None, reply_state, api_visibility="private")

@@ -1,8 +1,16 @@
 """Human feedback: likes and dislikes of chat replies and blind A/B votes, one JSON object per line.
 
-Records are appended to a local JSONL file. When a Hub dataset repo is configured (AKSIS_FEEDBACK_REPO), a
-`huggingface_hub.CommitScheduler` commits the feedback folder to it every few minutes from a background
-thread; writes hold the scheduler's lock so a commit never uploads half a line.
+Records are appended to a local JSONL file (`path`), which the leaderboard reads. When a Hub dataset repo is
+configured (AKSIS_FEEDBACK_REPO), each record also goes to a file of this process's own,
+`<path stem>-hub/<time>-<random>.jsonl`, and a `huggingface_hub.CommitScheduler` commits that folder to the
+repo's `feedback/` every few minutes from a background thread (and once more when the process exits). A file
+per process, not one shared file, because the scheduler uploads whole files: a restarted Space starts with an
+empty disk, and its first commit of a shared name would replace every record of the runs before it. Writes
+hold the scheduler's lock, so a commit never uploads half a line.
+
+With a repo, the records already on the Hub are read once at start, so the leaderboard of a restarted Space
+still counts them (records carry an id; one seen both locally and on the Hub counts once). The Hub is optional:
+when the repo cannot be reached or written, `hub_error` says why and feedback stays local.
 """
 
 from __future__ import annotations
@@ -13,90 +21,174 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
+HUB_FOLDER = "feedback"  # where the records go in the dataset repo
+WINNERS = ("a", "b", "tie", "both-bad")  # what a "vote" record's `winner` may be
+
 
 class FeedbackLog:
-    def __init__(self, path: Path, *, repo_id: str | None = None, every_minutes: float = 5.0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        repo_id: str | None = None,
+        token: str | None = None,
+        every_minutes: float = 5.0,
+        private: bool = True,
+    ) -> None:
+        """`repo_id`: a Hub dataset repo that receives the records (created when missing; `private` then, since
+        the records hold what visitors typed); `token`: for it (default: HF_TOKEN or the saved login)."""
         self.path = Path(path)
         self.repo_id = repo_id
-        self._lock = threading.Lock()
+        self.hub_error: str | None = None  # why feedback is not going to the Hub although a repo was given
+        self.shard: Path | None = None  # this process's records, as uploaded to the repo
         self.scheduler: Any = None
+        self._lock = threading.Lock()
+        self._hub_records: list[dict[str, Any]] = []
         if repo_id:
-            from huggingface_hub import CommitScheduler
+            self._connect(repo_id, token, every_minutes, private)
 
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+    def _connect(self, repo_id: str, token: str | None, every_minutes: float, private: bool) -> None:
+        from huggingface_hub import CommitScheduler, snapshot_download
+
+        from aksis.hub import HUB_FAILURES, _explain
+
+        folder = self.path.parent / f"{self.path.stem}-hub"
+        self.shard = folder / f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.jsonl"
+        try:
             self.scheduler = CommitScheduler(
                 repo_id=repo_id,
                 repo_type="dataset",
-                folder_path=self.path.parent,
-                path_in_repo="feedback",
+                folder_path=folder,
+                path_in_repo=HUB_FOLDER,
                 every=every_minutes,
-                allow_patterns=[self.path.name],
+                token=token,
+                private=private,
+                # Every shard of the folder, not only this process's: a run that could not reach the Hub before
+                # it ended gets its records uploaded by the next one.
+                allow_patterns=["*.jsonl"],
             )
+            snapshot = snapshot_download(
+                repo_id, repo_type="dataset", allow_patterns=[f"{HUB_FOLDER}/*.jsonl"], token=token
+            )
+        except HUB_FAILURES as err:  # the app serves without the Hub; feedback stays local
+            self.hub_error = str(_explain(err, repo_id, "push feedback to"))
+            log.warning("feedback stays in %s: %s", self.path, self.hub_error)
+            self.close()
+            self.scheduler = None
+            return
+        for shard in sorted(Path(snapshot, HUB_FOLDER).glob("*.jsonl")):
+            self._hub_records += _read_lines(shard)
+        log.info("feedback goes to the Hub dataset %s (%d records there)", repo_id, len(self._hub_records))
 
     def _hold(self) -> AbstractContextManager[Any]:
         return self.scheduler.lock if self.scheduler is not None else nullcontext()
 
     def record(self, kind: str, **fields: Any) -> dict[str, Any]:
-        """Append one record (kind: "like", "dislike", "vote") with a time stamp and an id; returns it."""
+        """Append one record (kind: "like", "dislike", "retract", "vote") with a time stamp and an id; returns it."""
         entry = {"id": uuid.uuid4().hex, "time": time.time(), "kind": kind, **fields}
         line = json.dumps(entry, ensure_ascii=False) + "\n"
+        targets = [self.path] + ([self.shard] if self.scheduler is not None and self.shard else [])
         with self._lock, self._hold():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(line)
+            for target in targets:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with target.open("a", encoding="utf-8") as f:
+                    f.write(line)
         return entry
 
     def records(self) -> list[dict[str, Any]]:
-        """Every record written so far; a line that cannot be read (a crash mid-write) is skipped."""
-        if not self.path.is_file():
-            return []
-        out = []
+        """Every record, oldest first: those read from the Hub at start and the local file's, each id once. A
+        line that cannot be read (a crash mid-write) is skipped."""
         with self._lock:
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-        for line in lines:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
+            local = _read_lines(self.path)
+        seen: set[Any] = set()
+        out = []
+        for record in [*self._hub_records, *local]:
+            key = record.get("id")
+            if key is not None and key in seen:
                 continue
-            if isinstance(record, dict):
-                out.append(record)
-        return out
+            seen.add(key)
+            out.append(record)
+        return sorted(out, key=_time) if self._hub_records else out  # runs' files interleave in time
 
     def push_now(self) -> None:
-        """Commit to the Hub now (as the scheduler would on its next tick); nothing without a repo."""
+        """Commit to the Hub now (as the scheduler would on its next tick) and wait; nothing without a repo.
+        Raises what the commit raised."""
         if self.scheduler is not None:
             self.scheduler.trigger().result()
 
     def close(self) -> None:
-        if self.scheduler is not None:
-            self.scheduler.stop()
+        """Push what is not on the Hub yet, then stop the scheduler (a stopped one ignores the push at exit)."""
+        if self.scheduler is None:
+            return
+        try:
+            self.push_now()
+        except Exception as err:  # closing must not fail for the network; the records are on disk
+            log.warning("last feedback push to %s failed: %s", self.repo_id, err)
+        self.scheduler.stop()
 
 
-def leaderboard(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per model: A/B battles, wins, ties and win rate, most wins first ("vote" records name `model_a`,
-    `model_b` and `winner`: "a", "b", "tie" or "both-bad")."""
+def _time(record: dict[str, Any]) -> float:
+    stamp = record.get("time")
+    return float(stamp) if isinstance(stamp, int | float) else 0.0
+
+
+def _read_lines(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+    return out
+
+
+LEADERBOARD_COLUMNS = ("model", "battles", "wins", "ties", "losses", "win rate")
+
+
+def leaderboard(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per model: A/B battles, wins, ties, losses (the other model won) and win rate (wins / battles), most wins
+    first. "vote" records name `model_a`, `model_b` and `winner`: "a", "b", "tie" or "both-bad" (a battle that
+    counts, but as neither a win, a tie nor a loss). A battle of a model against itself says nothing about it
+    and is not counted."""
     battles: Counter[str] = Counter()
     wins: Counter[str] = Counter()
     ties: Counter[str] = Counter()
+    losses: Counter[str] = Counter()
     for r in records:
-        if r.get("kind") != "vote" or "model_a" not in r or "model_b" not in r:
+        if r.get("kind") != "vote" or "model_a" not in r or "model_b" not in r or r.get("winner") not in WINNERS:
             continue
-        a, b, winner = str(r["model_a"]), str(r["model_b"]), r.get("winner")
+        a, b, winner = str(r["model_a"]), str(r["model_b"]), r["winner"]
+        if a == b:
+            continue
         battles.update([a, b])
         if winner == "a":
             wins[a] += 1
+            losses[b] += 1
         elif winner == "b":
             wins[b] += 1
+            losses[a] += 1
         elif winner == "tie":
             ties.update([a, b])
     rows = [
-        {"model": m, "battles": n, "wins": wins[m], "ties": ties[m], "win rate": round(wins[m] / n, 3)}
+        {
+            "model": m,
+            "battles": n,
+            "wins": wins[m],
+            "ties": ties[m],
+            "losses": losses[m],
+            "win rate": round(wins[m] / n, 3),
+        }
         for m, n in battles.items()
     ]
     return sorted(rows, key=lambda row: (-row["wins"], -row["win rate"], row["model"]))

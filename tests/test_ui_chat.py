@@ -1,0 +1,341 @@
+"""The Chat tab (aksis/ui/chat_tab.py): conversations rebuilt from the chat history, sampler settings, streamed
+replies equal to `aksis.chat.reply`, like/dislike feedback, saving and loading the aksis-chat JSON, and the same
+through the running app's API."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pytest
+import torch
+from conftest import ServedApp
+from gradio_client import handle_file
+
+from aksis.chat import Conversation, reply
+from aksis.config import GenerationConfig
+from aksis.generation import PRESETS, load_model, sampler_config
+from aksis.ui.chat_tab import (
+    CHECKPOINT_PRESET,
+    EMPTY_MESSAGE,
+    MAX_CHAT_FILE_BYTES,
+    conversation_from_history,
+    load_conversation,
+    message_text,
+    preset_values,
+    record_feedback,
+    sampling_config,
+    save_conversation,
+    stream_reply,
+)
+from aksis.ui.feedback import FeedbackLog
+from aksis.ui.models import LoadedModel, ModelStore
+
+SLIDERS = dict(temperature=0.9, top_k=40, top_p=0.9, repetition_penalty=1.1, max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def llama(app_checkpoints: Path) -> LoadedModel:
+    return ModelStore(app_checkpoints, device=torch.device("cpu")).get(str(app_checkpoints / "tiny-llama"))
+
+
+def library_reply(source: str, conversation: Conversation, preset: str | None, seed: int, **sliders: Any) -> str:
+    """What aksis.chat.reply answers, with the model loaded afresh by the library (not through the app)."""
+    model, tokenizer, base = load_model(source, device="cpu")
+    config = sampler_config(preset, base, seed=seed, num_beams=1, **sliders)
+    for _ in reply(model, tokenizer, conversation, config):
+        pass
+    return conversation.messages[-1].content
+
+
+# ----- the conversation -----
+
+
+def test_message_text_reads_plain_and_normalised_messages() -> None:
+    assert message_text("Hi there") == "Hi there"
+    parts = [
+        {"type": "text", "text": "Hi "},
+        {"type": "file", "file": {"path": "x.png"}},
+        {"type": "text", "text": "you"},
+    ]
+    assert message_text(parts) == "Hi you"  # Gradio 6 hands history content over as parts
+    assert message_text({"type": "text", "text": "one"}) == "one"
+    assert message_text(None) == ""
+
+
+def test_conversation_from_history_keeps_what_the_model_answered() -> None:
+    history = [
+        {"role": "user", "content": "first, failed"},  # no reply before the next message: dropped
+        {"role": "user", "content": [{"type": "text", "text": "Hello"}]},
+        {"role": "assistant", "content": "Hi."},
+        {"role": "user", "content": "  "},  # empty: dropped
+        {"role": "user", "content": "How are you?"},
+        {"role": "assistant", "content": ""},  # a reply that was empty is still the model's turn
+        {"role": "user", "content": "stopped before any text"},  # the newest, unanswered: dropped
+    ]
+    conversation = conversation_from_history(history, "  Be brief.  ")
+    assert conversation.system_prompt == "Be brief."
+    assert [(m.role, m.content) for m in conversation.messages] == [
+        ("user", "Hello"),
+        ("assistant", "Hi."),
+        ("user", "How are you?"),
+        ("assistant", ""),
+    ]
+    assert conversation_from_history([], None) == Conversation()
+
+
+def test_replies_read_back_as_the_model_wrote_them_not_as_the_chatbot_shows_them() -> None:
+    written = "Roses\n\tare red,\n\t  violets blue."
+    shown = "Roses\nare red,\n  violets blue."  # inspect.cleandoc, as gr.Chatbot shows (and sends back) it
+    history = [{"role": "user", "content": "A poem?"}, {"role": "assistant", "content": shown}]
+    assert conversation_from_history(history).messages[-1].content == shown
+    replies = {1: {"model": "m", "reply": written}}
+    assert conversation_from_history(history, "", replies).messages[-1].content == written
+    edited = [history[0], {"role": "assistant", "content": "Edited in the browser."}]
+    assert conversation_from_history(edited, "", replies).messages[-1].content == "Edited in the browser."
+
+
+# ----- sampling settings -----
+
+
+@pytest.mark.parametrize("preset", [CHECKPOINT_PRESET, *PRESETS])
+def test_sampling_config_is_sampler_config_with_the_sliders(preset: str) -> None:
+    base = GenerationConfig(stop=["\n\n"], seed=3)
+    config = sampling_config(base, preset, seed=5, limit=64, **SLIDERS)
+    expected = sampler_config(None if preset == CHECKPOINT_PRESET else preset, base, seed=5, **SLIDERS)
+    assert config == expected and config.stop == ["\n\n"]  # the checkpoint's stop strings stay
+    # A blank or negative seed draws afresh, even when the checkpoint saved one.
+    assert sampling_config(base, preset, seed=None, limit=64, **SLIDERS).seed is None
+    assert sampling_config(base, preset, seed=-1, limit=64, **SLIDERS).seed is None
+    assert sampling_config(base, preset, seed=7.0, limit=64, **SLIDERS).seed == 7  # gr.Number gives floats
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(max_new_tokens=65), "max new tokens must be between 1 and 64"),
+        (dict(max_new_tokens=0), "max new tokens must be between 1 and 64"),
+        (dict(max_new_tokens=None), "max new tokens is missing"),
+        (dict(max_new_tokens=2.5), "max new tokens must be a whole number"),
+        (dict(temperature="hot"), "temperature must be a number"),
+        (dict(temperature=float("nan")), "temperature must be a finite number"),
+        (dict(top_p=0.0), "top_p must be in"),
+        (dict(temperature=-1.0), "temperature must be >= 0"),
+        (dict(preset="wild"), "unknown preset 'wild'"),
+    ],
+)
+def test_sampling_config_names_bad_settings(change: dict[str, Any], message: str) -> None:
+    settings: dict[str, Any] = {**SLIDERS, "preset": CHECKPOINT_PRESET, "seed": None, **change}
+    preset = settings.pop("preset")
+    with pytest.raises(gr.Error, match=message):
+        sampling_config(GenerationConfig(), preset, limit=64, **settings)
+
+
+def test_presets_fill_the_sliders() -> None:
+    base = GenerationConfig(temperature=0.5, top_k=10, top_p=0.8, repetition_penalty=1.2, max_new_tokens=5000)
+    assert preset_values(base, CHECKPOINT_PRESET, limit=1024) == (0.5, 10, 0.8, 1.2, 1024)  # within the slider
+    creative = PRESETS["creative"]
+    assert preset_values(base, "creative", limit=1024) == (
+        creative["temperature"],
+        creative["top_k"],
+        creative["top_p"],
+        creative["repetition_penalty"],
+        1024,
+    )
+    with pytest.raises(gr.Error, match="unknown preset"):
+        preset_values(base, "wild", limit=1024)
+
+
+# ----- replies -----
+
+
+def test_stream_reply_grows_to_what_the_library_replies(llama: LoadedModel) -> None:
+    config = sampling_config(llama.generation, "creative", seed=11, limit=64, **SLIDERS)
+    history = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."}]
+    conversation = conversation_from_history(history, "Be brief.")
+    conversation.add("user", "Tell me a story")
+    texts = list(stream_reply(llama, conversation, config))
+    assert len(texts) >= 2 and all(b.startswith(a) for a, b in itertools.pairwise(texts[:-1]))
+    assert texts[-1] == texts[-2].strip() == conversation.messages[-1].content  # ends as the chat keeps it
+
+    expected = Conversation("Be brief.")
+    for role, text in [("user", "Hello"), ("assistant", "Hi."), ("user", "Tell me a story")]:
+        expected.add(role, text)
+    assert texts[-1] and texts[-1] == library_reply(llama.source, expected, "creative", seed=11, **SLIDERS)
+
+
+def test_a_chat_longer_than_the_context_drops_old_turns_but_not_the_new_message(llama: LoadedModel) -> None:
+    context = llama.model.config.block_size  # 128 byte tokens
+    long_history = []
+    for i in range(6):
+        long_history += [{"role": "user", "content": f"question {i} " * 8}, {"role": "assistant", "content": "ok " * 8}]
+    config = sampling_config(llama.generation, CHECKPOINT_PRESET, seed=1, limit=64, **SLIDERS)
+    conversation = conversation_from_history(long_history)
+    assert len(conversation.prompt_ids(llama.tokenizer, 10_000)) > context
+    conversation.add("user", "and now?")
+    *_, last = stream_reply(llama, conversation, config)
+    assert conversation.messages[-1].content == last  # answered, within the budget
+
+    too_long = Conversation()
+    too_long.add("user", "x" * context)
+    with pytest.raises(gr.Error, match="write a shorter message"):
+        list(stream_reply(llama, too_long, config))
+
+
+# ----- feedback -----
+
+
+def test_likes_and_dislikes_are_recorded_with_the_model_and_the_conversation(tmp_path: Path) -> None:
+    log = FeedbackLog(tmp_path / "feedback.jsonl")
+    history = [
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": [{"type": "text", "text": "Hi."}]},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Farewell."},
+    ]
+    settings = GenerationConfig(seed=3).to_dict()
+    replies = {1: {"model": "runs/a", "system_prompt": "Be kind.", "settings": settings}, 3: {"model": "runs/b"}}
+    liked = record_feedback(log, history, 1, True, replies, system_prompt="changed since")
+    disliked = record_feedback(log, history, [3, 0], False, replies)
+    retracted = record_feedback(log, history, 3, "", replies)
+    assert (liked["kind"], disliked["kind"], retracted["kind"]) == ("like", "dislike", "retract")
+    assert (liked["model"], liked["prompt"], liked["reply"], liked["settings"]) == ("runs/a", "Hello", "Hi.", settings)
+    assert liked["conversation"] == {  # as the model saw it: the system prompt of that reply, not today's
+        "format": "aksis-chat",
+        "version": 1,
+        "system_prompt": "Be kind.",
+        "messages": [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."}],
+    }
+    assert (disliked["model"], disliked["prompt"], disliked["reply"]) == ("runs/b", "Bye", "Farewell.")
+    assert len(disliked["conversation"]["messages"]) == 4
+    assert record_feedback(log, history, 1, True, {})["model"] is None  # e.g. a reply loaded from a file
+    assert [r["id"] for r in log.records()][:3] == [liked["id"], disliked["id"], retracted["id"]]
+    for index in (0, 4, -1):
+        with pytest.raises(gr.Error, match="Only the model's replies"):
+            record_feedback(log, history, index, True, replies)
+
+
+def test_the_chatbot_like_event_records_through_the_app(served_app: ServedApp, app_checkpoints: Path) -> None:
+    """The Chatbot's .like listener as the app wires it (a browser sends gr.LikeData; here it is built by hand)."""
+    demo = served_app.demo
+    likes = [fn for fn in demo.fns.values() if any(event == "like" for _, event in fn.targets)]
+    assert len(likes) == 1
+    history = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."}]
+    source = str(app_checkpoints / "tiny-llama")
+    likes[0].fn(history, {1: {"model": source}}, "", gr.LikeData(None, {"index": 1, "value": ["Hi."], "liked": False}))
+    last = FeedbackLog(served_app.settings.feedback_file).records()[-1]
+    assert (last["kind"], last["model"], last["prompt"], last["reply"]) == ("dislike", source, "Hello", "Hi.")
+
+
+# ----- saving and loading -----
+
+
+def test_save_then_load_round_trips_the_conversation(tmp_path: Path) -> None:
+    history = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi — ünïcode."}]
+    path = save_conversation(history, "Be brief.", folder=tmp_path)
+    saved = Conversation.load(path)  # what aksis chat-with-model --context-file reads
+    assert saved == conversation_from_history(history, "Be brief.")
+    assert load_conversation(str(path)) == saved
+    with pytest.raises(gr.Error, match="nothing to save"):
+        save_conversation([], "", folder=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b'{"format": "aksis-chat", "version": 1, "messages": [', "not valid JSON"),
+        (b"\xff\xfe not text", "not UTF-8 text"),
+        (b"[" * 200_000 + b"]" * 200_000, "not valid JSON \\(nested too deeply\\)"),
+        (b" " * (MAX_CHAT_FILE_BYTES + 1), "a chat file is at most 1 MB"),
+        (b'{"messages": []}', "not a chat this app can load: not an aksis chat file"),
+        (
+            b'{"format": "aksis-chat", "version": 1, "messages": [{"role": "wizard", "content": "x"}]}',
+            "message 0",
+        ),
+    ],
+    ids=["truncated", "binary", "nested", "huge", "not-a-chat", "bad-role"],
+)
+def test_loading_a_bad_file_is_a_clear_error(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "upload.json"
+    path.write_bytes(content)
+    with pytest.raises(gr.Error, match=message):
+        load_conversation(str(path))
+    with pytest.raises(gr.Error, match="No file was uploaded"):
+        load_conversation(None)
+
+
+# ----- through the running app -----
+
+
+def chat_args(source: str, system_prompt: str, seed: int | None) -> list[Any]:
+    """/chat's inputs after the message, in order."""
+    return [source, system_prompt, "precise", *SLIDERS.values(), seed]
+
+
+def test_chat_api_replies_as_the_library_does_turn_after_turn(served_app: ServedApp, app_checkpoints: Path) -> None:
+    client = served_app.client()
+    source = str(app_checkpoints / "tiny-gpt2")  # not the model picked first
+    first = client.predict("Hello", *chat_args(source, "Be brief.", 21), api_name="/chat")
+    second = client.predict("And then?", *chat_args(source, "Be brief.", 21), api_name="/chat")
+
+    conversation = Conversation("Be brief.")
+    conversation.add("user", "Hello")
+    assert first and first == library_reply(source, conversation, "precise", seed=21, **SLIDERS)
+    conversation.add("user", "And then?")  # a client's calls continue one conversation
+    assert second and second == library_reply(source, conversation, "precise", seed=21, **SLIDERS)
+    saved = Conversation.load(client.predict("Be brief.", api_name="/chat_save"))
+    assert saved == conversation
+
+
+def test_chat_api_refuses_bad_input_clearly_and_keeps_serving(served_app: ServedApp, app_checkpoints: Path) -> None:
+    client = served_app.client()
+    source = str(app_checkpoints / "tiny-llama")
+    limit = served_app.settings.max_new_tokens
+    with pytest.raises(Exception, match=re.escape(EMPTY_MESSAGE)):
+        client.predict("   ", *chat_args(source, "", 1), api_name="/chat")
+    too_many = [source, "", "precise", 0.7, 50, 0.9, 1.0, limit + 1, 1]
+    with pytest.raises(Exception, match=f"greater than maximum value {limit}"):  # the slider's own check
+        client.predict("Hello", *too_many, api_name="/chat")
+    with pytest.raises(Exception, match="Could not load the model"):
+        client.predict("Hello", *chat_args("alice/no-such-model", "", 1), api_name="/chat")
+    assert isinstance(client.predict("Hello", *chat_args(source, "", 1), api_name="/chat"), str)
+
+
+def test_chat_api_loads_a_conversation_and_goes_on_from_it(
+    served_app: ServedApp, app_checkpoints: Path, tmp_path: Path
+) -> None:
+    client = served_app.client()
+    source = str(app_checkpoints / "tiny-llama")
+    conversation = Conversation("You are a poet.")
+    conversation.add("user", "Write a line")
+    conversation.add("assistant", "The sea is wide.")
+    conversation.save(tmp_path / "chat.json")
+
+    history, system_prompt = client.predict(handle_file(str(tmp_path / "chat.json")), api_name="/chat_load")
+    assert system_prompt == "You are a poet."
+    assert [(m["role"], message_text(m["content"])) for m in history] == [
+        ("user", "Write a line"),
+        ("assistant", "The sea is wide."),
+    ]
+    (tmp_path / "bad.json").write_text('{"format": "aksis-chat", "version": 2}', encoding="utf-8")
+    with pytest.raises(Exception, match="bad.json is not a chat this app can load: chat file version 2"):
+        client.predict(handle_file(str(tmp_path / "bad.json")), api_name="/chat_load")
+
+    answer = client.predict("Another", *chat_args(source, "You are a poet.", 4), api_name="/chat")
+    conversation.add("user", "Another")  # the failed upload lost nothing: the chat goes on from the loaded one
+    assert answer and answer == library_reply(source, conversation, "precise", seed=4, **SLIDERS)
+    assert json.loads(Path(client.predict("You are a poet.", api_name="/chat_save")).read_text()) == (
+        conversation.to_dict()
+    )
+
+
+def test_chat_preset_api_gives_the_models_defaults(served_app: ServedApp, app_checkpoints: Path) -> None:
+    client = served_app.client()
+    source = str(app_checkpoints / "tiny-llama")
+    _, _, base = load_model(source, device="cpu")
+    values = client.predict(source, CHECKPOINT_PRESET, api_name="/chat_preset")
+    assert tuple(values) == preset_values(base, CHECKPOINT_PRESET, served_app.settings.max_new_tokens)
