@@ -99,3 +99,19 @@ def test_model_tab_shows_the_config_curves_and_attention(page) -> None:  # type:
     page.locator("#attention-prompt textarea").fill("To be or not")
     page.locator("#attention-run").click()
     page.locator("#attention-heatmap img").wait_for()
+
+
+def test_chat_one_turn(page) -> None:  # type: ignore[no-untyped-def]
+    open_tab(page, "Chat")
+    page.get_by_text("Sampling", exact=True).click()  # the settings' accordion
+    page.locator("#chat-max-new-tokens input[type=number]").fill("16")
+    page.locator("#chat-seed input").fill("1")  # a seed whose reply is not empty (the tiny model is random)
+    box = page.locator("#chat-input textarea")
+    box.fill("Good morrow, my lord!")
+    box.press("Enter")
+    history = page.locator("#chat-history")
+    history.get_by_text("Good morrow, my lord!").wait_for()
+    bot = history.locator("[data-testid='bot']")
+    bot.first.wait_for()
+    page.locator("#chat-input [data-testid='submit-button']").wait_for()  # the stop button gave way: it ended
+    assert bot.count() == 1 and bot.first.inner_text().strip()
