@@ -3,13 +3,16 @@ memory), the picker, first start with no model, a Hub checkpoint named by AKSIS_
 
 import threading
 from pathlib import Path
+from typing import Any
 
+import gradio as gr
 import pytest
 import torch
 from conftest import Hub, ServedApp, serve_app, write_run
 
 from aksis.checkpoint import CheckpointError
 from aksis.ui import AppSettings
+from aksis.ui.context import to_max_new_tokens, to_number, to_seed, to_whole
 from aksis.ui.models import ModelStore, weight_bytes
 
 
@@ -24,6 +27,41 @@ def test_settings_come_from_the_environment() -> None:
         AppSettings.from_env({"AKSIS_CONCURRENCY": "many"})
     with pytest.raises(ValueError, match="AKSIS_MODEL_CACHE_MB must be at least 1"):
         AppSettings.from_env({"AKSIS_MODEL_CACHE_MB": "0"})
+
+
+def test_numbers_from_the_inputs() -> None:
+    # Sliders send floats, gr.Number whole floats, the API anything.
+    assert to_number("0.5", "top-p") == 0.5 and to_number(2, "temperature", 0, 2) == 2.0
+    assert to_whole(5.0, "seed") == 5 and to_whole("12", "samples", 1, 200) == 12
+    assert to_max_new_tokens(64.0, 64) == 64
+    assert [to_seed(v) for v in (None, "", -1, -0.5, 0, 7.0)] == [None, None, None, None, 0, 7]
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: to_number(None, "top-p"), "top-p must be a number, got None"),
+        (lambda: to_number(True, "top-p"), "top-p must be a number, got True"),  # not 1
+        (lambda: to_number("hot", "temperature", 0, 2), "temperature must be a number from 0 to 2, got 'hot'"),
+        (lambda: to_number(2.5, "temperature", 0, 2), "temperature must be a number from 0 to 2, got 2.5"),
+        (lambda: to_number(-1, "penalty", 0), "penalty must be a number of 0 or more, got -1"),
+        (lambda: to_number(float("inf"), "top-p"), "top-p must be a finite number, got inf"),
+        (lambda: to_whole(2.5, "top-k"), "top-k must be a whole number, got 2.5"),
+        (lambda: to_whole([3], "top-k"), "top-k must be a whole number, got [3]"),
+        (lambda: to_whole("nan", "samples", 1, 200), "samples must be a finite whole number from 1 to 200, got 'nan'"),
+        (lambda: to_whole(0, "samples", 1, 200), "samples must be a whole number from 1 to 200, got 0"),
+        (lambda: to_whole(9, "layer", high=8), "layer must be a whole number of 8 or less, got 9"),
+        (lambda: to_max_new_tokens(None, 64), "max new tokens is missing: give a number from 1 to 64"),
+        (lambda: to_max_new_tokens(65, 64), "max new tokens must be between 1 and 64 (this app's limit), got 65"),
+        (lambda: to_seed("lucky"), "seed must be a number, got 'lucky'"),
+        (lambda: to_seed(1.5), "seed must be a whole number, got 1.5"),
+    ],
+)
+def test_bad_numbers_are_errors_that_name_the_input_and_what_it_accepts(call: Any, message: str) -> None:
+    with pytest.raises(gr.Error) as caught:
+        call()
+    assert caught.value.message == message
+    assert caught.value.print_exception is False  # bad input is no server fault: no traceback in the log
 
 
 def test_store_lists_runs_and_skips_folders_without_a_checkpoint(app_checkpoints: Path, tmp_path: Path) -> None:

@@ -172,9 +172,12 @@ except gr.Error as err:
         (dict(scores=[]), "Choose what to score"),
         (
             dict(scores=[ev.BLEU_ROUGE], max_new_tokens=LIMIT + 1),
-            f"max new tokens must be a whole number from 1 to {LIMIT}",
+            f"max new tokens must be between 1 and {LIMIT} \\(this app's limit\\), got {LIMIT + 1}",
         ),
-        (dict(temperature=3), "temperature must be from 0 \\(greedy\\) to 2"),
+        (dict(num_samples=0), "samples must be a whole number from 1 to 200, got 0"),
+        (dict(seed=-1), "seed must be a whole number from 0 to 2147483647, got -1"),
+        (dict(temperature=3), "temperature must be a number from 0 to 2, got 3"),
+        (dict(temperature="warm"), "temperature must be a number from 0 to 2, got 'warm'"),
         (dict(texts_from="a feeling"), "Unknown source of texts 'a feeling'"),
         (dict(scores=[ev.BLEU_ROUGE], prompt_tokens=40), "no text holds 48 tokens"),  # TEXT is too short
     ],

@@ -91,7 +91,8 @@ def test_attention_view_is_the_model_s_weights(store: ModelStore, app_checkpoint
         ("hi", 2, 0, "layer must be from 0 to 1 \\(this model has 2\\), got 2"),
         ("hi", 0, 4, "head must be from 0 to 3 \\(this model has 4\\), got 4"),
         ("x" * (mt.MAX_ATTENTION_TOKENS + 1), 0, 0, "The prompt is 65 tokens; the attention view shows at most 64"),
-        ("hi", "one", 0, "layer and head must be whole numbers"),
+        ("hi", "one", 0, "layer must be a whole number, got 'one'"),
+        ("hi", 0, 1.5, "head must be a whole number, got 1.5"),
     ],
 )
 def test_bad_attention_requests_are_clear_errors(

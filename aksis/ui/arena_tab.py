@@ -40,10 +40,10 @@ import gradio as gr
 from aksis.chat import Conversation, reply
 from aksis.config import GenerationConfig
 from aksis.generation import PRESETS, sampler_config, stream
-from aksis.ui.chat_tab import to_max_new_tokens, to_seed
-from aksis.ui.context import AppContext, on_gpu, user_errors
+from aksis.ui.context import AppContext, on_gpu, to_max_new_tokens, to_seed, user_errors
 from aksis.ui.feedback import LEADERBOARD_COLUMNS, WINNERS, FeedbackLog, leaderboard
 from aksis.ui.models import LoadedModel, ModelStore
+from aksis.ui.sampling import max_new_tokens_slider
 
 MODES = {"continue": "Continue the text", "chat": "Answer as a chat reply"}
 VOTES = {"a": "A is better", "b": "B is better", "tie": "Tie", "both-bad": "Both are bad"}
@@ -236,14 +236,7 @@ def build(ctx: AppContext) -> None:
                 preset_box = gr.Dropdown(
                     list(PRESETS), value=DEFAULT_PRESET, label="Sampling preset (both models)", elem_id="arena-preset"
                 )
-                max_new_slider = gr.Slider(
-                    1,
-                    limit,
-                    value=min(DEFAULT_MAX_NEW_TOKENS, limit),
-                    step=1,
-                    label="Max new tokens",
-                    elem_id="arena-max-new-tokens",
-                )
+                max_new_slider = max_new_tokens_slider("arena", min(DEFAULT_MAX_NEW_TOKENS, limit), limit)
                 seed_box = gr.Number(value=None, precision=0, label="Seed (blank: random)", elem_id="arena-seed")
         with gr.Row():
             answer_a = gr.Textbox(label="A", lines=8, interactive=False, elem_id="arena-answer-a")

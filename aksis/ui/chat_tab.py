@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -48,14 +47,21 @@ import gradio as gr
 
 from aksis.chat import ChatError, Conversation, reply
 from aksis.config import GenerationConfig
-from aksis.generation import PRESETS, sampler_config
-from aksis.ui.context import AppContext, on_gpu, user_errors
+from aksis.generation import sampler_config
+from aksis.ui.context import AppContext, on_gpu, to_max_new_tokens, to_number, to_seed, to_whole, user_errors
 from aksis.ui.feedback import FeedbackLog
 from aksis.ui.models import LoadedModel
+from aksis.ui.sampling import (
+    CHECKPOINT_PRESET,
+    PRESET_CHOICES,
+    SliderValues,
+    max_new_tokens_slider,
+    preset_config,
+    preset_name,
+    sampling_slider,
+    slider_values,
+)
 
-CHECKPOINT_PRESET = "checkpoint defaults"
-PRESET_CHOICES = [CHECKPOINT_PRESET, *PRESETS]
-MAX_TEMPERATURE, MAX_TOP_K, MAX_PENALTY = 2.0, 200, 2.0
 # A chat file holds text a small model can read in its context: a megabyte is far more than any real one, and
 # small enough that reading it cannot hold a worker.
 MAX_CHAT_FILE_BYTES = 1 << 20
@@ -125,42 +131,6 @@ def history_from_conversation(conversation: Conversation) -> list[dict[str, str]
 # ----- sampling settings -----
 
 
-def to_number(value: Any, name: str) -> float:
-    """A finite number from an input (the API may send anything), or a gr.Error that names the input."""
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise gr.Error(f"{name} must be a number, got {value!r}")
-    try:
-        number = float(value)
-    except ValueError:
-        raise gr.Error(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise gr.Error(f"{name} must be a finite number, got {value!r}")
-    return number
-
-
-def to_whole(value: Any, name: str) -> int:
-    number = to_number(value, name)
-    if number != int(number):
-        raise gr.Error(f"{name} must be a whole number, got {value!r}")
-    return int(number)
-
-
-def to_max_new_tokens(value: Any, limit: int) -> int:
-    if value is None:
-        raise gr.Error(f"max new tokens is missing: give a number from 1 to {limit}")
-    n = to_whole(value, "max new tokens")
-    if not 1 <= n <= limit:
-        raise gr.Error(f"max new tokens must be between 1 and {limit} (this app's limit), got {n}")
-    return n
-
-
-def to_seed(value: Any) -> int | None:
-    """A seed from an input: blank or negative means none (fresh draws)."""
-    if value is None or value == "" or to_number(value, "seed") < 0:
-        return None
-    return to_whole(value, "seed")
-
-
 def sampling_config(
     base: GenerationConfig,
     preset: str | None,
@@ -176,9 +146,7 @@ def sampling_config(
     """The GenerationConfig of the tab's settings: `sampler_config(preset, base, ...sliders)`. The sliders are
     applied over the preset (a preset only fills them); `max_new_tokens` must be 1 to `limit` (the app's limit);
     a blank or negative seed means unseeded. Bad settings raise gr.Error with what would be accepted."""
-    preset = preset or CHECKPOINT_PRESET
-    if preset not in PRESET_CHOICES:
-        raise gr.Error(f"unknown preset {preset!r}: choose one of {', '.join(PRESET_CHOICES)}")
+    preset = preset_name(preset)
     n = to_max_new_tokens(max_new_tokens, limit)
     given: dict[str, Any] = {
         "temperature": to_number(temperature, "temperature"),
@@ -195,21 +163,10 @@ def sampling_config(
     return replace(config, seed=seed_value)
 
 
-def preset_values(base: GenerationConfig, preset: str | None, limit: int) -> tuple[float, int, float, float, int]:
+def preset_values(base: GenerationConfig, preset: str | None, limit: int) -> SliderValues:
     """What a preset puts in the sliders: (temperature, top_k, top_p, repetition_penalty, max_new_tokens), within
     the sliders' ranges. "checkpoint defaults" is `base`, the checkpoint's generation_config.json."""
-    preset = preset or CHECKPOINT_PRESET
-    if preset not in PRESET_CHOICES:
-        raise gr.Error(f"unknown preset {preset!r}: choose one of {', '.join(PRESET_CHOICES)}")
-    with user_errors("apply the preset"):
-        config = base if preset == CHECKPOINT_PRESET else sampler_config(preset, base)
-    return (
-        min(config.temperature, MAX_TEMPERATURE),
-        min(config.top_k, MAX_TOP_K),
-        config.top_p,
-        min(max(config.repetition_penalty, 1.0), MAX_PENALTY),
-        min(config.max_new_tokens, limit),
-    )
+    return slider_values(preset_config(base, preset), limit)
 
 
 # ----- replies -----
@@ -314,7 +271,7 @@ def load_conversation(path: str | Path | None) -> Conversation:
 
 def build(ctx: AppContext) -> None:
     limit = ctx.settings.max_new_tokens
-    defaults = preset_values(GenerationConfig(), CHECKPOINT_PRESET, limit)
+    start = preset_values(GenerationConfig(), CHECKPOINT_PRESET, limit)
 
     with gr.Tab("Chat", id="chat"):
         gr.Markdown(HELP)
@@ -333,35 +290,12 @@ def build(ctx: AppContext) -> None:
                         label="Preset (fills the sliders)",
                         elem_id="chat-preset",
                     )
-                    temperature_slider = gr.Slider(
-                        0,
-                        MAX_TEMPERATURE,
-                        value=defaults[0],
-                        step=0.05,
-                        label="Temperature (0: greedy)",
-                        elem_id="chat-temperature",
-                    )
-                    top_k_slider = gr.Slider(
-                        0, MAX_TOP_K, value=defaults[1], step=1, label="Top-k (0: off)", elem_id="chat-top-k"
-                    )
-                    top_p_slider = gr.Slider(
-                        0.05, 1.0, value=defaults[2], step=0.01, label="Top-p (1: off)", elem_id="chat-top-p"
-                    )
-                    penalty_slider = gr.Slider(
-                        1.0,
-                        MAX_PENALTY,
-                        value=defaults[3],
-                        step=0.05,
-                        label="Repetition penalty (1: off)",
-                        elem_id="chat-repetition-penalty",
-                    )
-                    max_new_slider = gr.Slider(
-                        1,
-                        limit,
-                        value=defaults[4],
-                        step=1,
-                        label="Max new tokens per reply",
-                        elem_id="chat-max-new-tokens",
+                    temperature_slider = sampling_slider("temperature", "chat", start.temperature)
+                    top_k_slider = sampling_slider("top_k", "chat", start.top_k)
+                    top_p_slider = sampling_slider("top_p", "chat", start.top_p)
+                    penalty_slider = sampling_slider("repetition_penalty", "chat", start.repetition_penalty)
+                    max_new_slider = max_new_tokens_slider(
+                        "chat", start.max_new_tokens, limit, label="Max new tokens per reply"
                     )
                     seed_box = gr.Number(value=None, precision=0, label="Seed (blank: random)", elem_id="chat-seed")
                 reply_state = gr.State({})  # ReplyInfo of this session's chat

@@ -1,5 +1,6 @@
 """What every tab of the app shares: the settings (read from the environment once, at start), the model store,
-the model picker, and the helpers that turn library errors into messages in the UI.
+the model picker, the helpers that turn library errors into messages in the UI, and the checks of what a
+visitor types (or an API caller sends) as a number: `to_number`, `to_whole`, `to_max_new_tokens`, `to_seed`.
 
 A tab module exposes `build(ctx)`, called inside the app's `gr.Blocks`; it adds one `gr.Tab` and wires its
 events. Event handlers take the picker's value (a model source) as an input and fetch the model from
@@ -9,6 +10,7 @@ disturbs a generation running in another.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -120,6 +122,73 @@ def user_errors(action: str) -> Iterator[None]:
         raise
     except (ValueError, CheckpointError, GenerationError, HubError, ChatError, OSError) as err:
         raise gr.Error(f"Could not {action}: {err}", print_exception=False) from err
+
+
+# ----- numbers from the inputs -----
+
+
+def input_error(message: str) -> gr.Error:
+    """A message for the UI (or the API caller); bad input is no server fault, so no traceback in the log."""
+    import gradio as gr
+
+    return gr.Error(message, print_exception=False)
+
+
+def _show(bound: float) -> str:
+    """A bound as people write it: 2, not 2.0."""
+    return str(int(bound)) if float(bound).is_integer() else str(bound)
+
+
+def _to_float(value: Any, name: str, whole: bool, low: float | None, high: float | None) -> float:
+    """`value` as a float that is finite, whole when `whole`, and within [low, high] where given; otherwise a
+    gr.Error that names the input and what it accepts ("a whole number from 1 to 100")."""
+    accepted = "a whole number" if whole else "a number"
+    if low is not None and high is not None:
+        accepted += f" from {_show(low)} to {_show(high)}"
+    elif low is not None:
+        accepted += f" of {_show(low)} or more"
+    elif high is not None:
+        accepted += f" of {_show(high)} or less"
+    # The API may send anything; True would pass as 1 and a list would fail with Python's own message.
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise input_error(f"{name} must be {accepted}, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise input_error(f"{name} must be {accepted}, got {value!r}") from None
+    if not math.isfinite(number):
+        raise input_error(f"{name} must be a finite {accepted.removeprefix('a ')}, got {value!r}")
+    if (whole and number != int(number)) or (low is not None and number < low) or (high is not None and number > high):
+        raise input_error(f"{name} must be {accepted}, got {value!r}")
+    return number
+
+
+def to_number(value: Any, name: str, low: float | None = None, high: float | None = None) -> float:
+    """A finite number from an input, from `low` to `high` where given, or a gr.Error that names the input."""
+    return _to_float(value, name, False, low, high)
+
+
+def to_whole(value: Any, name: str, low: int | None = None, high: int | None = None) -> int:
+    """A whole number from an input (5.0, as gr.Number sends it, is 5), from `low` to `high` where given, or a
+    gr.Error that names the input."""
+    return int(_to_float(value, name, True, low, high))
+
+
+def to_max_new_tokens(value: Any, limit: int) -> int:
+    """Max new tokens from an input: 1 to `limit`, the app's limit (settings.max_new_tokens)."""
+    if value is None:
+        raise input_error(f"max new tokens is missing: give a number from 1 to {limit}")
+    n = to_whole(value, "max new tokens")
+    if not 1 <= n <= limit:
+        raise input_error(f"max new tokens must be between 1 and {limit} (this app's limit), got {n}")
+    return n
+
+
+def to_seed(value: Any) -> int | None:
+    """A seed from an input; blank or negative means none (fresh random draws)."""
+    if value is None or value == "" or to_number(value, "seed") < 0:
+        return None
+    return to_whole(value, "seed")
 
 
 def on_gpu(fn: F) -> F:

@@ -27,7 +27,6 @@ eval-perplexity, eval-bpb, eval-table, eval-report, eval-markdown.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -35,8 +34,9 @@ from typing import Any
 import gradio as gr
 
 from aksis.metrics import LABELS, PerplexityResult, evaluate_checkpoint, markdown_table, perplexity, read_prompts
-from aksis.ui.context import AppContext, on_gpu, user_errors
+from aksis.ui.context import AppContext, on_gpu, to_max_new_tokens, to_number, to_whole, user_errors
 from aksis.ui.models import LoadedModel, ModelStore
+from aksis.ui.sampling import MAX_TEMPERATURE, max_new_tokens_slider, sampling_slider
 
 MAX_UPLOAD_BYTES = 2 << 20  # 2 MiB: a long novel; scoring more on a CPU Space would hold a worker for minutes
 MAX_TEXT_CHARS = 2_000_000  # the same bound on pasted text and on what is read from a dataset
@@ -123,7 +123,7 @@ def _dataset_texts(dataset: Any, split: Any, max_texts: Any, local_paths: bool =
             "a Hub dataset."
         )
     split = str(split).strip() if split else "validation"
-    count = _whole(max_texts if max_texts is not None else 10, "max texts", 1, MAX_TEXTS)
+    count = to_whole(max_texts if max_texts is not None else 10, "max texts", 1, MAX_TEXTS)
     try:
         corpus = load_corpus(name)
     except DataError as err:  # not a ValueError: user_errors would not know it
@@ -150,17 +150,6 @@ def read_prompt_pairs(path: str | None) -> list[tuple[str, str]]:
     assert path is not None
     with user_errors("read the prompts file"):
         return read_prompts(path)
-
-
-def _whole(value: Any, name: str, low: int, high: int) -> int:
-    """A whole number from low to high from an input (the API may send anything), or a gr.Error naming it."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise gr.Error(f"{name} must be a whole number from {low} to {high}, got {value!r}") from None
-    if not math.isfinite(number) or number != int(number) or not low <= number <= high:
-        raise gr.Error(f"{name} must be a whole number from {low} to {high}, got {value!r}")
-    return int(number)
 
 
 # ----- scoring -----
@@ -265,19 +254,13 @@ def run_evaluate(
         if (generate_from or CONTINUATION) not in GENERATE_FROM:
             raise gr.Error(f"BLEU / ROUGE score generations from: {' or '.join(GENERATE_FROM)}.")
         tasks.append(GENERATE_FROM[generate_from or CONTINUATION])
-    new_tokens = _whole(max_new_tokens, "max new tokens", 1, limit)
     settings = dict(
-        max_new_tokens=new_tokens,
-        prompt_tokens=_whole(prompt_tokens, "prompt tokens", 1, limit),
-        num_samples=_whole(num_samples, "samples", 1, MAX_SAMPLES),
-        seed=_whole(seed if seed is not None else 0, "seed", 0, 2**31 - 1),
+        max_new_tokens=to_max_new_tokens(max_new_tokens, limit),
+        prompt_tokens=to_whole(prompt_tokens, "prompt tokens", 1, limit),
+        num_samples=to_whole(num_samples, "samples", 1, MAX_SAMPLES),
+        seed=to_whole(seed if seed is not None else 0, "seed", 0, 2**31 - 1),  # always seeded: scores reproduce
     )
-    try:
-        heat = float(temperature if temperature is not None else 0.0)
-    except (TypeError, ValueError):
-        heat = -1.0
-    if not 0.0 <= heat <= 2.0:
-        raise gr.Error(f"temperature must be from 0 (greedy) to 2, got {temperature!r}")
+    heat = to_number(temperature if temperature is not None else 0.0, "temperature", 0, MAX_TEMPERATURE)
     what: list[str] = []
     texts: list[str] = []
     prompts: list[tuple[str, str]] = []
@@ -369,14 +352,10 @@ def build(ctx: AppContext) -> None:
                     elem_id="eval-prompts-file",
                 )
                 with gr.Accordion("Generation settings (BLEU / ROUGE)", open=False):
-                    temperature = gr.Slider(
-                        0.0, 2.0, 0.0, step=0.05, label="Temperature", info="0: greedy",
-                        elem_id="eval-temperature",
-                    )  # fmt: skip
-                    max_new_tokens = gr.Slider(
-                        1, min(256, limit), 32, step=1, label="Max new tokens",
-                        info="continuation: also the reference's length", elem_id="eval-max-new-tokens",
-                    )  # fmt: skip
+                    temperature = sampling_slider("temperature", "eval", 0.0)
+                    max_new_tokens = max_new_tokens_slider(
+                        "eval", 32, limit, maximum=min(256, limit), info="continuation: also the reference's length"
+                    )
                     prompt_tokens = gr.Slider(
                         1, 256, 32, step=1, label="Prompt tokens (continuation)", elem_id="eval-prompt-tokens"
                     )

@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import contextlib
 import html
-import math
 import secrets
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from functools import partial
+from typing import Any, NamedTuple
 
 import gradio as gr
 
@@ -41,7 +41,6 @@ from aksis.checkpoint import CheckpointError
 from aksis.config import GenerationConfig
 from aksis.generation import (
     DEFAULT_BEAM_WIDTH,
-    PRESETS,
     SAMPLERS,
     Completion,
     TokenProb,
@@ -50,15 +49,30 @@ from aksis.generation import (
     token_probabilities,
 )
 from aksis.hub import HubError
-from aksis.ui.context import AppContext, on_gpu, user_errors
+from aksis.ui.context import (
+    AppContext,
+    input_error,
+    on_gpu,
+    to_max_new_tokens,
+    to_number,
+    to_seed,
+    to_whole,
+    user_errors,
+)
 from aksis.ui.models import LoadedModel, ModelStore
+from aksis.ui.sampling import (
+    CHECKPOINT_PRESET,
+    PRESET_CHOICES,
+    max_new_tokens_slider,
+    preset_config,
+    sampling_slider,
+    slider_values,
+)
 
 SAMPLE = "sample"  # temperature + top-k + top-p together: sampler_config(None, ...)
 SAMPLER_CHOICES = [SAMPLE, *SAMPLERS]
-CHECKPOINT_PRESET = "checkpoint defaults"
-PRESET_CHOICES = [CHECKPOINT_PRESET, *PRESETS]
 TOP_N = 5  # alternatives shown per token
-MAX_TEMPERATURE, MAX_TOP_K, MAX_BEAMS, MAX_PENALTY = 2.0, 200, 8, 2.0
+MAX_BEAMS = 8
 
 # The sliders each sampler reads. Only these reach sampler_config, where a setting given overrides the sampler's
 # own choice (top_p given to "top-k" would switch top-p back on). The repetition penalty applies to all.
@@ -86,40 +100,6 @@ HELP = (
 # ----- settings -----
 
 
-def _input_error(message: str) -> gr.Error:
-    """A message for the UI (or the API caller); bad input is no server fault, so no traceback in the log."""
-    return gr.Error(message, print_exception=False)
-
-
-def _number(value: Any, name: str) -> float:
-    """A number from an input (the API may send anything), or a gr.Error that names the input."""
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise _input_error(f"{name} must be a number, got {value!r}")
-    try:
-        number = float(value)
-    except ValueError:
-        raise _input_error(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise _input_error(f"{name} must be a finite number, got {value!r}")
-    return number
-
-
-def _whole(value: Any, name: str) -> int:
-    number = _number(value, name)
-    if number != int(number):
-        raise _input_error(f"{name} must be a whole number, got {value!r}")
-    return int(number)
-
-
-def _max_new_tokens(value: Any, limit: int) -> int:
-    if value is None:
-        raise _input_error(f"max new tokens is missing: give a number from 1 to {limit}")
-    n = _whole(value, "max new tokens")
-    if not 1 <= n <= limit:
-        raise _input_error(f"max new tokens must be between 1 and {limit} (this app's limit), got {n}")
-    return n
-
-
 def generation_config(
     base: GenerationConfig,
     sampler: str | None,
@@ -138,50 +118,53 @@ def generation_config(
     or negative seed becomes a random one. Bad settings raise gr.Error with what would be accepted."""
     sampler = sampler or SAMPLE
     if sampler not in SAMPLER_SLIDERS:
-        raise _input_error(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLER_CHOICES)}")
-    n = _max_new_tokens(max_new_tokens, limit)
+        raise input_error(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLER_CHOICES)}")
+    n = to_max_new_tokens(max_new_tokens, limit)
     values = dict(temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams)
     given: dict[str, Any] = {}
     for name in SAMPLER_SLIDERS[sampler]:
         if values[name] is not None:
             label = name.replace("_", "-") if name != "num_beams" else "beam width"
             given[name] = (
-                _whole(values[name], label) if name in ("top_k", "num_beams") else _number(values[name], label)
+                to_whole(values[name], label) if name in ("top_k", "num_beams") else to_number(values[name], label)
             )
     if sampler == "beam" and given.get("num_beams", DEFAULT_BEAM_WIDTH) < 2:
-        raise _input_error("beam search needs a beam width of 2 or more (a width of 1 is greedy: pick greedy)")
+        raise input_error("beam search needs a beam width of 2 or more (a width of 1 is greedy: pick greedy)")
     if repetition_penalty is not None:
-        given["repetition_penalty"] = _number(repetition_penalty, "repetition penalty")
-    if seed is None or seed == "" or _number(seed, "seed") < 0:
-        seed = secrets.randbelow(2**31)  # shown in the stats line, so a good draw can be had again
-    given["seed"] = _whole(seed, "seed")
+        given["repetition_penalty"] = to_number(repetition_penalty, "repetition penalty")
+    seed = to_seed(seed)
+    # A blank or negative seed: a random one, shown in the stats line so that a good draw can be had again.
+    given["seed"] = secrets.randbelow(2**31) if seed is None else seed
     with user_errors("use these settings"):  # sampler_config checks the values (top-p 0, a negative top-k...)
         return sampler_config(None if sampler == SAMPLE else sampler, base, max_new_tokens=n, **given)
 
 
-def preset_settings(
-    base: GenerationConfig, preset: str | None, limit: int
-) -> tuple[str, float, int, float, int, float, int]:
-    """What a preset puts in the sampler dropdown and the sliders: (sampler, temperature, top_k, top_p,
-    num_beams, repetition_penalty, max_new_tokens). "checkpoint defaults" is `base` itself; values beyond a
-    slider's range are brought within it."""
-    preset = preset or CHECKPOINT_PRESET
-    if preset == CHECKPOINT_PRESET:
-        config = base
-    elif preset in PRESETS:
-        with user_errors("apply the preset"):
-            config = sampler_config(preset, base, num_beams=1)
-    else:
-        raise _input_error(f"unknown preset {preset!r}: choose one of {', '.join(PRESET_CHOICES)}")
+class PresetSettings(NamedTuple):
+    """What a preset puts in the sampler dropdown and the sliders, in the order of the tab's settings."""
+
+    sampler: str
+    temperature: float
+    top_k: int
+    top_p: float
+    num_beams: int
+    repetition_penalty: float
+    max_new_tokens: int
+
+
+def preset_settings(base: GenerationConfig, preset: str | None, limit: int) -> PresetSettings:
+    """What a preset puts in the sampler dropdown and the sliders. "checkpoint defaults" is `base` itself;
+    values beyond a slider's range are brought within it."""
+    config = preset_config(base, preset)
     sampler = "beam" if config.num_beams > 1 else "greedy" if config.temperature == 0 else SAMPLE
-    return (
+    values = slider_values(config, limit)
+    return PresetSettings(
         sampler,
-        min(config.temperature, MAX_TEMPERATURE),
-        min(config.top_k, MAX_TOP_K),
-        config.top_p,
+        values.temperature,
+        values.top_k,
+        values.top_p,
         min(config.num_beams, MAX_BEAMS) if config.num_beams > 1 else DEFAULT_BEAM_WIDTH,
-        min(max(config.repetition_penalty, 1.0), MAX_PENALTY),
-        min(config.max_new_tokens, limit),
+        values.repetition_penalty,
+        values.max_new_tokens,
     )
 
 
@@ -309,8 +292,8 @@ def run_generate(
     """The `/generate` event: check the input, fetch the model, stream. Cheap checks come before the model load,
     so a bad request fails at once."""
     if not isinstance(prompt, str) or not prompt.strip():
-        raise _input_error("The prompt is empty: type some text for the model to continue (or pick an example).")
-    _max_new_tokens(max_new_tokens, limit)
+        raise input_error("The prompt is empty: type some text for the model to continue (or pick an example).")
+    to_max_new_tokens(max_new_tokens, limit)
     with user_errors("load the model"):
         entry = store.get(source)
     config = generation_config(
@@ -334,7 +317,8 @@ def run_generate(
 
 def build(ctx: AppContext) -> None:
     store, limit = ctx.store, ctx.settings.max_new_tokens
-    start = preset_settings(GenerationConfig(), CHECKPOINT_PRESET, limit)  # until the picked model's are known
+    # Until the picked model's settings are known (the preset event fills them in when the page loads).
+    start = preset_settings(GenerationConfig(), CHECKPOINT_PRESET, limit)
     with gr.Tab("Generate", elem_id="generate-tab"):
         gr.Markdown(HELP)
         with gr.Row():
@@ -377,56 +361,22 @@ def build(ctx: AppContext) -> None:
                     info="fills the settings below",
                     elem_id="generate-preset",
                 )
-                sampler = gr.Dropdown(SAMPLER_CHOICES, value=start[0], label="Sampler", elem_id="generate-sampler")
-                temperature = gr.Slider(
-                    0,
-                    MAX_TEMPERATURE,
-                    start[1],
-                    step=0.05,
-                    label="Temperature",
-                    info="0 is greedy; higher is more surprising",
-                    elem_id="generate-temperature",
-                )
-                top_k = gr.Slider(
-                    0,
-                    MAX_TOP_K,
-                    start[2],
-                    step=1,
-                    label="Top-k",
-                    info="sample among the k most likely tokens (0: all)",
-                    elem_id="generate-top-k",
-                )
-                top_p = gr.Slider(
-                    0.01,
-                    1.0,
-                    start[3],
-                    step=0.01,
-                    label="Top-p",
-                    info="sample among the most likely tokens that make up this probability (1: all)",
-                    elem_id="generate-top-p",
-                )
+                sampler = gr.Dropdown(SAMPLER_CHOICES, value=start.sampler, label="Sampler", elem_id="generate-sampler")
+                temperature = sampling_slider("temperature", "generate", start.temperature)
+                top_k = sampling_slider("top_k", "generate", start.top_k)
+                top_p = sampling_slider("top_p", "generate", start.top_p)
                 num_beams = gr.Slider(
                     2,
                     MAX_BEAMS,
-                    start[4],
+                    start.num_beams,
                     step=1,
                     label="Beam width",
                     info="continuations kept by beam search",
                     interactive=False,
                     elem_id="generate-beams",
                 )
-                repetition_penalty = gr.Slider(
-                    1.0,
-                    MAX_PENALTY,
-                    start[5],
-                    step=0.05,
-                    label="Repetition penalty",
-                    info="above 1 makes tokens already in the text less likely",
-                    elem_id="generate-repetition-penalty",
-                )
-                max_new_tokens = gr.Slider(
-                    1, limit, start[6], step=1, label="Max new tokens", elem_id="generate-max-new-tokens"
-                )
+                repetition_penalty = sampling_slider("repetition_penalty", "generate", start.repetition_penalty)
+                max_new_tokens = max_new_tokens_slider("generate", start.max_new_tokens, limit)
                 seed = gr.Number(
                     -1,
                     label="Seed",
@@ -450,43 +400,16 @@ def build(ctx: AppContext) -> None:
             used = SAMPLER_SLIDERS.get(chosen or SAMPLE, ())
             return [gr.update(interactive=name in used) for name in SLIDERS]
 
-        def generate(
-            source: str | None,
-            prompt: Any,
-            sampler: str | None,
-            temperature: Any,
-            top_k: Any,
-            top_p: Any,
-            num_beams: Any,
-            repetition_penalty: Any,
-            max_new_tokens: Any,
-            seed: Any,
-        ) -> Iterator[Output]:
-            yield from run_generate(
-                store,
-                limit,
-                source,
-                prompt,
-                sampler,
-                temperature,
-                top_k,
-                top_p,
-                num_beams,
-                repetition_penalty,
-                max_new_tokens,
-                seed,
-            )
-
         # No triggers: runs when the page loads and whenever the model or the preset changes.
         gr.on(None, apply_preset, [ctx.picker, preset], settings, api_name="generation_preset", show_progress="hidden")
         sampler.change(grey_out, sampler, sliders, api_visibility="private", show_progress="hidden")
         event = gr.on(
             [generate_button.click, prompt.submit],
-            generate,
+            partial(run_generate, store, limit),  # the API's parameters: run_generate's own after these two
             [ctx.picker, prompt, *settings, seed],
             [output, token_view, table, stats],
             api_name="generate",
-            # The inputs reach `generate` as sent, unchecked by Gradio: it checks each itself, so a bad value from
+            # The inputs reach `run_generate` as sent, unchecked by Gradio: it checks each itself, so a bad value from
             # the API gets a message naming the setting (Gradio's own says only "Value 0 is less than minimum").
             preprocess=False,
         )

@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 
 from aksis.hub import read_metrics
 from aksis.tokenizer import SPECIAL_TOKENS, TokenizerError
-from aksis.ui.context import AppContext, on_gpu, user_errors
+from aksis.ui.context import AppContext, on_gpu, to_whole, user_errors
 from aksis.ui.models import LoadedModel, ModelStore
 
 MAX_ATTENTION_TOKENS = 64
@@ -187,10 +187,8 @@ def run_attention(
     """The `/attention` event: the heatmap and its numbers."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise gr.Error("The prompt is empty: type a few words to see where the model looks.")
-    try:
-        layer, head = int(layer), int(head)
-    except (TypeError, ValueError):
-        raise gr.Error(f"layer and head must be whole numbers, got {layer!r} and {head!r}") from None
+    # Their ranges depend on the model: `attention` checks them once it is loaded.
+    layer, head = to_whole(layer, "layer"), to_whole(head, "head")
     with user_errors("load the model"):
         entry = store.get(source)
     with user_errors("compute the attention"):
