@@ -184,11 +184,14 @@ def to_max_new_tokens(value: Any, limit: int) -> int:
     return n
 
 
+MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed takes
+
+
 def to_seed(value: Any) -> int | None:
     """A seed from an input; blank or negative means none (fresh random draws)."""
     if value is None or value == "" or to_number(value, "seed") < 0:
         return None
-    return to_whole(value, "seed")
+    return to_whole(value, "seed", 0, MAX_SEED)
 
 
 def on_gpu(fn: F) -> F:
@@ -199,3 +202,45 @@ def on_gpu(fn: F) -> F:
     except ImportError:
         return fn
     return cast(F, spaces.GPU(fn))
+
+
+# ----- uploads and long text -----
+
+# The longest prompt or message the app takes: far more than any context here, and small enough to tokenize at once.
+MAX_PROMPT_CHARS = 20_000
+
+
+def check_prompt(text: Any, what: str = "prompt") -> str:
+    """A prompt from an input: non-empty text of at most MAX_PROMPT_CHARS characters (a browser keeps to a textbox's
+    limit, an API caller need not), or an input error naming what to do."""
+    if not isinstance(text, str) or not text.strip():
+        raise input_error(f"The {what} is empty: type some text.")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise input_error(f"The {what} has {len(text):,} characters; this app takes at most {MAX_PROMPT_CHARS:,}.")
+    return text
+
+
+def read_text_upload(path: str | Path | None, what: str, max_bytes: int) -> str:
+    """The text of an uploaded file, or an input error that says why not: none uploaded, larger than `max_bytes`,
+    binary (it holds NUL bytes, as images, archives, PDFs and UTF-16 text do), or not UTF-8. A leading byte-order
+    mark is dropped."""
+    if not path:
+        raise input_error(f"No {what} uploaded: choose a file first.")
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise input_error(
+                f"{path.name} is {size / 2**20:.1f} MiB; the {what} may be at most {max_bytes / 2**20:.0f} MiB."
+            )
+        raw = path.read_bytes()
+    except OSError as err:
+        raise input_error(f"Could not read {path.name}: {err.strerror or err}. Upload it again.") from None
+    if b"\0" in raw:
+        raise input_error(f"{path.name} looks binary (it holds NUL bytes), not text: upload a UTF-8 text file.")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise input_error(
+            f"{path.name} is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}): save it as UTF-8."
+        ) from None
