@@ -54,7 +54,7 @@ def test_numbers_from_the_inputs() -> None:
         (lambda: to_max_new_tokens(None, 64), "max new tokens is missing: give a number from 1 to 64"),
         (lambda: to_max_new_tokens(65, 64), "max new tokens must be between 1 and 64 (this app's limit), got 65"),
         (lambda: to_seed("lucky"), "seed must be a number, got 'lucky'"),
-        (lambda: to_seed(1.5), "seed must be a whole number, got 1.5"),
+        (lambda: to_seed(1.5), "seed must be a whole number from 0 to 9223372036854775807, got 1.5"),
     ],
 )
 def test_bad_numbers_are_errors_that_name_the_input_and_what_it_accepts(call: Any, message: str) -> None:
