@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     import gradio as gr
 
     from aksis.ui.feedback import FeedbackLog
-    from aksis.ui.models import ModelStore
+    from aksis.ui.models import LoadedModel, ModelStore
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -244,3 +244,19 @@ def read_text_upload(path: str | Path | None, what: str, max_bytes: int) -> str:
         raise input_error(
             f"{path.name} is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}): save it as UTF-8."
         ) from None
+
+
+# ----- model switches -----
+
+
+def quietly_get(store: ModelStore, source: str | None) -> LoadedModel | None:
+    """The model of `source`, or None where it cannot be loaded (for the same errors `user_errors` turns into
+    messages). For the events that follow the picker (filling sliders, details): the picker's own load event
+    already tells the visitor why a model failed, so these must not say it once more."""
+    import gradio as gr
+
+    try:
+        with user_errors("load the model"):
+            return store.get(source)
+    except gr.Error:
+        return None
