@@ -84,12 +84,73 @@ def test_store_loads_once_and_keeps_within_its_memory_bound(app_checkpoints: Pat
     assert first.file("no-such-file.txt") is None
 
     small = ModelStore(app_checkpoints, device=torch.device("cpu"), max_bytes=first.nbytes + 1)
-    kept = small.get(llama)
+    small.get(llama)
     small.get(gpt2)
-    assert small.loaded() == [gpt2]  # the older one was dropped to stay within the bound...
-    assert next(kept.model.parameters()).numel() > 0  # ...while a request holding it can still use it
+    assert small.loaded() == [gpt2]  # the older one was dropped to stay within the bound
     small.get(llama)
     assert small.loaded() == [llama]
+
+
+def test_switching_models_never_disturbs_a_generation_in_flight(app_checkpoints: Path) -> None:
+    """A visitor streams from one model while another visitor's switch drops it from the cache: the stream goes on,
+    on the weights it started with, to the text the library gives alone."""
+    from aksis.config import GenerationConfig
+    from aksis.generation import generate, stream
+
+    llama, gpt2 = str(app_checkpoints / "tiny-llama"), str(app_checkpoints / "tiny-gpt2")
+    store = ModelStore(app_checkpoints, device=torch.device("cpu"), max_bytes=1)  # room for one model only
+    entry = store.get(llama)
+    config = GenerationConfig(max_new_tokens=40, temperature=1.0, top_k=0, top_p=1.0, seed=7, stop=[])
+    pieces = stream(entry.model, entry.tokenizer, "ROMEO:", config)
+    text = next(iter(pieces))
+    store.get(gpt2)  # the switch: llama leaves the cache mid-stream
+    assert store.loaded() == [gpt2]
+    text += "".join(pieces)
+    alone = generate(store.get(llama).model, entry.tokenizer, "ROMEO:", config).text
+    assert text == alone
+
+
+def test_a_run_that_wrote_new_weights_is_loaded_again(tmp_path: Path) -> None:
+    """A run still training rewrites best/ at each evaluation: the store serves what is on disk, not what it loaded
+    first; an unchanged run is not loaded twice."""
+    import os
+
+    run = write_run(tmp_path / "checkpoints" / "run", "gpt2", seed=6)
+    store = ModelStore(tmp_path / "checkpoints", device=torch.device("cpu"))
+    first = store.get(str(run))
+    assert store.get(str(run)) is first
+    write_run(run, "gpt2", seed=7)  # the trainer saves a better best/
+    weights = run / "best" / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000))
+    second = store.get(str(run))
+    assert second is not first
+    assert not torch.equal(second.model.lm_head.weight, first.model.lm_head.weight)
+    assert store.loaded() == [str(run)]
+
+
+def test_a_failed_load_leaves_nothing_behind(app_checkpoints: Path) -> None:
+    store = ModelStore(app_checkpoints, device=torch.device("cpu"))
+    for _ in range(2):  # the second attempt fails the same way: no lock or half-loaded entry was left
+        with pytest.raises(CheckpointError):
+            store.get("./no/such/run")
+    assert store._loading == {} and store.loaded() == []
+
+
+def test_a_space_refuses_hub_models_larger_than_its_cache(
+    hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aksis.hub import push_checkpoint
+
+    run = write_run(tmp_path / "run", "llama", seed=8)
+    repo_id = hub.fresh_repo_id("big")
+    monkeypatch.setenv("HF_TOKEN", hub.write_token)
+    push_checkpoint(run / "best", repo_id)
+    size = (run / "best" / "model.safetensors").stat().st_size
+    space = ModelStore(tmp_path / "none", device=torch.device("cpu"), max_bytes=size - 1, local_paths=False)
+    with pytest.raises(CheckpointError, match="MiB of weights; this app loads models of at most"):
+        space.get(repo_id)
+    roomy = ModelStore(tmp_path / "none", device=torch.device("cpu"), max_bytes=size, local_paths=False)
+    assert roomy.get(repo_id).nbytes <= size
 
 
 def test_concurrent_requests_load_a_model_once(app_checkpoints: Path, monkeypatch: pytest.MonkeyPatch) -> None:

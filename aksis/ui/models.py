@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from aksis.checkpoint import CheckpointError, is_local, resolve_file, split_revision
+from aksis.checkpoint import WEIGHTS_FILE, CheckpointError, is_local, resolve_file, split_revision
 from aksis.config import GenerationConfig
 from aksis.generation import find_checkpoint, load_model
 from aksis.hub import HubError, is_hub_id, list_models
@@ -38,6 +38,7 @@ class LoadedModel:
     tokenizer: Tokenizer
     generation: GenerationConfig
     nbytes: int  # bytes of weights
+    version: tuple[str, int, int] | None = None  # local weights: (file, mtime, size) when loaded; None on the Hub
 
     @property
     def device(self) -> torch.device:
@@ -119,35 +120,53 @@ class ModelStore:
             return list(self._models)
 
     def get(self, source: str | None, progress: Callable[[float, str], None] | None = None) -> LoadedModel:
-        """The model named by `source`, loaded on first use. Raises CheckpointError with what to do."""
+        """The model named by `source`, loaded on first use, and again when its local weights have changed since
+        (a run still training rewrites best/). Raises CheckpointError with what to do."""
         source = (source or "").strip()
         if not source:
             raise CheckpointError("no model picked: choose one in the model picker (or train one in the Train tab)")
+        version = _local_version(source)
         with self._lock:
-            if source in self._models:
-                self._models.move_to_end(source)
-                return self._models[source]
+            cached = self._cached(source, version)
+            if cached is not None:
+                return cached
             loading = self._loading.setdefault(source, threading.Lock())
-        with loading:  # one load per source; others wait for it and then find it in the cache
+        try:
+            with loading:  # one load per source; others wait for it and then find it in the cache
+                with self._lock:
+                    cached = self._cached(source, version)
+                if cached is not None:
+                    return cached
+                if progress is not None:
+                    progress(0.1, f"loading {source}")
+                entry = self._load(source)
+                entry.version = version
+                if progress is not None:
+                    progress(1.0, f"loaded {source}")
+                with self._lock:
+                    self._models[source] = entry
+                    self._models.move_to_end(source)
+                    self._evict()
+                return entry
+        finally:
             with self._lock:
-                if source in self._models:
-                    return self._models[source]
-            if progress is not None:
-                progress(0.1, f"loading {source}")
-            entry = self._load(source)
-            if progress is not None:
-                progress(1.0, f"loaded {source}")
-            with self._lock:
-                self._models[source] = entry
-                self._evict()
                 self._loading.pop(source, None)
-            return entry
+
+    def _cached(self, source: str, version: tuple[str, int, int] | None) -> LoadedModel | None:
+        """The cached model of `source` when its weights are still those on disk (call with the lock held)."""
+        entry = self._models.get(source)
+        if entry is None or entry.version != version:
+            return None
+        self._models.move_to_end(source)
+        return entry
 
     def _load(self, source: str) -> LoadedModel:
         if not is_local(source) and not is_hub_id(source):
             raise CheckpointError(f"{source!r} is neither a local folder nor a Hub id of the form user/name[@revision]")
         if is_hub_id(source):
             split_revision(source)  # a malformed revision is named before any download
+            if not self.local_paths:
+                self._check_hub_size(source)
         elif not self.local_paths and not self._in_checkpoints_dir(source):
             raise CheckpointError(
                 f"this app serves local models only from {self.checkpoints_dir}/: pick one of the listed models or "
@@ -159,6 +178,25 @@ class ModelStore:
         log.info("loaded %s (%.1f MB of weights) on %s", source, entry.nbytes / 1e6, self.device)
         return entry
 
+    def _check_hub_size(self, source: str) -> None:
+        """On a Space, refuse a Hub model whose weights pass the cache's bound before downloading them (visitors
+        may type any id). When the Hub cannot say, loading goes ahead and reports its own errors."""
+        from huggingface_hub import HfApi
+
+        from aksis.hub import HUB_FAILURES
+
+        repo_id, revision = split_revision(source)
+        try:
+            info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+        except HUB_FAILURES:
+            return
+        size = sum(f.size or 0 for f in info.siblings or [] if f.rfilename.endswith(".safetensors"))
+        if size > self.max_bytes:
+            raise CheckpointError(
+                f"{source} has {size / 2**20:,.0f} MiB of weights; this app loads models of at most "
+                f"{self.max_bytes / 2**20:,.0f} MiB (AKSIS_MODEL_CACHE_MB)"
+            )
+
     def _in_checkpoints_dir(self, source: str) -> bool:
         return Path(source).expanduser().resolve().is_relative_to(self.checkpoints_dir.resolve())
 
@@ -167,3 +205,17 @@ class ModelStore:
         while len(self._models) > 1 and sum(m.nbytes for m in self._models.values()) > self.max_bytes:
             name, _ = self._models.popitem(last=False)
             log.info("unloaded %s to stay within %.0f MB", name, self.max_bytes / 1e6)
+
+
+def _local_version(source: str) -> tuple[str, int, int] | None:
+    """What identifies the weights a local source names right now: its checkpoint's weights file, with the file's
+    modification time and size. None when there is no such file (loading then says why), and for a Hub id: that is
+    loaded once, so a later push to its main branch shows after a restart (or at once as `user/name@<commit>`)."""
+    try:
+        if not is_local(source):
+            return None
+        weights = Path(find_checkpoint(source)) / WEIGHTS_FILE
+        stat = weights.stat()
+    except (CheckpointError, OSError):
+        return None
+    return str(weights.resolve()), stat.st_mtime_ns, stat.st_size
