@@ -30,6 +30,7 @@ from aksis.ui.arena_tab import (
     vote,
     winner_code,
 )
+from aksis.ui.context import MAX_PROMPT_CHARS
 from aksis.ui.feedback import HUB_FOLDER, LEADERBOARD_COLUMNS, FeedbackLog, leaderboard
 from aksis.ui.models import ModelStore
 
@@ -84,6 +85,7 @@ def test_a_battle_hides_which_model_is_a_and_checks_its_input(runs: tuple[str, s
     assert (battle.mode, battle.settings, battle.complete, battle.winner) == ("continue", config.to_dict(), False, None)
     for args, message in [
         (("  ", llama, gpt2, "chat"), "The prompt is empty"),
+        (("a" * (MAX_PROMPT_CHARS + 1), llama, gpt2, "chat"), f"this app takes at most {MAX_PROMPT_CHARS:,}"),
         (("Hi", llama, "", "chat"), "Pick two models"),
         (("Hi", llama, f" {llama} ", "chat"), "Pick two different models"),
         (("Hi", llama, gpt2, "poem"), "unknown mode 'poem'"),
@@ -227,6 +229,8 @@ def test_arena_through_the_api(served_app: ServedApp, runs: tuple[str, str]) -> 
     assert client.predict(api_name="/leaderboard")["data"] == board["data"]
     with pytest.raises(Exception, match="Pick two different models"):
         client.predict("Hi", runs[0], runs[0], "continue", "balanced", 12, 5, api_name="/arena_answer")
+    with pytest.raises(Exception, match=f"this app takes at most {MAX_PROMPT_CHARS:,}"):
+        client.predict("a" * (MAX_PROMPT_CHARS + 1), *runs, "continue", "balanced", 12, 5, api_name="/arena_answer")
 
 
 # ----- feedback on the Hub -----

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import itertools
 import json
-import re
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +22,21 @@ from aksis.config import GenerationConfig
 from aksis.generation import PRESETS, load_model, sampler_config
 from aksis.ui.chat_tab import (
     CHECKPOINT_PRESET,
-    EMPTY_MESSAGE,
     MAX_CHAT_FILE_BYTES,
+    SAVED_CHAT_TTL_S,
     conversation_from_history,
     load_conversation,
     message_text,
+    model_defaults,
     preset_values,
     record_feedback,
+    respond,
     sampling_config,
     save_conversation,
+    saved_chats_folder,
     stream_reply,
 )
+from aksis.ui.context import MAX_PROMPT_CHARS
 from aksis.ui.feedback import FeedbackLog
 from aksis.ui.models import LoadedModel, ModelStore
 
@@ -150,6 +155,20 @@ def test_presets_fill_the_sliders() -> None:
         preset_values(base, "wild", limit=1024)
 
 
+def test_a_new_model_fills_the_sliders_with_its_defaults_or_quietly_leaves_them(
+    app_checkpoints: Path, tmp_path: Path
+) -> None:
+    store = ModelStore(app_checkpoints, device=torch.device("cpu"))
+    source = str(app_checkpoints / "tiny-llama")
+    assert model_defaults(store, 64, source, CHECKPOINT_PRESET) == preset_values(
+        store.get(source).generation, CHECKPOINT_PRESET, 64
+    )
+    assert model_defaults(store, 64, source, "creative") is None  # the preset's values stay in the sliders
+    (tmp_path / "config.json").write_text("{not json", encoding="utf-8")
+    for broken in (None, str(tmp_path), "alice/no-such-model@bad revision"):
+        assert model_defaults(store, 64, broken, CHECKPOINT_PRESET) is None  # the picker says why, not this
+
+
 # ----- replies -----
 
 
@@ -184,6 +203,27 @@ def test_a_chat_longer_than_the_context_drops_old_turns_but_not_the_new_message(
     too_long.add("user", "x" * context)
     with pytest.raises(gr.Error, match="write a shorter message"):
         list(stream_reply(llama, too_long, config))
+
+
+def turn(message: Any, system_prompt: str | None = "", model: str | None = None) -> list[Any]:
+    """The inputs of one chat turn after the store and the limit (an empty history)."""
+    return [message, [], model, system_prompt, "precise", *SLIDERS.values(), 3, {}]
+
+
+def test_a_turn_checks_its_texts_before_fetching_the_model(app_checkpoints: Path) -> None:
+    store = ModelStore(app_checkpoints, device=torch.device("cpu"))
+    too_long = "a" * (MAX_PROMPT_CHARS + 1)
+    with pytest.raises(gr.Error, match=f"The message has {MAX_PROMPT_CHARS + 1:,} characters; this app takes at"):
+        next(respond(store, 64, *turn(too_long)))  # no model picked: the message is refused first
+    with pytest.raises(gr.Error, match="The system prompt has"):
+        next(respond(store, 64, *turn("Hello", system_prompt=too_long)))
+    with pytest.raises(gr.Error, match="The message is empty"):
+        next(respond(store, 64, *turn(" \n")))
+    with pytest.raises(gr.Error, match="no model picked"):  # a blank system prompt is no system prompt
+        next(respond(store, 64, *turn("Hello", system_prompt="   ")))
+    source = str(app_checkpoints / "tiny-llama")
+    *_, (text, replies) = respond(store, 64, *turn("Hello", system_prompt="Be brief.", model=source))
+    assert replies[1]["reply"] == text and replies[1]["model"] == source
 
 
 # ----- feedback -----
@@ -236,35 +276,50 @@ def test_the_chatbot_like_event_records_through_the_app(served_app: ServedApp, a
 
 def test_save_then_load_round_trips_the_conversation(tmp_path: Path) -> None:
     history = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi — ünïcode."}]
-    path = save_conversation(history, "Be brief.", folder=tmp_path)
+    path = save_conversation(history, "Be brief.", root=tmp_path)
     saved = Conversation.load(path)  # what aksis chat-with-model --context-file reads
     assert saved == conversation_from_history(history, "Be brief.")
     assert load_conversation(str(path)) == saved
     with pytest.raises(gr.Error, match="nothing to save"):
-        save_conversation([], "", folder=tmp_path)
+        save_conversation([], "", root=tmp_path)
+
+
+def test_saves_go_to_gradio_s_cache_and_old_ones_are_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    history = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."}]
+    old, recent = save_conversation(history, ""), save_conversation(history, "")
+    assert saved_chats_folder() == tmp_path / "gradio" / "aksis-chat"
+    assert old.parent.parent == recent.parent.parent == saved_chats_folder() and old != recent
+    an_hour_ago = time.time() - SAVED_CHAT_TTL_S - 1
+    os.utime(old.parent, (an_hour_ago, an_hour_ago))
+    newest = save_conversation(history, "")
+    assert not old.parent.exists()  # removed by the next save
+    assert recent.is_file() and newest.is_file()  # still there to download
+    assert sorted(p.name for p in saved_chats_folder().iterdir()) == sorted([recent.parent.name, newest.parent.name])
 
 
 @pytest.mark.parametrize(
     ("content", "message"),
     [
         (b'{"format": "aksis-chat", "version": 1, "messages": [', "not valid JSON"),
-        (b"\xff\xfe not text", "not UTF-8 text"),
+        (b"\xff\xfe not text", "not UTF-8 text \\(byte 0xff at offset 0\\)"),
+        ('{"messages": []}'.encode("utf-16"), "looks binary"),
         (b"[" * 200_000 + b"]" * 200_000, "not valid JSON \\(nested too deeply\\)"),
-        (b" " * (MAX_CHAT_FILE_BYTES + 1), "a chat file is at most 1 MB"),
+        (b" " * (MAX_CHAT_FILE_BYTES + 1), "upload.json is 1.0 MiB; the chat file may be at most 1 MiB"),
         (b'{"messages": []}', "not a chat this app can load: not an aksis chat file"),
         (
             b'{"format": "aksis-chat", "version": 1, "messages": [{"role": "wizard", "content": "x"}]}',
             "message 0",
         ),
     ],
-    ids=["truncated", "binary", "nested", "huge", "not-a-chat", "bad-role"],
+    ids=["truncated", "not-utf8", "utf16", "nested", "huge", "not-a-chat", "bad-role"],
 )
 def test_loading_a_bad_file_is_a_clear_error(tmp_path: Path, content: bytes, message: str) -> None:
     path = tmp_path / "upload.json"
     path.write_bytes(content)
     with pytest.raises(gr.Error, match=message):
         load_conversation(str(path))
-    with pytest.raises(gr.Error, match="No file was uploaded"):
+    with pytest.raises(gr.Error, match="No chat file uploaded"):
         load_conversation(None)
 
 
@@ -287,16 +342,29 @@ def test_chat_api_replies_as_the_library_does_turn_after_turn(served_app: Served
     assert first and first == library_reply(source, conversation, "precise", seed=21, **SLIDERS)
     conversation.add("user", "And then?")  # a client's calls continue one conversation
     assert second and second == library_reply(source, conversation, "precise", seed=21, **SLIDERS)
-    saved = Conversation.load(client.predict("Be brief.", api_name="/chat_save"))
-    assert saved == conversation
+    downloaded = client.predict("Be brief.", api_name="/chat_save")
+    assert Conversation.load(downloaded) == conversation
+    # The server's copy is in the one folder that saves are cleaned from, not in a temporary folder of its own.
+    assert [p.read_text() for p in saved_chats_folder().glob(f"*/{Path(downloaded).name}")] == [
+        Path(downloaded).read_text()
+    ]
+
+
+def test_chat_api_says_a_client_s_calls_are_one_conversation(served_app: ServedApp) -> None:
+    info = served_app.client().view_api(print_info=False, return_format="dict")
+    description = info["named_endpoints"]["/chat"]["description"]
+    assert "the calls of one client are one conversation" in description
+    assert "new conversation per call" not in description
 
 
 def test_chat_api_refuses_bad_input_clearly_and_keeps_serving(served_app: ServedApp, app_checkpoints: Path) -> None:
     client = served_app.client()
     source = str(app_checkpoints / "tiny-llama")
     limit = served_app.settings.max_new_tokens
-    with pytest.raises(Exception, match=re.escape(EMPTY_MESSAGE)):
+    with pytest.raises(Exception, match="The message is empty"):
         client.predict("   ", *chat_args(source, "", 1), api_name="/chat")
+    with pytest.raises(Exception, match=f"this app takes at most {MAX_PROMPT_CHARS:,}"):
+        client.predict("a" * (MAX_PROMPT_CHARS + 1), *chat_args(source, "", 1), api_name="/chat")
     too_many = [source, "", "precise", 0.7, 50, 0.9, 1.0, limit + 1, 1]
     with pytest.raises(Exception, match=f"greater than maximum value {limit}"):  # the slider's own check
         client.predict("Hello", *too_many, api_name="/chat")

@@ -13,10 +13,13 @@ from conftest import ServedApp
 
 from aksis.config import GenerationConfig
 from aksis.generation import PRESETS, TokenProb, beam_search, generate, load_model
+from aksis.ui.context import MAX_PROMPT_CHARS
 from aksis.ui.generate_tab import (
     CHECKPOINT_PRESET,
+    MAX_BEAMS,
     SAMPLE,
     generation_config,
+    model_preset_settings,
     preset_settings,
     run_generate,
     token_html,
@@ -94,7 +97,8 @@ def test_a_blank_or_negative_seed_is_a_fresh_random_one() -> None:
         (dict(max_new_tokens=2.5), "max new tokens must be a whole number"),
         (dict(temperature="hot"), "temperature must be a number, got 'hot'"),
         (dict(temperature=float("nan")), "temperature must be a finite number"),
-        (dict(sampler="beam", num_beams=1), "beam search needs a beam width of 2 or more"),
+        (dict(sampler="beam", num_beams=1), "beam width must be a whole number from 2 to 8, got 1"),
+        (dict(sampler="beam", num_beams=5000), "beam width must be a whole number from 2 to 8, got 5000"),
         (dict(sampler="nucleus"), "unknown sampler 'nucleus': choose one of sample, greedy"),
         (dict(sampler="top-k", temperature=0), "needs a temperature above 0"),
     ],
@@ -123,6 +127,20 @@ def test_presets_fill_the_sampler_and_sliders() -> None:
     assert preset_settings(GenerationConfig(temperature=0.0), CHECKPOINT_PRESET, LIMIT)[0] == "greedy"
     with pytest.raises(gr.Error, match="unknown preset 'wild'"):
         preset_settings(base, "wild", LIMIT)
+
+
+def test_a_model_that_cannot_be_loaded_fills_the_library_defaults_quietly(
+    store: ModelStore, llama: str, tmp_path: Path
+) -> None:
+    defaults = preset_settings(GenerationConfig(), CHECKPOINT_PRESET, LIMIT)
+    assert model_preset_settings(store, LIMIT, llama, CHECKPOINT_PRESET) == preset_settings(
+        store.get(llama).generation, CHECKPOINT_PRESET, LIMIT
+    )
+    (tmp_path / "config.json").write_text("{not json", encoding="utf-8")  # a broken checkpoint
+    for source in (None, "", str(tmp_path), str(tmp_path / "missing")):
+        assert model_preset_settings(store, LIMIT, source, CHECKPOINT_PRESET) == defaults
+    with pytest.raises(gr.Error, match="unknown preset"):  # the visitor's own input is still checked
+        model_preset_settings(store, LIMIT, llama, "wild")
 
 
 # ----- generating (plain functions) -----
@@ -160,6 +178,10 @@ def test_bad_requests_fail_before_any_generation(store: ModelStore, llama: str) 
         next(run_generate(store, LIMIT, None, "Hello", **settings()))
     with pytest.raises(gr.Error, match=f"max new tokens must be between 1 and {LIMIT}"):
         next(run_generate(store, LIMIT, "", "Hello", **settings(max_new_tokens=1000)))  # checked before the model
+    with pytest.raises(gr.Error, match=f"this app takes at most {MAX_PROMPT_CHARS:,}"):
+        next(run_generate(store, LIMIT, "", "a" * (MAX_PROMPT_CHARS + 1), **settings()))  # before the model, too
+    with pytest.raises(gr.Error, match="The prompt is empty"):
+        next(run_generate(store, LIMIT, llama, ["not", "text"], **settings()))
 
 
 def test_the_token_view_colours_and_escapes_each_token() -> None:
@@ -223,6 +245,13 @@ def test_bad_input_through_the_api_is_a_clear_error_and_the_app_keeps_serving(se
         (source, "Hi", settings(max_new_tokens=limit + 1), f"max new tokens must be between 1 and {limit}"),
         (source, "Hi", settings(top_p=0), r"top_p must be in \(0, 1\]"),
         ("", "Hi", settings(), "no model picked"),
+        (
+            source,
+            "Hi",
+            settings(sampler="beam", num_beams=5000),
+            f"beam width must be a whole number from 2 to {MAX_BEAMS}",
+        ),
+        (source, "a" * (MAX_PROMPT_CHARS + 1), settings(), f"this app takes at most {MAX_PROMPT_CHARS:,}"),
     ]
     for model, prompt, values, message in bad:
         with pytest.raises(AppError, match=message):

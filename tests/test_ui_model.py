@@ -11,9 +11,12 @@ from pathlib import Path
 import gradio as gr
 import pytest
 import torch
-from conftest import ServedApp
+from conftest import ServedApp, tiny_config
 
+from aksis.model import GPT
+from aksis.tokenizer import Tokenizer
 from aksis.ui import model_tab as mt
+from aksis.ui.context import MAX_PROMPT_CHARS, quietly_get
 from aksis.ui.models import ModelStore
 
 
@@ -91,6 +94,8 @@ def test_attention_view_is_the_model_s_weights(store: ModelStore, app_checkpoint
         ("hi", 2, 0, "layer must be from 0 to 1 \\(this model has 2\\), got 2"),
         ("hi", 0, 4, "head must be from 0 to 3 \\(this model has 4\\), got 4"),
         ("x" * (mt.MAX_ATTENTION_TOKENS + 1), 0, 0, "The prompt is 65 tokens; the attention view shows at most 64"),
+        ("x" * (MAX_PROMPT_CHARS + 1), 0, 0, f"this app takes at most {MAX_PROMPT_CHARS:,}"),  # before tokenizing
+        (["not", "text"], 0, 0, "The prompt is empty"),
         ("hi", "one", 0, "layer must be a whole number, got 'one'"),
         ("hi", 0, 1.5, "head must be a whole number, got 1.5"),
     ],
@@ -100,6 +105,38 @@ def test_bad_attention_requests_are_clear_errors(
 ) -> None:
     with pytest.raises(gr.Error, match=message):
         mt.run_attention(store, str(app_checkpoints / "tiny-gpt2"), prompt, layer, head)
+
+
+def test_a_model_switch_skips_a_model_that_cannot_be_loaded_but_not_a_bug(
+    store: ModelStore, app_checkpoints: Path, tmp_path: Path
+) -> None:
+    source = str(app_checkpoints / "tiny-gpt2")  # 2 layers, 4 heads
+    layer, head = mt.slider_ranges(store, source, 5, 3)
+    assert (layer["maximum"], layer["value"], head["maximum"], head["value"]) == (1, 1, 3, 3)
+    assert mt.model_switched(store, source)[1] == mt.model_info(store, source)[1]
+    (tmp_path / "config.json").write_text("{not json", encoding="utf-8")
+    for broken in (None, str(tmp_path), str(tmp_path / "missing")):
+        assert quietly_get(store, broken) is None
+        assert mt.slider_ranges(store, broken, 5, 3) == (gr.update(), gr.update())  # the sliders stay
+        assert mt.model_switched(store, broken) == (None, "", None, "", "")
+    # Only what the picker reports is skipped: a bug (here, a source that is no text) still surfaces.
+    with pytest.raises(AttributeError):
+        mt.slider_ranges(store, 42, 0, 0)  # type: ignore[arg-type]
+
+
+def test_attention_reaches_every_layer_and_head_of_a_deep_model(served_app: ServedApp, tmp_path: Path) -> None:
+    """The sliders are built for 12 layers and heads; the API is not held to that range."""
+    deep = tmp_path / "deep"
+    GPT(tiny_config("gpt2", vocab_size=260, block_size=128, n_layer=13, n_head=16)).save_pretrained(
+        deep, tokenizer=Tokenizer.byte_level()
+    )
+    client = served_app.client()
+    _, data = client.predict(source=str(deep), prompt="Once", layer=12, head=15, api_name="/attention")
+    assert len(data["tokens"]) == 4 and len(data["weights"]) == 4
+    with pytest.raises(Exception, match="layer must be from 0 to 12 \\(this model has 13\\), got 13"):
+        client.predict(source=str(deep), prompt="Once", layer=13, head=0, api_name="/attention")
+    with pytest.raises(Exception, match=f"this app takes at most {MAX_PROMPT_CHARS:,}"):
+        client.predict(source=str(deep), prompt="x" * (MAX_PROMPT_CHARS + 1), layer=0, head=0, api_name="/attention")
 
 
 def test_the_served_app_s_model_info_and_attention(served_app: ServedApp, app_checkpoints: Path) -> None:

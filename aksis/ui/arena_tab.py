@@ -40,7 +40,7 @@ import gradio as gr
 from aksis.chat import Conversation, reply
 from aksis.config import GenerationConfig
 from aksis.generation import PRESETS, sampler_config, stream
-from aksis.ui.context import AppContext, on_gpu, to_max_new_tokens, to_seed, user_errors
+from aksis.ui.context import AppContext, check_prompt, on_gpu, to_max_new_tokens, to_seed, user_errors
 from aksis.ui.feedback import LEADERBOARD_COLUMNS, WINNERS, FeedbackLog, leaderboard
 from aksis.ui.models import LoadedModel, ModelStore
 from aksis.ui.sampling import max_new_tokens_slider
@@ -102,9 +102,9 @@ def new_battle(
     *,
     swap: bool | None = None,
 ) -> Battle:
-    """A battle of model 1 against model 2, assigned to A and B at random (`swap` fixes it, for tests)."""
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise gr.Error("The prompt is empty: write something for both models to answer.")
+    """A battle of model 1 against model 2, assigned to A and B at random (`swap` fixes it, for tests). The prompt
+    is at most MAX_PROMPT_CHARS characters (an API caller need not keep to the textbox)."""
+    prompt = check_prompt(prompt)
     model_1, model_2 = (model_1 or "").strip(), (model_2 or "").strip()
     if not model_1 or not model_2:
         raise gr.Error("Pick two models to compare (model 1 and model 2, under 'Models and settings').")

@@ -14,9 +14,11 @@ like/dislike feedback on replies, and the conversation saved and loaded as the J
   in the feedback log with the model that wrote the reply, its settings, the prompt and the conversation up to it.
   Which model wrote which reply is kept server-side (a gr.State by message index), so switching models mid-chat
   still credits the right one.
-- Save/load: "Save conversation" writes the chat as aksis-chat JSON for download; "Load conversation" reads one
-  back (at most MAX_CHAT_FILE_BYTES). A file that is not a chat this app can load is a gr.Error and the current
-  chat stays as it was.
+- Save/load: "Save conversation" writes the chat as aksis-chat JSON for download, in Gradio's cache folder, where
+  it stays an hour (each save removes older ones); "Load conversation" reads one back (at most
+  MAX_CHAT_FILE_BYTES). A file that is not a chat this app can load is a gr.Error and the current chat stays as
+  it was.
+- Length: a message, and the system prompt, are at most `MAX_PROMPT_CHARS` characters (checked on the server).
 
 API (`gradio_client`):
 - `/chat` (message, model, system_prompt, preset, temperature, top_k, top_p, repetition_penalty,
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -48,9 +51,20 @@ import gradio as gr
 from aksis.chat import ChatError, Conversation, reply
 from aksis.config import GenerationConfig
 from aksis.generation import sampler_config
-from aksis.ui.context import AppContext, on_gpu, to_max_new_tokens, to_number, to_seed, to_whole, user_errors
+from aksis.ui.context import (
+    AppContext,
+    check_prompt,
+    on_gpu,
+    quietly_get,
+    read_text_upload,
+    to_max_new_tokens,
+    to_number,
+    to_seed,
+    to_whole,
+    user_errors,
+)
 from aksis.ui.feedback import FeedbackLog
-from aksis.ui.models import LoadedModel
+from aksis.ui.models import LoadedModel, ModelStore
 from aksis.ui.sampling import (
     CHECKPOINT_PRESET,
     PRESET_CHOICES,
@@ -65,7 +79,8 @@ from aksis.ui.sampling import (
 # A chat file holds text a small model can read in its context: a megabyte is far more than any real one, and
 # small enough that reading it cannot hold a worker.
 MAX_CHAT_FILE_BYTES = 1 << 20
-EMPTY_MESSAGE = "The message is empty: type something for the model to answer."
+# How long a saved chat stays on the server for download; each save removes those older (see `remove_old_saves`).
+SAVED_CHAT_TTL_S = 3600
 HELP = (
     "Chat with the picked model (its replies are sampled token by token and streamed). A model trained on plain "
     "text rather than conversations still answers, in its own way. The thumbs under a reply record your "
@@ -169,6 +184,16 @@ def preset_values(base: GenerationConfig, preset: str | None, limit: int) -> Sli
     return slider_values(preset_config(base, preset), limit)
 
 
+def model_defaults(store: ModelStore, limit: int, source: str | None, preset: str | None) -> SliderValues | None:
+    """On a model switch: the new model's defaults when those are what the sliders show ("checkpoint defaults");
+    None, to leave the sliders alone, under another preset or when the model cannot be loaded (quietly: the
+    picker's own load event says why)."""
+    if preset not in (None, CHECKPOINT_PRESET):
+        return None
+    entry = quietly_get(store, source)
+    return None if entry is None else preset_values(entry.generation, CHECKPOINT_PRESET, limit)
+
+
 # ----- replies -----
 
 
@@ -187,6 +212,50 @@ def stream_reply(entry: LoadedModel, conversation: Conversation, config: Generat
 def reply_info(source: str, conversation: Conversation, config: GenerationConfig) -> dict[str, Any]:
     """What is kept about a reply while it is written (its text, as "reply", is added as it grows)."""
     return {"model": source, "system_prompt": conversation.system_prompt, "settings": config.to_dict()}
+
+
+def respond(
+    store: ModelStore,
+    limit: int,
+    message: Any,
+    history: Sequence[Any],
+    model: str | None,
+    system_prompt: str | None,
+    preset: str | None,
+    temperature: Any,
+    top_k: Any,
+    top_p: Any,
+    repetition_penalty: Any,
+    max_new_tokens: Any,
+    seed: Any,
+    replies: ReplyInfo | None,
+) -> Iterator[tuple[str, ReplyInfo]]:
+    """The `/chat` event: stream the model's reply to `message`, after the chat so far, with the session's
+    ReplyInfo updated as it grows. The texts are checked before the model is fetched: a message, and a system
+    prompt where given, of at most MAX_PROMPT_CHARS characters (an API caller need not keep to the textbox)."""
+    message = check_prompt(message, "message")
+    if system_prompt and system_prompt.strip():
+        check_prompt(system_prompt, "system prompt")
+    with user_errors("load the model"):
+        entry = store.get(model)
+    config = sampling_config(
+        entry.generation,
+        preset,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        limit=limit,
+    )
+    with user_errors("read the chat"):
+        conversation = conversation_from_history(history, system_prompt, replies)
+        conversation.add("user", message)
+    # The ChatInterface shows the message at len(history) and the reply right after it.
+    index, about = len(history) + 1, reply_info(entry.source, conversation, config)
+    for text in stream_reply(entry, conversation, config):
+        yield text, {**(replies or {}), index: {**about, "reply": text}}
 
 
 def record_feedback(
@@ -222,44 +291,57 @@ def record_feedback(
 # ----- saving and loading -----
 
 
+def saved_chats_folder() -> Path:
+    """Where saved chats go: a folder in Gradio's own cache (GRADIO_TEMP_DIR), whose files Gradio serves as they
+    are instead of copying them into it."""
+    from gradio.utils import get_upload_folder
+
+    return Path(get_upload_folder()) / "aksis-chat"
+
+
+def remove_old_saves(root: Path, max_age_s: float = SAVED_CHAT_TTL_S) -> None:
+    """Remove the saves under `root` (one folder each) last written more than `max_age_s` seconds ago."""
+    cutoff = time.time() - max_age_s
+    for save in root.iterdir():
+        try:
+            if save.stat().st_mtime < cutoff:
+                if save.is_dir():
+                    shutil.rmtree(save)
+                else:
+                    save.unlink()
+        except OSError:
+            continue  # removed meanwhile, by a save of another session
+
+
 def save_conversation(
-    history: Sequence[Any], system_prompt: str | None, replies: ReplyInfo | None = None, folder: Path | None = None
+    history: Sequence[Any], system_prompt: str | None, replies: ReplyInfo | None = None, root: Path | None = None
 ) -> Path:
     """Write the chat as an aksis-chat JSON file (what `Conversation.load` and `aksis chat-with-model
-    --context-file` read) in `folder` (default: a new temporary folder), and return its path."""
+    --context-file` read) in a new folder under `root` (default: `saved_chats_folder()`), and return its path.
+    Saves older than SAVED_CHAT_TTL_S are removed first, so the saves of a long-running app do not pile up."""
     conversation = conversation_from_history(history, system_prompt, replies)
     if not conversation.messages and not conversation.system_prompt:
         raise gr.Error("There is nothing to save yet: chat first (or write a system prompt).")
-    folder = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="aksis-chat-"))
-    path = folder / f"chat-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    root = Path(root) if root is not None else saved_chats_folder()
     with user_errors("save the conversation"):
+        root.mkdir(parents=True, exist_ok=True)
+        remove_old_saves(root)
+        # A folder per save: the file keeps a readable name, and two saves in the same second do not collide.
+        path = Path(tempfile.mkdtemp(dir=root)) / f"chat-{time.strftime('%Y%m%d-%H%M%S')}.json"
         conversation.save(path)
     return path
 
 
 def load_conversation(path: str | Path | None) -> Conversation:
-    """Read an aksis-chat JSON file (an upload); a file too large, not UTF-8, not JSON or not a chat is a
-    gr.Error that says which and what a chat file looks like."""
-    if not path:
-        raise gr.Error("No file was uploaded: choose a chat .json file (as saved here or by aksis chat-with-model).")
-    path = Path(path)
-    name = path.name
+    """Read an aksis-chat JSON file (an upload); a file too large, not UTF-8 text, not JSON or not a chat is a
+    gr.Error that says which."""
+    text = read_text_upload(path, "chat file", MAX_CHAT_FILE_BYTES)
+    name = Path(str(path)).name
     try:
-        size = path.stat().st_size
-        if size > MAX_CHAT_FILE_BYTES:
-            raise gr.Error(
-                f"{name} is {size / 1e6:.1f} MB; a chat file is at most {MAX_CHAT_FILE_BYTES / 1e6:.0f} MB. "
-                "Upload a conversation saved here or by aksis chat-with-model."
-            )
-        text = path.read_bytes().decode("utf-8")
         data = json.loads(text)
-    except UnicodeDecodeError:
-        raise gr.Error(f"{name} is not UTF-8 text: upload a chat .json file.") from None
     except (json.JSONDecodeError, RecursionError) as err:
         reason = err.msg if isinstance(err, json.JSONDecodeError) else "nested too deeply"
         raise gr.Error(f"{name} is not valid JSON ({reason}): upload a chat .json file.") from None
-    except OSError as err:
-        raise gr.Error(f"Could not read {name}: {err.strerror or err}. Upload it again.") from None
     try:
         return Conversation.from_dict(data)
     except ChatError as err:
@@ -302,7 +384,7 @@ def build(ctx: AppContext) -> None:
 
             with gr.Column(scale=3):
 
-                def respond(
+                def chat_turn(
                     message: str,
                     history: list[dict[str, Any]],
                     model: str | None,
@@ -316,32 +398,26 @@ def build(ctx: AppContext) -> None:
                     seed: Any,
                     replies: ReplyInfo | None,
                 ) -> Iterator[tuple[str, ReplyInfo]]:
-                    """Stream the model's reply to `message`, after the chat so far."""
-                    if not isinstance(message, str) or not message.strip():
-                        raise gr.Error(EMPTY_MESSAGE)
-                    with user_errors("load the model"):
-                        entry = ctx.store.get(model)
-                    config = sampling_config(
-                        entry.generation,
+                    # ChatInterface reads its inputs from this signature (a generator: streamed), so no partial.
+                    yield from respond(
+                        ctx.store,
+                        limit,
+                        message,
+                        history,
+                        model,
+                        system_prompt,
                         preset,
-                        temperature=temperature,
-                        top_k=top_k,
-                        top_p=top_p,
-                        repetition_penalty=repetition_penalty,
-                        max_new_tokens=max_new_tokens,
-                        seed=seed,
-                        limit=limit,
+                        temperature,
+                        top_k,
+                        top_p,
+                        repetition_penalty,
+                        max_new_tokens,
+                        seed,
+                        replies,
                     )
-                    with user_errors("read the chat"):
-                        conversation = conversation_from_history(history, system_prompt, replies)
-                        conversation.add("user", message)
-                    # The ChatInterface shows the message at len(history) and the reply right after it.
-                    index, about = len(history) + 1, reply_info(entry.source, conversation, config)
-                    for text in stream_reply(entry, conversation, config):
-                        yield text, {**(replies or {}), index: {**about, "reply": text}}
 
                 chat = gr.ChatInterface(
-                    respond,
+                    chat_turn,
                     chatbot=gr.Chatbot(label="Chat", height=480, elem_id="chat-history", buttons=["copy", "copy_all"]),
                     textbox=gr.Textbox(
                         placeholder="Type a message and press Enter",
@@ -365,7 +441,10 @@ def build(ctx: AppContext) -> None:
                     ],
                     additional_outputs=[reply_state],
                     api_name="chat",
-                    api_description="The model's reply to a message (a new conversation per call).",
+                    api_description=(
+                        "The model's reply to a message, after this client's earlier messages and replies: the calls "
+                        "of one client are one conversation (a new client starts a new one; /chat_load replaces it)."
+                    ),
                     fill_height=False,
                 )
                 with gr.Row():
@@ -389,20 +468,14 @@ def build(ctx: AppContext) -> None:
                     base = ctx.store.get(model).generation
             return preset_values(base, preset, limit)
 
-        def model_defaults(model: str | None, preset: str | None) -> Any:
-            """A new model brings its own defaults, when those are what the sliders show. Quiet when the model
-            cannot be loaded: the picker says why."""
-            if preset not in (None, CHECKPOINT_PRESET):
-                return [gr.skip()] * len(sliders)
-            try:
-                return fill_sliders(model, preset)
-            except gr.Error:
-                return [gr.skip()] * len(sliders)
+        def new_model(model: str | None, preset: str | None) -> Any:
+            values = model_defaults(ctx.store, limit, model, preset)
+            return [gr.skip()] * len(sliders) if values is None else values
 
         sliders = [temperature_slider, top_k_slider, top_p_slider, penalty_slider, max_new_slider]
         preset_box.input(fill_sliders, [ctx.picker, preset_box], sliders, api_name="chat_preset")
         # No triggers: when the page opens and whenever the model (or preset) changes.
-        gr.on(None, model_defaults, [ctx.picker, preset_box], sliders, api_visibility="private")
+        gr.on(None, new_model, [ctx.picker, preset_box], sliders, api_visibility="private")
 
         def like(
             history: list[dict[str, Any]], replies: ReplyInfo | None, system_prompt: str | None, data: gr.LikeData

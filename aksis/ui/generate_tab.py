@@ -16,7 +16,9 @@ API (`gradio_client`):
 - `/generate` (source, prompt, sampler, temperature, top_k, top_p, num_beams, repetition_penalty,
   max_new_tokens, seed) -> (continuation, token view HTML, token table, stats). The continuation is the generated
   text alone, without the prompt: with a seed it equals `aksis.generation.generate(...).text` for the same
-  settings (beam search: `beam_search(...)[0].text`).
+  settings (beam search: `beam_search(...)[0].text`). The prompt is at most `MAX_PROMPT_CHARS` characters, the
+  beam width 2 to `MAX_BEAMS`, max new tokens 1 to the app's limit, all checked on the server (an API caller
+  need not keep to the sliders).
 - `/generation_preset` (source, preset) -> (sampler, temperature, top_k, top_p, num_beams, repetition_penalty,
   max_new_tokens): the settings a preset puts in the sliders.
 
@@ -27,7 +29,6 @@ generate-max-new-tokens, generate-seed, generate-output, generate-stats, generat
 
 from __future__ import annotations
 
-import contextlib
 import html
 import secrets
 import time
@@ -37,7 +38,6 @@ from typing import Any, NamedTuple
 
 import gradio as gr
 
-from aksis.checkpoint import CheckpointError
 from aksis.config import GenerationConfig
 from aksis.generation import (
     DEFAULT_BEAM_WIDTH,
@@ -48,11 +48,12 @@ from aksis.generation import (
     stream,
     token_probabilities,
 )
-from aksis.hub import HubError
 from aksis.ui.context import (
     AppContext,
+    check_prompt,
     input_error,
     on_gpu,
+    quietly_get,
     to_max_new_tokens,
     to_number,
     to_seed,
@@ -123,13 +124,16 @@ def generation_config(
     values = dict(temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams)
     given: dict[str, Any] = {}
     for name in SAMPLER_SLIDERS[sampler]:
-        if values[name] is not None:
-            label = name.replace("_", "-") if name != "num_beams" else "beam width"
-            given[name] = (
-                to_whole(values[name], label) if name in ("top_k", "num_beams") else to_number(values[name], label)
-            )
-    if sampler == "beam" and given.get("num_beams", DEFAULT_BEAM_WIDTH) < 2:
-        raise input_error("beam search needs a beam width of 2 or more (a width of 1 is greedy: pick greedy)")
+        value = values[name]
+        if value is None:
+            continue
+        if name == "num_beams":
+            # Bounded as the slider is: the API need not keep to it, and each beam is a sequence decoded at once.
+            given[name] = to_whole(value, "beam width", 2, MAX_BEAMS)
+        elif name == "top_k":
+            given[name] = to_whole(value, "top-k")
+        else:
+            given[name] = to_number(value, name.replace("_", "-"))
     if repetition_penalty is not None:
         given["repetition_penalty"] = to_number(repetition_penalty, "repetition penalty")
     seed = to_seed(seed)
@@ -166,6 +170,13 @@ def preset_settings(base: GenerationConfig, preset: str | None, limit: int) -> P
         values.repetition_penalty,
         values.max_new_tokens,
     )
+
+
+def model_preset_settings(store: ModelStore, limit: int, source: str | None, preset: str | None) -> PresetSettings:
+    """The `/generation_preset` event: `preset_settings` over the picked model's defaults; over the library's
+    when the model cannot be loaded (quietly: the picker's own load event says why)."""
+    entry = quietly_get(store, source)
+    return preset_settings(entry.generation if entry else GenerationConfig(), preset, limit)
 
 
 # ----- showing the tokens -----
@@ -291,8 +302,7 @@ def run_generate(
 ) -> Iterator[Output]:
     """The `/generate` event: check the input, fetch the model, stream. Cheap checks come before the model load,
     so a bad request fails at once."""
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise input_error("The prompt is empty: type some text for the model to continue (or pick an example).")
+    prompt = check_prompt(prompt)
     to_max_new_tokens(max_new_tokens, limit)
     with user_errors("load the model"):
         entry = store.get(source)
@@ -388,20 +398,19 @@ def build(ctx: AppContext) -> None:
         sliders = [temperature, top_k, top_p, num_beams]
         settings = [sampler, *sliders, repetition_penalty, max_new_tokens]
 
-        def apply_preset(source: str | None, chosen: str | None) -> tuple[Any, ...]:
-            base = GenerationConfig()
-            if source:
-                # A model that cannot be loaded keeps the library defaults: the picker's own load event says why.
-                with contextlib.suppress(CheckpointError, HubError, OSError, ValueError):
-                    base = store.get(source).generation
-            return preset_settings(base, chosen, limit)
-
         def grey_out(chosen: str | None) -> list[Any]:
             used = SAMPLER_SLIDERS.get(chosen or SAMPLE, ())
             return [gr.update(interactive=name in used) for name in SLIDERS]
 
         # No triggers: runs when the page loads and whenever the model or the preset changes.
-        gr.on(None, apply_preset, [ctx.picker, preset], settings, api_name="generation_preset", show_progress="hidden")
+        gr.on(
+            None,
+            partial(model_preset_settings, store, limit),  # the API's parameters: source, preset
+            [ctx.picker, preset],
+            settings,
+            api_name="generation_preset",
+            show_progress="hidden",
+        )
         sampler.change(grey_out, sampler, sliders, api_visibility="private", show_progress="hidden")
         event = gr.on(
             [generate_button.click, prompt.submit],

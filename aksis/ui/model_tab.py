@@ -22,6 +22,7 @@ attention-data.
 from __future__ import annotations
 
 import re
+from functools import partial
 from typing import Any
 
 import gradio as gr
@@ -30,7 +31,7 @@ from matplotlib.figure import Figure
 
 from aksis.hub import read_metrics
 from aksis.tokenizer import SPECIAL_TOKENS, TokenizerError
-from aksis.ui.context import AppContext, on_gpu, to_whole, user_errors
+from aksis.ui.context import AppContext, check_prompt, on_gpu, quietly_get, to_whole, user_errors
 from aksis.ui.models import LoadedModel, ModelStore
 
 MAX_ATTENTION_TOKENS = 64
@@ -131,6 +132,27 @@ def model_info(store: ModelStore, source: str | None) -> Info:
     return config_dict(entry), summary(entry), curves, card, meta
 
 
+def model_switched(store: ModelStore, source: str | None) -> tuple[Any, ...]:
+    """On a model switch: the details, or nothing when the model cannot be loaded (quietly: the picker's own load
+    event says why)."""
+    if quietly_get(store, source) is None:
+        return None, "", None, "", ""
+    return model_info(store, source)
+
+
+def slider_ranges(store: ModelStore, source: str | None, layer: Any, head: Any) -> tuple[Any, Any]:
+    """Updates of the layer and head sliders that fit the picked model (their values kept where they still
+    fit); no change when the model cannot be loaded."""
+    entry = quietly_get(store, source)
+    if entry is None:
+        return gr.update(), gr.update()
+    cfg = entry.model.config
+    return (
+        gr.update(maximum=cfg.n_layer - 1, value=min(int(layer or 0), cfg.n_layer - 1)),
+        gr.update(maximum=cfg.n_head - 1, value=min(int(head or 0), cfg.n_head - 1)),
+    )
+
+
 # ----- attention -----
 
 
@@ -184,9 +206,9 @@ def heatmap(tokens: list[str], weights: list[list[float]], title: str) -> Figure
 def run_attention(
     store: ModelStore, source: str | None, prompt: Any, layer: Any, head: Any
 ) -> tuple[Figure, dict[str, Any]]:
-    """The `/attention` event: the heatmap and its numbers."""
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise gr.Error("The prompt is empty: type a few words to see where the model looks.")
+    """The `/attention` event: the heatmap and its numbers. The prompt is at most MAX_PROMPT_CHARS characters
+    before it is tokenized (`attention` then allows MAX_ATTENTION_TOKENS tokens)."""
+    prompt = check_prompt(prompt)
     # Their ranges depend on the model: `attention` checks them once it is loaded.
     layer, head = to_whole(layer, "layer"), to_whole(head, "head")
     with user_errors("load the model"):
@@ -232,38 +254,25 @@ def build(ctx: AppContext) -> None:
         def info(source: str | None) -> Info:
             return model_info(store, source)
 
-        def quiet_info(source: str | None) -> tuple[Any, ...]:
-            """On a model switch: the details, or, when the model cannot be loaded, nothing (the picker's own
-            load event already says why)."""
-            try:
-                return model_info(store, source)
-            except gr.Error:
-                return None, "", None, "", ""
-
-        def controls(source: str | None, layer: Any, head: Any) -> tuple[Any, Any]:
-            """Layer and head sliders that fit the model."""
-            try:
-                cfg = store.get(source).model.config
-            except Exception:  # the picker's own load event reports why the model failed
-                return gr.update(), gr.update()
-            return (
-                gr.update(maximum=cfg.n_layer - 1, value=min(int(layer or 0), cfg.n_layer - 1)),
-                gr.update(maximum=cfg.n_head - 1, value=min(int(head or 0), cfg.n_head - 1)),
-            )
-
-        def show_attention(source: str | None, prompt: Any, layer: Any, head: Any) -> tuple[Figure, dict[str, Any]]:
-            return run_attention(store, source, prompt, layer, head)
-
         refresh.click(info, ctx.picker, details, api_name="model_info")
         # No triggers: runs when the page loads and whenever the picked model changes.
-        gr.on(None, quiet_info, ctx.picker, details, api_visibility="private", show_progress="hidden").then(
-            controls, [ctx.picker, layer, head], [layer, head], api_visibility="private", show_progress="hidden"
+        gr.on(
+            None, partial(model_switched, store), ctx.picker, details, api_visibility="private", show_progress="hidden"
+        ).then(
+            partial(slider_ranges, store),
+            [ctx.picker, layer, head],
+            [layer, head],
+            api_visibility="private",
+            show_progress="hidden",
         )
         tab.select(info, ctx.picker, details, api_visibility="private", show_progress="hidden")
         gr.on(
             [attention_button.click, prompt.submit],
-            show_attention,
+            partial(run_attention, store),  # the API's parameters: source, prompt, layer, head
             [ctx.picker, prompt, layer, head],
             [plot, numbers],
             api_name="attention",
+            # The inputs reach `run_attention` as sent: Gradio would hold layer and head to the sliders' range at
+            # build (0 to 11), which a model with more layers or heads passes; `attention` checks the model's own.
+            preprocess=False,
         )
