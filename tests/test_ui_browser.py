@@ -115,3 +115,37 @@ def test_chat_one_turn(page) -> None:  # type: ignore[no-untyped-def]
     bot.first.wait_for()
     page.locator("#chat-input [data-testid='submit-button']").wait_for()  # the stop button gave way: it ended
     assert bot.count() == 1 and bot.first.inner_text().strip()
+
+
+def test_bad_input_is_a_message_in_the_page(page) -> None:  # type: ignore[no-untyped-def]
+    open_tab(page, "Generate")
+    page.locator("#generate-button").click()  # with an empty prompt
+    page.get_by_text("The prompt is empty").first.wait_for()  # Gradio's error toast
+    page.locator("#generate-prompt textarea").fill("ROMEO:")
+    page.locator("#generate-button").click()  # and the app goes on serving
+    page.locator("#generate-stats").get_by_text("tokens in").wait_for()
+
+
+def test_a_page_opened_after_training_shows_the_new_model(browser, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """First start: no model, the welcome banner. Once a run exists (trained in the app, or copied in), a page
+    opened afterwards lists and loads it, and the banner is gone."""
+    from conftest import serve_app, write_run
+
+    from aksis.ui import AppSettings
+
+    checkpoints = tmp_path / "checkpoints"
+    app = serve_app(AppSettings(checkpoints_dir=checkpoints, feedback_file=tmp_path / "f.jsonl", device="cpu"))
+    page = browser.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    try:
+        page.goto(app.url, wait_until="load")
+        page.locator("#welcome").get_by_text("No model yet").wait_for()
+        write_run(checkpoints / "first-run", "gpt2", seed=9)
+        page.goto(app.url, wait_until="load")
+        page.locator("#model-status").get_by_text("first-run").wait_for()
+        assert not page.locator("#welcome").is_visible()
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "test_a_page_opened_after_training_shows_the_new_model.png"))
+    finally:
+        page.close()
+        app.demo.close()

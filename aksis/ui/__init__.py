@@ -2,7 +2,8 @@
 
 Layout: the model picker on top (a local run folder, or a Hub id with an optional @revision), then one tab per
 file in this package: Chat, Generate, Evaluate, Model, Arena (human evaluation) and Train. `context.py` holds
-what the tabs share. Every event has an `api_name`, so the app is also an API (`gradio_client.Client`).
+what the tabs share. Every action a visitor takes (generate, chat, score, train, ...) also has an `api_name`, so
+the app is an API too (`gradio_client.Client`); events that only update the page are private.
 
 Requests wait in a queue and at most `AKSIS_CONCURRENCY` run at once. The device is chosen once, when the app
 is built (CUDA > MPS > CPU, bf16 on a GPU that supports it).
@@ -21,6 +22,8 @@ from aksis.ui.context import AppContext, AppSettings, user_errors
 
 if TYPE_CHECKING:
     import gradio as gr
+
+    from aksis.ui.models import LoadedModel
 
 __all__ = ["AppSettings", "build_app", "main"]
 
@@ -46,7 +49,7 @@ def _device(settings: AppSettings) -> tuple[torch.device, torch.dtype | None]:
     return device, (torch.bfloat16 if bf16 else None)
 
 
-def describe(entry: Any) -> str:
+def describe(entry: LoadedModel) -> str:
     """One line about a loaded model, for the status bar."""
     cfg = entry.model.config
     return (
@@ -76,7 +79,8 @@ def build_app(settings: AppSettings | None = None) -> gr.Blocks:
     feedback = FeedbackLog(settings.feedback_file, repo_id=settings.feedback_repo)
     choices = store.choices(settings.model)
 
-    with gr.Blocks(title="aksis") as demo:
+    # delete_cache: every hour, drop uploads and generated files older than a day from Gradio's cache.
+    with gr.Blocks(title="aksis", delete_cache=(3600, 86400)) as demo:
         gr.Markdown(INTRO)
         with gr.Row(equal_height=True):
             picker = gr.Dropdown(
@@ -107,6 +111,19 @@ def build_app(settings: AppSettings | None = None) -> gr.Blocks:
             names = store.choices(settings.model)
             return gr.Dropdown(choices=names, value=current or (names[0] if names else None))
 
+        def open_page(current: str | None) -> tuple[Any, Any, str]:
+            """Each page opens on the models there are now (a run trained since the app started included): the
+            picker's choices, the welcome banner only while there are none, and the picked model loaded."""
+            names = store.choices(settings.model)
+            current = current or (names[0] if names else None)
+            text = ""
+            if current:
+                try:
+                    text = load(current)
+                except gr.Error as err:  # said in the status line: a page that opens on a broken model still works
+                    text = str(err.message)
+            return gr.Dropdown(choices=names, value=current), gr.Column(visible=not names), text
+
         load_button.click(load, picker, status, api_name="load_model")
         picker.input(load, picker, status, api_visibility="private")
         refresh_button.click(refresh, picker, picker, api_name="list_models")
@@ -114,8 +131,7 @@ def build_app(settings: AppSettings | None = None) -> gr.Blocks:
         for tab in (chat_tab, generate_tab, evaluate_tab, model_tab, arena_tab, train_tab):
             tab.build(ctx)
 
-        if choices:  # show what is picked as soon as the page opens
-            demo.load(load, picker, status, api_visibility="private")
+        demo.load(open_page, picker, [picker, welcome, status], api_visibility="private")
 
     demo.queue(default_concurrency_limit=settings.concurrency, max_size=256)
     return demo
