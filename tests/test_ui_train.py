@@ -9,15 +9,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import gradio as gr
 import pytest
 import torch
-from conftest import Hub, ServedApp, serve_app
+from conftest import Hub, ServedApp, serve_app, write_run
 
 from aksis.config import TrainConfig
 from aksis.trainer import METRICS_FILE
 from aksis.ui import AppSettings
 from aksis.ui.models import ModelStore
 from aksis.ui.train_tab import (
+    MAX_SPACE_RUNS,
+    MAX_STEPS,
     MAX_UPLOAD_BYTES,
     MIN_UPLOAD_CHARS,
     RECIPE,
@@ -97,11 +100,11 @@ def test_check_upload_accepts_utf8_text(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "name, content, message",
     [
-        ("empty.txt", b"", "empty.txt is empty"),
+        ("empty.txt", b"", "empty.txt holds 0 characters of text; the quick run needs at least 5,000"),
         ("short.txt", b"To be, or not to be.\n" * 10, "holds 209 characters of text; the quick run needs at least"),
         ("blank.txt", b" \n" * 4000, "holds 0 characters"),
-        ("image.txt", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" * 500, "looks like a binary file"),
-        ("latin1.txt", "Ophélie ".encode("latin-1") * 1000, r"not UTF-8 text \(invalid byte 0xe9 at offset 3\)"),
+        ("image.txt", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" * 500, r"image.txt looks binary \(it holds NUL bytes\)"),
+        ("latin1.txt", "Ophélie ".encode("latin-1") * 1000, r"not UTF-8 text \(byte 0xe9 at offset 3\)"),
         ("utf16.txt", ("Hamlet " * 1000).encode("utf-16"), "binary"),
         ("play.pdf", b"%PDF-1.4" * 1000, "play.pdf is not a .txt file"),
     ],
@@ -110,16 +113,18 @@ def test_check_upload_accepts_utf8_text(tmp_path: Path) -> None:
 def test_check_upload_refuses_bad_files(tmp_path: Path, name: str, content: bytes, message: str) -> None:
     path = tmp_path / name
     path.write_bytes(content)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(gr.Error, match=message):
         check_upload(path)
 
 
 def test_check_upload_refuses_huge_files(tmp_path: Path) -> None:
     path = tmp_path / "huge.txt"
     with open(path, "wb") as f:
-        f.truncate(MAX_UPLOAD_BYTES + 1)  # sparse: no 20 MB written
-    with pytest.raises(ValueError, match=r"huge.txt is 20.0 MB; the quick run takes files up to 20 MB"):
+        f.truncate(MAX_UPLOAD_BYTES + 1)  # sparse: no 20 MiB written
+    with pytest.raises(gr.Error, match=r"huge.txt is 20.0 MiB; the text file may be at most 20 MiB"):
         check_upload(path)
+    with pytest.raises(gr.Error, match="No text file uploaded"):
+        check_upload(None)
 
 
 def test_run_folder_names(tmp_path: Path) -> None:
@@ -244,7 +249,7 @@ def test_a_failing_run_reports_why(tmp_path: Path, corpus_file: Path) -> None:
 def test_start_run_checks_inputs_and_writes_the_upload(tmp_path: Path, corpus_file: Path) -> None:
     settings = AppSettings(checkpoints_dir=tmp_path / "ckpt", device="cpu")
     slot = TrainingSlot()
-    with pytest.raises(ValueError, match="no file uploaded"):
+    with pytest.raises(gr.Error, match="No text file uploaded"):
         start_run(slot, settings, "upload", None, "", False, 5, "byte")
     with pytest.raises(ValueError, match="corpus 'wikitext2'"):
         start_run(slot, settings, "wikitext2", None, "", False, 5, "byte")
@@ -263,6 +268,75 @@ def test_start_run_checks_inputs_and_writes_the_upload(tmp_path: Path, corpus_fi
     again = start_run(slot, settings, "upload", str(corpus_file), "quick-verses", True, 2, "byte", block_size=32)
     assert again.wait(60) and again.error is None and again.result.steps == 2
     assert max(r["step"] for r in read_records(again.output_dir)) == 2  # the first run's curve is gone
+
+
+@pytest.mark.parametrize("steps", [None, float("inf"), float("nan"), 0, MAX_STEPS + 1, 2.5, "many", [3]], ids=repr)
+def test_start_run_refuses_steps_it_cannot_run(tmp_path: Path, steps: Any) -> None:
+    """The API may send any value; each is a clear message (not Python's TypeError), and nothing is written."""
+    settings = AppSettings(checkpoints_dir=tmp_path / "ckpt", device="cpu")
+    slot = TrainingSlot()
+    with pytest.raises(gr.Error, match=f"steps must be a (finite )?whole number from 1 to {MAX_STEPS}, got"):
+        start_run(slot, settings, "shakespeare", None, "", False, steps, "byte")
+    assert slot.job is None and not settings.checkpoints_dir.exists()
+
+
+# ----- on a public Space (local_paths off) -----
+
+
+def test_a_space_never_overwrites_a_run_and_keeps_a_bounded_number(tmp_path: Path, corpus_file: Path) -> None:
+    space = AppSettings(checkpoints_dir=tmp_path / "checkpoints", device="cpu", local_paths=False)
+    root = space.checkpoints_dir
+    slot = TrainingSlot(owner_only=True)
+    (root / "theirs").mkdir(parents=True)
+    (root / "theirs" / "corpus.txt").write_text("another visitor's run")
+    with pytest.raises(ValueError, match="this Space does not overwrite runs"):
+        start_run(slot, space, "upload", str(corpus_file), "theirs", True, 2, "byte")
+    assert (root / "theirs" / "corpus.txt").read_text() == "another visitor's run" and slot.job is None
+
+    for n in range(2, MAX_SPACE_RUNS):
+        (root / f"run-{n}").mkdir()
+    job = start_run(slot, space, "upload", str(corpus_file), "", False, 2, "byte", **TINY)  # the last one allowed
+    assert job.wait(60) and job.error is None
+    assert sum(p.is_dir() for p in root.iterdir()) == MAX_SPACE_RUNS
+    with pytest.raises(ValueError, match=f"this Space already holds {MAX_SPACE_RUNS} runs, its limit"):
+        start_run(slot, space, "upload", str(corpus_file), "", False, 2, "byte", **TINY)
+    assert sum(p.is_dir() for p in root.iterdir()) == MAX_SPACE_RUNS and slot.job is job
+
+
+def test_on_a_space_only_the_starting_session_stops_its_run(tmp_path: Path) -> None:
+    corpus = tmp_path / "long.txt"
+    corpus.write_text(corpus_text(400_000), encoding="utf-8")  # thousands of tiny steps: still going when stopped
+    slot = TrainingSlot(owner_only=True)
+    job = slot.start(tiny_job(tmp_path / "long", corpus, steps=5000).config, owner="session-a")
+    try:
+        wait_for(lambda: read_records(job.output_dir) or job.done, what="the first step")
+        for other in ("session-b", None):
+            assert slot.stop(other).startswith("The run **long** was started by another visitor: only they can")
+        assert not job.stop_requested and not job.done
+    finally:
+        message = slot.stop("session-a")
+    assert message.startswith("Stopping **long**")
+    assert job.wait(60) and job.error is None and job.result.stopped == "interrupted"
+
+
+def test_a_space_pushes_only_with_the_visitor_s_own_token(tmp_path: Path, hub: Hub, monkeypatch: Any) -> None:
+    from huggingface_hub import HfApi
+
+    run = write_run(tmp_path / "checkpoints" / "run", "gpt2", seed=0)
+    space = AppSettings(checkpoints_dir=tmp_path / "checkpoints", local_paths=False)
+    monkeypatch.setenv("HF_TOKEN", hub.write_token)  # the Space's secret: its owner's token
+    repo_id = hub.fresh_repo_id("space")
+    before = len(hub.requests)
+    for empty in ("", "  ", None):
+        with pytest.raises(ValueError, match="paste a write token of your own into the token box"):
+            push_run(str(run), repo_id, empty, space)
+    assert hub.requests[before:] == []  # the owner's token never went out
+    # The visitor's own token (here alice's) pushes.
+    assert push_run(str(run), repo_id, hub.write_token, space).startswith(f"Pushed `{run}/best` to **{repo_id}**")
+    # In one's own app the login (HF_TOKEN) is one's own: an empty box uses it.
+    own = hub.fresh_repo_id("own")
+    assert push_run(str(run), own, "", AppSettings(checkpoints_dir=tmp_path / "checkpoints")).startswith("Pushed")
+    assert "model.safetensors" in HfApi(endpoint=hub.endpoint, token=hub.write_token).list_repo_files(own)
 
 
 def test_push_run_refuses_what_it_cannot_push(tmp_path: Path) -> None:
@@ -373,9 +447,9 @@ def test_app_one_training_at_a_time_and_stop(fresh_app: ServedApp, uploads: Path
 @pytest.mark.parametrize(
     "corpus, upload, name, overwrite, message",
     [
-        ("upload", "empty.txt", "", False, "empty.txt is empty"),
-        ("upload", "binary.txt", "", False, "binary.txt looks like a binary file"),
-        ("upload", None, "", False, "no file uploaded"),
+        ("upload", "empty.txt", "", False, "empty.txt holds 0 characters"),
+        ("upload", "binary.txt", "", False, "binary.txt looks binary"),
+        ("upload", None, "", False, "No text file uploaded"),
         ("shakespeare", None, "../outside", False, "use letters, digits"),
         ("upload", "sonnets.txt", "quick-sonnets", False, "a run named 'quick-sonnets' already exists"),
         ("upload", "sonnets.txt", "quick-sonnets", True, "the run 'quick-sonnets' is loaded in the app"),
@@ -418,3 +492,41 @@ def test_app_push_lands_in_the_hub_repo(fresh_app: ServedApp, trained: dict[str,
     files = HfApi(endpoint=hub.endpoint, token=hub.write_token).list_repo_files(repo_id)
     assert {"model.safetensors", "config.json", "tokenizer.json", "README.md"} <= set(files)
     assert not hub.token_leaks(hub.write_token)
+
+
+@pytest.fixture(scope="module")
+def space_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedApp]:
+    """The app as a public Space serves it (local_paths off), on an empty checkpoints folder."""
+    settings = AppSettings(
+        checkpoints_dir=tmp_path_factory.mktemp("space") / "checkpoints",
+        feedback_file=tmp_path_factory.mktemp("feedback") / "feedback.jsonl",
+        device="cpu",
+        local_paths=False,
+    )
+    app = serve_app(settings)
+    yield app
+    app.demo.close()
+
+
+def test_space_app_lets_only_the_starting_visitor_stop_a_run(
+    space_app: ServedApp, uploads: Path, tmp_path: Path
+) -> None:
+    from gradio_client import handle_file
+
+    corpus = tmp_path / "plays.txt"
+    corpus.write_text(corpus_text(300_000), encoding="utf-8")  # about 70 steps: still going when stopped
+    starter, other = space_app.client(), space_app.client()  # two browser sessions
+    long = starter.submit("upload", handle_file(corpus), "long", False, 5000, "byte", api_name="/train")
+    try:
+        wait_for(lambda: any(" / " in o[1] for o in long.outputs()) or long.done(), what="the run's first step")
+        assert other.predict(api_name="/stop_training").startswith("The run **long** was started by another visitor")
+    finally:
+        stopping = starter.predict(api_name="/stop_training")
+    assert stopping.startswith("Stopping **long**")
+    _, progress, *_ = long.result(timeout=120)
+    assert "stopped by request at step" in progress
+    # No overwrite box to tick on a Space (start_run refuses an overwrite sent through the API).
+    overwrite = next(c for c in space_app.demo.config["components"] if c["props"].get("elem_id") == "train-overwrite")
+    assert overwrite["props"]["visible"] is False
+    with pytest.raises(Exception, match="this Space does not overwrite runs"):
+        other.predict("upload", handle_file(uploads / "sonnets.txt"), "long", True, 3, "byte", api_name="/train")

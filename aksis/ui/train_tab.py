@@ -15,6 +15,12 @@ How a run goes:
   ends, so a stopped run is still a model in the picker.
 - The training thread outlives the browser tab that started it (a closed tab does not stop a run); the run
   then shows up in the picker through "Refresh list".
+
+On a public Space (`AppSettings.local_paths` off) visitors are strangers to each other and to the owner:
+- a run never overwrites another (a fresh name each time), and the checkpoints folder holds at most
+  `MAX_SPACE_RUNS` runs, so visitors cannot fill the disk;
+- only the browser session (gr.Request.session_hash) that started a run may stop it;
+- a push needs the visitor's own token: the app's HF_TOKEN (the owner's) is never used for a visitor's push.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import pandas as pd
 
 from aksis.checkpoint import CONFIG_FILE, CheckpointError
 from aksis.config import TrainConfig
-from aksis.ui.context import AppContext, AppSettings, user_errors
+from aksis.ui.context import AppContext, AppSettings, input_error, read_text_upload, to_whole, user_errors
 
 if TYPE_CHECKING:  # the trainer (and accelerate) are imported when a run starts, not when the app starts
     from aksis.trainer import Trainer, TrainResult
@@ -60,7 +66,7 @@ RECIPE: dict[str, Any] = dict(
 TOKENIZERS = ("bpe", "byte")
 MAX_STEPS = 5000
 CORPORA = ("shakespeare", "upload")
-MAX_UPLOAD_BYTES = 20 << 20  # more than this takes long to tokenize on a CPU: use training/train.py then
+MAX_UPLOAD_BYTES = 20 << 20  # 20 MiB; more takes long to tokenize on a CPU: use training/train.py then
 # One optimizer step of the recipe needs 16 blocks of 257 tokens; with the byte tokenizer (one token per byte)
 # and the held-out validation share that is about 4.4 KB, so ask for a little more.
 MIN_UPLOAD_CHARS = 5_000
@@ -68,6 +74,7 @@ UPLOAD_FILE = "corpus.txt"  # the upload, checked and re-saved as UTF-8 in the r
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}")
 POLL_SECONDS = 0.5
 PROGRESS_ID = "train-progress"
+MAX_SPACE_RUNS = 20  # folders in the checkpoints folder of a public Space, beyond which it trains no more
 
 
 class TrainingBusy(Exception):
@@ -77,33 +84,17 @@ class TrainingBusy(Exception):
 # ----- inputs -----
 
 
-def check_upload(path: str | Path) -> str:
-    """The text of an uploaded corpus, or a ValueError that says what is wrong with it and what to upload."""
-    path = Path(path)
-    if path.suffix.lower() != ".txt":
-        raise ValueError(f"{path.name} is not a .txt file: upload plain text (UTF-8) in a .txt file")
-    size = path.stat().st_size
-    if size == 0:
-        raise ValueError(f"{path.name} is empty: upload a text file with at least {MIN_UPLOAD_CHARS:,} characters")
-    if size > MAX_UPLOAD_BYTES:
-        raise ValueError(
-            f"{path.name} is {size / 2**20:.1f} MB; the quick run takes files up to {MAX_UPLOAD_BYTES >> 20} MB "
-            "(train on larger corpora with training/train.py)"
-        )
-    raw = path.read_bytes()
-    if b"\x00" in raw:  # UTF-8 text never holds NUL bytes; binaries (and UTF-16 text) do
-        raise ValueError(f"{path.name} looks like a binary file (it holds NUL bytes), not text: upload a .txt file")
-    try:
-        text = raw.decode("utf-8-sig")  # a leading byte-order mark is dropped
-    except UnicodeDecodeError as err:
-        raise ValueError(
-            f"{path.name} is not UTF-8 text (invalid byte 0x{raw[err.start]:02x} at offset {err.start}); "
-            "save it as UTF-8 and upload it again"
-        ) from None
+def check_upload(path: str | Path | None) -> str:
+    """The text of an uploaded corpus, or a gr.Error that says what is wrong with it and what to upload: the
+    checks of every upload (`read_text_upload`), a .txt name, and enough text for one batch of the recipe."""
+    if path and Path(path).suffix.lower() != ".txt":
+        raise input_error(f"{Path(path).name} is not a .txt file: upload plain text (UTF-8) in a .txt file.")
+    text = read_text_upload(path, "text file", MAX_UPLOAD_BYTES)
     chars = len(text.strip())
     if chars < MIN_UPLOAD_CHARS:
-        raise ValueError(
-            f"{path.name} holds {chars:,} characters of text; the quick run needs at least {MIN_UPLOAD_CHARS:,}"
+        raise input_error(
+            f"{Path(str(path)).name} holds {chars:,} characters of text; the quick run needs at least "
+            f"{MIN_UPLOAD_CHARS:,}."
         )
     return text
 
@@ -113,6 +104,18 @@ def default_name(corpus: str, upload: str | Path | None) -> str:
     stem = Path(upload).stem if corpus == "upload" and upload else corpus
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.") or "upload"
     return f"quick-{slug}"[:60]
+
+
+def check_room(checkpoints_dir: Path, settings: AppSettings) -> None:
+    """On a public Space, refuse a new run once the checkpoints folder holds MAX_SPACE_RUNS folders."""
+    if settings.local_paths or not checkpoints_dir.is_dir():
+        return
+    runs = sum(1 for path in checkpoints_dir.iterdir() if path.is_dir())
+    if runs >= MAX_SPACE_RUNS:
+        raise ValueError(
+            f"this Space already holds {runs} runs, its limit ({MAX_SPACE_RUNS}): train on your own machine "
+            "(the Train tab of `python app.py`, or training/train.py), or ask the Space's owner to clear some"
+        )
 
 
 def run_folder(checkpoints_dir: Path, name: str, corpus: str, upload: str | Path | None, overwrite: bool) -> Path:
@@ -175,10 +178,12 @@ def quick_config(
 
 class TrainJob:
     """One training run in a worker thread: builds the `Trainer` (data, tokenizer, model) and trains. `error`
-    holds what went wrong, `result` the `TrainResult` once it is done."""
+    holds what went wrong, `result` the `TrainResult` once it is done. `owner`: the browser session that started
+    it (gr.Request.session_hash), None when started from Python."""
 
-    def __init__(self, config: TrainConfig) -> None:
+    def __init__(self, config: TrainConfig, owner: str | None = None) -> None:
         self.config = config
+        self.owner = owner
         self.output_dir = Path(config.output_dir)
         self.name = self.output_dir.name
         self.total_steps = config.max_steps  # until the trainer knows the real length (an epoch may end first)
@@ -238,15 +243,20 @@ class TrainJob:
 
 
 class TrainingSlot:
-    """Holds the app's one training run."""
+    """Holds the app's one training run. `owner_only` (a public Space): only the session that started the run
+    may stop it; otherwise (one person's app, where every tab is theirs) any session may."""
 
-    def __init__(self) -> None:
+    def __init__(self, owner_only: bool = False) -> None:
         self._lock = threading.Lock()
         self.job: TrainJob | None = None
+        self.owner_only = owner_only
 
-    def start(self, config: TrainConfig, prepare: Callable[[], None] | None = None) -> TrainJob:
-        """Start a run of `config`; `prepare` runs first, once the slot is held (it writes into the run folder,
-        which must not happen while another run might be using that folder). Raises TrainingBusy."""
+    def start(
+        self, config: TrainConfig, prepare: Callable[[], None] | None = None, owner: str | None = None
+    ) -> TrainJob:
+        """Start a run of `config` for the session `owner`; `prepare` runs first, once the slot is held (it writes
+        into the run folder, which must not happen while another run might be using that folder). Raises
+        TrainingBusy."""
         with self._lock:
             current = self.job
             if current is not None and not current.done:
@@ -254,17 +264,23 @@ class TrainingSlot:
                     f"the run {current.name!r} is training now (one run at a time in this app): wait for it to "
                     "finish or press Stop, then start again"
                 )
-            job = TrainJob(config)
+            job = TrainJob(config, owner)
             if prepare is not None:
                 prepare()
             self.job = job
         job.start()
         return job
 
-    def stop(self) -> str:
+    def stop(self, session: str | None = None) -> str:
+        """Stop the run on behalf of `session` (gr.Request.session_hash); a message saying what happens."""
         job = self.job
         if job is None or job.done:
             return "No run is training."
+        if self.owner_only and (job.owner is None or job.owner != session):
+            return (
+                f"The run **{job.name}** was started by another visitor: only they can stop it. It ends by itself "
+                f"after {job.total_steps} steps."
+            )
         job.request_stop()
         return f"Stopping **{job.name}**: it saves a checkpoint after the current step, then ends."
 
@@ -358,22 +374,26 @@ def start_run(
     steps: float,
     tokenizer: str,
     loaded: list[str] | None = None,
+    owner: str | None = None,
     **overrides: Any,
 ) -> TrainJob:
-    """Check the inputs and start a run; ValueError (bad input) or TrainingBusy otherwise. `loaded`: the sources
-    the app's model store holds, which a run must not overwrite (the store would keep serving the old weights).
-    `overrides` go to `quick_config`."""
+    """Check the inputs and start a run for the session `owner`; ValueError or gr.Error (bad input) or
+    TrainingBusy otherwise. `loaded`: the sources the app's model store holds, which a run must not overwrite (the
+    store would keep serving the old weights). `overrides` go to `quick_config`."""
     if corpus not in CORPORA:
         raise ValueError(f"corpus {corpus!r}: choose one of {', '.join(CORPORA)}")
-    text = None
-    if corpus == "upload":
-        if not upload:
-            raise ValueError("no file uploaded: upload a .txt file, or choose the embedded Shakespeare")
-        text = check_upload(upload)
-    steps = int(steps)
+    if overwrite and not settings.local_paths:
+        raise ValueError(
+            "this Space does not overwrite runs (another visitor's may have that name): untick "
+            "'Overwrite' and give a new run name, or leave it empty for the next free one"
+        )
+    text = check_upload(upload) if corpus == "upload" else None
+    # The API may send any number (or none): int(None) or int(inf) would fail with Python's own message.
+    steps = to_whole(steps, "steps", 1, MAX_STEPS)
     checkpoints_dir = Path(settings.checkpoints_dir)
-    # The folder is checked twice: here for a clear message before any work, and in `prepare`, where the slot is
-    # held and no other run can create the same folder in between.
+    # The folder (and the Space's room) is checked twice: here for a clear message before any work, and in
+    # `prepare`, where the slot is held and no other run can create a folder in between.
+    check_room(checkpoints_dir, settings)
     output_dir = run_folder(checkpoints_dir, name, corpus, upload, overwrite)
     dataset = str(output_dir / UPLOAD_FILE) if text is not None else "shakespeare"
     device = settings.device or "auto"
@@ -390,6 +410,7 @@ def start_run(
                 f"the run {output_dir.name!r} is loaded in the app, which would go on serving its old weights: "
                 "choose another run name"
             )
+        check_room(checkpoints_dir, settings)
         checked = run_folder(checkpoints_dir, name, corpus, upload, overwrite)
         if checked != output_dir:  # only a default name can move: a run took it since the first check
             raise ValueError(f"{output_dir.name!r} was just taken by another run; start again")
@@ -398,7 +419,7 @@ def start_run(
         if text is not None:
             (output_dir / UPLOAD_FILE).write_text(text, encoding="utf-8")
 
-    return slot.start(config, prepare)
+    return slot.start(config, prepare, owner)
 
 
 def follow(job: TrainJob, poll: float = POLL_SECONDS) -> Iterator[tuple[pd.DataFrame, str]]:
@@ -431,7 +452,9 @@ def finished_source(job: TrainJob) -> str | None:
 
 
 def push_run(source: str | None, repo_id: str, token: str | None, settings: AppSettings) -> str:
-    """Push the picked local model (a run's best/ or newest step-N, or a checkpoint folder) to `repo_id`."""
+    """Push the picked local model (a run's best/ or newest step-N, or a checkpoint folder) to `repo_id`, with
+    `token`, else (only in one's own app) the app's own login or HF_TOKEN. A public Space never lends its token
+    (its owner's) to a visitor, who could otherwise overwrite any repo the owner may write to."""
     from huggingface_hub import get_token
 
     from aksis.checkpoint import is_local
@@ -451,6 +474,8 @@ def push_run(source: str | None, repo_id: str, token: str | None, settings: AppS
         raise ValueError(f"this app pushes only the runs in {settings.checkpoints_dir}/: pick one of those")
     if not is_hub_id(repo_id) or "@" in repo_id:
         raise ValueError(f"repo id {repo_id!r}: give user/name or org/name")
+    if token is None and not settings.local_paths:
+        raise ValueError("no Hub token: paste a write token of your own into the token box (this Space lends none)")
     if token is None and not get_token():
         raise ValueError("no Hub token: paste a write token into the token box, or set HF_TOKEN for the app")
     checkpoint = find_checkpoint(source)
@@ -464,7 +489,7 @@ def push_run(source: str | None, repo_id: str, token: str | None, settings: AppS
 def build(ctx: AppContext) -> None:
     from aksis.ui import describe
 
-    slot = TrainingSlot()
+    slot = TrainingSlot(owner_only=not ctx.settings.local_paths)
     ctx.extra["training"] = slot
     settings = ctx.settings
 
@@ -486,7 +511,7 @@ def build(ctx: AppContext) -> None:
                 upload = gr.File(
                     file_types=[".txt"],
                     type="filepath",
-                    label=f"Text file (UTF-8, {MIN_UPLOAD_CHARS:,} characters to {MAX_UPLOAD_BYTES >> 20} MB)",
+                    label=f"Text file (UTF-8, {MIN_UPLOAD_CHARS:,} characters to {MAX_UPLOAD_BYTES >> 20} MiB)",
                     elem_id="train-upload",
                 )
                 tokenizer = gr.Radio(
@@ -501,7 +526,10 @@ def build(ctx: AppContext) -> None:
                     placeholder="empty: quick-<corpus> (the next free one)",
                     elem_id="train-name",
                 )
-                overwrite = gr.Checkbox(label="Overwrite a run of this name", elem_id="train-overwrite")
+                # A Space never overwrites (start_run refuses): no box to tick there.
+                overwrite = gr.Checkbox(
+                    label="Overwrite a run of this name", visible=settings.local_paths, elem_id="train-overwrite"
+                )
                 steps = gr.Slider(1, MAX_STEPS, value=RECIPE["max_steps"], step=1, label="Steps", elem_id="train-steps")
                 with gr.Row():
                     start = gr.Button("Train", variant="primary", elem_id="train-start")
@@ -518,14 +546,21 @@ def build(ctx: AppContext) -> None:
         )
 
         with gr.Accordion("Share on the Hugging Face Hub", open=False, elem_id="train-hub"):
+            whose = (
+                "comes from HF_TOKEN when the app has one, or from the box below"
+                if settings.local_paths
+                else "of your own goes in the box below (it is used for this push only, never stored)"
+            )
             gr.Markdown(
                 "Push the picked local model (its best checkpoint) to a model repo, with a model card. A token "
-                "with write access comes from HF_TOKEN when the app has one, or from the box below."
+                f"with write access {whose}."
             )
             with gr.Row():
                 repo = gr.Textbox(label="Repo id", placeholder="user/tiny-shakespeare", elem_id="hub-repo")
                 token = gr.Textbox(
-                    label="Hub token (not needed when HF_TOKEN is set)", type="password", elem_id="hub-token"
+                    label="Hub token (not needed when HF_TOKEN is set)" if settings.local_paths else "Hub token",
+                    type="password",
+                    elem_id="hub-token",
                 )
             push = gr.Button("Push", elem_id="hub-push")
             pushed = gr.Markdown(elem_id="hub-push-status")
@@ -538,10 +573,21 @@ def build(ctx: AppContext) -> None:
     if welcome is not None:
         outputs.append(welcome)
 
-    def run(corpus: str, upload: str | None, name: str, overwrite: bool, steps: float, tokenizer: str) -> Iterator[Any]:
+    def run(
+        corpus: str,
+        upload: str | None,
+        name: str,
+        overwrite: bool,
+        steps: float,
+        tokenizer: str,
+        request: gr.Request | None = None,
+    ) -> Iterator[Any]:
+        session = request.session_hash if request is not None else None
         with user_errors("start training"):
             try:
-                job = start_run(slot, settings, corpus, upload, name, overwrite, steps, tokenizer, ctx.store.loaded())
+                job = start_run(
+                    slot, settings, corpus, upload, name, overwrite, steps, tokenizer, ctx.store.loaded(), session
+                )
             except TrainingBusy as err:
                 raise gr.Error(f"Not started: {err}", print_exception=False) from err
         rest = [gr.skip()] * (len(outputs) - 2)
@@ -560,12 +606,12 @@ def build(ctx: AppContext) -> None:
             final.append(gr.Column(visible=False))
         yield frame, f"{text} It is now picked in the model picker.", *final
 
-    def quick_start() -> Iterator[Any]:
+    def quick_start(request: gr.Request | None = None) -> Iterator[Any]:
         """The first-start button: the recipe on the embedded Shakespeare, under the next free quick- name."""
-        yield from run("shakespeare", None, "", False, RECIPE["max_steps"], RECIPE["tokenizer"])
+        yield from run("shakespeare", None, "", False, RECIPE["max_steps"], RECIPE["tokenizer"], request)
 
-    def stop_run() -> str:
-        return slot.stop()
+    def stop_run(request: gr.Request | None = None) -> str:
+        return slot.stop(request.session_hash if request is not None else None)
 
     def push_picked(source: str | None, repo_id: str, token: str) -> str:
         with user_errors("push to the Hub"):
