@@ -9,14 +9,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import gradio as gr
 import pytest
 import torch
-from conftest import Hub, ServedApp
+from conftest import Hub, ServedApp, write_run
 
 from aksis.data import load_corpus
 from aksis.metrics import evaluate_checkpoint, markdown_table, perplexity
 from aksis.ui import evaluate_tab as ev
+from aksis.ui.context import MAX_NEW_TOKENS
 from aksis.ui.models import ModelStore
 
 TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n" * 3
@@ -111,12 +113,15 @@ def test_an_uploaded_text_file_is_scored_and_bad_files_are_refused(
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("Müller".encode("latin-1"))
     for path, message in (
-        (huge, "The text file is 2.0 MiB; this app scores at most 2 MiB: upload a shorter excerpt"),
-        (binary, "looks binary, not text"),
-        (latin1, "is not UTF-8 text"),
+        (huge, "huge.txt is 2.0 MiB; the text file may be at most 2 MiB"),
+        (binary, r"picture.txt looks binary \(it holds NUL bytes\)"),
+        (latin1, r"latin1.txt is not UTF-8 text \(byte 0xfc at offset 1\)"),
     ):
         with pytest.raises(gr.Error, match=message):
             evaluate(store, llama, texts_from=ev.UPLOADED, file=str(path))
+        # A prompts file gets the same checks.
+        with pytest.raises(gr.Error, match=message.replace("the text file", "the prompts file")):
+            evaluate(store, llama, scores=[ev.BLEU_ROUGE], generate_from=ev.PROMPTS, prompts_file=str(path))
     with pytest.raises(gr.Error, match="No text file uploaded"):
         evaluate(store, llama, texts_from=ev.UPLOADED, file=None)
 
@@ -174,7 +179,7 @@ except gr.Error as err:
             dict(scores=[ev.BLEU_ROUGE], max_new_tokens=LIMIT + 1),
             f"max new tokens must be between 1 and {LIMIT} \\(this app's limit\\), got {LIMIT + 1}",
         ),
-        (dict(num_samples=0), "samples must be a whole number from 1 to 200, got 0"),
+        (dict(num_samples=0), f"samples must be a whole number from 1 to {ev.MAX_SAMPLES}, got 0"),
         (dict(seed=-1), "seed must be a whole number from 0 to 2147483647, got -1"),
         (dict(temperature=3), "temperature must be a number from 0 to 2, got 3"),
         (dict(temperature="warm"), "temperature must be a number from 0 to 2, got 'warm'"),
@@ -188,6 +193,104 @@ def test_bad_settings_are_clear_errors(
     llama, _ = sources(app_checkpoints)
     with pytest.raises(gr.Error, match=message):
         evaluate(store, llama, **{"text": "short text", **overrides})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(max_new_tokens=ev.EVAL_MAX_TOKENS + 1), f"max new tokens must be between 1 and {ev.EVAL_MAX_TOKENS} "),
+        (
+            dict(prompt_tokens=ev.EVAL_MAX_TOKENS + 1),
+            f"prompt tokens must be a whole number from 1 to {ev.EVAL_MAX_TOKENS}",
+        ),
+        (dict(num_samples=ev.MAX_SAMPLES + 1), f"samples must be a whole number from 1 to {ev.MAX_SAMPLES},"),
+    ],
+)
+def test_generation_for_scores_is_bounded_below_the_app_s_limit(
+    store: ModelStore, app_checkpoints: Path, overrides: dict[str, object], message: str
+) -> None:
+    """The app's limit (MAX_NEW_TOKENS, for one generation) is far above what a request of up to MAX_SAMPLES
+    generations per model may ask for."""
+    llama, gpt2 = sources(app_checkpoints)
+    assert 2 * ev.MAX_SAMPLES * ev.EVAL_MAX_TOKENS <= 60_000 < MAX_NEW_TOKENS * 100
+    settings: dict[str, object] = dict(
+        compare=gpt2, texts_from=ev.PASTED, text=TEXT, file=None, dataset=None, split=None, max_texts=1,
+        scores=[ev.BLEU_ROUGE], generate_from=ev.CONTINUATION, prompts_file=None, temperature=0.0,
+        max_new_tokens=8, prompt_tokens=8, num_samples=3, seed=0,
+    )  # fmt: skip
+    with pytest.raises(gr.Error, match=message):
+        ev.run_evaluate(store, MAX_NEW_TOKENS, llama, **{**settings, **overrides})  # type: ignore[arg-type]
+
+
+# ----- datasets -----
+
+
+def _text_dataset(hub: Hub, rows: int) -> str:
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub.endpoint, token=hub.write_token)
+    repo_id = api.create_repo(hub.fresh_repo_id("texts"), repo_type="dataset").repo_id
+    data = "".join(json.dumps({"text": f"Document {i}: {TEXT}"}) + "\n" for i in range(rows)).encode()
+    api.upload_file(path_or_fileobj=data, path_in_repo="data/train.jsonl", repo_id=repo_id, repo_type="dataset")
+    return repo_id
+
+
+def test_hub_datasets_are_streamed_and_the_embedded_corpus_is_split_as_in_training(hub: Hub) -> None:
+    repo_id = _text_dataset(hub, rows=200)
+    before = len(hub.requests)
+    assert isinstance(ev.open_dataset(repo_id), datasets.IterableDatasetDict)
+    texts, what = ev.load_texts(ev.DATASET, None, None, repo_id, "train", 3, local_paths=False)  # a Space may
+    assert texts == [f"Document {i}: {TEXT}" for i in range(3)] and what.startswith(f"3 text(s) of {repo_id} / train")
+    reads = [r for r in hub.requests[before:] if r.method == "GET" and r.path.endswith("/data/train.jsonl")]
+    # Streamed: the data file is read in ranges, never downloaded whole.
+    assert reads and all(r.status == 206 and "range" in {k.lower() for k in r.headers} for r in reads)
+    # The embedded corpus is read whole: its validation split is the one training held out.
+    corpus = ev.open_dataset("shakespeare", local_paths=False)
+    assert isinstance(corpus, datasets.DatasetDict)
+    assert corpus["validation"]["text"][:2] == load_corpus("shakespeare")["validation"]["text"][:2]
+
+
+def test_a_space_reads_no_dataset_of_its_own_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """load_corpus reads local paths, folders and globs before it asks the Hub: on a Space (local_paths off)
+    only the embedded corpus, the short names of HUB_CORPORA and Hub ids that name nothing here are read."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "secret.txt").write_text("the server's secret " * 100, encoding="utf-8")
+    (tmp_path / "wikitext2").mkdir()  # a folder with a short name's name
+    (tmp_path / "wikitext2" / "notes.txt").write_text("private notes " * 100, encoding="utf-8")
+    refused = [
+        "*/*.txt", "data/*.txt", "**", "d?ta/secret.txt", "[d]ata/secret.txt", "data/secret.txt", "data", "wikitext2",
+        "./data/secret.txt", "../data/secret.txt", "alice/../data", "/etc/passwd", "~/secret.txt", "C:\\secret.txt",
+    ]  # fmt: skip
+    for name in refused:
+        assert not ev.dataset_allowed(name, local_paths=False), name
+        with pytest.raises(gr.Error, match="This server does not read its own files"):
+            ev.load_texts(ev.DATASET, None, None, name, "train", 5, local_paths=False)
+    for name in ("shakespeare", "tinystories", "alice/some-texts", "Org_1/data.v2"):
+        assert ev.dataset_allowed(name, local_paths=False), name
+    # One's own app reads its own files, globs included.
+    texts, _ = ev.load_texts(ev.DATASET, None, None, "*/*.txt", "train", 5, local_paths=True)
+    assert any("the server's secret" in t for t in texts)
+
+
+# ----- the served app -----
+
+
+def test_compare_choices_are_refreshed_when_the_tab_is_shown(tmp_path: Path) -> None:
+    from aksis.ui import AppSettings, build_app
+
+    root = tmp_path / "checkpoints"
+    write_run(root / "first", "gpt2", seed=0)
+    settings = AppSettings(checkpoints_dir=root, feedback_file=tmp_path / "feedback.jsonl", device="cpu")
+    demo = build_app(settings)
+    write_run(root / "trained-later", "gpt2", seed=1)  # e.g. by the Train tab, after the page opened
+    ids = {c["props"].get("elem_id"): c["id"] for c in demo.config["components"] if c["props"].get("elem_id")}
+    select = [d for d in demo.config["dependencies"] if [ids["evaluate-tab"], "select"] in map(list, d["targets"])]
+    assert [(d["inputs"], d["outputs"]) for d in select] == [([ids["eval-compare"]], [ids["eval-compare"]])]
+    fn = demo.fns[select[0]["id"]].fn
+    dropdown = fn(str(root / "first"))
+    assert [value for _, value in dropdown.choices] == [str(root / "first"), str(root / "trained-later")]
+    assert dropdown.value == str(root / "first")  # the visitor's choice is kept
 
 
 def test_the_served_app_s_perplexity_api_equals_the_library(

@@ -2,14 +2,20 @@
 
 - Texts: pasted, an uploaded UTF-8 file (at most `MAX_UPLOAD_BYTES`), or a dataset split read by
   `aksis.data.load_corpus` (the embedded "shakespeare", a local .txt/.md/.jsonl/.parquet path, or a Hub dataset,
-  which needs the network: offline it fails with `load_corpus`'s message). At most `MAX_TEXT_CHARS` characters
-  are scored, so one request cannot hold a worker for long.
+  which needs the network: offline it fails with `load_corpus`'s message). Hub datasets are streamed: only the
+  few rows scored are read, nothing is downloaded whole. At most `MAX_TEXT_CHARS` characters are scored, so one
+  request cannot hold a worker for long.
+- On a public Space (`AppSettings.local_paths` off) a dataset is only a name `dataset_allowed` accepts: the
+  embedded corpus, a short name of `aksis.data.HUB_CORPORA` or a Hub id; never a path or a glob of the server's.
+- Generation for BLEU / ROUGE is bounded apart from the app's own limit: at most `EVAL_MAX_TOKENS` prompt and new
+  tokens and `MAX_SAMPLES` samples per model, so one request with two models stays within seconds to minutes.
 - Scores: perplexity and bits per byte (`aksis.metrics.perplexity`), and BLEU / ROUGE (`aksis.scores`) of
   generations, either continuing held-out windows of the texts (`metrics.continuation_pairs`) or answering the
   prompts of an uploaded JSONL file of {"prompt": ..., "reference": ...} (`metrics.read_prompts`). Generation
   is greedy unless a temperature is set (then seeded, so scores can be reproduced).
 - A second model (optional) is scored on the same texts; the table puts them side by side
-  (`metrics.markdown_table`). Bits per byte compare across tokenizers; perplexity only within one.
+  (`metrics.markdown_table`). Bits per byte compare across tokenizers; perplexity only within one. Its choices
+  are refreshed whenever the tab is shown, so a run trained since the page opened is offered.
 
 API (`gradio_client`):
 - `/perplexity` (source, text) -> (perplexity, bits per byte): equal to `aksis.metrics.perplexity(model,
@@ -27,21 +33,41 @@ eval-perplexity, eval-bpb, eval-table, eval-report, eval-markdown.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
+import re
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
 from aksis.metrics import LABELS, PerplexityResult, evaluate_checkpoint, markdown_table, perplexity, read_prompts
-from aksis.ui.context import AppContext, on_gpu, to_max_new_tokens, to_number, to_whole, user_errors
+from aksis.ui.context import (
+    AppContext,
+    input_error,
+    on_gpu,
+    read_text_upload,
+    to_max_new_tokens,
+    to_number,
+    to_whole,
+    user_errors,
+)
 from aksis.ui.models import LoadedModel, ModelStore
 from aksis.ui.sampling import MAX_TEMPERATURE, max_new_tokens_slider, sampling_slider
+
+if TYPE_CHECKING:
+    import datasets
 
 MAX_UPLOAD_BYTES = 2 << 20  # 2 MiB: a long novel; scoring more on a CPU Space would hold a worker for minutes
 MAX_TEXT_CHARS = 2_000_000  # the same bound on pasted text and on what is read from a dataset
 MAX_TEXTS = 100  # documents read from a dataset split
-MAX_SAMPLES = 200  # continuation windows or prompts scored by BLEU / ROUGE
+# BLEU / ROUGE generate: at most MAX_SAMPLES windows or prompts of at most EVAL_MAX_TOKENS tokens each, per model
+# (two models: 2 x 100 x 256 = about 51k generated tokens, minutes on a CPU at worst). The app's own max new tokens
+# (settings.max_new_tokens) is for one generation, not for a hundred.
+MAX_SAMPLES = 100
+EVAL_MAX_TOKENS = 256
+# A Hub id as the Hub spells one (user/name): no path, glob or "~" can match it. ".." is refused apart.
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 PASTED, UPLOADED, DATASET = "pasted text", "uploaded file", "dataset"
 SOURCES = (PASTED, UPLOADED, DATASET)
@@ -60,27 +86,6 @@ HELP = (
 
 
 # ----- reading the input -----
-
-
-def read_upload(path: str | None, what: str) -> str:
-    """The text of an uploaded file, or a gr.Error that says why it cannot be scored (missing, too large,
-    binary, not UTF-8)."""
-    if not path:
-        raise gr.Error(f"No {what} uploaded: choose a file first.")
-    size = os.path.getsize(path)
-    if size > MAX_UPLOAD_BYTES:
-        raise gr.Error(
-            f"The {what} is {size / 2**20:.1f} MiB; this app scores at most {MAX_UPLOAD_BYTES / 2**20:.0f} MiB: "
-            "upload a shorter excerpt."
-        )
-    with open(path, "rb") as f:
-        data = f.read()
-    if b"\0" in data:  # text files never hold NUL bytes; images, archives and PDFs do
-        raise gr.Error(f"The {what} looks binary, not text: upload a UTF-8 text file.")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise gr.Error(f"The {what} is not UTF-8 text (byte {err.start} cannot be decoded): save it as UTF-8.") from err
 
 
 def load_texts(
@@ -102,7 +107,7 @@ def load_texts(
             raise gr.Error(f"The text has {len(text):,} characters; this app scores at most {MAX_TEXT_CHARS:,}.")
         return [text], f"the pasted text ({len(text):,} characters)"
     if texts_from == UPLOADED:
-        content = read_upload(file, "text file")
+        content = read_text_upload(file, "text file", MAX_UPLOAD_BYTES)
         if not content.strip():
             raise gr.Error("The uploaded file holds no text.")
         return [content], f"{os.path.basename(file or '')} ({len(content):,} characters)"
@@ -111,23 +116,45 @@ def load_texts(
     raise gr.Error(f"Unknown source of texts {texts_from!r}: choose one of {', '.join(SOURCES)}.")
 
 
-def _dataset_texts(dataset: Any, split: Any, max_texts: Any, local_paths: bool = True) -> tuple[list[str], str]:
+def dataset_allowed(name: str, local_paths: bool) -> bool:
+    """Whether a visitor may name this dataset. With `local_paths` anything `load_corpus` reads; without (a public
+    Space) only the embedded corpus, a short name of `HUB_CORPORA` or a Hub id, and none that is a file or folder
+    here: `load_corpus` reads local paths (and expands globs such as '*/*.txt') before it asks the Hub."""
+    from aksis.data import HUB_CORPORA
+
+    if local_paths or name == "shakespeare":
+        return True
+    named = name in HUB_CORPORA or (HUB_ID.fullmatch(name) is not None and ".." not in name)
+    return named and not os.path.lexists(name)
+
+
+def open_dataset(name: str, local_paths: bool = True) -> datasets.DatasetDict | datasets.IterableDatasetDict:
+    """The corpus `name` as `load_corpus` splits it, or a gr.Error. The embedded corpus and local files are read
+    whole, so their validation split is the one training held out; Hub datasets are streamed (only the rows
+    scored are fetched; one without its own validation split then holds out documents by checksum, as
+    streamed training does)."""
     from aksis.data import DataError, load_corpus
 
-    name = dataset.strip() if isinstance(dataset, str) else ""
     if not name:
-        raise gr.Error("No dataset named: give 'shakespeare', a Hub dataset id or a local text file.")
-    if not local_paths and (name.startswith((".", "/", "~", "\\")) or os.path.exists(os.path.expanduser(name))):
-        raise gr.Error(
-            f"This server does not read its own files ({name!r}): upload the file instead, or name 'shakespeare' or "
-            "a Hub dataset."
+        raise input_error("No dataset named: give 'shakespeare', a Hub dataset id or a local text file.")
+    if not dataset_allowed(name, local_paths):
+        raise input_error(
+            f"This server does not read its own files ({name!r}): upload the file instead, or name 'shakespeare', "
+            "a dataset short name such as 'wikitext2', or a Hub dataset id (user/name)."
         )
-    split = str(split).strip() if split else "validation"
-    count = to_whole(max_texts if max_texts is not None else 10, "max texts", 1, MAX_TEXTS)
+    # load_corpus reads a path or a glob of local files before it asks the Hub; only the Hub is streamed.
+    local = name == "shakespeare" or os.path.lexists(os.path.expanduser(name)) or glob.has_magic(name)
     try:
-        corpus = load_corpus(name)
+        return load_corpus(name, streaming=None if local else True)
     except DataError as err:  # not a ValueError: user_errors would not know it
         raise gr.Error(f"Could not load the dataset: {err}", print_exception=False) from err
+
+
+def _dataset_texts(dataset: Any, split: Any, max_texts: Any, local_paths: bool = True) -> tuple[list[str], str]:
+    name = dataset.strip() if isinstance(dataset, str) else ""
+    split = str(split).strip() if split else "validation"
+    count = to_whole(max_texts if max_texts is not None else 10, "max texts", 1, MAX_TEXTS)
+    corpus = open_dataset(name, local_paths)
     if split not in corpus:
         raise gr.Error(f"The dataset {name!r} has no split {split!r}: choose one of {', '.join(corpus)}.")
     texts, chars = [], 0
@@ -146,7 +173,7 @@ def _dataset_texts(dataset: Any, split: Any, max_texts: Any, local_paths: bool =
 
 def read_prompt_pairs(path: str | None) -> list[tuple[str, str]]:
     """(prompt, reference) pairs of an uploaded JSONL file, with read_prompts' message when a line is bad."""
-    read_upload(path, "prompts file")  # the size, binary and encoding checks
+    read_text_upload(path, "prompts file", MAX_UPLOAD_BYTES)  # the size, binary and encoding checks
     assert path is not None
     with user_errors("read the prompts file"):
         return read_prompts(path)
@@ -255,8 +282,8 @@ def run_evaluate(
             raise gr.Error(f"BLEU / ROUGE score generations from: {' or '.join(GENERATE_FROM)}.")
         tasks.append(GENERATE_FROM[generate_from or CONTINUATION])
     settings = dict(
-        max_new_tokens=to_max_new_tokens(max_new_tokens, limit),
-        prompt_tokens=to_whole(prompt_tokens, "prompt tokens", 1, limit),
+        max_new_tokens=to_max_new_tokens(max_new_tokens, min(limit, EVAL_MAX_TOKENS)),
+        prompt_tokens=to_whole(prompt_tokens, "prompt tokens", 1, EVAL_MAX_TOKENS),
         num_samples=to_whole(num_samples, "samples", 1, MAX_SAMPLES),
         seed=to_whole(seed if seed is not None else 0, "seed", 0, 2**31 - 1),  # always seeded: scores reproduce
     )
@@ -295,9 +322,14 @@ def run_evaluate(
 # ----- the tab -----
 
 
+def compare_choices(store: ModelStore, first: str | None, current: str | None) -> gr.Dropdown:
+    """The "Compare with" dropdown offering the store's models as they are now, keeping the visitor's choice."""
+    return gr.Dropdown(choices=store.choices(first), value=current)
+
+
 def build(ctx: AppContext) -> None:
     store, limit = ctx.store, ctx.settings.max_new_tokens
-    with gr.Tab("Evaluate", elem_id="evaluate-tab"):
+    with gr.Tab("Evaluate", elem_id="evaluate-tab") as tab:
         gr.Markdown(HELP)
         with gr.Row():
             with gr.Column(scale=3):
@@ -321,7 +353,8 @@ def build(ctx: AppContext) -> None:
                     dataset = gr.Textbox(
                         "shakespeare",
                         label="Dataset",
-                        info="'shakespeare' (built in), a Hub dataset id (needs the network) or a local file path",
+                        info="'shakespeare' (built in), a Hub dataset id (needs the network)"
+                        + (" or a local file path" if ctx.settings.local_paths else ""),
                         elem_id="eval-dataset",
                         scale=3,
                     )
@@ -354,10 +387,19 @@ def build(ctx: AppContext) -> None:
                 with gr.Accordion("Generation settings (BLEU / ROUGE)", open=False):
                     temperature = sampling_slider("temperature", "eval", 0.0)
                     max_new_tokens = max_new_tokens_slider(
-                        "eval", 32, limit, maximum=min(256, limit), info="continuation: also the reference's length"
+                        "eval",
+                        32,
+                        limit,
+                        maximum=min(EVAL_MAX_TOKENS, limit),
+                        info="continuation: also the reference's length",
                     )
                     prompt_tokens = gr.Slider(
-                        1, 256, 32, step=1, label="Prompt tokens (continuation)", elem_id="eval-prompt-tokens"
+                        1,
+                        EVAL_MAX_TOKENS,
+                        32,
+                        step=1,
+                        label="Prompt tokens (continuation)",
+                        elem_id="eval-prompt-tokens",
                     )
                     num_samples = gr.Slider(
                         1, MAX_SAMPLES, 20, step=1, label="Samples", info="windows or prompts scored, at most",
@@ -407,6 +449,14 @@ def build(ctx: AppContext) -> None:
                 generate_from, prompts_file, temperature, max_new_tokens, prompt_tokens, num_samples, seed,
             )  # fmt: skip
 
+        # The models trained or listed since the page opened (the picker has its own "Refresh list").
+        tab.select(
+            lambda current: compare_choices(store, ctx.settings.model, current),
+            compare,
+            compare,
+            api_visibility="private",
+            show_progress="hidden",
+        )
         generate_from.change(
             lambda chosen: gr.update(visible=chosen == PROMPTS),
             generate_from,
