@@ -207,7 +207,10 @@ class _Text:
 
 class _Session:
     """Prefill and decode for a batch of token-id prompts on one static KV cache; rows are left-padded to one
-    length, and the window slides when the cache is full (see the module docstring)."""
+    length, and the window slides when the cache is full (see the module docstring).
+
+    Everything a step needs is allocated here once: the cache, the token buffer (every filled slot) and the
+    slot indices, so a decode step writes one column in place and runs the model on one token per row."""
 
     def __init__(self, model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, vocab: int) -> None:
         cfg = model.config
@@ -218,27 +221,32 @@ class _Session:
         self.capacity = min(cfg.block_size, length + max_new_tokens)
         self.cache = KVCache(cfg, len(prompts), self.capacity, dtype=param.dtype, device=param.device)
         rows = [[0] * (length - len(p)) + list(p) for p in prompts]  # pad id 0: never attended to
-        self.tokens = torch.tensor(rows, dtype=torch.long, device=self.device)  # (B, n): every filled slot
+        self.tokens = torch.zeros(len(prompts), self.capacity + 1, dtype=torch.long, device=self.device)
+        self.tokens[:, :length] = torch.tensor(rows, dtype=torch.long)  # (B, capacity + 1): slots 0..n-1 filled
+        self.n = length
+        self.slots = torch.arange(self.capacity, device=self.device)  # input_pos of every slot
         self.pad = torch.tensor([length - len(p) for p in prompts], device=self.device)  # (B,)
 
     def prefill(self) -> torch.Tensor:
-        """Read every slot's token into a fresh cache; the next-token logits (B, V)."""
+        """Read every filled slot's token into a fresh cache; the next-token logits (B, V)."""
         self.cache.set_padding(self.pad)
-        positions = torch.arange(self.tokens.size(1), device=self.device)
-        logits, _ = self.model(self.tokens, kv_cache=self.cache, input_pos=positions)
+        logits, _ = self.model(
+            self.tokens[:, : self.n], kv_cache=self.cache, input_pos=self.slots[: self.n], last_only=True
+        )
         return logits[:, -1, : self.vocab]
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append one token per row (B,); the next-token logits (B, V)."""
-        self.tokens = torch.cat([self.tokens, tokens[:, None]], dim=1)
-        n = self.tokens.size(1)
-        if n > self.capacity:  # the cache is full: keep the newer half of the window and read it again
-            drop = n - max(self.capacity // 2, 1)
-            self.tokens, self.pad = self.tokens[:, drop:], (self.pad - drop).clamp(min=0)
+        self.tokens[:, self.n] = tokens
+        self.n += 1
+        if self.n > self.capacity:  # the cache is full: keep the newer half of the window and read it again
+            keep = max(self.capacity // 2, 1)
+            drop = self.n - keep
+            self.tokens[:, :keep] = self.tokens[:, drop : self.n].clone()
+            self.n, self.pad = keep, (self.pad - drop).clamp(min=0)
             return self.prefill()
-        logits, _ = self.model(
-            tokens[:, None], kv_cache=self.cache, input_pos=torch.tensor([n - 1], device=self.device)
-        )
+        slot = self.slots[self.n - 1 : self.n]
+        logits, _ = self.model(self.tokens[:, self.n - 1 : self.n], kv_cache=self.cache, input_pos=slot, last_only=True)
         return logits[:, -1, : self.vocab]
 
     def reorder(self, rows: torch.Tensor) -> None:
@@ -296,7 +304,8 @@ def _sample(
     logits = session.prefill()
     for i in range(config.max_new_tokens):
         tokens = choose_next(logits, seen, config, generator)  # (B,)
-        seen[torch.arange(B), tokens] = True
+        if config.repetition_penalty != 1.0:
+            seen[torch.arange(B), tokens] = True
         for row, token in enumerate(tokens.tolist()):
             if reasons[row] is not None:
                 continue  # a finished row keeps decoding with the others; its tokens are ignored

@@ -2,8 +2,9 @@
 
 The caller creates the cache (batch size, maximum length, dtype, device) and passes it to
 `GPT.forward(idx, kv_cache=cache, input_pos=pos)`; the model writes each layer's keys and values at
-the slots `input_pos` and attends over everything written so far. Memory is allocated once, so the
-shapes never change between decode steps (friendly to `torch.compile` and CUDA graphs).
+the slots `input_pos` and attends over everything written so far. Memory is allocated once
+(2 x n_layer x B x n_kv_head x max_len x head_dim elements, `nbytes`) and every write is in place, so shapes and
+storage never change between decode steps (friendly to `torch.compile` and CUDA graphs).
 
 Typical use (prefill the prompt, then one token at a time):
 
@@ -48,6 +49,11 @@ class KVCache:
         self.max_len = max_len
         self.pad: torch.Tensor | None = None  # (B,) left-pad slots per row; None: no padding
 
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the keys and values: 2 x n_layer x B x n_kv_head x max_len x head_dim x element size."""
+        return self.k.nbytes + self.v.nbytes
+
     def set_padding(self, pad: torch.Tensor | None) -> None:
         """Row b's first `pad[b]` slots hold padding: hide them and start its positions after them."""
         if pad is not None and pad.shape != (self.batch_size,):
@@ -62,12 +68,23 @@ class KVCache:
 
     def update(
         self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, n_kv_head, T, head_dim) at slots `input_pos` (T,) and return the layer's whole cache."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Write k, v (B, n_kv_head, T, head_dim) at slots `input_pos` (T,); return the keys and values to attend
+        over, each (B, n_kv_head, S, head_dim), and the attention mask for them (None: every one of the S slots).
+
+        S is max_len (fixed shapes, as torch.compile and CUDA graphs want), except in eager mode on the CPU, where
+        it ends at the last slot written: the slots after it would be read only to be masked out, and at batch 8
+        reading the whole cache is a fifth of a decode step's time. (On a GPU, finding that slot would cost a sync.)
+        """
         k_all, v_all = self.k[layer], self.v[layer]  # (B, n_kv_head, max_len, head_dim), views
         k_all.index_copy_(2, input_pos, k.to(k_all.dtype))
         v_all.index_copy_(2, input_pos, v.to(v_all.dtype))
-        return k_all, v_all
+        if input_pos.device.type != "cpu" or torch.compiler.is_compiling():
+            return k_all, v_all, self.attention_mask(input_pos)
+        end = int(input_pos.max()) + 1
+        # One new token without padding sees every slot up to its own: no mask needed.
+        mask = None if input_pos.numel() == 1 and self.pad is None else self.attention_mask(input_pos)[..., :end]
+        return k_all[:, :, :end], v_all[:, :, :end], mask
 
     def attention_mask(self, input_pos: torch.Tensor) -> torch.Tensor:
         """Boolean mask, True where attention is allowed: the query in slot p sees the slots 0..p (causal over
@@ -82,9 +99,10 @@ class KVCache:
         return (causal & (real | own))[:, None]  # (B, 1, T, max_len)
 
     def reorder(self, rows: torch.Tensor) -> None:
-        """Keep rows `rows` (B,) in that order, e.g. the parents of the surviving beams."""
-        self.k = self.k.index_select(1, rows)
-        self.v = self.v.index_select(1, rows)
+        """Keep rows `rows` (B,) in that order, e.g. the parents of the surviving beams (in place: the cache keeps
+        its storage)."""
+        self.k.copy_(self.k.index_select(1, rows))
+        self.v.copy_(self.v.index_select(1, rows))
         if self.pad is not None:
             self.pad = self.pad.index_select(0, rows)
 

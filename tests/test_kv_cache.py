@@ -2,6 +2,8 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from aksis.config import ModelConfig
+from aksis.generation import _Session
 from aksis.kv_cache import KVCache
 from aksis.model import GPT
 
@@ -98,3 +100,54 @@ def test_reorder_permutes_the_cached_rows() -> None:
     assert cache.pad.tolist() == [1, 1, 0]
     with pytest.raises(ValueError, match="one entry per row"):
         cache.set_padding(torch.tensor([1, 2]))
+
+
+def test_the_base_preset_cache_is_the_size_the_arithmetic_says() -> None:
+    cfg = ModelConfig.from_preset("base")
+    for max_len, dtype in ((cfg.block_size, torch.float32), (288, torch.bfloat16)):
+        cache = KVCache(cfg, batch_size=1, max_len=max_len, dtype=dtype)
+        assert cfg.n_kv_head is not None
+        expected = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * max_len * dtype.itemsize  # k and v
+        assert cache.nbytes == expected
+        assert cache.k.untyped_storage().nbytes() + cache.v.untyped_storage().nbytes() == expected
+
+
+def test_decoding_writes_into_the_cache_it_allocated_once(arch: str) -> None:
+    """Prefill, decode steps, a window slide past the context and a beam reorder all reuse the one storage."""
+    model = GPT(tiny_config(arch, block_size=16)).eval()
+    with torch.inference_mode():
+        session = _Session(model, [[1, 2, 3], [4, 5, 6, 7, 8]], max_new_tokens=30, vocab=300)
+        cache = session.cache
+        pointers = (cache.k.data_ptr(), cache.v.data_ptr())
+        before = cache.k.clone()
+        tokens = session.prefill().argmax(dim=-1)
+        for _ in range(20):  # 5 + 20 tokens in a context of 16: the window slides once
+            tokens = session.step(tokens).argmax(dim=-1)
+        session.reorder(torch.tensor([1, 1]))
+        session.step(tokens[[1, 1]])
+    assert session.cache is cache and (cache.k.data_ptr(), cache.v.data_ptr()) == pointers
+    assert not torch.equal(cache.k, before)  # it was written to
+
+
+@torch.no_grad()
+def test_attending_over_the_written_slots_equals_attending_over_the_whole_static_cache(
+    arch: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In eager mode on the CPU the cache hands attention only the slots written so far; compiled (or on a GPU)
+    it hands all max_len slots and a mask. Both give the same logits, with and without left padding."""
+    model = GPT(tiny_config(arch)).eval()
+    idx = torch.randint(0, 300, (2, 9))
+
+    def decode() -> torch.Tensor:
+        cache = KVCache(model.config, batch_size=2, max_len=32)
+        cache.set_padding(torch.tensor([3, 0]))
+        steps = [model(idx[:, :6], kv_cache=cache, input_pos=torch.arange(6))[0]]
+        steps += [model(idx[:, t : t + 1], kv_cache=cache, input_pos=torch.tensor([t]))[0] for t in range(6, 9)]
+        cache.set_padding(None)
+        steps.append(model(idx[:, :1], kv_cache=cache, input_pos=torch.tensor([9]))[0])
+        return torch.cat(steps, dim=1)
+
+    sliced = decode()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    static = decode()
+    torch.testing.assert_close(sliced, static, atol=1e-5, rtol=0)

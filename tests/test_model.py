@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from conftest import tiny_config
 
 from aksis.config import ModelConfig
-from aksis.model import GPT, IGNORE_INDEX, apply_rope, rope_tables
+from aksis.kv_cache import KVCache
+from aksis.model import FEW_ROWS, GPT, IGNORE_INDEX, Linear, apply_rope, rope_tables
 
 
 def test_changing_a_future_token_never_changes_earlier_logits(arch: str) -> None:
@@ -167,3 +168,55 @@ def test_attention_weights_name_a_layer_that_does_not_exist() -> None:
     model = GPT(tiny_config())
     with pytest.raises(ValueError, match="layer must be between 0 and 1, got 2"):
         model.attention_weights(torch.zeros(1, 4, dtype=torch.long), 2)
+
+
+# ----- the decode path -----
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(1, 64), (1, 1, 64), (3, 1, 64), (2, 4, 64)])  # 1 to FEW_ROWS rows
+def test_linear_few_row_path_equals_f_linear(shape: tuple[int, ...], bias: bool) -> None:
+    layer = Linear(64, 300, bias=bias)
+    x = torch.randn(shape)
+    with torch.inference_mode():
+        fast = layer(x)
+    assert fast.shape == (*shape[:-1], 300) and fast.is_contiguous()
+    torch.testing.assert_close(fast, F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+
+
+def test_linear_takes_its_batched_path_only_for_few_float32_rows_without_gradients(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    layer = Linear(64, 300)
+    calls: list[int] = []
+    bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *args: calls.append(1) or bmm(*args))
+    with torch.inference_mode():
+        layer(torch.randn(1, FEW_ROWS, 64))
+        assert len(calls) == 1
+        layer(torch.randn(1, FEW_ROWS + 1, 64))  # a prefill, or a batch of many rows: a plain matmul
+        Linear(64, 301)(torch.randn(1, 64))  # an odd number of outputs cannot be halved
+        Linear(64, 300).double()(torch.randn(1, 64, dtype=torch.float64))
+    out = layer(torch.randn(1, 64))  # gradients on (training): autograd through F.linear
+    assert len(calls) == 1
+    out.sum().backward()
+    assert layer.weight.grad is not None
+
+
+def test_last_only_logits_equal_the_last_row_of_the_full_forward(arch: str) -> None:
+    model = GPT(tiny_config(arch)).eval()
+    idx = torch.randint(0, 300, (2, 12))
+    with torch.inference_mode():
+        full, _ = model(idx)
+        last, _ = model(idx, last_only=True)
+        cache = KVCache(model.config, batch_size=2, max_len=16)
+        cached, _ = model(idx, kv_cache=cache, input_pos=torch.arange(12), last_only=True)
+        nxt = torch.randint(0, 300, (2, 1))
+        step, _ = model(nxt, kv_cache=cache, input_pos=torch.tensor([12]), last_only=True)
+        full_next, _ = model(torch.cat([idx, nxt], dim=1))
+    assert last.shape == cached.shape == step.shape == (2, 1, 300)
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(cached, full[:, -1:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(step, full_next[:, -1:], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="last_only .* cannot compute a loss"):
+        model(idx, idx, last_only=True)

@@ -1,0 +1,322 @@
+"""Generation speed: aksis's `generate_batch` vs Hugging Face transformers' `GPT2LMHeadModel.generate`, side by side.
+
+    python benchmarks/bench_generate.py                                  # base preset, CPU fp32, batch 1 and 8
+    python benchmarks/bench_generate.py --text tinyshakespeare.txt --compile --runs 5
+    python benchmarks/bench_generate.py --threads 1          # a busy machine: one thread suffers less from others
+    python benchmarks/bench_generate.py --preset gpt2 --device cuda --compile   # bf16 on a GPU
+
+Both run greedy decoding of the same prompts (`--prompt-tokens` each, cut from `--text`, default the embedded
+Shakespeare plays) for exactly `--new-tokens` tokens (no stop token: aksis gets `stop_ids=set()`, transformers
+`eos_token_id=None`), on identical weights: the aksis model (random weights of `--preset`, or `--checkpoint`) and
+its export through aksis.interop. Without a checkpoint, the tokenizer is a BPE trained on the text to the preset's
+vocabulary size. aksis is timed through `generate_batch`, the call the CLI and the app make (text decoding and stop
+checks included); transformers through `generate` in the settings listed below. Each repetition runs every
+implementation once, starting with a different one each time, so machine noise hits all alike.
+
+Columns: tokens/s = batch x new tokens / wall time (median over runs); time to first token = a separate 1-token
+generation (prefill + first token); ms/token = (total - first token) / (new tokens - 1): the decode step; peak
+memory = the process's peak RSS while that implementation ran (CPU; both models are loaded, so compare the
+difference) or `torch.cuda.max_memory_allocated` (GPU); same ids = the generated token ids equal aksis's; the last
+column is tokens/s relative to the fastest transformers setting.
+
+transformers settings: "dynamic cache" is the default (DynamicCache); "static cache" is
+`cache_implementation="static"` with auto-compilation off; "static cache + compile" (with --compile) is a second
+copy of the model with `forward = torch.compile(forward)` (mode "reduce-overhead", CUDA graphs, on a GPU) as the
+transformers docs recommend. aksis "compiled" (with --compile) is `torch.compile(model)` passed to generation, as
+`aksis benchmark-inference --compile` does. Compilation happens in the warm-up and is not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from aksis.config import GenerationConfig, ModelConfig
+from aksis.generation import _Session, generate_batch, load_model
+from aksis.interop import to_hf_gpt2
+from aksis.kv_cache import KVCache
+from aksis.model import GPT
+from aksis.tokenizer import Tokenizer
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PeakMemory:
+    """Peak memory while a block runs: the process's RSS high-water mark on the CPU (reset through
+    /proc/self/clear_refs, Linux), allocated GPU memory on CUDA. In bytes; None where it cannot be measured."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak: int | None = None
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            with contextlib.suppress(OSError):  # not Linux: the peak stays that of the whole process
+                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+            return
+        try:
+            status = Path("/proc/self/status").read_text()
+        except OSError:
+            return
+        line = next((s for s in status.splitlines() if s.startswith("VmHWM:")), None)
+        self.peak = int(line.split()[1]) * 1024 if line else None
+
+
+@dataclass
+class Impl:
+    name: str
+    run: Callable[[int], list[list[int]]]  # new tokens -> token ids (B rows)
+    totals: list[float] = field(default_factory=list)
+    ttfts: list[float] = field(default_factory=list)
+    peak: int = 0
+    ids: list[list[int]] | None = None
+
+
+def timed(device: torch.device, fn: Callable[[], list[list[int]]]) -> tuple[float, list[list[int]]]:
+    sync(device)
+    start = time.perf_counter()
+    ids = fn()
+    sync(device)
+    return time.perf_counter() - start, ids
+
+
+def build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> tuple[GPT, Tokenizer, str]:
+    if args.checkpoint:
+        model, tokenizer, _ = load_model(args.checkpoint, device=device, dtype=dtype)
+        return model, tokenizer, args.checkpoint
+    config = ModelConfig.from_preset(args.preset)
+    torch.manual_seed(args.seed)
+    model = GPT(config).to(device=device, dtype=dtype).eval()
+    tokenizer = Tokenizer.train([read_text(args.text)], vocab_size=config.vocab_size)
+    return model, tokenizer, f"preset {args.preset} (random weights, seed {args.seed}; BPE trained on the text)"
+
+
+def read_text(path: str | None) -> str:
+    if path:
+        return Path(path).read_text(encoding="utf-8")
+    from aksis.data import shakespeare_plays
+
+    return "".join(shakespeare_plays())
+
+
+def prompts_from(tokenizer: Tokenizer, text: str, batch: int, length: int) -> list[list[int]]:
+    """`batch` different prompts of `length` tokens: consecutive slices from the middle of the text."""
+    ids = tokenizer.encode(text[len(text) // 2 : len(text) // 2 + 200 * length * batch])
+    if len(ids) < batch * length:
+        raise SystemExit(f"the text is too short for {batch} prompts of {length} tokens")
+    return [ids[i * length : (i + 1) * length] for i in range(batch)]
+
+
+def kv_cache_check(model: GPT, prompt_tokens: int, new_tokens: int) -> str:
+    """The KV cache generation allocates for batch 1, against the arithmetic, and whether decoding kept it."""
+    cfg = model.config
+    param = next(model.parameters())
+    max_len = min(cfg.block_size, prompt_tokens + new_tokens)
+    assert cfg.n_kv_head is not None
+    expected = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * max_len * param.element_size()
+    with torch.inference_mode():
+        session = _Session(model, [[1] * prompt_tokens], new_tokens, cfg.vocab_size)
+        cache: KVCache = session.cache
+        pointers = (cache.k.data_ptr(), cache.v.data_ptr())
+        tokens = session.prefill().argmax(dim=-1)
+        for _ in range(min(new_tokens, 16) - 1):
+            tokens = session.step(tokens).argmax(dim=-1)
+        kept = pointers == (cache.k.data_ptr(), cache.v.data_ptr())
+    return (
+        f"KV cache, batch 1: 2 (k, v) x {cfg.n_layer} layers x {cfg.n_kv_head} KV heads x {cfg.head_dim} head dim x "
+        f"{max_len} slots x {param.element_size()} bytes = {expected:,} bytes; allocated {cache.nbytes:,} bytes "
+        f"({'equal' if cache.nbytes == expected else 'DIFFERENT'}), "
+        f"{'same storage through decoding' if kept else 'storage CHANGED while decoding'}"
+    )
+
+
+def first_difference(a: list[list[int]], b: list[list[int]]) -> str:
+    for row, (x, y) in enumerate(zip(a, b, strict=True)):
+        for i, (s, t) in enumerate(zip(x, y, strict=True)):
+            if s != t:
+                return f"no (row {row}, token {i})"
+    return "yes"
+
+
+def bench_batch(
+    args: argparse.Namespace,
+    model: GPT,
+    tokenizer: Tokenizer,
+    hf_models: dict[str, Any],
+    device: torch.device,
+    batch: int,
+    text: str,
+) -> list[Impl]:
+    prompts = prompts_from(tokenizer, text, batch, args.prompt_tokens)
+    input_ids = torch.tensor(prompts, device=device)
+    mask = torch.ones_like(input_ids)
+    vocab = tokenizer.vocab_size
+    # aksis samples only the tokenizer's ids; tell transformers the same when the model's table is larger.
+    suppress = list(range(vocab, model.config.vocab_size)) or None
+
+    def aksis(m: Any) -> Callable[[int], list[list[int]]]:
+        def run(n: int) -> list[list[int]]:
+            config = GenerationConfig(temperature=0.0, max_new_tokens=n)
+            return [c.token_ids for c in generate_batch(m, tokenizer, prompts, config, stop_ids=set())]
+
+        return run
+
+    def hf(m: Any, **settings: Any) -> Callable[[int], list[list[int]]]:
+        def run(n: int) -> list[list[int]]:
+            with torch.inference_mode():
+                out = m.generate(
+                    input_ids,
+                    attention_mask=mask,
+                    max_new_tokens=n,
+                    do_sample=False,
+                    eos_token_id=None,
+                    pad_token_id=0,
+                    suppress_tokens=suppress,
+                    **settings,
+                )
+            return out[:, input_ids.size(1) :].tolist()
+
+        return run
+
+    impls = [Impl("aksis", aksis(model))]
+    if "aksis_compiled" in hf_models:
+        impls.append(Impl("aksis compiled", aksis(hf_models["aksis_compiled"])))
+    impls.append(Impl("transformers, dynamic cache", hf(hf_models["eager"])))
+    impls.append(Impl("transformers, static cache", hf(hf_models["eager"], cache_implementation="static")))
+    if "compiled" in hf_models:
+        impls.append(
+            Impl("transformers, static cache + compile", hf(hf_models["compiled"], cache_implementation="static"))
+        )
+    for impl in impls:  # warm-up: allocation, kernel choice, compilation
+        start = time.perf_counter()
+        for _ in range(args.warmup):
+            impl.run(1)
+            impl.run(args.new_tokens)
+        if "compile" in impl.name:
+            print(f"  warm-up of {impl.name} (compilation included): {time.perf_counter() - start:.0f}s", flush=True)
+    for rep in range(args.runs):
+        order = impls[rep % len(impls) :] + impls[: rep % len(impls)]
+        for impl in order:
+            with PeakMemory(device) as peak:
+                ttft, _ = timed(device, lambda impl=impl: impl.run(1))  # type: ignore[misc]
+                total, ids = timed(device, lambda impl=impl: impl.run(args.new_tokens))  # type: ignore[misc]
+            impl.ttfts.append(ttft)
+            impl.totals.append(total)
+            impl.peak = max(impl.peak, peak.peak or 0)
+            impl.ids = impl.ids or ids
+        print(
+            f"  batch {batch}, run {rep + 1}/{args.runs}: "
+            + ", ".join(f"{i.name} {batch * args.new_tokens / i.totals[-1]:.0f}" for i in impls)
+            + " tokens/s",
+            flush=True,
+        )
+    return impls
+
+
+def table(impls: list[Impl], batch: int, new_tokens: int, device: torch.device) -> str:
+    reference = [i for i in impls if i.name.startswith("transformers")]
+    best = min(reference, key=lambda i: statistics.median(i.totals))
+    best_tps = batch * new_tokens / statistics.median(best.totals)
+    assert impls[0].ids is not None
+    memory_label = "peak GPU MiB" if device.type == "cuda" else "peak RSS MiB"
+    header = (
+        f"| batch | {'implementation':<36} | tokens/s | first token ms | ms/token | {memory_label} | same ids |"
+        " vs transformers |"
+    )
+    lines = [header, "|" + "|".join("-" * len(cell) for cell in header.split("|")[1:-1]) + "|"]
+    for impl in impls:
+        assert impl.ids is not None
+        total, ttft = statistics.median(impl.totals), statistics.median(impl.ttfts)
+        tps = batch * new_tokens / total
+        ms = 1000 * (total - ttft) / max(new_tokens - 1, 1)
+        same = "-" if impl is impls[0] else first_difference(impls[0].ids, impl.ids)
+        lines.append(
+            f"| {batch:>5} | {impl.name:<36} | {tps:>8,.0f} | {1000 * ttft:>14.1f} | {ms:>8.2f} | "
+            f"{impl.peak / 2**20:>{len(memory_label)},.0f} | {same:>8} | {tps / best_tps:>14.2f}x |"
+        )
+    lines.append(f"(fastest transformers setting at batch {batch}: {best.name})")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="base", help="model preset (random weights); a gpt2-flavour one")
+    parser.add_argument("--checkpoint", default=None, help="a gpt2-flavour checkpoint folder instead of a preset")
+    parser.add_argument("--text", default=None, help="text for the prompts (and the BPE); default: embedded plays")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--precision", default=None, choices=("fp32", "bf16"), help="default: fp32 on CPU, bf16 on GPU")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per implementation and batch size")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--compile", action="store_true", help="add torch.compile'd aksis and transformers rows")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads; default: torch's choice")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.new_tokens < 2 or args.prompt_tokens < 1 or args.runs < 1:
+        raise SystemExit("--new-tokens must be at least 2, --prompt-tokens and --runs at least 1")
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # config notes about GPT-2's own token ids do not apply here
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+
+    model, tokenizer, source = build(args, device, dtype)
+    if model.config.arch != "gpt2":
+        raise SystemExit("the reference (GPT2LMHeadModel) exists for the gpt2 flavour only; pick a gpt2 preset")
+    if model.config.block_size < args.prompt_tokens + args.new_tokens:
+        raise SystemExit(f"prompt + new tokens must fit the context ({model.config.block_size})")
+    hf_models: dict[str, Any] = {"eager": to_hf_gpt2(model).to(device=device, dtype=dtype)}
+    if args.compile:
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        hf_models["aksis_compiled"] = torch.compile(model, mode=mode)
+        compiled = to_hf_gpt2(model).to(device=device, dtype=dtype)
+        compiled.forward = torch.compile(compiled.forward, mode=mode, fullgraph=True)
+        hf_models["compiled"] = compiled
+    for m in hf_models.values():
+        if hasattr(m, "generation_config"):
+            m.generation_config.disable_compile = True  # the compiled row is the explicit one
+
+    text = read_text(args.text)
+    gpu = f" {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    print(
+        f"generation: {source}, {model.num_params() / 1e6:.1f}M parameters; {device.type}{gpu}, {precision}, "
+        f"{torch.get_num_threads()} threads; greedy, {args.prompt_tokens}-token prompts, exactly {args.new_tokens} "
+        f"new tokens; median of {args.runs} runs; torch {torch.__version__}, transformers {transformers.__version__}"
+    )
+    print(kv_cache_check(model, args.prompt_tokens, args.new_tokens))
+    tables = []
+    for batch in args.batch_sizes:
+        impls = bench_batch(args, model, tokenizer, hf_models, device, batch, text)
+        tables.append(table(impls, batch, args.new_tokens, device))
+    print()
+    print("\n\n".join(tables))
+
+
+if __name__ == "__main__":
+    main()
