@@ -44,7 +44,7 @@ class Linear(nn.Linear):
     through MKL's batched GEMM instead. On the 2-core AMD EPYC this was measured on (torch 2.13, MKL 2024.2),
     the base preset's matmuls for one row run 1.7x faster on one thread and 2-2.8x on two; for eight rows 1.2-1.3x
     on two threads (0.9x on one). Same parameters, a view of the weight (no copy); results equal F.linear's up
-    to float rounding (tests/test_model.py). Elsewhere (training, prefill, GPU) it is plain F.linear.
+    to float rounding (tests/test_model.py). Elsewhere (training, prefill, GPU, no MKL) it is plain F.linear.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -52,6 +52,7 @@ class Linear(nn.Linear):
         if (
             rows > FEW_ROWS
             or x.device.type != "cpu"
+            or not torch.backends.mkl.is_available()  # measured with MKL only
             or x.dtype != torch.float32
             or torch.is_grad_enabled()
             or self.out_features % 2

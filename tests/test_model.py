@@ -184,6 +184,7 @@ def test_linear_few_row_path_equals_f_linear(shape: tuple[int, ...], bias: bool)
     torch.testing.assert_close(fast, F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="the batched path is taken only with MKL")
 def test_linear_takes_its_batched_path_only_for_few_float32_rows_without_gradients(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
