@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -155,6 +157,7 @@ class TrainConfig:
     tokenizer: str = "bpe"
     vocab_size: int = 10_004
     val_fraction: float = 0.05
+    val_split: str = "auto"
     stride: int | None = None
     num_proc: int | None = None
     data_cache: str | None = None
@@ -162,12 +165,17 @@ class TrainConfig:
     preset: str = "base"
     arch: str | None = None
     block_size: int | None = None
+    n_layer: int | None = None
+    n_embd: int | None = None
+    n_head: int | None = None
+    d_ff: int | None = None
     dropout: float | None = None
     init_from: str | None = None
     # optimisation
     epochs: int = 1
     max_steps: int | None = None
     max_tokens: int | None = None
+    max_time: float | None = None
     batch_size: int = 16
     grad_accum_steps: int = 1
     optimizer: str = "adamw"
@@ -205,6 +213,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         problems = []
+        try:  # a number of seconds, or "90s", "2m", "1h30m" from a config file
+            self.max_time = None if self.max_time is None else parse_duration(self.max_time)
+        except ValueError as err:
+            problems.append(str(err))
+        else:
+            if self.max_time is not None and not 0 < self.max_time < math.inf:
+                problems.append(f"max_time must be a positive number of seconds (or unset), got {self.max_time}")
         for name in ("vocab_size", "epochs", "batch_size", "grad_accum_steps", "eval_every", "eval_batches"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -212,6 +227,10 @@ class TrainConfig:
             "stride",
             "num_proc",
             "block_size",
+            "n_layer",
+            "n_embd",
+            "n_head",
+            "d_ff",
             "max_steps",
             "max_tokens",
             "save_every",
@@ -239,6 +258,7 @@ class TrainConfig:
             "device": DEVICES,
             "report_to": REPORTERS,
             "data_format": DATA_FORMATS,
+            "val_split": VAL_SPLITS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -252,6 +272,8 @@ class TrainConfig:
                 "--streaming cannot be combined with --data-format chat (conversations are tokenized "
                 "and cached whole); drop --streaming"
             )
+        if self.val_split != "auto" and (self.streaming or self.data_format == "chat"):
+            problems.append("--val-split tail applies to plain text that is not streamed")
         if problems:
             raise ValueError("invalid training settings: " + "; ".join(problems))
 
@@ -291,7 +313,9 @@ class TrainConfig:
                     flag, nargs="?", const="latest", default=argparse.SUPPRESS, metavar="PATH", help=help_text
                 )
             else:
-                base = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
+                base = TRAIN_TYPES.get(f.name) or next(
+                    t for t in typing.get_args(kind) or (kind,) if t is not type(None)
+                )
                 choices = TRAIN_CHOICES.get(f.name)
                 parser.add_argument(
                     flag,
@@ -318,6 +342,7 @@ MIXED_PRECISIONS = ("no", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 REPORTERS = ("none", "tensorboard", "wandb", "trackio")
 DATA_FORMATS = ("text", "chat")
+VAL_SPLITS = ("auto", "tail")
 TRAIN_CHOICES = {
     "data_format": DATA_FORMATS,
     "optimizer": OPTIMIZERS,
@@ -326,6 +351,7 @@ TRAIN_CHOICES = {
     "report_to": REPORTERS,
     "preset": tuple(PRESETS),
     "arch": ARCHS,
+    "val_split": VAL_SPLITS,
 }
 TRAIN_HELP = {
     "dataset": "corpus: 'shakespeare' (embedded, offline), wikitext2, wikitext103, tiny_shakespeare, tinystories, "
@@ -336,22 +362,32 @@ TRAIN_HELP = {
     "{role, content}) in the chat template, the loss only on the assistant's replies (fine-tune with --init-from)",
     "text_column": "the column holding the text (or, with --data-format chat, the messages), for Hub ids and "
     ".jsonl/.parquet files",
-    "streaming": "read the corpus as a stream (for corpora too large to download); needs --max-steps or --max-tokens",
+    "streaming": "read the corpus as a stream (for corpora too large to download); needs --max-steps, --max-tokens "
+    "or --max-time",
     "tokenizer": "'bpe' (trained on the corpus once, then cached), 'byte', a tiktoken encoding (cl100k_base, gpt2, "
     "...), or a tokenizer.json path",
     "vocab_size": "size of the trained BPE, the 4 special tokens included",
     "val_fraction": "share of the corpus held out for validation when it has no validation split",
+    "val_split": "how the validation share is held out when the corpus has no validation split: 'auto' (whole "
+    "documents when there are 20 or more, else the tail of each cut at a line break) or 'tail' (the last "
+    "val_fraction of each document's characters, cut exactly: nanoGPT's split of one file)",
     "stride": "tokens between the starts of training blocks (smaller than the context: overlapping blocks)",
     "num_proc": "processes for tokenizing",
     "data_cache": "folder for cached tokenizers and tokenized corpora ($AKSIS_CACHE, else the datasets cache)",
     "preset": "model size",
     "arch": "'gpt2' (learned positions, LayerNorm, GELU) or 'llama' (RoPE, RMSNorm, SwiGLU); default: the preset's",
     "block_size": "context length in tokens; default: the preset's (or the --init-from model's)",
+    "n_layer": "transformer blocks; default: the preset's (for a new model)",
+    "n_embd": "model width; default: the preset's (for a new model)",
+    "n_head": "attention heads; default: the preset's (for a new model)",
+    "d_ff": "hidden width of the MLP; default: the preset's (for a new model)",
     "dropout": "dropout rate; default: the preset's",
     "init_from": "start from this checkpoint (folder or Hub id), with its config and tokenizer, e.g. to fine-tune",
     "epochs": "passes over the training data",
     "max_steps": "stop after this many optimizer steps (sets the length of the LR schedule)",
     "max_tokens": "stop after this many training tokens (all processes together)",
+    "max_time": "stop after this much wall-clock time in the training loop: seconds, or 90s, 2m, 1.5h, 1h30m; the "
+    "cosine then follows the share of it spent (a resumed run counts the time already spent)",
     "batch_size": "blocks per batch, per process",
     "grad_accum_steps": "batches accumulated per optimizer step",
     "optimizer": "AdamW (weight decay on matrices only), Adam, or SGD with momentum",
@@ -388,6 +424,29 @@ TRAIN_HELP = {
     "push_training_state": "also push the resumable training state to the branch 'training-state', so "
     "`--resume user/name@training-state` continues the run on another machine",
 }
+
+
+def parse_duration(text: str | float) -> float:
+    """Seconds from a number or a duration such as "90", "90s", "2m", "1.5h" or "1h30m"."""
+    if isinstance(text, int | float):
+        return float(text)
+    value = text.strip().lower()
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    parts = re.findall(r"(\d+(?:\.\d*)?|\.\d+)\s*([hms])", value)
+    if not parts or re.sub(r"(\d+(?:\.\d*)?|\.\d+)\s*[hms]", "", value).strip():
+        raise ValueError(f"max_time must be seconds or a duration such as 90s, 2m, 1.5h or 1h30m, got {text!r}")
+    return sum(float(number) * {"h": 3600, "m": 60, "s": 1}[unit] for number, unit in parts)
+
+
+def duration(text: str) -> float:
+    """The argparse type of --max-time (argparse names it in its error: "invalid duration value")."""
+    return parse_duration(text)
+
+
+TRAIN_TYPES: dict[str, Any] = {"max_time": duration}  # flags parsed by something else than their field's type
 
 
 def read_settings(path: str | Path) -> dict[str, Any]:

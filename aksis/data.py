@@ -11,7 +11,9 @@
 
 The validation split is the dataset's own where it has one; otherwise a deterministic held-out fraction:
 whole documents when there are enough of them, else the tail of each document, cut at a line break (for a
-stream: the documents whose checksum falls in that share).
+stream: the documents whose checksum falls in that share). `val_split="tail"` always holds out the tail of
+each document, cut at the exact character (nanoGPT's split of Tiny Shakespeare: the first 90% of the file's
+characters train, the last 10% validate).
 
 Then tokens (`build_data`): the tokenizer is trained once per corpus (or named) and cached; documents are
 tokenized with `datasets.map` (batched, multi-process), each followed by `<|endoftext|>`, and the result is
@@ -65,7 +67,7 @@ import torch
 from datasets.distributed import split_dataset_by_node
 
 from aksis.chat import ROLES, ChatError, Message, messages_from_records, render
-from aksis.config import DATA_FORMATS
+from aksis.config import DATA_FORMATS, VAL_SPLITS
 from aksis.model import IGNORE_INDEX
 from aksis.tokenizer import DEFAULT_VOCAB_SIZE, Tokenizer, TokenizerError
 
@@ -193,12 +195,17 @@ def load_corpus(
     val_fraction: float = 0.05,
     seed: int = 0,
     streaming: bool | None = None,
+    val_split: str = "auto",
 ) -> datasets.DatasetDict | datasets.IterableDatasetDict:
     """Documents of a named corpus, Hub dataset or local files, as "train" and "validation" splits with one
     "text" column. `streaming=None` streams only what is too large to download (fineweb-edu); True streams
-    anything (an `IterableDatasetDict`), False materialises everything."""
+    anything (an `IterableDatasetDict`), False materialises everything. A corpus without a validation split
+    holds out `val_fraction` of it: `val_split="auto"` as the module docstring says, "tail" the last
+    `val_fraction` of each document's characters, cut exactly."""
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    if val_split not in VAL_SPLITS:
+        raise DataError(f"val_split must be one of {', '.join(VAL_SPLITS)}, got {val_split!r}")
     corpus: datasets.DatasetDict | datasets.IterableDatasetDict
     if source == "shakespeare":
         corpus = datasets.DatasetDict({"train": datasets.Dataset.from_dict({TEXT_COLUMN: shakespeare_plays()})})
@@ -215,7 +222,7 @@ def load_corpus(
         )
     if streaming and isinstance(corpus, datasets.DatasetDict):  # the embedded corpus is small; stream it anyway
         corpus = datasets.IterableDatasetDict({k: v.to_iterable_dataset() for k, v in corpus.items()})
-    corpus = _with_validation(corpus, val_fraction, seed)
+    corpus = _with_validation(corpus, val_fraction, seed, val_split)
     if not any(row[TEXT_COLUMN] for row in corpus["train"].take(1000)):  # works for streams too
         raise DataError(f"the dataset {source!r} has no text in its train split")
     return corpus
@@ -329,13 +336,18 @@ def _own_validation(corpus: Any) -> Any:
 
 
 def _with_validation(
-    corpus: datasets.DatasetDict | datasets.IterableDatasetDict, val_fraction: float, seed: int
+    corpus: datasets.DatasetDict | datasets.IterableDatasetDict,
+    val_fraction: float,
+    seed: int,
+    val_split: str = "auto",
 ) -> datasets.DatasetDict | datasets.IterableDatasetDict:
     """Keep the corpus' own validation split ("validation", else "test"); otherwise hold out a fraction."""
     own = _own_validation(corpus)
     if own is not None:
         return own
     train = corpus["train"]
+    if val_split == "tail" and isinstance(train, datasets.IterableDataset):
+        raise DataError("val_split 'tail' cuts each document, which a stream cannot do: drop --streaming")
     if isinstance(train, datasets.IterableDataset):
         # Length unknown: hold out the documents whose checksum falls in a val_fraction share. Decided by content,
         # not position, so every process of a sharded stream agrees on which documents are held out.
@@ -346,13 +358,13 @@ def _with_validation(
                 "validation": train.filter(lambda row: _held_out(row[TEXT_COLUMN], every)),
             }
         )
-    if len(train) >= MIN_DOCS_FOR_DOCUMENT_SPLIT:
+    if val_split == "auto" and len(train) >= MIN_DOCS_FOR_DOCUMENT_SPLIT:
         split = train.train_test_split(test_size=val_fraction, seed=seed, shuffle=True)
         return datasets.DatasetDict({"train": split["train"], "validation": split["test"]})
     heads, tails = [], []
     for text in train[TEXT_COLUMN]:
-        cut = int(len(text) * (1 - val_fraction))
-        newline = text.rfind("\n", 0, cut)
+        cut = int(len(text) * (1 - val_fraction))  # nanoGPT: data[: int(n * 0.9)] trains
+        newline = text.rfind("\n", 0, cut) if val_split == "auto" else -1
         cut = newline + 1 if newline > 0 else cut
         heads.append(text[:cut])
         tails.append(text[cut:])
@@ -748,6 +760,7 @@ def build_data(
     text_column: str | None = None,
     streaming: bool | None = None,
     val_fraction: float = 0.05,
+    val_split: str = "auto",
     seed: int = 0,
     num_proc: int | None = None,
     cache_dir: Path | None = None,
@@ -758,6 +771,8 @@ def build_data(
     if data_format not in DATA_FORMATS:
         raise DataError(f"data_format must be one of {', '.join(DATA_FORMATS)}, got {data_format!r}")
     if data_format == "chat":
+        if val_split != "auto":
+            raise DataError("val_split 'tail' cuts plain text; conversations are held out whole")
         if streaming:
             raise DataError(
                 "--streaming cannot be combined with --data-format chat: conversations are tokenized and cached "
@@ -776,7 +791,9 @@ def build_data(
         blocks = _training_blocks(source, tokens, block_size, stride, token_stream(train, "labels"))
         return TrainData(tokenizer, blocks, validation, len(tokens))
 
-    corpus = load_corpus(source, text_column=text_column, val_fraction=val_fraction, seed=seed, streaming=streaming)
+    corpus = load_corpus(
+        source, text_column=text_column, val_fraction=val_fraction, seed=seed, streaming=streaming, val_split=val_split
+    )
     train_texts, val_texts = corpus["train"], corpus["validation"]
     if isinstance(val_texts, datasets.IterableDataset):  # evaluation reads a fixed, materialised sample
         sample = [row[TEXT_COLUMN] for row in itertools.islice(val_texts, STREAM_VAL_DOCS)]

@@ -18,6 +18,15 @@ Notable choices:
   into place, so an interrupted save never leaves a half-written `step-N`.
 - The LR scheduler is stepped here, once per optimizer step (not through `accelerator.prepare`, which would
   step it once per process), and saved with `register_for_checkpointing`.
+- A wall-clock budget (`max_time`) counts the seconds spent in the training loop (steps, evaluations, saves;
+  not the setup before it, but a `torch.compile` happens in the first steps and counts), over all sessions of
+  a run: the time already spent is saved in trainer_state.json, so a resumed run gets what is left (raise
+  --max-time to extend it). The run ends at the end of the step during which the budget runs out, then
+  evaluates and saves as after any limit. The cosine decay then follows the share of the budget spent (or of
+  the steps, when a step, token or epoch limit comes first; see `lr_factor`), so it reaches its floor when the
+  run ends. The clock is averaged across processes at every step, so all agree on the learning rate and on
+  when to stop. Such a run depends on the machine's speed: unlike a run limited by steps, it is not
+  reproducible step for step.
 - Chat fine-tuning (`--data-format chat`) reads blocks of [ids; labels] and trains only where the labels are
   not IGNORE_INDEX (the assistant's replies); see `batch_loss` for how such a loss is normalised. Validation
   loss is the mean over the trained target tokens, in both formats.
@@ -86,7 +95,8 @@ class RunState:
     epoch: int = 0
     batches_in_epoch: int = 0  # batches this process has consumed in the current epoch (or stream blocks / batch)
     tokens: int = 0  # training tokens seen, all processes together
-    elapsed: float = 0.0  # seconds of training, over all sessions of the run
+    elapsed: float = 0.0  # seconds of training steps, over all sessions of the run
+    clock: float = 0.0  # seconds in the training loop (steps, evaluations, saves), all sessions: what max_time counts
     best_val_loss: float | None = None
     best_step: int | None = None
     evals_since_best: int = 0
@@ -96,7 +106,7 @@ class RunState:
 class TrainResult:
     steps: int
     tokens: int
-    stopped: str  # why the run ended: "max_steps", "epochs", "max_tokens", "early stopping", "interrupted"
+    stopped: str  # why the run ended: "max_steps", "epochs", "max_tokens", "max_time", "early stopping", "interrupted"
     last_checkpoint: Path | None
     best_checkpoint: Path | None
     best_val_loss: float | None
@@ -118,11 +128,16 @@ class EpochSampler(torch.utils.data.Sampler[int]):
         return self.n
 
 
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warmup over `warmup` steps, then cosine decay to `min_ratio` at step `total`."""
+def lr_factor(step: int, warmup: int, total: int | None, min_ratio: float, spent: float = 0.0) -> float:
+    """Linear warmup over `warmup` steps, then cosine decay to `min_ratio` as the run progresses. Progress is
+    the share of the steps after warmup done, (step - warmup) / (total - warmup), or `spent`, the share of a
+    wall-clock budget spent, whichever is larger: the decay reaches `min_ratio` at the first limit of the run.
+    (`total` is None for a stream bounded by time alone. Warmup counts steps even under a time budget: its
+    job is to let Adam's moment estimates settle, which takes updates, not seconds.)"""
     if step < warmup:
         return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = spent if total is None else max(spent, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, progress)
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -242,14 +257,17 @@ class Trainer:
         if self.sampler is not None:
             self.train_loader = acc.prepare(self.train_loader)
         self.total_steps = self._total_steps()
+        self.state = RunState()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
-            lambda step: lr_factor(step, config.warmup_steps, self.total_steps, config.min_lr_ratio),
+            lambda step: lr_factor(
+                step, config.warmup_steps, self.total_steps, config.min_lr_ratio, self._budget_spent()
+            ),
         )
         acc.register_for_checkpointing(self.scheduler)
-        self.state = RunState()
         if self.resume_from is not None:
             self._load(self.resume_from)
+        self._start_clock()
 
     # ----- setup -----
 
@@ -306,18 +324,22 @@ class Trainer:
         new model; the tokenizer is None when it is still to be built from the corpus."""
         config = self.config
         source = self.resume_from or (config.init_from and Path(config.init_from).expanduser())
+        shape = dict(n_layer=config.n_layer, n_embd=config.n_embd, n_head=config.n_head, d_ff=config.d_ff)
         if source is None:
-            overrides = {
-                k: v
-                for k, v in dict(arch=config.arch, block_size=config.block_size, dropout=config.dropout).items()
-                if v is not None
-            }
+            settings = dict(arch=config.arch, block_size=config.block_size, dropout=config.dropout, **shape)
+            overrides = {k: v for k, v in settings.items() if v is not None}
             try:
                 model_config = ModelConfig.from_preset(config.preset, **overrides)
             except ValueError as err:
                 raise TrainingError(str(err)) from err
             return None, model_config, None, model_config.block_size
         name = config.init_from if self.resume_from is None else str(source)
+        given = [f"--{k.replace('_', '-')}" for k, v in shape.items() if v is not None]
+        if given and self.resume_from is None:
+            raise TrainingError(
+                f"{', '.join(given)} shape(s) a new model; --init-from {name} keeps the shape of that model: "
+                "drop them (or train a new model without --init-from)"
+            )
         try:
             model_config = read_model_config(resolve_file(str(name), CONFIG_FILE))
             tokenizer = load_tokenizer(str(name))
@@ -348,8 +370,9 @@ class Trainer:
         )
         return loader, sampler
 
-    def _total_steps(self) -> int:
-        """The length of the run in optimizer steps: the first limit reached among steps, tokens, epochs."""
+    def _total_steps(self) -> int | None:
+        """The length of the run in optimizer steps: the first limit reached among steps, tokens, epochs (None
+        for a stream bounded by --max-time alone)."""
         config = self.config
         limits = []
         if config.max_steps:
@@ -365,9 +388,9 @@ class Trainer:
                     f"{config.grad_accum_steps} accumulation x {self.accelerator.num_processes} processes): "
                     "give more text, or lower --batch-size or --block-size"
                 )
-        elif not limits:
-            raise TrainingError("a streamed dataset has no epochs: give --max-steps or --max-tokens")
-        return min(limits)
+        elif not limits and not config.max_time:
+            raise TrainingError("a streamed dataset has no epochs: give --max-steps or --max-tokens (or --max-time)")
+        return min(limits, default=None)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -379,6 +402,19 @@ class Trainer:
         """Training tokens per optimizer step, all processes together."""
         cfg = self.config
         return cfg.batch_size * cfg.grad_accum_steps * self.accelerator.num_processes * self.block_size
+
+    # ----- the clock of a time budget -----
+
+    def _start_clock(self) -> None:
+        self._clock_base, self._clock_started = self.state.clock, time.perf_counter()
+
+    def _clock(self) -> float:
+        """Seconds spent in the training loop, this session and earlier ones (this process's own count)."""
+        return self._clock_base + time.perf_counter() - self._clock_started
+
+    def _budget_spent(self) -> float:
+        """The share of --max-time spent, by the clock all processes agreed on at the last step (0 without one)."""
+        return self.state.clock / self.config.max_time if self.config.max_time else 0.0
 
     # ----- the loop -----
 
@@ -397,8 +433,8 @@ class Trainer:
                 shutil.copy(history, self.output_dir / METRICS_FILE)  # resumed elsewhere: bring the log along
             self._trim_metrics()
         log.info(
-            "training for %d steps of %d tokens on %s (%d process%s, %s)",
-            self.total_steps,
+            "training for %s, %d tokens a step, on %s (%d process%s, %s)",
+            self._length(),
             self.tokens_per_step,
             acc.device,
             acc.num_processes,
@@ -406,18 +442,20 @@ class Trainer:
             acc.distributed_type.value,
         )
         last_saved = last_eval = state.step if self.resume_from is not None else None
-        stopped = self._limit_reached() if state.step >= self.total_steps else ""
+        stopped = self._limit_reached()
+        timed = config.max_time is not None  # the progress bar counts seconds of the budget, else steps
         progress = tqdm(
-            total=self.total_steps,
-            initial=state.step,
+            total=round(config.max_time) if config.max_time else self.total_steps,
+            initial=min(int(state.clock), round(config.max_time)) if config.max_time else state.step,
             desc="training",
-            unit="step",
+            unit="s" if timed else "step",
             disable=not (config.progress and acc.is_main_process),
             dynamic_ncols=True,
         )
         self.model.train()
         batches = self._batches()
         window_start, window_tokens = time.perf_counter(), 0
+        self._start_clock()
         with _signals_request_stop(self.request_stop):
             while not stopped:
                 started = time.perf_counter()
@@ -433,19 +471,19 @@ class Trainer:
                 state.tokens += self.tokens_per_step
                 state.elapsed += time.perf_counter() - started
                 window_tokens += self.tokens_per_step
-                progress.update(1)
+                progress.update(min(int(state.clock), progress.total) - progress.n if timed else 1)
                 if state.step % config.log_every == 0 or state.step == 1:
                     now = time.perf_counter()
                     speed = window_tokens / max(now - window_start, 1e-9)
                     window_start, window_tokens = now, 0
                     lr = float(self.scheduler.get_last_lr()[0])
-                    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}")
+                    extra = {"step": state.step} if timed else {}
+                    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}", **extra)
                     self._log({"loss": loss, "lr": lr, "tokens_per_s": speed})
-                if state.step >= self.total_steps:
-                    stopped = self._limit_reached()
-                elif self._stop_requested:
+                stopped = self._limit_reached()
+                if not stopped and self._stop_requested:
                     stopped = "interrupted"
-                elif state.step % config.eval_every == 0:
+                elif not stopped and state.step % config.eval_every == 0:
                     self._evaluate()
                     last_eval = state.step
                     if config.patience and state.evals_since_best >= config.patience:
@@ -478,12 +516,25 @@ class Trainer:
         )
 
     def _limit_reached(self) -> str:
-        config = self.config
-        if config.max_steps and self.state.step >= config.max_steps:
+        """Which limit of the run is reached ("" while none is): steps, tokens, the epochs, or the time budget."""
+        config, state = self.config, self.state
+        if config.max_steps and state.step >= config.max_steps:
             return "max_steps"
-        if config.max_tokens and self.state.tokens >= config.max_tokens:
+        if config.max_tokens and state.tokens >= config.max_tokens:
             return "max_tokens"
-        return "epochs"
+        if self.total_steps is not None and state.step >= self.total_steps:
+            return "epochs"
+        if config.max_time and state.clock >= config.max_time:
+            log.info("the time budget of %s is spent after %d steps", _seconds(config.max_time), state.step)
+            return "max_time"
+        return ""
+
+    def _length(self) -> str:
+        """The planned length of the run, for the log."""
+        if self.config.max_time is None:
+            return f"{self.total_steps} steps"
+        budget = _seconds(self.config.max_time)
+        return budget if self.total_steps is None else f"{budget} (or {self.total_steps:,} steps if they end first)"
 
     def _batches(self) -> Iterator[torch.Tensor]:
         """This epoch's batches, from the current data position."""
@@ -516,8 +567,17 @@ class Trainer:
                 losses.append(loss.detach().float())
                 if acc.sync_gradients:
                     # One reduction per step, before the update: every process learns the loss and any stop request.
-                    flags = torch.stack([torch.stack(losses).mean(), torch.tensor(float(self._stop_requested))])
-                    mean_loss, stop = (acc.reduce(flags.to(acc.device), "sum") / acc.num_processes).tolist()
+                    # The clock too: the mean of the processes' clocks is what all use for the schedule and the budget.
+                    flags = torch.stack(
+                        [
+                            torch.stack(losses).mean(),
+                            torch.tensor(float(self._stop_requested)),
+                            torch.tensor(self._clock()),
+                        ]
+                    )
+                    mean_loss, stop, self.state.clock = (
+                        acc.reduce(flags.to(acc.device), "sum") / acc.num_processes
+                    ).tolist()
                     if not math.isfinite(mean_loss):
                         self._fail_non_finite(mean_loss)
                     self._stop_requested = self._stop_requested or stop > 0
@@ -624,8 +684,9 @@ class Trainer:
         with _quiet("accelerate"):  # it logs every file it writes, and warns about our (intended) tied weights
             acc.save_state(str(tmp / TRAINING_STATE_DIR))
         if acc.is_main_process:
+            # The time spent includes this step's evaluation and this save (all but renaming it into place).
             record = {
-                "state": dataclasses.asdict(state),
+                "state": {**dataclasses.asdict(state), "clock": max(state.clock, self._clock())},
                 "block_size": self.block_size,
                 "train_config": self.config.to_dict(),
             }
@@ -781,6 +842,11 @@ def _describe(config: ModelConfig) -> str:
         f"{config.arch}, {config.n_layer} layers x {config.n_embd}, {config.n_head} heads, "
         f"context {config.block_size}, vocab {config.vocab_size}"
     )
+
+
+def _seconds(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes}m{rest:02d}s" if minutes else f"{seconds:g}s"
 
 
 def _step_name(step: int) -> str:

@@ -9,6 +9,11 @@ network as a `GPT2LMHeadModel` with identical weights (exported with aksis.inter
 clipping and AdamW on the same batches. The two are timed alternately, step by step, so machine noise hits
 both alike. MFU is model FLOPs per second (6 x weights + attention, PaLM appendix B) over a peak: the
 datasheet peak for known GPUs, and always a measured dense-matmul peak on this device and precision.
+
+Peak memory of training: aksis's is measured alone, over its warmup steps before the reference model exists
+(on a GPU the peak allocated; on a CPU the process's peak RSS: interpreter, data and all). The reference's on
+a GPU is its own peak over its warmup steps, above what aksis keeps allocated; on a CPU the process's peak can
+only grow, so its column shows the peak of both together.
 """
 
 from __future__ import annotations
@@ -61,6 +66,14 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
+def peak_memory(device: torch.device) -> float:
+    """Bytes: the peak allocated on a GPU since the last reset; on a CPU the process's peak RSS so far."""
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return float(rss if sys.platform == "darwin" else rss * 1024)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="base")
@@ -95,13 +108,6 @@ def main() -> None:
             raise SystemExit("the reference (GPT2LMHeadModel) exists for the gpt2 flavour only; pick a gpt2 preset")
         device = trainer.accelerator.device
         plain = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
-        hf = to_hf_gpt2(plain).to(device).train()
-        hf.config.use_cache = False
-        if args.compile:
-            hf = torch.compile(hf)
-        hf_opt = torch.optim.AdamW(
-            hf.parameters(), lr=config.learning_rate, betas=(config.beta1, config.beta2), fused=device.type == "cuda"
-        )
         dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
 
         batches = trainer._batches()
@@ -110,6 +116,23 @@ def main() -> None:
 
         def aksis_step() -> None:
             trainer._train_step(feed)
+
+        # Warm up aksis alone first, so its peak memory is its own.
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(args.warmup):
+            aksis_step()
+        sync(device)
+        peak = {"aksis": peak_memory(device)}
+        kept = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+        hf = to_hf_gpt2(plain).to(device).train()
+        hf.config.use_cache = False
+        if args.compile:
+            hf = torch.compile(hf)
+        hf_opt = torch.optim.AdamW(
+            hf.parameters(), lr=config.learning_rate, betas=(config.beta1, config.beta2), fused=device.type == "cuda"
+        )
 
         def hf_step(batch: torch.Tensor) -> None:
             with torch.autocast(device.type, dtype=dtype, enabled=args.precision != "fp32"):
@@ -124,30 +147,31 @@ def main() -> None:
             "aksis": lambda i: aksis_step(),
             "transformers": lambda i: hf_step(pool[i]),
         }
-        for i in range(args.warmup + args.steps):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for i in range(args.warmup):
+            hf_step(pool[i])
+        sync(device)
+        peak["transformers"] = peak_memory(device) - kept  # on a CPU: the peak of both (see the docstring)
+        for i in range(args.warmup, args.warmup + args.steps):
             for name, run in runs.items():
                 sync(device)
                 start = time.perf_counter()
                 run(i)
                 sync(device)
-                if i >= args.warmup:
-                    times[name].append(time.perf_counter() - start)
+                times[name].append(time.perf_counter() - start)
 
         tokens = args.batch_size * trainer.block_size
         flops_per_token = plain.flops_per_token(trainer.block_size, training=True)
         measured_peak = matmul_peak(device, dtype)
         gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
         sheet = next((v for (k, p), v in DATASHEET_TFLOPS.items() if k in gpu and p == args.precision), None)
-        memory = (
-            f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB GPU (both models)"
-            if device.type == "cuda"
-            else f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS (both models)"
-        )
+        memory_kind = "GPU memory, each its own" if device.type == "cuda" else "process RSS: aksis alone, then both"
 
     print(
         f"\ntraining step: preset {args.preset} ({plain.num_params() / 1e6:.1f}M parameters), batch {args.batch_size}"
         f" x {trainer.block_size} tokens, {device.type}{' ' + gpu if gpu else ''}, {args.precision}"
-        f"{', compiled' if args.compile else ''}; median of {args.steps} steps; peak memory {memory}"
+        f"{', compiled' if args.compile else ''}; median of {args.steps} steps; peak memory: {memory_kind}"
     )
     print(
         f"measured matmul peak: {measured_peak / 1e12:.2f} TFLOP/s" + (f"; datasheet {sheet} TFLOP/s" if sheet else "")
@@ -155,7 +179,7 @@ def main() -> None:
     header = f"| {'implementation':<14} | {'ms/step':>9} | {'tokens/s':>10} | {'MFU (measured)':>14} |"
     if sheet:
         header += f" {'MFU (datasheet)':>15} |"
-    header += f" {'speed vs transformers':>21} |"
+    header += f" {'speed vs transformers':>21} | {'peak memory':>11} |"
     print(header)
     print("|" + "|".join("-" * (len(cell) + 0) for cell in header.split("|")[1:-1]) + "|")
     reference = statistics.median(times["transformers"])
@@ -166,7 +190,7 @@ def main() -> None:
         row = f"| {name:<14} | {step * 1e3:>9.1f} | {throughput:>10,.0f} | {mfu:>14.1%} |"
         if sheet:
             row += f" {throughput * flops_per_token / (sheet * 1e12):>15.1%} |"
-        row += f" {reference / step:>20.2f}x |"
+        row += f" {reference / step:>20.2f}x | {peak[name] / 2**30:>7.2f} GiB |"
         print(row)
 
 

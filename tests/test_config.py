@@ -1,8 +1,9 @@
+import argparse
 import json
 
 import pytest
 
-from aksis.config import PRESETS, GenerationConfig, ModelConfig
+from aksis.config import PRESETS, GenerationConfig, ModelConfig, TrainConfig, parse_duration
 
 
 def test_base_preset_is_the_product_default() -> None:
@@ -67,3 +68,31 @@ def test_generation_config_defaults_and_validation() -> None:
         GenerationConfig(top_p=0.0)
     with pytest.raises(ValueError, match="temperature must be >= 0"):
         GenerationConfig(temperature=-1)
+
+
+@pytest.mark.parametrize(
+    "text, seconds", [("90", 90.0), (90, 90.0), ("90s", 90.0), ("2m", 120.0), ("1.5h", 5400.0), ("1h30m", 5400.0)]
+)
+def test_a_time_budget_is_seconds_or_a_duration(text: str | int, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+    assert TrainConfig(max_time=text).max_time == seconds  # type: ignore[arg-type]  # a YAML file may hold "2m"
+
+
+def test_bad_time_budgets_and_the_flag() -> None:
+    for bad in ("2x", "1h30", "", "0s", -5):
+        with pytest.raises(ValueError, match="max_time"):
+            TrainConfig(max_time=bad)  # type: ignore[arg-type]
+    parser = argparse.ArgumentParser()
+    TrainConfig.add_arguments(parser)
+    assert TrainConfig.from_args(parser.parse_args(["--max-time", "2m"])).max_time == 120.0
+    assert TrainConfig.from_args(parser.parse_args(["--max-time", "none"])).max_time is None
+
+
+def test_val_split_and_model_shape_settings_are_checked() -> None:
+    assert TrainConfig(val_split="tail", n_layer=4, n_embd=128, n_head=4, d_ff=512).val_split == "tail"
+    with pytest.raises(ValueError, match="val_split must be one of auto, tail"):
+        TrainConfig(val_split="head")
+    with pytest.raises(ValueError, match="--val-split tail applies to plain text"):
+        TrainConfig(val_split="tail", streaming=True, max_steps=5)
+    with pytest.raises(ValueError, match="n_layer must be at least 1"):
+        TrainConfig(n_layer=0)

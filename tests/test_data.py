@@ -84,6 +84,29 @@ def test_a_single_text_file_holds_out_its_tail_at_a_line_break(tmp_path: Path) -
     assert 0.05 < len(val[0]) / len(train[0] + val[0]) < 0.15
 
 
+def test_val_split_tail_cuts_each_document_at_the_exact_character_as_nanogpt_does(tmp_path: Path) -> None:
+    text = "".join(f"line {i} of the only document\n" for i in range(200))
+    (tmp_path / "input.txt").write_text(text)
+    corpus = load_corpus(str(tmp_path / "input.txt"), val_fraction=0.1, val_split="tail")
+    n = len(text)
+    assert corpus["train"]["text"] == [text[: int(n * 0.9)]] and corpus["validation"]["text"] == [text[int(n * 0.9) :]]
+    assert not text[: int(n * 0.9)].endswith("\n")  # mid-line, where "auto" would have moved to a line break
+    auto = load_corpus(str(tmp_path / "input.txt"), val_fraction=0.1)
+    assert auto["train"]["text"][0].endswith("\n") and auto["train"]["text"] != corpus["train"]["text"]
+    docs = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": [f"doc {i} " * 10 for i in range(25)]})})
+    per_doc = _with_validation(docs, 0.2, seed=0, val_split="tail")  # many documents: still the tail of each
+    assert len(per_doc["validation"]) == 25
+    assert [a + b for a, b in zip(per_doc["train"]["text"], per_doc["validation"]["text"], strict=True)] == docs[
+        "train"
+    ]["text"]
+    with pytest.raises(DataError, match="stream"):
+        load_corpus(str(tmp_path / "input.txt"), streaming=True, val_split="tail")
+    with pytest.raises(DataError, match="val_split must be one of auto, tail"):
+        load_corpus(str(tmp_path / "input.txt"), val_split="head")
+    data = build_data(str(tmp_path / "input.txt"), block_size=8, tokenizer="byte", val_fraction=0.1, val_split="tail")
+    assert data.train_tokens == int(n * 0.9) + 1  # byte tokens of the first 90% and the closing <|endoftext|>
+
+
 def test_folders_globs_and_mixed_formats(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("alpha text\nsecond line\n")
     (tmp_path / "b.md").write_text("# beta\nmarkdown\n")

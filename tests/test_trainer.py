@@ -144,6 +144,11 @@ def test_learning_rate_warms_up_then_decays_to_the_minimum() -> None:
     assert max(factors) == pytest.approx(1.0)
     assert all(a >= b for a, b in itertools.pairwise(factors[10:]))
     assert factors[60] == pytest.approx(0.55) and factors[110] == pytest.approx(0.1)
+    # Under a time budget the decay follows the share of it spent, or the steps when they are further along.
+    assert lr_factor(20, warmup=10, total=None, min_ratio=0.1, spent=0.5) == pytest.approx(0.55)
+    assert lr_factor(20, warmup=10, total=10**6, min_ratio=0.1, spent=1.0) == pytest.approx(0.1)
+    assert lr_factor(60, warmup=10, total=110, min_ratio=0.1, spent=0.2) == pytest.approx(0.55)
+    assert lr_factor(5, warmup=10, total=None, min_ratio=0.1, spent=0.9) == pytest.approx(0.6)  # warmup counts steps
 
 
 def test_weight_decay_applies_to_matrices_only(arch: str) -> None:
@@ -246,6 +251,91 @@ def test_a_streamed_corpus_trains_with_a_step_limit(tmp_path: Path) -> None:
     assert result.steps == 4 and result.best_checkpoint is not None
     with pytest.raises(TrainingError, match="--max-steps or --max-tokens"):
         Trainer(run_config(tmp_path / "x", dataset=dataset, streaming=True, max_steps=None))
+
+
+def small_corpus(tmp_path: Path) -> str:
+    """A local text of ~40 KB: building its data takes no time, unlike the embedded plays."""
+    path = tmp_path / "small.txt"
+    path.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(800)))
+    return str(path)
+
+
+def trainer_state(checkpoint: Path) -> dict[str, Any]:
+    return json.loads((checkpoint / TRAINING_STATE_DIR / TRAINER_STATE_FILE).read_text())["state"]
+
+
+def test_a_time_budget_ends_the_run_with_a_checkpoint_and_the_schedule_at_its_floor(tmp_path: Path) -> None:
+    config = run_config(
+        tmp_path, dataset=small_corpus(tmp_path), max_steps=None, epochs=10**4, max_time=1.5, eval_every=10**6
+    )
+    started = time.perf_counter()
+    result = train(config)
+    assert time.perf_counter() - started < 60  # the budget ended it, not the 10,000 epochs
+    assert result.stopped == "max_time" and result.steps > config.warmup_steps
+    records = metrics(config.output_dir)
+    lrs = [r["lr"] for r in records if "lr" in r]
+    assert len(lrs) == result.steps
+    assert lrs[-1] == pytest.approx(config.learning_rate * config.min_lr_ratio)  # the floor, at the end
+    peak = config.warmup_steps - 2  # the record of step k holds the rate for step k + 1
+    assert lrs[peak] == pytest.approx(config.learning_rate) and max(lrs) == pytest.approx(config.learning_rate)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[peak:]))  # then the cosine, by the clock
+    assert [r["step"] for r in records if "val_loss" in r] == [result.steps]  # the final evaluation
+    assert result.last_checkpoint == Path(config.output_dir) / f"step-{result.steps:06d}"
+    assert trainer_state(result.last_checkpoint)["clock"] >= 1.5
+    # A streamed corpus may be bounded by time alone.
+    with open(tmp_path / "docs.jsonl", "w") as f:
+        for i in range(60):
+            f.write(json.dumps({"text": f"record {i}: the quick brown fox jumps over the lazy dog. " * 3}) + "\n")
+    dataset = str(tmp_path / "docs.jsonl")
+    streamed = train(run_config(tmp_path / "s", dataset=dataset, streaming=True, max_steps=None, max_time=1.0))
+    assert streamed.stopped == "max_time" and streamed.steps > 0
+
+
+def test_a_step_limit_before_the_time_budget_ends_the_run_with_the_schedule_at_its_floor(tmp_path: Path) -> None:
+    config = run_config(tmp_path, dataset=small_corpus(tmp_path), max_steps=6, max_time=3600)
+    result = train(config)
+    assert result.stopped == "max_steps" and result.steps == 6
+    lrs = [r["lr"] for r in metrics(config.output_dir) if "lr" in r]
+    assert lrs[-1] == pytest.approx(config.learning_rate * config.min_lr_ratio)
+
+
+def test_a_resumed_run_counts_the_time_its_earlier_sessions_spent(tmp_path: Path) -> None:
+    settings: dict[str, Any] = dict(dataset=small_corpus(tmp_path), max_steps=None, epochs=10**4, eval_every=10**6)
+    trainer = Trainer(run_config(tmp_path, max_time=3600, **settings))
+    calls = 0
+
+    def stop_after_three_steps(module: torch.nn.Module, _: object) -> None:
+        nonlocal calls
+        calls += module.training
+        if calls == 3:
+            trainer.request_stop()
+
+    trainer.model.register_forward_pre_hook(stop_after_three_steps)
+    first = trainer.train()
+    assert first.stopped == "interrupted" and first.steps == 3 and first.last_checkpoint is not None
+    spent = trainer_state(first.last_checkpoint)["clock"]
+    assert spent > 0
+    # A budget no larger than the time already spent: nothing is left, the run ends where it was.
+    again = train(run_config(tmp_path, max_time=spent, resume="latest", **settings))
+    assert again.stopped == "max_time" and again.steps == 3
+    # One more second: the run goes on for about that long, and its clock continues from the stored one.
+    more = train(run_config(tmp_path, max_time=spent + 1.0, resume="latest", **settings))
+    assert more.stopped == "max_time" and more.steps > 3 and more.last_checkpoint is not None
+    assert spent + 1.0 <= trainer_state(more.last_checkpoint)["clock"] < spent + 30
+    lrs = [r["lr"] for r in metrics(tmp_path / "run") if "lr" in r]
+    assert len(lrs) == more.steps and lrs[-1] == pytest.approx(3e-3 * 0.1)
+
+
+def test_model_shape_settings_shape_a_new_model_only(tmp_path: Path) -> None:
+    trainer = Trainer(
+        run_config(tmp_path, dataset=small_corpus(tmp_path), n_layer=3, n_embd=64, n_head=2, d_ff=96, max_steps=2)
+    )
+    shape = trainer.model_config
+    assert (shape.n_layer, shape.n_embd, shape.n_head, shape.d_ff, shape.block_size) == (3, 64, 2, 96, 32)
+    assert len(trainer.model.transformer.h) == 3
+    trainer.train()
+    with pytest.raises(TrainingError, match="--n-layer.*keeps the shape"):
+        Trainer(run_config(tmp_path / "ft", init_from=str(tmp_path / "run" / BEST_DIR), n_layer=2))
 
 
 # ----- bad input -----
@@ -360,6 +450,36 @@ def test_sigint_saves_a_resumable_checkpoint_and_exits_cleanly(tmp_path: Path) -
     assert resumed.returncode == 0, resumed.stderr
     assert f"{steps + 2} steps" in resumed.stdout
     assert [r["step"] for r in metrics(tmp_path / "run") if "loss" in r][-3:] == [steps, steps + 1, steps + 2]
+
+
+def test_the_quality_benchmark_trains_both_recipes_and_reports_bits_per_byte(tmp_path: Path) -> None:
+    text = "".join(
+        f"{'ROMEO' if i % 2 else 'JULIET'}:\nline {i} of a small play, spoken softly.\n\n" for i in range(600)
+    )
+    (tmp_path / "input.txt").write_text(text)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_quality.py"),
+            str(tmp_path / "input.txt"),
+            *("--budget", "1", "--reference", "--vocab-size", "300", "--data-cache", str(tmp_path / "cache")),
+        ],
+        env={**_env(), "AKSIS_CACHE": str(tmp_path / "cache")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in done.stdout.splitlines() if "|" in line}
+    published = 1.88 / math.log(2)
+    assert float(rows["nanoGPT CPU recipe, published"][3]) == pytest.approx(published, abs=1e-3)
+    reference, recipe = rows["nanoGPT CPU recipe, through aksis"], rows["aksis cpu-2min"]
+    for row in (reference, recipe):
+        steps, bpb = int(row[0].replace(",", "")), float(row[3])
+        assert steps >= 1 and 0 < bpb < 10
+        assert float(row[4].strip().rstrip("x")) == pytest.approx(bpb / published, abs=0.006)
+    assert float(recipe[5].strip().rstrip("x")) == pytest.approx(float(recipe[3]) / float(reference[3]), abs=0.006)
+    assert "bpe (300 tokens)" in done.stdout and "byte (260 tokens)" in done.stdout
 
 
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:
