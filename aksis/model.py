@@ -5,9 +5,9 @@
   weights map over with only the Conv1D transposes (see aksis.interop).
 - "llama": rotary position embeddings (RoPE), RMSNorm, SwiGLU MLP, no biases, grouped-query attention.
 
-Decoding reads every weight once per token, so its speed is the speed of one-row matmuls: `Linear` runs those as
-a batched matmul over two halves of the weight on the CPU (see its docstring), and `forward(..., last_only=True)`
-projects only the last position onto the vocabulary, which is all generation needs.
+Decoding reads every weight once per token, so its speed is the speed of few-row matmuls: on the CPU `Linear` picks
+faster kernels than `F.linear` for inference (see its docstring), and `forward(..., last_only=True)` projects only
+the last position onto the vocabulary, which is all generation needs.
 
 Attention goes through `F.scaled_dot_product_attention`, which never materialises the attention probabilities;
 `GPT.attention_weights` recomputes them for one layer, for inspection. The model knows nothing about sampling: it
@@ -18,6 +18,7 @@ lives in aksis.checkpoint.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -31,39 +32,78 @@ from aksis.kv_cache import KVCache
 IGNORE_INDEX = -100  # targets with this value carry no loss (padding, masked prompt tokens)
 
 
-FEW_ROWS = 8  # up to this many rows (tokens of a step), Linear takes its batched path on the CPU
+@functools.cache
+def onednn_linear() -> bool:
+    """Whether `Linear` can run inference through oneDNN: PyTorch built with it (mkldnn) on an x86-64 CPU with AVX2
+    or AVX-512, where it was measured. Asked at the first forward pass, not at import."""
+    return (
+        torch.backends.mkldnn.is_available()
+        and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
 
 
 class Linear(nn.Linear):
-    """`nn.Linear`, with a faster CPU path for the few rows of a decode step (float32, no gradients).
+    """`nn.Linear`, with faster kernels for float32 inference on the CPU, where decoding spends its time.
 
-    A decode step multiplies one row per sequence by every weight matrix: little arithmetic per weight read, so
-    memory speed is what counts. MKL computes a one-row x @ W^T as a single-threaded matrix-vector product that
-    reads the weight at about a third of the memory bandwidth, and a few rows through a GEMM that handles the
-    skinny shape poorly. The same product written as W @ x^T, batched over the two halves of W's rows, goes
-    through MKL's batched GEMM instead. On the 2-core AMD EPYC this was measured on (torch 2.13, MKL 2024.2),
-    the base preset's matmuls for one row run 1.7x faster on one thread and 2-2.8x on two; for eight rows 1.2-1.3x
-    on two threads (0.9x on one). Same parameters, a view of the weight (no copy); results equal F.linear's up
-    to float rounding (tests/test_model.py). Elsewhere (training, prefill, GPU, no MKL) it is plain F.linear.
+    A decode step multiplies a few rows (one per sequence) by every weight matrix: little arithmetic per weight read,
+    a shape that MKL's GEMM, which `F.linear` calls on the CPU, handles poorly. So, without gradients:
+
+    - one row: the product written as W @ x^T, batched over the two halves of W's rows, goes through MKL's batched
+      GEMM, which reads the weight at the machine's full memory bandwidth (MKL's one-row path reaches a third of it);
+    - more rows: oneDNN's matmul (`torch.ops.mkldnn`, the kernels `torch.compile` uses for frozen CPU models) on a
+      copy of the weight packed once into its blocked layout.
+
+    Measured on the 2-core AMD EPYC of CI (torch 2.13, AVX-512) over the base preset's weights, 97 MB, read from memory
+    as in decoding: one row 3.6 ms instead of 11.6 (oneDNN: 6.5); eight rows 6.9 ms instead of 16.9; a 256-row
+    prefill 1.6-1.9x faster; limited to AVX2 (`ONEDNN_MAX_CPU_ISA=AVX2`) oneDNN still gains 2.5x at eight rows.
+
+    The packed copy costs as much memory as the weight (`GPT.inference_bytes`). It is made at the first inference
+    pass with several rows and made again after the weight changes (in place, as an optimizer or `load_state_dict`
+    does, or moved); a forward pass with gradients drops it. Results equal `F.linear`'s up to float rounding
+    (tests/test_model.py). Elsewhere (training, a GPU, other dtypes, inside `torch.compile`, no MKL or oneDNN) it is
+    plain `F.linear`.
     """
 
+    _packed: tuple[int, int, torch.Tensor] | None = None  # (weight's data_ptr, its version, packed weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if (
-            rows > FEW_ROWS
-            or x.device.type != "cpu"
-            or not torch.backends.mkl.is_available()  # measured with MKL only
-            or x.dtype != torch.float32
-            or torch.is_grad_enabled()
-            or self.out_features % 2
-        ):
+        if torch.compiler.is_compiling():  # first: the checks below would break the compiled graph
             return F.linear(x, self.weight, self.bias)
-        w = self.weight.view(2, self.out_features // 2, self.in_features)  # (2, out/2, in): halves of the rows
-        xt = x.reshape(rows, self.in_features).t().expand(2, -1, -1)  # (2, in, rows), a view
-        y = torch.bmm(w, xt).view(self.out_features, rows)  # (out, rows)
-        if self.bias is not None:
-            y += self.bias[:, None]
-        return y.t().contiguous().view(*x.shape[:-1], self.out_features)
+        if torch.is_grad_enabled():
+            if self._packed is not None:  # training: the weight will change, so the copy only holds memory
+                self._packed = None
+            return F.linear(x, self.weight, self.bias)
+        if x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32:
+            return F.linear(x, self.weight, self.bias)
+        rows = x.numel() // self.in_features
+        if rows == 1 and self.out_features % 2 == 0 and torch.backends.mkl.is_available():
+            w = self.weight.view(2, self.out_features // 2, self.in_features)  # (2, out/2, in): halves of the rows
+            # x as a column (in, 1) with strides (1, in), which MKL takes as it is; an (in, 1) made by reshape has
+            # strides (1, 1), which sends bmm down a path 3.5x slower.
+            xt = x.reshape(1, self.in_features).t().expand(2, -1, -1)  # (2, in, 1), a view
+            y = torch.bmm(w, xt)  # (2, out/2, 1)
+            y = y.view(*x.shape[:-1], self.out_features)
+            if self.bias is not None:
+                y += self.bias
+            return y
+        # A weight made under inference_mode has no version counter to tell of changes: it is never packed.
+        if onednn_linear() and not self.weight.is_inference():
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight(), self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+    def packed_weight(self) -> torch.Tensor:
+        """The weight in oneDNN's layout (an opaque mkldnn tensor), packed again if the weight changed since."""
+        key = (self.weight.data_ptr(), self.weight._version)
+        if self._packed is None or self._packed[:2] != key:
+            # The layout is chosen for a batch of 8 rows; it served 1 to 1024 rows as well as one chosen for each.
+            self._packed = (*key, torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 8))
+        return self._packed[2]
+
+    def __getstate__(self) -> dict[str, object]:
+        # An mkldnn tensor has no storage to copy: copies and pickles of the module leave the packed weight behind.
+        return {k: v for k, v in self.__dict__.items() if k != "_packed"}
 
 
 class RMSNorm(nn.Module):
@@ -345,6 +385,15 @@ class GPT(
             n -= self.transformer.wte.weight.numel()
             if self.transformer.wpe is not None:
                 n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def inference_bytes(self) -> int:
+        """Memory the weights take for inference: the parameters, plus the copies `Linear` packs of its weights
+        for float32 inference on a CPU with oneDNN (made at the first pass that uses them)."""
+        n = sum(p.numel() * p.element_size() for p in self.parameters())  # tied weights counted once
+        weight = self.lm_head.weight
+        if weight.device.type == "cpu" and weight.dtype == torch.float32 and onednn_linear():
+            n += sum(m.weight.nbytes for m in self.modules() if isinstance(m, Linear))
         return n
 
     def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> int:

@@ -13,7 +13,7 @@ from conftest import Hub, ServedApp, serve_app, write_run
 from aksis.checkpoint import CheckpointError
 from aksis.ui import AppSettings
 from aksis.ui.context import to_max_new_tokens, to_number, to_seed, to_whole
-from aksis.ui.models import ModelStore, weight_bytes
+from aksis.ui.models import ModelStore
 
 
 def test_settings_come_from_the_environment() -> None:
@@ -80,7 +80,7 @@ def test_store_loads_once_and_keeps_within_its_memory_bound(app_checkpoints: Pat
     store = ModelStore(app_checkpoints, device=torch.device("cpu"))
     first = store.get(llama)
     assert store.get(llama) is first and first.checkpoint.endswith("best")
-    assert first.nbytes == weight_bytes(first.model) and first.file("metrics.jsonl") is not None
+    assert first.nbytes == first.model.inference_bytes() and first.file("metrics.jsonl") is not None
     assert first.file("no-such-file.txt") is None
 
     small = ModelStore(app_checkpoints, device=torch.device("cpu"), max_bytes=first.nbytes + 1)
@@ -150,7 +150,8 @@ def test_a_space_refuses_hub_models_larger_than_its_cache(
     with pytest.raises(CheckpointError, match="MiB of weights; this app loads models of at most"):
         space.get(repo_id)
     roomy = ModelStore(tmp_path / "none", device=torch.device("cpu"), max_bytes=size, local_paths=False)
-    assert roomy.get(repo_id).nbytes <= size
+    roomy.get(repo_id)  # weights of exactly the bound's size are served
+    assert roomy.loaded() == [repo_id]
 
 
 def test_concurrent_requests_load_a_model_once(app_checkpoints: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -37,7 +37,7 @@ class LoadedModel:
     model: GPT
     tokenizer: Tokenizer
     generation: GenerationConfig
-    nbytes: int  # bytes of weights
+    nbytes: int  # memory its weights take for inference (GPT.inference_bytes)
     version: tuple[str, int, int] | None = None  # local weights: (file, mtime, size) when loaded; None on the Hub
 
     @property
@@ -57,10 +57,6 @@ class LoadedModel:
             except CheckpointError:
                 continue
         return None
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 class ModelStore:
@@ -174,7 +170,7 @@ class ModelStore:
             )
         checkpoint = find_checkpoint(source)
         model, tokenizer, generation = load_model(checkpoint, device=self.device, dtype=self.dtype)
-        entry = LoadedModel(source, checkpoint, model, tokenizer, generation, weight_bytes(model))
+        entry = LoadedModel(source, checkpoint, model, tokenizer, generation, model.inference_bytes())
         log.info("loaded %s (%.1f MB of weights) on %s", source, entry.nbytes / 1e6, self.device)
         return entry
 
