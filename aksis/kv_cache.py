@@ -45,6 +45,11 @@ class KVCache:
         shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        if self.k.is_cuda:
+            # Compiled decoding on a GPU (mode="reduce-overhead") replays CUDA graphs, and inductor skips the graphs
+            # of a step that writes into an input unless that input's address is fixed: say so, as it is.
+            torch._dynamo.mark_static_address(self.k)
+            torch._dynamo.mark_static_address(self.v)
         self.batch_size = batch_size
         self.max_len = max_len
         self.pad: torch.Tensor | None = None  # (B,) left-pad slots per row; None: no padding

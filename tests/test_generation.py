@@ -276,6 +276,21 @@ def test_a_compiled_model_generates_what_the_eager_one_does(tok: Tokenizer) -> N
     assert out.token_ids == generate(model, tok, "Hello", config, stop_ids=set()).token_ids
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_compiled_decoding_on_a_gpu_replays_cuda_graphs_and_generates_what_eager_does(tok: Tokenizer) -> None:
+    from torch._dynamo.utils import counters
+
+    model = model_for("gpt2").cuda()
+    config = GenerationConfig(temperature=0.0, max_new_tokens=24)
+    eager = generate(model, tok, "Hello", config, stop_ids=set())
+    counters.clear()
+    compiled = torch.compile(model, mode="reduce-overhead")
+    for _ in range(2):  # the second generation has a new cache: graphs are re-recorded, not recompiled
+        assert generate(compiled, tok, "Hello", config, stop_ids=set()).token_ids == eager.token_ids  # type: ignore[arg-type]
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    assert counters["stats"]["unique_graphs"] <= 2  # prefill and decode step
+
+
 def test_beam_search_applies_the_repetition_penalty_as_greedy_does(tok: Tokenizer) -> None:
     model = model_for("gpt2")
     penalised = dict(max_new_tokens=20, repetition_penalty=1.8)
