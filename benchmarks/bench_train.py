@@ -8,7 +8,8 @@ cross-process loss reduction and NaN check, clipping, AdamW, the LR schedule). T
 network as a `GPT2LMHeadModel` with identical weights (exported with aksis.interop) doing forward, backward,
 clipping and AdamW on the same batches. The two are timed alternately, step by step, so machine noise hits
 both alike. MFU is model FLOPs per second (6 x weights + attention, PaLM appendix B) over a peak: the
-datasheet peak for known GPUs, and always a measured dense-matmul peak on this device and precision.
+datasheet peak for known GPUs, and always a measured dense-matmul peak on this device and precision (the best of
+measurements before and between the steps).
 
 Peak memory of training: aksis's is measured alone, over its warmup steps before the reference model exists
 (on a GPU the peak allocated; on a CPU the process's peak RSS: interpreter, data and all). The reference's on
@@ -50,7 +51,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
+def matmul_peak(device: torch.device, dtype: torch.dtype, reps: int | None = None) -> float:
     """Measured FLOP/s of a large square matmul: what this device can actually do at this precision."""
     n = 4096 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -58,7 +59,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
     for _ in range(3):
         a @ b
     sync(device)
-    reps = 50 if device.type == "cuda" else 10
+    reps = reps or (50 if device.type == "cuda" else 10)
     start = time.perf_counter()
     for _ in range(reps):
         a @ b
@@ -153,6 +154,9 @@ def main() -> None:
             hf_step(pool[i])
         sync(device)
         peak["transformers"] = peak_memory(device) - kept  # on a CPU: the peak of both (see the docstring)
+        # The peak is measured between the steps too, and the best taken: load from other processes only ever
+        # lowers a measurement, and one taken at a quiet moment would make the steps' MFU look better than it is.
+        peaks = [matmul_peak(device, dtype)]
         for i in range(args.warmup, args.warmup + args.steps):
             for name, run in runs.items():
                 sync(device)
@@ -160,10 +164,11 @@ def main() -> None:
                 run(i)
                 sync(device)
                 times[name].append(time.perf_counter() - start)
+            peaks.append(matmul_peak(device, dtype, reps=3 if device.type == "cpu" else 10))
 
         tokens = args.batch_size * trainer.block_size
         flops_per_token = plain.flops_per_token(trainer.block_size, training=True)
-        measured_peak = matmul_peak(device, dtype)
+        measured_peak = max(peaks)
         gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
         sheet = next((v for (k, p), v in DATASHEET_TFLOPS.items() if k in gpu and p == args.precision), None)
         memory_kind = "GPU memory, each its own" if device.type == "cuda" else "process RSS: aksis alone, then both"
