@@ -8,6 +8,7 @@ AKSIS_REQUIRE_BROWSER=1 (CI) makes that a failure.
 """
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -146,6 +147,46 @@ def test_a_page_opened_after_training_shows_the_new_model(browser, tmp_path: Pat
         assert not page.locator("#welcome").is_visible()
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "test_a_page_opened_after_training_shows_the_new_model.png"))
+    finally:
+        page.close()
+        app.demo.close()
+
+
+def test_the_train_tab_draws_both_loss_curves_as_the_run_goes(browser, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A short run on an uploaded text: the live plot draws the training and validation curves as lines, each in a
+    colour of its own, on numeric axes."""
+    from conftest import serve_app
+
+    from aksis.ui import AppSettings
+
+    corpus = tmp_path / "verses.txt"
+    corpus.write_text("\n".join(f"ROMEO {n}:\nBut soft, what light through yonder window breaks?" for n in range(400)))
+    settings = AppSettings(checkpoints_dir=tmp_path / "checkpoints", feedback_file=tmp_path / "f.jsonl", device="cpu")
+    app = serve_app(settings)
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.set_default_timeout(TIMEOUT_MS)
+    try:
+        page.goto(app.url, wait_until="load")
+        open_tab(page, "Train")
+        page.locator("#train-corpus").get_by_text("my .txt file").click()
+        page.locator("#train-upload input[type=file]").set_input_files(str(corpus))
+        page.locator("#train-tokenizer").get_by_text("bytes").click()
+        steps = page.locator("#train-steps input[type=number]")
+        steps.fill("12")
+        steps.press("Enter")
+        page.locator("#train-start").click()
+        page.get_by_text("It is now picked").wait_for(timeout=4 * TIMEOUT_MS)
+        lines = page.locator("#train-plot svg .mark-line path")
+        lines.first.wait_for()
+        assert lines.count() == 2  # train and validation
+        strokes = {lines.nth(i).get_attribute("stroke") for i in range(2)}
+        assert len(strokes) == 2 and None not in strokes and "transparent" not in strokes
+        assert all("L" in (lines.nth(i).get_attribute("d") or "") for i in range(2))  # a line through 2+ points
+        # Numeric axes have round ticks; categorical ones would label every step and every loss (9.227718353271484).
+        ticks = page.locator("#train-plot svg .role-axis-label text").all_text_contents()
+        assert ticks and all(re.fullmatch(r"\d+(\.\d{1,2})?", t) for t in ticks), ticks
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "test_the_train_tab_draws_both_loss_curves_as_the_run_goes.png"))
     finally:
         page.close()
         app.demo.close()

@@ -195,6 +195,20 @@ def test_progress_text_while_training(tmp_path: Path) -> None:
     assert list(loss_frame(records).itertuples(index=False)) == [(100, 6.5, "train"), (100, 6.58, "validation")]
 
 
+def test_every_loss_frame_is_typed_and_names_both_curves() -> None:
+    """The plot fixes its axes and colours from the first frame (the empty one at page load): numeric columns, and a
+    curve without points yet is there with no loss."""
+    import gradio as gr
+
+    empty = loss_frame([])
+    assert (str(empty["step"].dtype), str(empty["loss"].dtype)) == ("int64", "float64")
+    assert sorted(empty["curve"]) == ["train", "validation"] and empty["loss"].isna().all()
+    early = loss_frame([{"step": 10, "loss": 7.0}])
+    assert list(early["curve"]) == ["train", "validation"] and early["loss"].isna().tolist() == [False, True]
+    plot = gr.LinePlot(empty, x="step", y="loss", color="curve")
+    assert plot.postprocess(empty).datatypes == {"step": "quantitative", "loss": "quantitative", "curve": "nominal"}
+
+
 def test_read_records_skips_a_line_being_written(tmp_path: Path) -> None:
     (tmp_path / METRICS_FILE).write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "lo')
     assert read_records(tmp_path) == [{"step": 1, "loss": 5.0}]

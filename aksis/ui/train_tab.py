@@ -26,6 +26,7 @@ On a public Space (`AppSettings.local_paths` off) visitors are strangers to each
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 import time
@@ -315,7 +316,14 @@ def loss_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     """Training and validation loss against the step, in the long form a gr.LinePlot draws (one line per curve)."""
     rows = [(r["step"], r["loss"], "train") for r in records if "loss" in r]
     rows += [(r["step"], r["val_loss"], "validation") for r in records if "val_loss" in r]
-    return pd.DataFrame(rows, columns=["step", "loss", "curve"])
+    # Gradio's plot builds its chart (the kind of each axis, the curves' colours) from the frame it first shows and
+    # afterwards only swaps the data. So every frame has typed columns (an empty frame's would make both axes
+    # categorical: every step and loss its own tick) and names both curves: one with no point yet gets a row
+    # without a loss (NaN, which the line skips), else it would be drawn in no colour at all.
+    present = {curve for _, _, curve in rows}
+    rows += [(0, math.nan, curve) for curve in ("train", "validation") if curve not in present]
+    frame = pd.DataFrame(rows, columns=["step", "loss", "curve"])
+    return frame.astype({"step": "int64", "loss": "float64", "curve": "str"})
 
 
 def _duration(seconds: float) -> str:
