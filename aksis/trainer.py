@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from aksis.checkpoint import CONFIG_FILE, CheckpointError, load_tokenizer, read_model_config, resolve_file
@@ -189,6 +189,8 @@ class Trainer:
             gradient_accumulation_steps=config.grad_accum_steps,
             log_with=None if config.report_to == "none" else config.report_to,
             project_dir=str(self.output_dir),
+            # Batches come from pinned memory on a GPU (see _loader), so their copies need not wait.
+            dataloader_config=DataLoaderConfiguration(non_blocking=True),
         )
         acc = self.accelerator
         if not acc.is_main_process:
@@ -252,7 +254,7 @@ class Trainer:
         if config.compile:
             self.model = torch.compile(self.model)  # type: ignore[assignment]
         self.train_loader, self.sampler = self._train_loader()
-        val_loader = torch.utils.data.DataLoader(self.data.validation, batch_size=config.batch_size, generator=_rng())
+        val_loader = self._loader(self.data.validation)
         self.model, self.optimizer, self.val_loader = acc.prepare(self.model, self.optimizer, val_loader)
         if self.sampler is not None:
             self.train_loader = acc.prepare(self.train_loader)
@@ -363,12 +365,16 @@ class Trainer:
         train = self.data.train
         if isinstance(train, StreamingBlocks):  # each process reads its own share of the stream
             train.rank, train.world_size = self.accelerator.process_index, self.accelerator.num_processes
-            return torch.utils.data.DataLoader(train, batch_size=self.config.batch_size, generator=_rng()), None
+            return self._loader(train), None
         sampler = EpochSampler(len(train), self.config.seed)
-        loader = torch.utils.data.DataLoader(
-            train, batch_size=self.config.batch_size, sampler=sampler, drop_last=True, generator=_rng()
+        return self._loader(train, sampler=sampler, drop_last=True), sampler
+
+    def _loader(self, data: torch.utils.data.Dataset, **options: Any) -> torch.utils.data.DataLoader:
+        # Pinned host memory on a GPU: a batch's copy to the device then runs beside the work already queued.
+        pin = self.accelerator.device.type == "cuda"
+        return torch.utils.data.DataLoader(
+            data, batch_size=self.config.batch_size, generator=_rng(), pin_memory=pin, **options
         )
-        return loader, sampler
 
     def _total_steps(self) -> int | None:
         """The length of the run in optimizer steps: the first limit reached among steps, tokens, epochs (None
@@ -560,28 +566,31 @@ class Trainer:
             batch = next(batches, None)
             if batch is None:
                 return None
-            batch = batch.to(acc.device)
+            batch = batch.to(acc.device, non_blocking=True)
             self.state.batches_in_epoch += 1
             with acc.accumulate(self.model):
                 loss = batch_loss(self.model, batch)
                 losses.append(loss.detach().float())
+                flags = None
                 if acc.sync_gradients:
                     # One reduction per step, before the update: every process learns the loss and any stop request.
                     # The clock too: the mean of the processes' clocks is what all use for the schedule and the budget.
-                    flags = torch.stack(
+                    local = torch.stack(
                         [
                             torch.stack(losses).mean(),
-                            torch.tensor(float(self._stop_requested)),
-                            torch.tensor(self._clock()),
+                            torch.tensor(float(self._stop_requested), device=acc.device),
+                            torch.tensor(self._clock(), device=acc.device),
                         ]
                     )
-                    mean_loss, stop, self.state.clock = (
-                        acc.reduce(flags.to(acc.device), "sum") / acc.num_processes
-                    ).tolist()
+                    flags = _start_copy_to_host(acc.reduce(local, "sum") / acc.num_processes)
+                acc.backward(loss)
+                if flags is not None:
+                    # Read after the backward pass is queued, so that a GPU is not left idle while the host waits for
+                    # the loss; still before the optimizer applies anything.
+                    mean_loss, stop, self.state.clock = flags()
                     if not math.isfinite(mean_loss):
                         self._fail_non_finite(mean_loss)
                     self._stop_requested = self._stop_requested or stop > 0
-                acc.backward(loss)
                 if acc.sync_gradients and config.grad_clip > 0:
                     acc.clip_grad_norm_(self.model.parameters(), config.grad_clip)
                 self.optimizer.step()
@@ -829,6 +838,23 @@ def _use_cpu(device: str) -> bool:
 def _require_tracker(package: str) -> None:
     if importlib.util.find_spec(package) is None:
         raise TrainingError(f"--report-to {package} needs its package: pip install {package}")
+
+
+def _start_copy_to_host(values: torch.Tensor) -> Callable[[], list[float]]:
+    """Start copying `values` to the host; the returned function waits for that copy alone and gives the numbers.
+    On a GPU the copy goes to pinned memory behind the work queued so far, and later work is not waited for."""
+    if values.device.type != "cuda":
+        return values.tolist
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def wait() -> list[float]:
+        copied.synchronize()
+        return host.tolist()
+
+    return wait
 
 
 def _rng() -> torch.Generator:
