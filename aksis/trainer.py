@@ -12,8 +12,13 @@ A run is described by one `TrainConfig` and lives in one output folder:
 Notable choices:
 - Data order comes from (seed, epoch) alone and the data position is counted in batches, so a resumed run
   skips exactly what it has seen and its losses equal those of an uninterrupted run.
-- Every optimizer step reduces the loss (and a stop flag) across processes: all processes agree on when to
-  stop, and a NaN/inf loss stops the run before the optimizer applies it, leaving the checkpoints on disk intact.
+- A NaN/inf loss stops the run without the optimizer applying it, leaving the checkpoints on disk intact. On one
+  process with a fused optimizer (AdamW, Adam: the default on CPU and CUDA) the step's loss stays on the device,
+  which skips the update of a non-finite loss by itself (the optimizer's `found_inf`, as a gradient scaler uses
+  it); the host reads the losses only when it needs them (at log steps, before an evaluation or a save, at the
+  end), so a GPU step waits for nothing. Otherwise (SGD, fp16, several processes) every step reads its loss
+  before the update. Several processes also reduce the loss, a stop flag and the clock at every step, so that
+  all agree on when to stop.
 - Only the main process writes files. Checkpoint folders are assembled under a temporary name and renamed
   into place, so an interrupted save never leaves a half-written `step-N`.
 - The LR scheduler is stepped here, once per optimizer step (not through `accelerator.prepare`, which would
@@ -173,7 +178,10 @@ class Trainer:
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
         self.output_dir = Path(config.output_dir).expanduser()
-        self._stop_requested = False
+        self._stop_requested = False  # asked for here (a signal, the app); may differ between processes
+        self._stop_agreed = False  # what all processes know of the requests, as of the last step
+        self._unread: list[tuple[int, torch.Tensor]] = []  # (step, its mean loss on the device) not read yet
+        self._loss = math.nan  # the last loss read
         cpu = _use_cpu(config.device)
         if config.mixed_precision == "fp16" and cpu:
             raise TrainingError("--mixed-precision fp16 needs a CUDA GPU; on a CPU use bf16 (or no)")
@@ -249,8 +257,10 @@ class Trainer:
             self.tokenizer.vocab_size,
         )
 
-        fused = acc.device.type == "cuda" and config.optimizer != "sgd"
+        fused = acc.device.type in ("cuda", "cpu") and config.optimizer != "sgd"
         self.optimizer = make_optimizer(self.model, config, fused=fused)
+        # Where the optimizer itself can skip a non-finite step, the loss need not reach the host every step.
+        self._skips_on_device = fused and acc.num_processes == 1 and config.mixed_precision != "fp16"
         if config.compile:
             self.model = torch.compile(self.model)  # type: ignore[assignment]
         self.train_loader, self.sampler = self._train_loader()
@@ -465,8 +475,7 @@ class Trainer:
         with _signals_request_stop(self.request_stop):
             while not stopped:
                 started = time.perf_counter()
-                loss = self._train_step(batches)
-                if loss is None:  # the epoch is over
+                if not self._train_step(batches):  # the epoch is over
                     state.epoch += 1
                     state.batches_in_epoch = 0
                     if state.epoch >= config.epochs:
@@ -478,7 +487,13 @@ class Trainer:
                 state.elapsed += time.perf_counter() - started
                 window_tokens += self.tokens_per_step
                 progress.update(min(int(state.clock), progress.total) - progress.n if timed else 1)
-                if state.step % config.log_every == 0 or state.step == 1:
+                stopped = self._limit_reached() or ("interrupted" if self._stop_agreed else "")
+                evaluate = not stopped and state.step % config.eval_every == 0
+                save = not stopped and state.step % (config.save_every or config.eval_every) == 0
+                logged = state.step % config.log_every == 0 or state.step == 1
+                if logged or stopped or evaluate or save:
+                    loss = self._read_losses()  # stops here if a loss since the last read was not finite
+                if logged:
                     now = time.perf_counter()
                     speed = window_tokens / max(now - window_start, 1e-9)
                     window_start, window_tokens = now, 0
@@ -486,20 +501,18 @@ class Trainer:
                     extra = {"step": state.step} if timed else {}
                     progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}", **extra)
                     self._log({"loss": loss, "lr": lr, "tokens_per_s": speed})
-                stopped = self._limit_reached()
-                if not stopped and self._stop_requested:
-                    stopped = "interrupted"
-                elif not stopped and state.step % config.eval_every == 0:
+                if evaluate:
                     self._evaluate()
                     last_eval = state.step
                     if config.patience and state.evals_since_best >= config.patience:
                         stopped = "early stopping"
-                if not stopped and state.step % (config.save_every or config.eval_every) == 0:
+                if save and not stopped:
                     self._save_checkpoint()
                     last_saved = state.step
                 if last_eval == state.step or last_saved == state.step:  # tokens/s counts training time only
                     window_start, window_tokens = time.perf_counter(), 0
         progress.close()
+        self._read_losses()  # an epoch can end between two reads
         if stopped != "interrupted" and last_eval != state.step:
             self._evaluate()
         if last_saved != state.step:
@@ -556,16 +569,15 @@ class Trainer:
         loader = self.accelerator.skip_first_batches(self.train_loader, done) if done else self.train_loader
         return _take(iter(loader), usable - done)
 
-    def _train_step(self, batches: Iterator[torch.Tensor]) -> float | None:
-        """One optimizer step over `grad_accum_steps` batches; the mean loss over all of them and all
-        processes, or None when the epoch has no full step left."""
+    def _train_step(self, batches: Iterator[torch.Tensor]) -> bool:
+        """One optimizer step over `grad_accum_steps` batches (False, and no step, when the epoch has no full step
+        left). Its mean loss over all the batches and processes joins `_unread`."""
         acc, config = self.accelerator, self.config
         losses = []
-        mean_loss = None
         for _ in range(config.grad_accum_steps):
             batch = next(batches, None)
             if batch is None:
-                return None
+                return False
             batch = batch.to(acc.device, non_blocking=True)
             self.state.batches_in_epoch += 1
             with acc.accumulate(self.model):
@@ -573,38 +585,61 @@ class Trainer:
                 losses.append(loss.detach().float())
                 flags = None
                 if acc.sync_gradients:
-                    # One reduction per step, before the update: every process learns the loss and any stop request.
-                    # The clock too: the mean of the processes' clocks is what all use for the schedule and the budget.
-                    local = torch.stack(
-                        [
-                            torch.stack(losses).mean(),
-                            torch.tensor(float(self._stop_requested), device=acc.device),
-                            torch.tensor(self._clock(), device=acc.device),
-                        ]
-                    )
-                    flags = _start_copy_to_host(acc.reduce(local, "sum") / acc.num_processes)
+                    step_loss = torch.stack(losses).mean()
+                    if self._skips_on_device:
+                        self.optimizer.optimizer.found_inf = (~torch.isfinite(step_loss)).float()  # type: ignore[attr-defined]
+                        self._unread.append((self.state.step + 1, step_loss))
+                        self._stop_agreed, self.state.clock = self._stop_requested, self._clock()
+                    else:
+                        # One reduction per step, before the update: every process learns the loss and any stop
+                        # request, and the clock (the mean of the processes' clocks is what all use for the schedule
+                        # and the budget).
+                        local = torch.stack(
+                            [
+                                step_loss,
+                                torch.tensor(float(self._stop_requested), device=acc.device),
+                                torch.tensor(self._clock(), device=acc.device),
+                            ]
+                        )
+                        flags = _start_copy_to_host(acc.reduce(local, "sum") / acc.num_processes)
                 acc.backward(loss)
                 if flags is not None:
                     # Read after the backward pass is queued, so that a GPU is not left idle while the host waits for
                     # the loss; still before the optimizer applies anything.
                     mean_loss, stop, self.state.clock = flags()
-                    if not math.isfinite(mean_loss):
-                        self._fail_non_finite(mean_loss)
-                    self._stop_requested = self._stop_requested or stop > 0
+                    self._unread.append((self.state.step + 1, torch.tensor(mean_loss)))
+                    self._read_losses()
+                    self._stop_agreed = stop > 0
                 if acc.sync_gradients and config.grad_clip > 0:
                     acc.clip_grad_norm_(self.model.parameters(), config.grad_clip)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        assert mean_loss is not None, "the last batch of a step always synchronises gradients"
-        return mean_loss
+        return True
 
-    def _fail_non_finite(self, loss: float) -> None:
+    def _read_losses(self) -> float:
+        """The loss of the last step, reading those of the steps since the last read (one wait for the device);
+        stops the run at the first that is not finite (the optimizer has skipped its update)."""
+        if self._unread:
+            values = torch.stack([loss for _, loss in self._unread]).tolist()
+            steps = [step for step, _ in self._unread]
+            self._unread.clear()
+            for step, value in zip(steps, values, strict=True):
+                if not math.isfinite(value):
+                    self._fail_non_finite(value, step)
+            self._loss = values[-1]
+        return self._loss
+
+    def _fail_non_finite(self, loss: float, step: int) -> None:
         last = step_checkpoints(self.output_dir)
         kept = f"the last good checkpoint, {last[-1]}, is intact" if last else "no checkpoint had been saved yet"
+        if step < self.state.step:  # read later: the optimizer skipped that update, and the steps since went on
+            stopped = f"its update was skipped, and the run stopped at step {self.state.step} without saving"
+        else:
+            stopped = "stopped without applying it"
         self.accelerator.end_training()
         raise TrainingError(
-            f"the training loss became {loss} at step {self.state.step + 1}; stopped before applying it ({kept}). "
+            f"the training loss became {loss} at step {step}; {stopped} ({kept}). "
             "Lower --learning-rate, keep --grad-clip on, or use bf16 instead of fp16"
             + (", then --resume" if last else "")
         )

@@ -4,9 +4,10 @@
     python benchmarks/bench_train.py --preset gpt2 --device cuda --precision bf16 --batch-size 16
 
 aksis is timed through `Trainer._train_step`, the exact step a run executes (accelerate, accumulation, the
-cross-process loss reduction and NaN check, clipping, AdamW, the LR schedule). The reference is the same
+loss kept for the NaN check, clipping, fused AdamW, the LR schedule), and its losses are read after every step
+(a run reads them at log steps only). The reference is the same
 network as a `GPT2LMHeadModel` with identical weights (exported with aksis.interop) doing forward, backward,
-clipping and AdamW on the same batches. The two are timed alternately, step by step, so machine noise hits
+clipping and fused AdamW on the same batches. The two are timed alternately, step by step, so machine noise hits
 both alike. MFU is model FLOPs per second (6 x weights + attention, PaLM appendix B) over a peak: the
 datasheet peak for known GPUs, and always a measured dense-matmul peak on this device and precision (the best of
 measurements before and between the steps).
@@ -117,6 +118,7 @@ def main() -> None:
 
         def aksis_step() -> None:
             trainer._train_step(feed)
+            trainer._read_losses()
 
         # Warm up aksis alone first, so its peak memory is its own.
         if device.type == "cuda":
@@ -132,7 +134,7 @@ def main() -> None:
         if args.compile:
             hf = torch.compile(hf)
         hf_opt = torch.optim.AdamW(
-            hf.parameters(), lr=config.learning_rate, betas=(config.beta1, config.beta2), fused=device.type == "cuda"
+            hf.parameters(), lr=config.learning_rate, betas=(config.beta1, config.beta2), fused=True
         )
 
         def hf_step(batch: torch.Tensor) -> None:

@@ -348,15 +348,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path: Path) 
     before = tree_digest(run / "step-000004")
 
     trainer = Trainer(run_config(tmp_path, max_steps=10, save_every=1, keep_last=10, resume="latest"))
-    calls = 0
-
-    def poison(module: torch.nn.Module, _: object, output: tuple[torch.Tensor, torch.Tensor]) -> Any:
-        nonlocal calls
-        calls += module.training
-        logits, loss = output
-        return (logits, loss * float("nan")) if calls == 3 else output
-
-    trainer.model.register_forward_hook(poison)
+    trainer.model.register_forward_hook(poison_training_call(3))
     with pytest.raises(TrainingError, match=r"loss became nan at step 7.*step-000006, is intact.*--learning-rate"):
         trainer.train()
     assert tree_digest(run / "step-000004") == before
@@ -364,6 +356,61 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path: Path) 
     assert [p.name for p in step_checkpoints(run)] == ["step-000004", "step-000005", "step-000006"]
     last_good = GPT.from_pretrained(run / "step-000006")
     assert all(torch.isfinite(p).all() for p in last_good.parameters())
+
+
+def poison_training_call(number: int) -> Any:
+    """A forward hook that turns the loss of the `number`-th training forward pass into NaN (and so its gradients)."""
+    calls = 0
+
+    def poison(module: torch.nn.Module, _: object, output: tuple[torch.Tensor, torch.Tensor]) -> Any:
+        nonlocal calls
+        calls += module.training
+        logits, loss = output
+        return (logits, loss * float("nan")) if calls == number else output
+
+    return poison
+
+
+def test_a_nan_loss_read_at_the_next_log_step_was_never_applied(tmp_path: Path) -> None:
+    # One process, AdamW: the losses stay on the device between log steps; the optimizer skips a non-finite step.
+    trainer = Trainer(run_config(tmp_path, max_steps=10, log_every=5, eval_every=100))
+    trainer.model.register_forward_hook(poison_training_call(2))
+    message = r"loss became nan at step 2; its update was skipped, and the run stopped at step 5 without saving"
+    with pytest.raises(TrainingError, match=message + r" \(no checkpoint had been saved yet\)"):
+        trainer.train()
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    adam_steps = {int(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()}
+    assert adam_steps == {4}  # five steps taken, the second one skipped
+    assert step_checkpoints(tmp_path / "run") == []
+
+
+def test_losses_read_only_at_log_steps_are_those_steps_losses(tmp_path: Path) -> None:
+    train(run_config(tmp_path / "every", max_steps=10, log_every=1))
+    train(run_config(tmp_path / "fifth", max_steps=10, log_every=5))
+    every = {r["step"]: r["loss"] for r in metrics(tmp_path / "every" / "run") if "loss" in r}
+    fifth = {r["step"]: r["loss"] for r in metrics(tmp_path / "fifth" / "run") if "loss" in r}
+    assert sorted(fifth) == [1, 5, 10]
+    assert fifth == {step: every[step] for step in fifth}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_steps_between_log_steps_never_wait_for_the_device(tmp_path: Path) -> None:
+    trainer = Trainer(run_config(tmp_path, device="cuda", max_steps=8, log_every=8, eval_every=100))
+    calls = 0
+
+    def watch_syncs(module: torch.nn.Module, _: object) -> None:
+        nonlocal calls
+        calls += module.training
+        # From the third step's forward pass to the eighth's (a log step, which reads the losses): any wait for the
+        # device (.item(), .tolist(), a synchronising copy) raises.
+        torch.cuda.set_sync_debug_mode("error" if 3 <= calls < 8 else "default")
+
+    trainer.model.register_forward_pre_hook(watch_syncs)
+    try:
+        result = trainer.train()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert result.steps == 8 and calls >= 8
 
 
 def test_bad_runs_are_refused_with_clear_errors_and_nothing_overwritten(tmp_path: Path) -> None:
