@@ -622,6 +622,15 @@ def load_model(
     return model, load_tokenizer(name), load_generation_config(name)
 
 
+def compile_for_decoding(model: GPT) -> GPT:
+    """`torch.compile` for generation. On a GPU it replays CUDA graphs (mode "reduce-overhead"): a decode step
+    is one token per row, so launching its kernels one by one would take longer than running them, and the
+    static KV cache keeps every shape and address fixed, as graphs need. Elsewhere it compiles with the default
+    mode; on the CPUs measured so far that decodes slower than eager (README, Performance)."""
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    return torch.compile(model, mode="reduce-overhead" if on_gpu else None)  # type: ignore[return-value]
+
+
 # ----- timing (aksis benchmark-inference) -----
 
 

@@ -22,8 +22,9 @@ column is tokens/s relative to the fastest transformers setting.
 transformers settings: "dynamic cache" is the default (DynamicCache); "static cache" is
 `cache_implementation="static"` with auto-compilation off; "static cache + compile" (with --compile) is a second
 copy of the model with `forward = torch.compile(forward)` (mode "reduce-overhead", CUDA graphs, on a GPU) as the
-transformers docs recommend. aksis "compiled" (with --compile) is `torch.compile(model)` passed to generation, as
-`aksis benchmark-inference --compile` does. Compilation happens in the warm-up and is not timed.
+transformers docs recommend. aksis "compiled" (with --compile) is `compile_for_decoding(model)` (the same mode)
+passed to generation, as `aksis benchmark-inference --compile` does. Compilation happens in the warm-up and is not
+timed.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aksis.config import GenerationConfig, ModelConfig
-from aksis.generation import _Session, generate_batch, load_model
+from aksis.generation import _Session, compile_for_decoding, generate_batch, load_model
 from aksis.interop import to_hf_gpt2
 from aksis.kv_cache import KVCache
 from aksis.model import GPT
@@ -294,7 +295,7 @@ def main() -> None:
     hf_models: dict[str, Any] = {"eager": to_hf_gpt2(model).to(device=device, dtype=dtype)}
     if args.compile:
         mode = "reduce-overhead" if device.type == "cuda" else None
-        hf_models["aksis_compiled"] = torch.compile(model, mode=mode)
+        hf_models["aksis_compiled"] = compile_for_decoding(model)  # as benchmark-inference --compile does
         compiled = to_hf_gpt2(model).to(device=device, dtype=dtype)
         compiled.forward = torch.compile(compiled.forward, mode=mode, fullgraph=True)
         hf_models["compiled"] = compiled

@@ -16,6 +16,7 @@ from aksis.generation import (
     apply_top_p,
     beam_search,
     choose_next,
+    compile_for_decoding,
     find_checkpoint,
     generate,
     generate_batch,
@@ -270,9 +271,9 @@ def test_ids_past_the_tokenizer_are_never_generated(tok: Tokenizer) -> None:
 
 def test_a_compiled_model_generates_what_the_eager_one_does(tok: Tokenizer) -> None:
     model = model_for("llama")
-    compiled = torch.compile(model)
+    compiled = compile_for_decoding(model)
     config = GenerationConfig(temperature=0.0, max_new_tokens=6)
-    out = generate(compiled, tok, "Hello", config, stop_ids=set())  # type: ignore[arg-type]
+    out = generate(compiled, tok, "Hello", config, stop_ids=set())
     assert out.token_ids == generate(model, tok, "Hello", config, stop_ids=set()).token_ids
 
 
@@ -284,9 +285,9 @@ def test_compiled_decoding_on_a_gpu_replays_cuda_graphs_and_generates_what_eager
     config = GenerationConfig(temperature=0.0, max_new_tokens=24)
     eager = generate(model, tok, "Hello", config, stop_ids=set())
     counters.clear()
-    compiled = torch.compile(model, mode="reduce-overhead")
+    compiled = compile_for_decoding(model)  # mode="reduce-overhead" on a GPU
     for _ in range(2):  # the second generation has a new cache: graphs are re-recorded, not recompiled
-        assert generate(compiled, tok, "Hello", config, stop_ids=set()).token_ids == eager.token_ids  # type: ignore[arg-type]
+        assert generate(compiled, tok, "Hello", config, stop_ids=set()).token_ids == eager.token_ids
     assert counters["inductor"]["cudagraph_skips"] == 0
     assert counters["stats"]["unique_graphs"] <= 2  # prefill and decode step
 
