@@ -4,13 +4,12 @@
     python benchmarks/bench_train.py --preset gpt2 --device cuda --precision bf16 --batch-size 16
 
 aksis is timed through `Trainer._train_step`, the exact step a run executes (accelerate, accumulation, the
-loss kept for the NaN check, clipping, fused AdamW, the LR schedule), and its losses are read after every step
-(a run reads them at log steps only). The reference is the same
-network as a `GPT2LMHeadModel` with identical weights (exported with aksis.interop) doing forward, backward,
-clipping and fused AdamW on the same batches. The two are timed alternately, step by step, so machine noise hits
-both alike. MFU is model FLOPs per second (6 x weights + attention, PaLM appendix B) over a peak: the
-datasheet peak for known GPUs, and always a measured dense-matmul peak on this device and precision (the best of
-measurements before and between the steps).
+loss kept for the NaN check, clipping, fused AdamW, the LR schedule), and its loss is read after every step (a
+run reads the losses at log steps only). The reference is the same network as a `GPT2LMHeadModel` with identical
+weights (exported with aksis.interop) doing forward, backward, clipping and fused AdamW on the same batches. The
+two are timed alternately, step by step, so machine noise hits both alike. MFU is model FLOPs per second (6 x
+weights + attention, PaLM appendix B) over a peak: the datasheet peak for known GPUs, and always a measured
+dense-matmul peak on this device and precision (the best of measurements before and between the steps).
 
 Peak memory of training: aksis's is measured alone, over its warmup steps before the reference model exists
 (on a GPU the peak allocated; on a CPU the process's peak RSS: interpreter, data and all). The reference's on
