@@ -257,10 +257,12 @@ class Trainer:
             self.tokenizer.vocab_size,
         )
 
-        fused = acc.device.type in ("cuda", "cpu") and config.optimizer != "sgd"
-        self.optimizer = make_optimizer(self.model, config, fused=fused)
+        self._fused = acc.device.type in ("cuda", "cpu") and config.optimizer != "sgd"
+        self.optimizer = make_optimizer(self.model, config, fused=self._fused)
         # Where the optimizer itself can skip a non-finite step, the loss need not reach the host every step.
-        self._skips_on_device = fused and acc.num_processes == 1 and config.mixed_precision != "fp16"
+        self._skips_on_device = (
+            self._fused and acc.distributed_type == DistributedType.NO and config.mixed_precision != "fp16"
+        )
         if config.compile:
             self.model = torch.compile(self.model)  # type: ignore[assignment]
         self.train_loader, self.sampler = self._train_loader()
@@ -484,7 +486,6 @@ class Trainer:
                     continue
                 state.step += 1
                 state.tokens += self.tokens_per_step
-                state.elapsed += time.perf_counter() - started
                 window_tokens += self.tokens_per_step
                 progress.update(min(int(state.clock), progress.total) - progress.n if timed else 1)
                 stopped = self._limit_reached() or ("interrupted" if self._stop_agreed else "")
@@ -493,6 +494,7 @@ class Trainer:
                 logged = state.step % config.log_every == 0 or state.step == 1
                 if logged or stopped or evaluate or save:
                     loss = self._read_losses()  # stops here if a loss since the last read was not finite
+                state.elapsed += time.perf_counter() - started  # (a read waits for the steps it reads)
                 if logged:
                     now = time.perf_counter()
                     speed = window_tokens / max(now - window_start, 1e-9)
@@ -566,8 +568,18 @@ class Trainer:
         self.sampler.epoch = self.state.epoch
         # Stop at a whole number of optimizer steps: a partial accumulation would not be a full step.
         usable = self.steps_per_epoch * self.config.grad_accum_steps
-        loader = self.accelerator.skip_first_batches(self.train_loader, done) if done else self.train_loader
-        return _take(iter(loader), usable - done)
+        return _take(iter(self._epoch_loader()), usable - done)
+
+    def _epoch_loader(self) -> torch.utils.data.DataLoader:
+        """The training loader of this epoch, past the batches already read (of a resumed epoch)."""
+        done = self.state.batches_in_epoch
+        if not done:
+            return self.train_loader
+        loader = self.accelerator.skip_first_batches(self.train_loader, done)
+        # accelerate's copy of the loader forgets its non-blocking copies to the device; keep them.
+        if hasattr(loader, "_non_blocking"):
+            loader._non_blocking = self.train_loader._non_blocking  # type: ignore[attr-defined]
+        return loader
 
     def _train_step(self, batches: Iterator[torch.Tensor]) -> bool:
         """One optimizer step over `grad_accum_steps` batches (False, and no step, when the epoch has no full step
@@ -589,7 +601,6 @@ class Trainer:
                     if self._skips_on_device:
                         self.optimizer.optimizer.found_inf = (~torch.isfinite(step_loss)).float()  # type: ignore[attr-defined]
                         self._unread.append((self.state.step + 1, step_loss))
-                        self._stop_agreed, self.state.clock = self._stop_requested, self._clock()
                     else:
                         # One reduction per step, before the update: every process learns the loss and any stop
                         # request, and the clock (the mean of the processes' clocks is what all use for the schedule
@@ -614,6 +625,8 @@ class Trainer:
                     acc.clip_grad_norm_(self.model.parameters(), config.grad_clip)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+        if self._skips_on_device:  # one process: its own request and clock, as the step ends
+            self._stop_agreed, self.state.clock = self._stop_requested, self._clock()
         self.scheduler.step()
         return True
 
@@ -800,6 +813,11 @@ class Trainer:
         record = json.loads((checkpoint / TRAINING_STATE_DIR / TRAINER_STATE_FILE).read_text())
         with _quiet("accelerate"):
             self.accelerator.load_state(str(checkpoint / TRAINING_STATE_DIR))
+        if self.config.optimizer != "sgd":
+            # Loading replaces the param groups, "fused" included: the kernel is this run's choice, not the saved one's
+            # (a run saved before CPU runs were fused would otherwise lose the fused step, and with it `found_inf`).
+            for group in self.optimizer.param_groups:
+                group["fused"] = self._fused
         self.state = RunState(**record["state"])
         before = record.get("train_config", {})
         changed = [

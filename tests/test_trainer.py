@@ -393,6 +393,44 @@ def test_losses_read_only_at_log_steps_are_those_steps_losses(tmp_path: Path) ->
     assert fifth == {step: every[step] for step in fifth}
 
 
+def test_a_run_saved_with_an_unfused_optimizer_resumes_fused(tmp_path: Path) -> None:
+    # Runs on a CPU were saved with the unfused AdamW before it became fused there; loading restores the saved
+    # param groups, "fused" included, and the step's found_inf needs the fused kernel.
+    train(run_config(tmp_path, max_steps=4, save_every=4))
+    saved = tmp_path / "run" / "step-000004" / TRAINING_STATE_DIR / "optimizer.bin"
+    state = torch.load(saved, weights_only=True)
+    for group in state["param_groups"]:
+        group["fused"] = None
+    torch.save(state, saved)
+    trainer = Trainer(run_config(tmp_path, max_steps=8, resume="latest"))
+    assert all(group["fused"] for group in trainer.optimizer.param_groups)
+    assert trainer.train().steps == 8
+
+
+def test_a_stop_asked_for_during_the_backward_pass_ends_that_step(tmp_path: Path) -> None:
+    trainer = Trainer(run_config(tmp_path, max_steps=10, eval_every=100))
+    calls = 0
+
+    def stop_in_the_third_backward_pass(grad: torch.Tensor) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            trainer.request_stop()
+
+    next(trainer.model.parameters()).register_hook(stop_in_the_third_backward_pass)
+    result = trainer.train()
+    assert result.stopped == "interrupted" and result.steps == 3
+
+
+def test_a_resumed_epoch_keeps_the_non_blocking_copies_to_the_device(tmp_path: Path) -> None:
+    # accelerate's skip_first_batches builds a new loader without them (a resumed run on a GPU would then wait
+    # for every batch's copy until the epoch ends).
+    train(run_config(tmp_path, max_steps=3, save_every=3))
+    trainer = Trainer(run_config(tmp_path, max_steps=6, resume="latest"))
+    assert trainer.state.batches_in_epoch == 3 and trainer.train_loader._non_blocking
+    assert trainer._epoch_loader() is not trainer.train_loader and trainer._epoch_loader()._non_blocking
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_a_gpu_the_steps_between_log_steps_never_wait_for_the_device(tmp_path: Path) -> None:
     trainer = Trainer(run_config(tmp_path, device="cuda", max_steps=8, log_every=8, eval_every=100))
