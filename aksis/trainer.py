@@ -16,9 +16,9 @@ Notable choices:
   process with a fused optimizer (AdamW, Adam: the default on CPU and CUDA) the step's loss stays on the device,
   which skips the update of a non-finite loss by itself (the optimizer's `found_inf`, as a gradient scaler uses
   it); the host reads the losses only when it needs them (at log steps, before an evaluation or a save, at the
-  end), so a GPU step waits for nothing. Otherwise (SGD, fp16, several processes) every step reads its loss
-  before the update. Several processes also reduce the loss, a stop flag and the clock at every step, so that
-  all agree on when to stop.
+  end), so a GPU step waits for nothing. Otherwise (SGD, fp16, DeepSpeed, several processes) every step reads
+  its loss before the update. Several processes also reduce the loss, a stop flag and the clock at every step, so
+  that all agree on when to stop.
 - Only the main process writes files. Checkpoint folders are assembled under a temporary name and renamed
   into place, so an interrupted save never leaves a half-written `step-N`.
 - The LR scheduler is stepped here, once per optimizer step (not through `accelerator.prepare`, which would
