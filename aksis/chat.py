@@ -1,17 +1,7 @@
-"""Conversations: roles, the chat template, token-budget truncation and JSON persistence.
+"""Conversations: the messages so far, token-budget truncation, JSON persistence, and streamed replies.
 
-The template puts one special token before each message and `<|endoftext|>` after it, and ends a prompt
-with the role token of the reply to come:
-
-    <|system|>You are terse.<|endoftext|><|user|>Hi<|endoftext|><|assistant|>Hello.<|endoftext|><|assistant|>
-
-Message text is always encoded as ordinary text, so a user who types "<|assistant|>" gets the tokens of
-those characters and cannot open another role. A reply ends at `<|endoftext|>` or at any role token.
-
-Chat fine-tuning (`--data-format chat`) trains on the same rendering with the loss only on what the
-assistant says: the tokens of its replies and the `<|endoftext|>` that closes each (`render` returns that
-mask). When a conversation outgrows the token budget, whole exchanges are dropped oldest first; the system
-prompt and the newest user message are always kept.
+The messages are rendered with the chat template of aksis.chat_template. When a conversation outgrows the token
+budget, whole exchanges are dropped oldest first; the system prompt and the newest user message are always kept.
 
 `reply` streams the model's answer to the newest user message and adds it to the conversation. Its prompt
 may use the budget (default: the model's context) less the room kept for the reply:
@@ -27,67 +17,19 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from aksis.chat_template import ChatError, Message, render, stop_token_ids
 from aksis.config import GenerationConfig
 from aksis.generation import stream
 from aksis.model import GPT
-from aksis.tokenizer import ENDOFTEXT, Tokenizer
+from aksis.tokenizer import Tokenizer
 
-ROLES = ("system", "user", "assistant")
 FILE_FORMAT = "aksis-chat"
 FILE_VERSION = 1
-
-
-class ChatError(Exception):
-    """A conversation or chat file is invalid; the message says what to do."""
-
-
-@dataclass(frozen=True)
-class Message:
-    role: str
-    content: str
-
-    def __post_init__(self) -> None:
-        if self.role not in ROLES:
-            raise ChatError(f"unknown role {self.role!r}: a message's role is one of {', '.join(ROLES)}")
-        if not isinstance(self.content, str):
-            raise ChatError(f"a {self.role} message's content must be text, got {type(self.content).__name__}")
-
-    def to_dict(self) -> dict[str, str]:
-        return {"role": self.role, "content": self.content}
-
-
-def role_token(role: str) -> str:
-    return f"<|{role}|>"
-
-
-def stop_token_ids(tokenizer: Tokenizer) -> set[int]:
-    """The tokens that end a reply: <|endoftext|> and every role token."""
-    return {tokenizer.special_id(ENDOFTEXT), *(tokenizer.special_id(role_token(r)) for r in ROLES)}
-
-
-def render(
-    tokenizer: Tokenizer, messages: Iterable[Message], *, add_generation_prompt: bool = False
-) -> tuple[list[int], list[bool]]:
-    """Token ids of `messages` in the chat template, and for each id whether it is the assistant's output
-    (the tokens a chat fine-tune trains on). With `add_generation_prompt`, end with `<|assistant|>` so the
-    model writes the reply next."""
-    eot = tokenizer.eot_id
-    ids: list[int] = []
-    trained: list[bool] = []
-    for message in messages:
-        content = tokenizer.encode(message.content)
-        ids += [tokenizer.special_id(role_token(message.role)), *content, eot]
-        is_reply = message.role == "assistant"
-        trained += [False] + [is_reply] * (len(content) + 1)
-    if add_generation_prompt:
-        ids.append(tokenizer.special_id(role_token("assistant")))
-        trained.append(False)
-    return ids, trained
 
 
 @dataclass
@@ -211,17 +153,3 @@ def reply(
     yield from text_stream
     assert text_stream.completion is not None
     conversation.add("assistant", text_stream.completion.text.strip())
-
-
-def messages_from_records(records: Sequence[Any]) -> list[Message]:
-    """[{"role": ..., "content": ...}, ...] (a dataset's `messages` column) as Messages; ChatError names the
-    first bad record."""
-    out = []
-    for i, record in enumerate(records):
-        try:
-            out.append(Message(record["role"], record["content"]))
-        except (KeyError, TypeError) as err:
-            raise ChatError(f"message {i} should have a role and a content, got {record!r}") from err
-        except ChatError as err:
-            raise ChatError(f"message {i}: {err}") from None
-    return out

@@ -1,4 +1,4 @@
-"""The checkpoint folder: one format, written atomically, read back with clear errors.
+"""The checkpoint folder: one format, written atomically, read back with clear errors; and loading a model to run.
 
     config.json              ModelConfig + format_version
     model.safetensors        weights (tied weights stored once)
@@ -6,12 +6,13 @@
     generation_config.json   default sampling settings (GenerationConfig)
     README.md                model card (YAML metadata + text)
 
-Loading needs only the first four; later features add metrics.jsonl, eval_results.json and
-training_state/ beside them. The same folder is a Hugging Face Hub model repo: `CheckpointMixin`
-builds on huggingface_hub's `PyTorchModelHubMixin` (save_pretrained / from_pretrained / push_to_hub)
-and adds what it lacks here: the tokenizer and generation config, atomic writes, strict loading with
-errors that name the file, and no pickle ever (the mixin would fall back to `pytorch_model.bin`).
-Old config formats are upgraded in one place, `upgrade_config`.
+Loading needs only the first four; training adds metrics.jsonl and training_state/ beside them (aksis.runs), and
+evaluation eval_results.json. The same folder is a Hugging Face Hub model repo: files come from a local folder or,
+through huggingface_hub's download and cache, from a repo id `user/name[@revision]`. Saving is
+`save_checkpoint(model, folder, tokenizer=...)`; `load_gpt` reads the model alone, `load_model` a model ready to run
+with its tokenizer and sampling defaults, from a checkpoint or from a training run's folder (its best/ checkpoint,
+else its newest step-N/). No pickle is ever loaded, and old config formats are upgraded in one place,
+`upgrade_config`.
 """
 
 from __future__ import annotations
@@ -26,20 +27,29 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
+from huggingface_hub import ModelCardData, hf_hub_download
 from huggingface_hub import errors as hf_errors
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 
 from aksis.config import GenerationConfig, ModelConfig
+from aksis.device import pick_device
+from aksis.kernels import use_cpu_kernels
+from aksis.model import GPT
 from aksis.tokenizer import Tokenizer, TokenizerError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
+CARD_FILE = "README.md"
+EVAL_RESULTS_FILE = "eval_results.json"  # written by aksis.metrics.save_results, read into the model card
 REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, GENERATION_CONFIG_FILE)
 FORMAT_VERSION = 1
+# Where a training run keeps its checkpoints (aksis.runs writes them): the best so far, and step-000500/ and so on.
+BEST_DIR = "best"
+STEP_PREFIX = "step-"
+HUB_OPTIONS = ("revision", "cache_dir", "force_download", "token", "local_files_only")  # of resolve_file
 
 
 class CheckpointError(Exception):
@@ -254,98 +264,100 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-class CheckpointMixin(PyTorchModelHubMixin):
-    """`PyTorchModelHubMixin` for aksis models: a class with `__init__(self, config: ModelConfig)` and a
-    `config` attribute gets `save_pretrained` and `from_pretrained` in the format above. (The mixin's own
-    `push_to_hub` saves without the tokenizer; full pushes belong to the Hub module.)"""
+def _card(config: ModelConfig) -> str:
+    """The model card of a checkpoint saved here: the Hub's metadata and how to load it. A push replaces it with
+    the full card of aksis.hub (training, evaluation, samples)."""
+    data = ModelCardData(library_name="aksis", pipeline_tag="text-generation", tags=["aksis", "text-generation"])
+    return "\n".join(
+        [
+            "---",
+            data.to_yaml(),
+            "---",
+            "",
+            f"An aksis checkpoint: a {config.arch}-style decoder-only transformer, {config.n_layer} layers x "
+            f"{config.n_embd}, context {config.block_size} tokens, vocabulary {config.vocab_size:,}.",
+            "",
+            "```python",
+            "from aksis.checkpoint import load_model",
+            "",
+            'model, tokenizer, settings = load_model("path/or/user-name")',
+            "```",
+            "",
+        ]
+    )
 
-    config: ModelConfig
 
-    def save_pretrained(  # type: ignore[override]
-        self,
-        save_directory: str | Path,
-        *,
-        tokenizer: Tokenizer | None = None,
-        generation_config: GenerationConfig | None = None,
-        config: dict[str, Any] | ModelConfig | None = None,
-        model_card_kwargs: dict[str, Any] | None = None,
-    ) -> None:
-        """Write the checkpoint folder atomically. Pass the `tokenizer` so the folder is complete
-        (generation needs it); `generation_config` defaults to `GenerationConfig()`. (`config` is accepted
-        because the mixin's `push_to_hub` passes it; it must equal the model's own.)"""
-        if config is not None and not isinstance(config, ModelConfig):
-            config = ModelConfig.from_dict(dict(config))
-        if config is not None and config != self.config:
-            raise CheckpointError("save_pretrained(config=...) differs from the model's own config")
-        if tokenizer is not None and tokenizer.vocab_size > self.config.vocab_size:
-            raise CheckpointError(
-                f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {self.config.vocab_size} "
-                "embeddings: build the model with vocab_size >= tokenizer.vocab_size"
-            )
-        with atomic_folder(save_directory) as tmp:
-            super().save_pretrained(tmp, model_card_kwargs=model_card_kwargs)
-            if tokenizer is not None:
-                tokenizer.save(tmp / TOKENIZER_FILE)
-            (generation_config or GenerationConfig()).save(tmp / GENERATION_CONFIG_FILE)
-
-    def _save_pretrained(self, save_directory: Path) -> None:
-        data = {"format_version": FORMAT_VERSION, **self.config.to_dict()}
-        (save_directory / CONFIG_FILE).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        save_model(self, str(save_directory / WEIGHTS_FILE), metadata={"format": "pt"})  # type: ignore[arg-type]
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: str | Path,
-        *,
-        revision: str | None = None,
-        map_location: str | torch.device = "cpu",
-        dtype: torch.dtype | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        """Load from a local checkpoint folder or a Hub repo id (`user/name` or `user/name@revision`, through the
-        Hub cache), in eval mode."""
-        # Read config.json first, so every failure (bad path, missing repo, offline, corrupt or invalid
-        # config) gets our message: the mixin would log and carry on without a config, or fail in json.
-        hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "force_download", "token", "local_files_only") if k in kwargs}
-        pretrained_model_name_or_path, at = split_revision(pretrained_model_name_or_path)
-        revision = revision or at
-        config = read_model_config(
-            resolve_file(pretrained_model_name_or_path, CONFIG_FILE, revision=revision, **hub_kwargs)
+def save_checkpoint(
+    model: GPT,
+    folder: str | Path,
+    *,
+    tokenizer: Tokenizer | None = None,
+    generation_config: GenerationConfig | None = None,
+) -> None:
+    """Write `model` as a checkpoint folder, atomically. Pass the `tokenizer` so the folder is complete (generation
+    needs it); `generation_config` defaults to `GenerationConfig()`."""
+    config = model.config
+    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size} "
+            "embeddings: build the model with vocab_size >= tokenizer.vocab_size"
         )
-        return super().from_pretrained(
-            pretrained_model_name_or_path,
-            revision=revision,
-            map_location=map_location,
-            dtype=dtype,
-            config=config,
-            **kwargs,
-        )
+    with atomic_folder(folder) as tmp:
+        data = {"format_version": FORMAT_VERSION, **config.to_dict()}
+        (tmp / CONFIG_FILE).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save(tmp / TOKENIZER_FILE)
+        (generation_config or GenerationConfig()).save(tmp / GENERATION_CONFIG_FILE)
+        (tmp / CARD_FILE).write_text(_card(config), encoding="utf-8")
 
-    @classmethod
-    def _from_pretrained(  # type: ignore[override]
-        cls,
-        *,
-        model_id: str,
-        revision: str | None,
-        cache_dir: str | Path | None,
-        force_download: bool,
-        local_files_only: bool,
-        token: str | bool | None,
-        map_location: str | torch.device = "cpu",
-        dtype: torch.dtype | None = None,
-        config: ModelConfig,  # read and validated by from_pretrained
-        **model_kwargs: Any,
-    ) -> Any:
-        hub_kwargs: dict[str, Any] = dict(
-            revision=revision,
-            cache_dir=cache_dir,
-            force_download=force_download,
-            local_files_only=local_files_only,
-            token=token,
-        )
-        model = cls(config, **model_kwargs)
-        load_weights(model, resolve_file(model_id, WEIGHTS_FILE, **hub_kwargs))  # type: ignore[arg-type]
-        model.to(device=map_location, dtype=dtype)  # type: ignore[attr-defined]
-        model.eval()  # type: ignore[attr-defined]
-        return model
+
+def load_gpt(
+    source: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    **hub_options: Any,
+) -> GPT:
+    """The model of a checkpoint, a local folder or a Hub repo id (`user/name` or `user/name@revision`, through the
+    Hub cache), on `device` (in `dtype`, else as stored), in eval mode. `hub_options` are resolve_file's (revision,
+    cache_dir, force_download, token, local_files_only)."""
+    unknown = sorted(set(hub_options) - set(HUB_OPTIONS))
+    if unknown:
+        raise TypeError(f"load_gpt got unexpected option(s) {', '.join(unknown)}; it takes {', '.join(HUB_OPTIONS)}")
+    # Config first, so every failure (bad path, missing repo, offline, corrupt or invalid config) names the file
+    # before any weights are read.
+    config = read_model_config(resolve_file(source, CONFIG_FILE, **hub_options))
+    model = GPT(config)
+    load_weights(model, resolve_file(source, WEIGHTS_FILE, **hub_options))
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def find_checkpoint(source: str | Path) -> str:
+    """A checkpoint folder, or for a training run's folder its best/ checkpoint (else its newest step-N/); Hub ids
+    pass through unchanged."""
+    path = Path(source).expanduser()
+    if not path.is_dir() or (path / CONFIG_FILE).is_file():
+        return str(source)
+    if (path / BEST_DIR / CONFIG_FILE).is_file():
+        return str(path / BEST_DIR)
+    steps = sorted(p for p in path.glob(f"{STEP_PREFIX}*") if (p / CONFIG_FILE).is_file())
+    if steps:
+        return str(steps[-1])
+    raise CheckpointError(
+        f"{source} is neither a checkpoint (no {CONFIG_FILE}) nor a training run (no {BEST_DIR}/ or "
+        f"{STEP_PREFIX}N/ checkpoint)"
+    )
+
+
+def load_model(
+    source: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+) -> tuple[GPT, Tokenizer, GenerationConfig]:
+    """A model ready to run (eval mode, on `device`: by default the best there is), with its tokenizer and default
+    sampling settings, from a checkpoint folder, a training run's folder or a Hub repo id. On a CPU its linear
+    layers are aksis.kernels' faster ones for inference."""
+    name = find_checkpoint(source)
+    model = load_gpt(name, device=pick_device(device), dtype=dtype)
+    if next(model.parameters()).device.type == "cpu":
+        use_cpu_kernels(model)
+    return model, load_tokenizer(name), load_generation_config(name)

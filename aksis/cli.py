@@ -68,8 +68,9 @@ def cmd_train_model(args: argparse.Namespace) -> None:
 def cmd_load_data(args: argparse.Namespace) -> None:
     import itertools
 
-    from aksis.data import DataError, PackedBlocks, build_data
-    from aksis.model import IGNORE_INDEX
+    from aksis.blocks import PackedBlocks, build_data
+    from aksis.config import IGNORE_INDEX
+    from aksis.corpora import DataError
 
     for name in ("batch_size", "max_length"):
         if getattr(args, name) < 1:
@@ -139,8 +140,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     import dataclasses
     import logging
 
-    from aksis.data import DataError, load_corpus
-    from aksis.generation import GenerationError, find_checkpoint
+    from aksis.checkpoint import find_checkpoint
+    from aksis.corpora import DataError, load_corpus
+    from aksis.generation import GenerationError
     from aksis.hub import HubError, is_hub_id, push_checkpoint
     from aksis.metrics import TASKS, evaluate_checkpoint, markdown_table, read_prompts, save_results
 
@@ -224,19 +226,19 @@ def _device_and_dtype(args: argparse.Namespace) -> tuple[Any, Any]:
     """--device (auto: CUDA, MPS, else CPU) and the dtype --mixed-precision asks for (bf16, else the stored one)."""
     import torch
 
-    from aksis.generation import default_device
+    from aksis.device import DeviceError, pick_device
 
-    device = default_device() if args.device == "auto" else torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError("--device cuda: no CUDA GPU is available here; use --device cpu (or auto)")
+    try:
+        device = pick_device(args.device)
+    except DeviceError as err:
+        raise CLIError(f"--device: {err}") from err
     return device, torch.bfloat16 if args.mixed_precision else None
 
 
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """(model, tokenizer, generation config) of --checkpoint-path on --device, in bf16 with --mixed-precision."""
 
-    from aksis.checkpoint import CheckpointError
-    from aksis.generation import load_model
+    from aksis.checkpoint import CheckpointError, load_model
 
     device, dtype = _device_and_dtype(args)
     try:
@@ -280,7 +282,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens_help: str) -> None:
-    from aksis.generation import PRESETS, SAMPLERS
+    from aksis.generation import SAMPLER_PRESETS, SAMPLERS
 
     group = parser.add_argument_group(
         "sampling",
@@ -289,7 +291,7 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens_help
     )
     group.add_argument(
         "--sampler",
-        choices=[*SAMPLERS, *PRESETS],
+        choices=[*SAMPLERS, *SAMPLER_PRESETS],
         help="greedy (most likely token), temperature (the whole distribution), top-k, top-p (nucleus), beam "
         "search; or a preset: precise, balanced, creative (default: the checkpoint's settings)",
     )
@@ -350,7 +352,8 @@ CHAT_HELP = "/reset forgets the conversation, /save [FILE] saves it, /quit leave
 
 
 def cmd_chat_with_model(args: argparse.Namespace) -> None:
-    from aksis.chat import ChatError, Conversation, reply
+    from aksis.chat import Conversation, reply
+    from aksis.chat_template import ChatError
     from aksis.generation import GenerationError
 
     if args.budget is not None and args.budget < 8:
@@ -441,6 +444,7 @@ def cmd_benchmark_inference(args: argparse.Namespace) -> None:
 
     from aksis.config import ModelConfig
     from aksis.generation import compile_for_decoding, time_decoding
+    from aksis.kernels import use_cpu_kernels
     from aksis.model import GPT
     from aksis.tokenizer import Tokenizer
 
@@ -457,6 +461,8 @@ def cmd_benchmark_inference(args: argparse.Namespace) -> None:
             raise CLIError(str(err)) from err
         device, dtype = _device_and_dtype(args)
         model = GPT(config).to(device=device, dtype=dtype).eval()
+        if device.type == "cpu":  # as load_model does for a checkpoint
+            use_cpu_kernels(model)
         tokenizer, source = Tokenizer.byte_level(), f"preset {args.preset} (random weights)"
     prompt = tokenizer.encode(args.prompt)
     if not prompt:

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 ARCHS = ("gpt2", "llama")
+IGNORE_INDEX = -100  # a target with this value carries no loss (padding, a prompt token of a chat fine-tune)
 
 # Overrides of the `ModelConfig` defaults (which are the `base` preset). A preset names only what differs.
-PRESETS: dict[str, dict[str, Any]] = {
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # The product default: 6 x 512, 8 heads, context 512, a 10,000-token BPE plus 4 special tokens.
     "base": {},
     "small": dict(n_embd=256, n_head=8, d_ff=1024),
@@ -82,12 +83,19 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
+    def describe(self) -> str:
+        """One line for logs and messages: "gpt2, 6 layers x 512, 8 heads, context 512, vocab 10004"."""
+        return (
+            f"{self.arch}, {self.n_layer} layers x {self.n_embd}, {self.n_head} heads, "
+            f"context {self.block_size}, vocab {self.vocab_size}"
+        )
+
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
         """The named preset with `overrides` applied on top, e.g. `from_preset("tiny", vocab_size=260)`."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+        if name not in MODEL_PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of: {', '.join(MODEL_PRESETS)}")
+        return cls(**{**MODEL_PRESETS[name], **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -265,8 +273,8 @@ class TrainConfig:
                 problems.append(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.arch is not None and self.arch not in ARCHS:
             problems.append(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
-        if self.preset not in PRESETS:
-            problems.append(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        if self.preset not in MODEL_PRESETS:
+            problems.append(f"preset must be one of {', '.join(MODEL_PRESETS)}, got {self.preset!r}")
         if self.data_format == "chat" and self.streaming:
             problems.append(
                 "--streaming cannot be combined with --data-format chat (conversations are tokenized "
@@ -349,7 +357,7 @@ TRAIN_CHOICES = {
     "mixed_precision": MIXED_PRECISIONS,
     "device": DEVICES,
     "report_to": REPORTERS,
-    "preset": tuple(PRESETS),
+    "preset": tuple(MODEL_PRESETS),
     "arch": ARCHS,
     "val_split": VAL_SPLITS,
 }

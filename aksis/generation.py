@@ -2,7 +2,7 @@
 
 - Samplers are small steps over the logits of the next token, applied in this order: repetition penalty,
   temperature, top-k, top-p (nucleus); temperature 0 is greedy. `GenerationConfig` holds the settings (and is
-  saved with every checkpoint); `PRESETS` name a few good combinations and `sampler_config` turns a sampler
+  saved with every checkpoint); `SAMPLER_PRESETS` name a few good combinations and `sampler_config` turns a sampler
   name (greedy, temperature, top-k, top-p, beam) into a config.
 - Beam search keeps the `num_beams` most likely continuations, scores finished ones by their summed
   log-probability divided by length ** length_penalty, and returns the n best with their scores.
@@ -22,7 +22,7 @@ The context: a prompt longer than the model's context keeps its last `block_size
 Generation may run past the context: when the cache is full, the older half of the window is dropped and
 the newer half is read again in one prefill, so every new token sees between half and all of the context
 (the positions restart from the window's start, exactly as the model was trained). `max_new_tokens` is
-capped at `MAX_NEW_TOKENS` only as a guard against typos.
+capped at `NEW_TOKENS_LIMIT` only as a guard against typos.
 """
 
 from __future__ import annotations
@@ -33,12 +33,10 @@ import math
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from aksis.checkpoint import CheckpointError, load_generation_config, load_tokenizer
 from aksis.config import GenerationConfig
 from aksis.kv_cache import KVCache
 from aksis.model import GPT
@@ -46,10 +44,10 @@ from aksis.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-MAX_NEW_TOKENS = 100_000
+NEW_TOKENS_LIMIT = 100_000  # the most new tokens one generation may ask for: a guard against typos, not a budget
 SAMPLERS = ("greedy", "temperature", "top-k", "top-p", "beam")
 DEFAULT_BEAM_WIDTH = 4
-PRESETS: dict[str, dict[str, Any]] = {
+SAMPLER_PRESETS: dict[str, dict[str, Any]] = {
     # Focused and repeatable: a low temperature over the few most likely tokens.
     "precise": dict(temperature=0.3, top_k=20, top_p=0.9, repetition_penalty=1.1),
     # The checkpoint defaults (GenerationConfig()): temperature 0.7, top-k 50, top-p 0.95.
@@ -136,8 +134,8 @@ def sampler_config(sampler: str | None, base: GenerationConfig | None = None, **
     given = {k: v for k, v in settings.items() if v is not None}
     if sampler is None:
         pass
-    elif sampler in PRESETS:
-        config = replace(config, **PRESETS[sampler])
+    elif sampler in SAMPLER_PRESETS:
+        config = replace(config, **SAMPLER_PRESETS[sampler])
     elif sampler == "greedy":
         config = replace(config, temperature=0.0, num_beams=1)
     elif sampler == "temperature":
@@ -149,7 +147,7 @@ def sampler_config(sampler: str | None, base: GenerationConfig | None = None, **
     elif sampler == "beam":
         given.setdefault("num_beams", DEFAULT_BEAM_WIDTH)
     else:
-        raise GenerationError(f"unknown sampler {sampler!r}: choose one of {', '.join([*SAMPLERS, *PRESETS])}")
+        raise GenerationError(f"unknown sampler {sampler!r}: choose one of {', '.join([*SAMPLERS, *SAMPLER_PRESETS])}")
     try:
         config = replace(config, **given)
     except ValueError as err:
@@ -266,8 +264,8 @@ def _prompt_ids(model: GPT, tokenizer: Tokenizer, prompt: str | Sequence[int]) -
 
 
 def _check(config: GenerationConfig) -> None:
-    if config.max_new_tokens > MAX_NEW_TOKENS:
-        raise GenerationError(f"max_new_tokens must be at most {MAX_NEW_TOKENS:,}, got {config.max_new_tokens:,}")
+    if config.max_new_tokens > NEW_TOKENS_LIMIT:
+        raise GenerationError(f"max_new_tokens must be at most {NEW_TOKENS_LIMIT:,}, got {config.max_new_tokens:,}")
 
 
 def _generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -581,45 +579,6 @@ def token_probabilities(
             scores.append(TokenProb(token, tokenizer.decode([token]), prob, alternatives))
         i = end
     return scores
-
-
-# ----- loading a model for inference -----
-
-
-def find_checkpoint(source: str | Path) -> str:
-    """A checkpoint folder, or for a training run's folder its best/ checkpoint (else its newest step-N);
-    Hub ids pass through unchanged."""
-    path = Path(source).expanduser()
-    if not path.is_dir() or (path / "config.json").is_file():
-        return str(source)
-    if (path / "best" / "config.json").is_file():
-        return str(path / "best")
-    steps = sorted(p for p in path.glob("step-*") if (p / "config.json").is_file())
-    if steps:
-        return str(steps[-1])
-    raise CheckpointError(
-        f"{source} is neither a checkpoint (no config.json) nor a training run (no best/ or step-N/ checkpoint)"
-    )
-
-
-def default_device() -> torch.device:
-    """CUDA, else Apple's MPS, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def load_model(
-    source: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
-) -> tuple[GPT, Tokenizer, GenerationConfig]:
-    """Model (in eval mode), tokenizer and default sampling settings of a checkpoint folder, training run
-    folder or Hub repo id."""
-    name = find_checkpoint(source)
-    device = torch.device(device) if device is not None else default_device()
-    model: GPT = GPT.from_pretrained(name, map_location=device, dtype=dtype)
-    return model, load_tokenizer(name), load_generation_config(name)
 
 
 def compile_for_decoding(model: GPT) -> GPT:

@@ -18,7 +18,6 @@ generations and how to use the model.
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import math
 import os
@@ -26,22 +25,37 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from huggingface_hub import EvalResult, HfApi, ModelCardData, snapshot_download
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import errors as hf_errors
+from huggingface_hub.utils import disable_progress_bars
 
-from aksis.checkpoint import CONFIG_FILE, REQUIRED_FILES, read_json, split_revision
+from aksis.checkpoint import (
+    BEST_DIR,
+    CARD_FILE,
+    CONFIG_FILE,
+    EVAL_RESULTS_FILE,
+    REQUIRED_FILES,
+    load_model,
+    read_json,
+    read_model_config,
+    split_revision,
+)
+from aksis.config import ModelConfig
+from aksis.corpora import HUB_CORPORA
+from aksis.generation import generate
+from aksis.model import GPT
+from aksis.plots import loss_curves, loss_figure
+from aksis.runs import STEP_DIR, TRAINING_STATE_DIR, read_metrics, read_trainer_state
 
 log = logging.getLogger(__name__)
 
-CARD_FILE = "README.md"
 LOSS_CURVE_FILE = "loss_curve.png"
-EVAL_RESULTS_FILE = "eval_results.json"
-METRICS_FILE = "metrics.jsonl"
-TRAINING_STATE_DIR = "training_state"
 TRAINING_STATE_BRANCH = "training-state"
 SAMPLE_PROMPTS = ("The ", "Once upon a time", "ROMEO:")
 
@@ -102,36 +116,13 @@ def _explain(err: Exception, repo_id: str, action: str) -> HubError:
 # ----- the model card -----
 
 
-def read_metrics(folder: Path) -> list[dict[str, Any]]:
-    path = folder / METRICS_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def plot_loss_curve(records: Sequence[dict[str, Any]], target: Path) -> bool:
     """Draw training and validation loss against tokens seen into `target` (PNG); False when there is nothing
     to draw."""
-    train = [(r["tokens"], r["loss"]) for r in records if "loss" in r and "tokens" in r]
-    val = [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r and "tokens" in r]
-    if not train and not val:
+    figure = loss_figure(loss_curves(records, x="tokens"), x="tokens")
+    if figure is None:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display: render to a file
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    for points, label in ((train, "training"), (val, "validation")):
-        if points:
-            ax.plot(*zip(*points, strict=True), label=label, marker="o" if len(points) < 20 else None)
-    ax.set_xlabel("tokens seen")
-    ax.set_ylabel("loss (nats / token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(target)
-    plt.close(fig)
+    figure.savefig(target)
     return True
 
 
@@ -162,7 +153,6 @@ def _hub_dataset(dataset: str | None) -> str | None:
     """The Hub id of a training dataset, for the card's `datasets:` (None for local files and embedded text)."""
     if not dataset:
         return None
-    from aksis.data import HUB_CORPORA
 
     if dataset in HUB_CORPORA:
         return HUB_CORPORA[dataset].path
@@ -173,11 +163,8 @@ def _hub_dataset(dataset: str | None) -> str | None:
 
 def _samples(folder: Path, prompts: Sequence[str]) -> list[tuple[str, str]]:
     """A few generations of the checkpoint (CPU, seeded) for the card."""
-    from aksis.config import GenerationConfig
-    from aksis.generation import generate, load_model
-
     model, tokenizer, defaults = load_model(folder, device="cpu")
-    config = GenerationConfig(**{**defaults.to_dict(), "max_new_tokens": 48, "seed": 0, "num_beams": 1})
+    config = replace(defaults, max_new_tokens=48, seed=0, num_beams=1)
     return [(p, generate(model, tokenizer, p, config).text) for p in prompts]
 
 
@@ -192,12 +179,12 @@ def model_card(
 ) -> str:
     """The README.md of a checkpoint folder's Hub repo."""
     folder = Path(folder)
-    config = read_json(folder / CONFIG_FILE)
+    config = read_model_config(folder / CONFIG_FILE)
     train = train_config or {}
     records = read_metrics(folder)
     dataset = train.get("dataset")
     hub_dataset = _hub_dataset(dataset)
-    arch = config.get("arch", "gpt2")
+    arch = config.arch
     results = _eval_results(folder, hub_dataset or str(dataset or "unknown"))
     data = ModelCardData(
         library_name="aksis",
@@ -224,12 +211,12 @@ def model_card(
         "| | |",
         "|---|---|",
         f"| flavour | {_flavour(arch)} |",
-        f"| layers | {config.get('n_layer')} |",
-        f"| model width (n_embd) | {config.get('n_embd')} |",
-        f"| attention heads (key/value) | {config.get('n_head')} ({config.get('n_kv_head') or config.get('n_head')}) |",
-        f"| MLP width (d_ff) | {config.get('d_ff')} |",
-        f"| context | {config.get('block_size')} tokens |",
-        f"| vocabulary | {config.get('vocab_size'):,} tokens |",
+        f"| layers | {config.n_layer} |",
+        f"| model width (n_embd) | {config.n_embd} |",
+        f"| attention heads (key/value) | {config.n_head} ({config.n_kv_head}) |",
+        f"| MLP width (d_ff) | {config.d_ff} |",
+        f"| context | {config.block_size} tokens |",
+        f"| vocabulary | {config.vocab_size:,} tokens |",
         f"| parameters | {n_params:,} |",
         "",
     ]
@@ -279,7 +266,8 @@ def model_card(
         "```",
         "",
         "```python",
-        "from aksis.generation import generate, load_model",
+        "from aksis.checkpoint import load_model",
+        "from aksis.generation import generate",
         "",
         f'model, tokenizer, settings = load_model("{repo_id}")',
         'print(generate(model, tokenizer, "Once upon a time", settings).text)',
@@ -295,15 +283,9 @@ def _flavour(arch: str) -> str:
     return "GPT-2 style: learned positions, pre-norm LayerNorm, GELU"
 
 
-def _parameter_count(config: dict[str, Any]) -> int:
-    import torch
-
-    from aksis.config import ModelConfig
-    from aksis.model import GPT
-
+def _parameter_count(config: ModelConfig) -> int:
     with torch.device("meta"):  # shapes only: no memory, no time
-        model = GPT(ModelConfig.from_dict({k: v for k, v in config.items() if k != "format_version"}))
-    return model.num_params()
+        return GPT(config).num_params()
 
 
 # ----- pushing -----
@@ -337,12 +319,13 @@ def _stage(folder: Path, staging: Path, with_training_state: bool) -> None:
 def _run_settings(folder: Path) -> dict[str, Any] | None:
     """How a checkpoint was trained, for its card: a step-N checkpoint keeps it in its training state; a run's
     best/ borrows it from the newest step-N beside it."""
-    candidates = [folder, *(sorted(folder.parent.glob("step-*"), reverse=True) if folder.name == "best" else [])]
-    for candidate in candidates:
-        state = candidate / TRAINING_STATE_DIR / "trainer_state.json"
-        if state.is_file():
-            settings: dict[str, Any] | None = read_json(state).get("train_config")
-            return settings
+    steps = [p for p in folder.parent.iterdir() if STEP_DIR.match(p.name)] if folder.name == BEST_DIR else []
+    for candidate in [folder, *sorted(steps, reverse=True)]:
+        try:
+            settings: dict[str, Any] | None = read_trainer_state(candidate).get("train_config")
+        except (OSError, ValueError):  # no training state (or none readable): the card goes without
+            continue
+        return settings
     return None
 
 
@@ -450,6 +433,67 @@ class BackgroundPusher:
     def close(self) -> None:
         self.wait()
         self._pool.shutdown()
+
+
+class PushSchedule:
+    """The pushes of a training run to `repo_id`, on a `BackgroundPusher`: the step checkpoints the trainer saves
+    (tagged step-N; every `every` steps, default each one, and always the last), with `training_state` also their
+    resumable state (branch training-state), and at the end the best checkpoint to main. `open` creates the repo
+    first, so a run that cannot push fails before it trains."""
+
+    def __init__(
+        self,
+        repo_id: str,
+        *,
+        every: int | None = None,
+        training_state: bool = False,
+        license: str | None = None,
+        train_config: dict[str, Any] | None = None,
+        pusher: BackgroundPusher | None = None,
+    ) -> None:
+        self.repo_id, self.every, self.training_state = repo_id, every or 1, training_state
+        self.common: dict[str, Any] = dict(repo_id=repo_id, license=license, train_config=train_config)
+        self.pusher = pusher or BackgroundPusher(push_checkpoint)
+        self.last_pushed: int | None = None  # the step of the last step checkpoint pushed
+
+    @classmethod
+    def open(cls, repo_id: str, *, private: bool = False, **options: Any) -> PushSchedule:
+        """A schedule for a repo created now if needed (HubError when it cannot be written)."""
+        log.info("pushing checkpoints to %s", ensure_repo(repo_id, private=private))
+        disable_progress_bars()  # upload bars from the push thread would tear through the training bar
+        return cls(repo_id, **options)
+
+    def saved(self, checkpoint: Path, step: int, last: bool = False) -> None:
+        """A step checkpoint was saved: queue its push when one is due (and for the `last` one)."""
+        if not last and self.last_pushed is not None and step - self.last_pushed < self.every:
+            return
+        self.last_pushed = step
+        self.pusher.submit(checkpoint, tag=f"step-{step}", commit_message=f"aksis: step {step}", **self.common)
+        if self.training_state:
+            self.pusher.submit(
+                checkpoint,
+                branch=TRAINING_STATE_BRANCH,
+                with_training_state=True,
+                samples=False,
+                commit_message=f"aksis: training state at step {step}",
+                **self.common,
+            )
+
+    def finish(self, latest: Path, step: int, best: Path, best_step: int | None, best_loss: float | None) -> list[str]:
+        """At the end of the run: push the last step checkpoint if --push-every skipped it, the best checkpoint to
+        main, wait for every queued push; the pushes that failed."""
+        if self.last_pushed != step and (latest / CONFIG_FILE).exists():
+            self.saved(latest, step, last=True)
+        if (best / CONFIG_FILE).exists():
+            loss = f", validation loss {best_loss:.4f}" if best_loss is not None else ""
+            self.pusher.submit(best, commit_message=f"aksis: best checkpoint (step {best_step}{loss})", **self.common)
+        log.info("waiting for the pushes to %s to finish", self.repo_id)
+        self.pusher.close()
+        if self.pusher.errors:
+            log.warning("%d push(es) failed; push later with `aksis push`", len(self.pusher.errors))
+        else:
+            log.info("pushed to %s", self.repo_id)
+        return list(self.pusher.errors)
 
 
 def ensure_repo(repo_id: str, *, private: bool = False, token: str | None = None) -> str:

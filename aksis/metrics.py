@@ -8,7 +8,7 @@
   log-likelihood per token, its exponential (perplexity) and bits per byte: the total NLL in bits over the
   UTF-8 bytes of the texts, which does not depend on the tokenizer, so models with different tokenizers compare.
 - Generation tasks score generated text against references with BLEU and ROUGE (`aksis.scores`, through the
-  `evaluate` library and the local metric modules in evaluation/metrics/): "continuation" prompts with the first
+  `evaluate` library and the metric modules in aksis/metric_modules/): "continuation" prompts with the first
   `prompt_tokens` tokens of held-out windows and compares the next `new_tokens` generated tokens with the true
   ones; "prompts" reads a JSONL of {"prompt": ..., "reference": ...}. Generation statistics (distinct-n,
   repetition, length) describe the generated texts themselves.
@@ -30,12 +30,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from aksis.config import GenerationConfig
+from aksis.checkpoint import EVAL_RESULTS_FILE
+from aksis.config import IGNORE_INDEX, GenerationConfig
 from aksis.generation import generate_batch
-from aksis.model import GPT, IGNORE_INDEX
+from aksis.model import GPT
 from aksis.tokenizer import Tokenizer
 
-EVAL_RESULTS_FILE = "eval_results.json"
 TASKS = ("perplexity", "continuation", "prompts")
 
 

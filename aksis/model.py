@@ -5,105 +5,27 @@
   weights map over with only the Conv1D transposes (see aksis.interop).
 - "llama": rotary position embeddings (RoPE), RMSNorm, SwiGLU MLP, no biases, grouped-query attention.
 
-Decoding reads every weight once per token, so its speed is the speed of few-row matmuls: on the CPU `Linear` picks
-faster kernels than `F.linear` for inference (see its docstring), and `forward(..., last_only=True)` projects only
+Attention goes through `F.scaled_dot_product_attention`, which never materialises the attention probabilities;
+`GPT.attention_weights` recomputes them for one layer, for inspection. `forward(..., last_only=True)` projects only
 the last position onto the vocabulary, which is all generation needs.
 
-Attention goes through `F.scaled_dot_product_attention`, which never materialises the attention probabilities;
-`GPT.attention_weights` recomputes them for one layer, for inspection. The model knows nothing about sampling: it
-maps token ids to logits, optionally reading and writing a caller-owned `KVCache`. Saving and loading
-(`save_pretrained`, `from_pretrained`, `push_to_hub`) come from `CheckpointMixin`; the folder format
-lives in aksis.checkpoint.
+The model knows nothing about sampling, files or the Hub: it maps token ids to logits, optionally reading and
+writing a caller-owned `KVCache`. Saving and loading live in aksis.checkpoint; faster layers for inference are
+swapped in by aksis.kernels when a model is loaded to run.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from aksis.checkpoint import CheckpointMixin
-from aksis.config import ModelConfig
+from aksis.config import IGNORE_INDEX, ModelConfig
 from aksis.kv_cache import KVCache
 
-IGNORE_INDEX = -100  # targets with this value carry no loss (padding, masked prompt tokens)
-
-
-@functools.cache
-def onednn_linear() -> bool:
-    """Whether `Linear` can run inference through oneDNN: PyTorch built with it (mkldnn) on an x86-64 CPU with AVX2
-    or AVX-512, where it was measured. Asked at the first forward pass, not at import."""
-    return (
-        torch.backends.mkldnn.is_available()
-        and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-    )
-
-
-class Linear(nn.Linear):
-    """`nn.Linear`, with faster kernels for float32 inference on the CPU, where decoding spends its time.
-
-    A decode step multiplies a few rows (one per sequence) by every weight matrix: little arithmetic per weight read,
-    a shape that MKL's GEMM, which `F.linear` calls on the CPU, handles poorly. So, without gradients:
-
-    - one row: the product written as W @ x^T, batched over the two halves of W's rows, goes through MKL's batched
-      GEMM, which reads the weight at the machine's full memory bandwidth (MKL's one-row path reaches a third of it);
-    - more rows: oneDNN's matmul (`torch.ops.mkldnn`, the kernels `torch.compile` uses for frozen CPU models) on a
-      copy of the weight packed once into its blocked layout.
-
-    Measured on the 2-core AMD EPYC of CI (torch 2.13, AVX-512) over the base preset's weights, 97 MB, read from memory
-    as in decoding: one row 3.6 ms instead of 11.6 (oneDNN: 6.5); eight rows 6.9 ms instead of 16.9; a 256-row
-    prefill 1.6-1.9x faster; limited to AVX2 (`ONEDNN_MAX_CPU_ISA=AVX2`) oneDNN still gains 2.5x at eight rows.
-
-    The packed copy costs as much memory as the weight (`GPT.inference_bytes`). It is made at the first inference
-    pass with several rows and made again after the weight changes (in place, as an optimizer or `load_state_dict`
-    does, or moved); a forward pass with gradients drops it. Results equal `F.linear`'s up to float rounding
-    (tests/test_model.py). Elsewhere (training, a GPU, other dtypes, inside `torch.compile`, no MKL or oneDNN) it is
-    plain `F.linear`.
-    """
-
-    _packed: tuple[int, int, torch.Tensor] | None = None  # (weight's data_ptr, its version, packed weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # first: the checks below would break the compiled graph
-            return F.linear(x, self.weight, self.bias)
-        if torch.is_grad_enabled():
-            if self._packed is not None:  # training: the weight will change, so the copy only holds memory
-                self._packed = None
-            return F.linear(x, self.weight, self.bias)
-        if x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32:
-            return F.linear(x, self.weight, self.bias)
-        rows = x.numel() // self.in_features
-        if rows == 1 and self.out_features % 2 == 0 and torch.backends.mkl.is_available():
-            w = self.weight.view(2, self.out_features // 2, self.in_features)  # (2, out/2, in): halves of the rows
-            # x as a column (in, 1) with strides (1, in), which MKL takes as it is; an (in, 1) made by reshape has
-            # strides (1, 1), which sends bmm down a path 3.5x slower.
-            xt = x.reshape(1, self.in_features).t().expand(2, -1, -1)  # (2, in, 1), a view
-            y = torch.bmm(w, xt)  # (2, out/2, 1)
-            y = y.view(*x.shape[:-1], self.out_features)
-            if self.bias is not None:
-                y += self.bias
-            return y
-        # A weight made under inference_mode has no version counter to tell of changes: it is never packed.
-        if onednn_linear() and not self.weight.is_inference():
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight(), self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
-
-    def packed_weight(self) -> torch.Tensor:
-        """The weight in oneDNN's layout (an opaque mkldnn tensor), packed again if the weight changed since."""
-        key = (self.weight.data_ptr(), self.weight._version)
-        if self._packed is None or self._packed[:2] != key:
-            # The layout is chosen for a batch of 8 rows; it served 1 to 1024 rows as well as one chosen for each.
-            self._packed = (*key, torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 8))
-        return self._packed[2]
-
-    def __getstate__(self) -> dict[str, object]:
-        # An mkldnn tensor has no storage to copy: copies and pickles of the module leave the packed weight behind.
-        return {k: v for k, v in self.__dict__.items() if k != "_packed"}
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos and sin of the rotation angles of each position (llama)
 
 
 class RMSNorm(nn.Module):
@@ -143,15 +65,15 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         bias = config.arch == "gpt2"
         # One fused projection for queries, keys and values (keys/values are narrower under GQA).
-        self.c_attn = Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=bias)
-        self.c_proj = Linear(config.n_embd, config.n_embd, bias=bias)
+        self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(
         self,
         x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        rope: Rope | None,
         kv_cache: KVCache | None,
         input_pos: torch.Tensor | None,
     ) -> torch.Tensor:
@@ -175,7 +97,7 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
-    def attention_weights(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def attention_weights(self, x: torch.Tensor, rope: Rope | None) -> torch.Tensor:
         """softmax(q k^T / sqrt(hd)) under the causal mask, (B, n_head, T, T) in float32, for this layer's input x
         (B, T, C) without a cache: what SDPA in `forward` computes without ever materialising it. For inspection
         (the app's attention view), not speed."""
@@ -199,8 +121,8 @@ class MLP(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.c_fc = Linear(config.n_embd, config.d_ff)
-        self.c_proj = Linear(config.d_ff, config.n_embd)
+        self.c_fc = nn.Linear(config.n_embd, config.d_ff)
+        self.c_proj = nn.Linear(config.d_ff, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -212,9 +134,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.w_gate = Linear(config.n_embd, config.d_ff, bias=False)
-        self.w_up = Linear(config.n_embd, config.d_ff, bias=False)
-        self.c_proj = Linear(config.d_ff, config.n_embd, bias=False)
+        self.w_gate = nn.Linear(config.n_embd, config.d_ff, bias=False)
+        self.w_up = nn.Linear(config.n_embd, config.d_ff, bias=False)
+        self.c_proj = nn.Linear(config.d_ff, config.n_embd, bias=False)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -238,7 +160,7 @@ class Block(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        rope: Rope | None,
         kv_cache: KVCache | None,
         input_pos: torch.Tensor | None,
     ) -> torch.Tensor:
@@ -259,13 +181,7 @@ class Transformer(nn.Module):
         self.ln_f = make_norm(config)
 
 
-class GPT(
-    nn.Module,
-    CheckpointMixin,
-    library_name="aksis",
-    pipeline_tag="text-generation",
-    tags=["aksis", "text-generation"],
-):
+class GPT(nn.Module):
     """A decoder-only transformer language model, built only from a `ModelConfig`."""
 
     rope_cos: torch.Tensor  # llama flavour: buffers (block_size, head_dim // 2)
@@ -275,7 +191,7 @@ class GPT(
         super().__init__()
         self.config = config
         self.transformer = Transformer(config)
-        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         if config.arch == "llama":
@@ -297,6 +213,17 @@ class GPT(
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def _embed(self, idx: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, Rope | None]:
+        """The blocks' input for token ids `idx` (B, T) at positions `pos` (T,) or (B, T), and the RoPE tables of
+        those positions (llama; None for gpt2, whose positions are added here)."""
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if self.transformer.wpe is not None:  # gpt2: learned positions
+            x = x + self.transformer.wpe(pos)  # (T, C) broadcast over the batch, or (B, T, C)
+        else:  # llama: rotary positions, applied to queries and keys in attention
+            rope = (self.rope_cos[pos], self.rope_sin[pos])  # each (T, hd/2) or (B, T, hd/2)
+        return self.transformer.drop(x), rope
 
     def forward(
         self,
@@ -334,13 +261,7 @@ class GPT(
         else:
             pos = torch.arange(T, device=idx.device)  # (T,)
 
-        x = self.transformer.wte(idx)  # (B, T, C)
-        rope = None
-        if self.transformer.wpe is not None:  # gpt2: learned positions
-            x = x + self.transformer.wpe(pos)  # (T, C) broadcast over the batch, or (B, T, C)
-        else:  # llama: rotary positions, applied to queries and keys in attention
-            rope = (self.rope_cos[pos], self.rope_sin[pos])  # each (T, hd/2) or (B, T, hd/2)
-        x = self.transformer.drop(x)
+        x, rope = self._embed(idx, pos)  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, rope, kv_cache, input_pos)
         if last_only:
@@ -364,14 +285,7 @@ class GPT(
         T = idx.size(1)
         if T > self.config.block_size:
             raise ValueError(f"input of {T} tokens is longer than the context ({self.config.block_size} tokens)")
-        pos = torch.arange(T, device=idx.device)  # (T,)
-        x = self.transformer.wte(idx)  # (B, T, C)
-        rope = None
-        if self.transformer.wpe is not None:
-            x = x + self.transformer.wpe(pos)
-        else:
-            rope = (self.rope_cos[pos], self.rope_sin[pos])  # each (T, hd/2)
-        x = self.transformer.drop(x)
+        x, rope = self._embed(idx, torch.arange(T, device=idx.device))  # (B, T, C)
         for block in self.transformer.h[:layer]:
             x = block(x, rope, None, None)
         block = self.transformer.h[layer]
@@ -385,15 +299,6 @@ class GPT(
             n -= self.transformer.wte.weight.numel()
             if self.transformer.wpe is not None:
                 n -= self.transformer.wpe.weight.numel()
-        return n
-
-    def inference_bytes(self) -> int:
-        """Memory the weights take for inference: the parameters, plus the copies `Linear` packs of its weights
-        for float32 inference on a CPU with oneDNN (made at the first pass that uses them)."""
-        n = sum(p.numel() * p.element_size() for p in self.parameters())  # tied weights counted once
-        weight = self.lm_head.weight
-        if weight.device.type == "cpu" and weight.dtype == torch.float32 and onednn_linear():
-            n += sum(m.weight.nbytes for m in self.modules() if isinstance(m, Linear))
         return n
 
     def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> int:

@@ -1,6 +1,6 @@
 """Scores of generated text: BLEU and ROUGE against references, and statistics of the generations themselves.
 
-- `bleu` and `rouge` run the `evaluate` metric modules in evaluation/metrics/ (sacreBLEU's corpus BLEU, 0-100;
+- `bleu` and `rouge` run the `evaluate` metric modules in aksis/metric_modules/ (sacreBLEU's corpus BLEU, 0-100;
   rouge_score's F-measures averaged over predictions, 0-1). They are loaded by path, which never asks the Hub
   for anything, online or offline, and once per process (`load_metric`).
 - `generation_stats` needs no references: distinct-1/2, the 4-gram repetition rate, and the mean length.
@@ -17,29 +17,31 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-# The metric modules live in the source tree beside the package (an editable install: `pip install -e .`).
-METRICS_DIR = Path(__file__).resolve().parents[1] / "evaluation" / "metrics"
+# The metric modules ship inside the package (package data), so an installed wheel has them too.
+METRIC_MODULES = Path(__file__).resolve().parent / "metric_modules"
 
 REPETITION_N = 4  # generation_stats' repetition rate counts repeated 4-grams
 
 
 @functools.cache
 def load_metric(name: str) -> Any:
-    """The `evaluate` metric module evaluation/metrics/<name>/<name>.py ("bleu" or "rouge"), loaded once.
+    """The `evaluate` metric module metric_modules/<name>/<name>.py ("bleu" or "rouge"), loaded once.
 
     It is an `evaluate.Metric`: `load_metric("bleu").compute(predictions=..., references=..., **options)`.
     Its inputs are kept in memory, not in a cache file on disk."""
-    script = METRICS_DIR / name / f"{name}.py"
+    script = METRIC_MODULES / name / f"{name}.py"
     if not script.is_file():
+        known = sorted(p.name for p in METRIC_MODULES.iterdir() if (p / f"{p.name}.py").is_file())
         raise FileNotFoundError(
-            f"no metric module at {script}. aksis reads its metric modules from the evaluation/metrics folder of "
-            "its source tree, so install it from a clone with `pip install -e .` (a wheel does not include them)"
+            f"no metric module at {script}: aksis ships {', '.join(known)} in aksis/metric_modules/ (if one of those "
+            "is missing, the installation is incomplete: reinstall aksis)"
         )
     # Imported here because it is slow (see the module docstring); through importlib because it ships no type
     # information, which mypy would otherwise report.
     evaluate = importlib.import_module("evaluate")
     if not hasattr(evaluate, "load"):
-        # Running a script from a folder that holds a file named evaluate.py puts that file first on sys.path.
+        # Running a script from a folder that holds a file named evaluate.py (a user's own) puts that file first on
+        # sys.path.
         raise ImportError(
             f"`import evaluate` found {evaluate.__file__}, not the evaluate library: rename that file, or run "
             "your script from somewhere else"

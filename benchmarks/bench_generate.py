@@ -43,9 +43,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from aksis.checkpoint import load_model
 from aksis.config import GenerationConfig, ModelConfig
-from aksis.generation import _Session, compile_for_decoding, generate_batch, load_model
+from aksis.generation import _Session, compile_for_decoding, generate_batch
 from aksis.interop import to_hf_gpt2
+from aksis.kernels import use_cpu_kernels
 from aksis.kv_cache import KVCache
 from aksis.model import GPT
 from aksis.tokenizer import Tokenizer
@@ -109,6 +111,8 @@ def build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) ->
     config = ModelConfig.from_preset(args.preset)
     torch.manual_seed(args.seed)
     model = GPT(config).to(device=device, dtype=dtype).eval()
+    if device.type == "cpu":  # as load_model does
+        use_cpu_kernels(model)
     tokenizer = Tokenizer.train([read_text(args.text)], vocab_size=config.vocab_size)
     return model, tokenizer, f"preset {args.preset} (random weights, seed {args.seed}; BPE trained on the text)"
 
@@ -116,7 +120,7 @@ def build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) ->
 def read_text(path: str | None) -> str:
     if path:
         return Path(path).read_text(encoding="utf-8")
-    from aksis.data import shakespeare_plays
+    from aksis.corpora import shakespeare_plays
 
     return "".join(shakespeare_plays())
 

@@ -45,11 +45,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from aksis.checkpoint import load_model
 from aksis.config import TrainConfig
-from aksis.data import load_corpus
+from aksis.corpora import load_corpus
 from aksis.metrics import perplexity
-from aksis.model import GPT
-from aksis.tokenizer import Tokenizer
 from aksis.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,8 +126,7 @@ def train_and_score(name: str, config: TrainConfig, val_text: str) -> Run:
     result = trainer.train()
     seconds = trainer.state.clock
     assert result.last_checkpoint is not None
-    model = GPT.from_pretrained(result.last_checkpoint).eval()
-    tokenizer = Tokenizer.from_name(str(result.last_checkpoint))
+    model, tokenizer, _ = load_model(result.last_checkpoint, device="cpu")
     context = model.config.block_size
     score = perplexity(model, tokenizer, [val_text], stride=context, batch_size=max(1, 16_384 // context))
     run = Run(name, description, result.steps, result.tokens, seconds, score.nll, score.bits_per_byte)

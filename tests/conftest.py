@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import itertools
+import json
 import os
 import sys
 import tempfile
@@ -173,12 +174,13 @@ def write_run(folder: Path, arch: str, seed: int) -> Path:
     metrics.jsonl of a few log and evaluation records."""
     import json
 
+    from aksis.checkpoint import save_checkpoint
     from aksis.model import GPT
     from aksis.tokenizer import Tokenizer
 
     torch.manual_seed(seed)
-    GPT(tiny_config(arch, vocab_size=260, block_size=128)).save_pretrained(
-        folder / "best", tokenizer=Tokenizer.byte_level()
+    save_checkpoint(
+        GPT(tiny_config(arch, vocab_size=260, block_size=128)), folder / "best", tokenizer=Tokenizer.byte_level()
     )
     records = [{"step": s, "tokens": 512 * s, "loss": 5.6 - 0.01 * s, "lr": 1e-3} for s in range(10, 60, 10)]
     records += [{"step": 50, "val_loss": 5.2, "val_ppl": 181.3}]
@@ -241,3 +243,25 @@ def served_app(app_checkpoints: Path, tmp_path_factory: pytest.TempPathFactory) 
     app = serve_app(settings)
     yield app
     app.demo.close()
+
+
+# ----- conversations (tests/test_corpora.py, tests/test_blocks.py) -----
+
+CHATS = [
+    [
+        {"role": "system", "content": "Be terse."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Go well."},
+    ],
+    *(
+        [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]
+        for i in range(39)
+    ),
+]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path

@@ -5,7 +5,8 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from aksis.chat import ChatError, Conversation, Message, render, reply, stop_token_ids
+from aksis.chat import Conversation, reply
+from aksis.chat_template import ChatError, Message, render, stop_token_ids
 from aksis.config import GenerationConfig
 from aksis.model import GPT
 from aksis.tokenizer import Tokenizer
@@ -114,7 +115,7 @@ def test_a_role_token_ends_the_reply() -> None:
 
 
 def test_records_become_messages_and_a_bad_one_is_named() -> None:
-    from aksis.chat import messages_from_records
+    from aksis.chat_template import messages_from_records
 
     records = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     assert messages_from_records(records) == [Message("user", "hi"), Message("assistant", "hello")]

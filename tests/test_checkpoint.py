@@ -13,7 +13,9 @@ from aksis.checkpoint import (
     CheckpointError,
     atomic_folder,
     load_generation_config,
+    load_gpt,
     load_tokenizer,
+    save_checkpoint,
 )
 from aksis.config import GenerationConfig
 from aksis.model import GPT
@@ -24,7 +26,7 @@ from aksis.tokenizer import Tokenizer
 def saved(tmp_path: Path) -> tuple[GPT, Path]:
     model = GPT(tiny_config("llama", vocab_size=260)).eval()
     folder = tmp_path / "ckpt"
-    model.save_pretrained(folder, tokenizer=Tokenizer.byte_level(), generation_config=GenerationConfig(top_k=7))
+    save_checkpoint(model, folder, tokenizer=Tokenizer.byte_level(), generation_config=GenerationConfig(top_k=7))
     return model, folder
 
 
@@ -41,8 +43,8 @@ def test_folder_has_the_documented_files(saved: tuple[GPT, Path]) -> None:
 
 def test_round_trip_gives_identical_outputs(arch: str, tmp_path: Path) -> None:
     model = GPT(tiny_config(arch, vocab_size=260)).eval()
-    model.save_pretrained(tmp_path / "m", tokenizer=Tokenizer.byte_level())
-    loaded = GPT.from_pretrained(tmp_path / "m")
+    save_checkpoint(model, tmp_path / "m", tokenizer=Tokenizer.byte_level())
+    loaded = load_gpt(tmp_path / "m")
     assert isinstance(loaded, GPT) and not loaded.training
     assert loaded.config == model.config
     idx = torch.randint(0, 260, (2, 12))
@@ -59,13 +61,13 @@ def test_tied_weights_are_stored_once_and_stay_tied(saved: tuple[GPT, Path]) -> 
     with safe_open(folder / "model.safetensors", "pt") as f:
         keys = set(f.keys())
     assert len({"lm_head.weight", "transformer.wte.weight"} & keys) == 1
-    loaded = GPT.from_pretrained(folder)
+    loaded = load_gpt(folder)
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
 
 
 def test_load_with_dtype_and_generation_config(saved: tuple[GPT, Path]) -> None:
     _, folder = saved
-    loaded = GPT.from_pretrained(folder, dtype=torch.bfloat16)
+    loaded = load_gpt(folder, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in loaded.parameters())
     assert load_generation_config(folder).top_k == 7
 
@@ -75,14 +77,14 @@ def test_truncated_weights_name_the_file(saved: tuple[GPT, Path]) -> None:
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="model.safetensors is truncated or corrupt"):
-        GPT.from_pretrained(folder)
+        load_gpt(folder)
 
 
 def test_missing_config_names_the_file(saved: tuple[GPT, Path]) -> None:
     _, folder = saved
     (folder / "config.json").unlink()
     with pytest.raises(CheckpointError, match="config.json is missing: a checkpoint folder needs"):
-        GPT.from_pretrained(folder)
+        load_gpt(folder)
 
 
 def test_corrupt_or_mismatched_config_names_the_file(saved: tuple[GPT, Path]) -> None:
@@ -91,19 +93,19 @@ def test_corrupt_or_mismatched_config_names_the_file(saved: tuple[GPT, Path]) ->
     good = json.loads(config_path.read_text())
     config_path.write_text('{"arch": "llama", ')
     with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
-        GPT.from_pretrained(folder)
+        load_gpt(folder)
     config_path.write_text(json.dumps({**good, "n_embd": 96, "n_head": 4}))
     with pytest.raises(CheckpointError, match="model.safetensors does not match config.json.*in the file but"):
-        GPT.from_pretrained(folder)
+        load_gpt(folder)
     config_path.write_text(json.dumps({**good, "arch": "gpt2", "n_kv_head": 4}))
     with pytest.raises(CheckpointError, match="missing tensors: .*c_attn.bias.*unexpected tensors: .*w_gate"):
-        GPT.from_pretrained(folder)
+        load_gpt(folder)
     config_path.write_text(json.dumps({**good, "n_head": 5}))
     with pytest.raises(CheckpointError, match="config.json: invalid ModelConfig: n_embd \\(64\\)"):
-        GPT.from_pretrained(folder)
+        load_gpt(folder)
     config_path.write_text(json.dumps({**good, "format_version": 7}))
     with pytest.raises(CheckpointError, match="format_version 7 is newer"):
-        GPT.from_pretrained(folder)
+        load_gpt(folder)
 
 
 def test_missing_tokenizer_and_bad_paths_are_clear_errors(saved: tuple[GPT, Path], tmp_path: Path) -> None:
@@ -112,9 +114,9 @@ def test_missing_tokenizer_and_bad_paths_are_clear_errors(saved: tuple[GPT, Path
     with pytest.raises(CheckpointError, match="tokenizer.json is missing"):
         load_tokenizer(folder)
     with pytest.raises(CheckpointError, match="no checkpoint folder at ./nowhere/at-all"):
-        GPT.from_pretrained("./nowhere/at-all")
+        load_gpt("./nowhere/at-all")
     with pytest.raises(CheckpointError, match="is a file"):
-        GPT.from_pretrained(folder / "config.json")
+        load_gpt(folder / "config.json")
 
 
 def test_never_unpickles_a_pytorch_bin(tmp_path: Path) -> None:
@@ -123,20 +125,20 @@ def test_never_unpickles_a_pytorch_bin(tmp_path: Path) -> None:
     (folder / "config.json").write_text(json.dumps(tiny_config().to_dict()))
     torch.save(GPT(tiny_config()).state_dict(), folder / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="model.safetensors is missing"):
-        GPT.from_pretrained(folder)
+        load_gpt(folder)
 
 
 def test_hub_ids_without_a_checkpoint_say_what_is_missing(hub: Hub) -> None:
     # The Hub is conftest's local server: only what a test created is there.
     with pytest.raises(CheckpointError, match=f"no model repo {hub.user}/never-pushed on the Hub, or it is private"):
-        GPT.from_pretrained(f"{hub.user}/never-pushed")
+        load_gpt(f"{hub.user}/never-pushed")
     empty = HfApi(endpoint=hub.endpoint, token=hub.write_token).create_repo(hub.fresh_repo_id("empty")).repo_id
     with pytest.raises(CheckpointError, match=f"the Hub repo {empty} has no config.json: it is not an aksis"):
-        GPT.from_pretrained(empty)
+        load_gpt(empty)
 
 
 def test_offline_hub_id_that_is_not_cached_says_so(hub: Hub, tmp_path: Path) -> None:
-    script = "from aksis.model import GPT; GPT.from_pretrained('someone/not-cached')"
+    script = "from aksis.checkpoint import load_gpt; load_gpt('someone/not-cached')"
     env = hub.subprocess_env(tmp_path, offline=True)  # HF_HUB_OFFLINE=1 and an empty HF_HOME
     start = len(hub.requests)
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
@@ -165,18 +167,18 @@ def test_interrupted_save_keeps_the_previous_checkpoint(saved: tuple[GPT, Path])
 def test_save_replaces_an_old_checkpoint_but_never_a_foreign_folder(saved: tuple[GPT, Path], tmp_path: Path) -> None:
     _, folder = saved
     other = GPT(tiny_config(vocab_size=260)).eval()
-    other.save_pretrained(folder, tokenizer=Tokenizer.byte_level())  # overwrite: fine, it is a checkpoint
-    assert GPT.from_pretrained(folder).config.arch == "gpt2"
+    save_checkpoint(other, folder, tokenizer=Tokenizer.byte_level())  # overwrite: fine, it is a checkpoint
+    assert load_gpt(folder).config.arch == "gpt2"
     foreign = tmp_path / "my-notes"
     foreign.mkdir()
     (foreign / "thesis.txt").write_text("precious")
     with pytest.raises(CheckpointError, match="non-empty folder that is not a checkpoint; refusing"):
-        other.save_pretrained(foreign)
+        save_checkpoint(other, foreign)
     assert (foreign / "thesis.txt").read_text() == "precious"
 
 
 def test_tokenizer_larger_than_the_model_vocab_is_refused(tmp_path: Path) -> None:
     model = GPT(tiny_config(vocab_size=100))
     with pytest.raises(CheckpointError, match="tokenizer has 260 tokens but the model only 100"):
-        model.save_pretrained(tmp_path / "m", tokenizer=Tokenizer.byte_level())
+        save_checkpoint(model, tmp_path / "m", tokenizer=Tokenizer.byte_level())
     assert not (tmp_path / "m").exists()

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from aksis.checkpoint import save_checkpoint
 from aksis.cli import main
 from aksis.tokenizer import Tokenizer
 
@@ -74,7 +75,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     torch.manual_seed(0)
     run = tmp_path_factory.mktemp("run")
-    GPT(tiny_config("llama", vocab_size=260)).save_pretrained(run / "best", tokenizer=Tokenizer.byte_level())
+    save_checkpoint(GPT(tiny_config("llama", vocab_size=260)), run / "best", tokenizer=Tokenizer.byte_level())
     return run
 
 
@@ -270,7 +271,7 @@ def test_benchmark_inference_compiled_on_a_cpu_says_eager_is_faster_there(capsys
 
 
 def test_load_data_prints_statistics_and_a_decoded_batch(tmp_path: Path) -> None:
-    from aksis.data import shakespeare_plays
+    from aksis.corpora import shakespeare_plays
 
     (tmp_path / "play.txt").write_text(shakespeare_plays()[0])
     result = run_cli(
@@ -302,12 +303,12 @@ def test_evaluate_reports_a_checkpoint_beside_another_and_saves_results(checkpoi
     import torch
     from conftest import tiny_config
 
-    from aksis.data import shakespeare_plays
+    from aksis.corpora import shakespeare_plays
     from aksis.model import GPT
 
     torch.manual_seed(1)
     other = tmp_path / "other"
-    GPT(tiny_config("gpt2", vocab_size=260)).save_pretrained(other, tokenizer=Tokenizer.byte_level())
+    save_checkpoint(GPT(tiny_config("gpt2", vocab_size=260)), other, tokenizer=Tokenizer.byte_level())
     (tmp_path / "play.txt").write_text(shakespeare_plays()[0][:20_000])
     (tmp_path / "prompts.jsonl").write_text('{"prompt": "To be", "reference": " or not to be"}\n')
     result = run_cli(

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from aksis.config import PRESETS, GenerationConfig, ModelConfig, TrainConfig, parse_duration
+from aksis.config import MODEL_PRESETS, GenerationConfig, ModelConfig, TrainConfig, parse_duration
 
 
 def test_base_preset_is_the_product_default() -> None:
@@ -34,7 +34,7 @@ def test_from_preset_applies_overrides_and_rejects_unknown_names() -> None:
     assert cfg.vocab_size == 260 and cfg.dropout == 0.1 and cfg.n_layer == 2
     with pytest.raises(ValueError, match="unknown model preset 'huge'.*base"):
         ModelConfig.from_preset("huge")
-    assert set(PRESETS) >= {"base", "small", "tiny", "gpt2", "base-llama"}
+    assert set(MODEL_PRESETS) >= {"base", "small", "tiny", "gpt2", "base-llama"}
 
 
 @pytest.mark.parametrize(

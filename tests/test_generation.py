@@ -6,9 +6,10 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from aksis.checkpoint import find_checkpoint, load_model, save_checkpoint
 from aksis.config import GenerationConfig
 from aksis.generation import (
-    MAX_NEW_TOKENS,
+    NEW_TOKENS_LIMIT,
     GenerationError,
     _Text,
     apply_repetition_penalty,
@@ -17,10 +18,8 @@ from aksis.generation import (
     beam_search,
     choose_next,
     compile_for_decoding,
-    find_checkpoint,
     generate,
     generate_batch,
-    load_model,
     sampler_config,
     stream,
     token_probabilities,
@@ -240,17 +239,17 @@ def test_bad_requests_are_clear_errors(tok: Tokenizer) -> None:
         generate(model, tok, "")
     with pytest.raises(GenerationError, match="the prompt is empty"):
         stream(model, tok, "")
-    with pytest.raises(GenerationError, match=f"at most {MAX_NEW_TOKENS:,}"):
-        generate(model, tok, "x", GenerationConfig(max_new_tokens=MAX_NEW_TOKENS + 1))
+    with pytest.raises(GenerationError, match=f"at most {NEW_TOKENS_LIMIT:,}"):
+        generate(model, tok, "x", GenerationConfig(max_new_tokens=NEW_TOKENS_LIMIT + 1))
     with pytest.raises(GenerationError, match="num_return must be between 1 and the beam width \\(2\\)"):
         beam_search(model, tok, "x", GenerationConfig(num_beams=2), num_return=3)
 
 
 def test_load_model_finds_the_best_checkpoint_of_a_run(tmp_path: Path, tok: Tokenizer) -> None:
     model = model_for("llama")
-    model.save_pretrained(tmp_path / "run" / "step-000002", tokenizer=tok)
+    save_checkpoint(model, tmp_path / "run" / "step-000002", tokenizer=tok)
     assert find_checkpoint(tmp_path / "run") == str(tmp_path / "run" / "step-000002")
-    model.save_pretrained(tmp_path / "run" / "best", tokenizer=tok)
+    save_checkpoint(model, tmp_path / "run" / "best", tokenizer=tok)
     loaded, tokenizer, config = load_model(tmp_path / "run", device="cpu")
     assert tokenizer.vocab_size == tok.vocab_size and config == GenerationConfig()
     assert generate(loaded, tokenizer, "Hi", GREEDY).token_ids == generate(model, tok, "Hi", GREEDY).token_ids

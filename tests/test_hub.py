@@ -14,12 +14,13 @@ import torch
 import yaml
 from conftest import Hub, tiny_config
 
-from aksis.checkpoint import CheckpointError, split_revision
+from aksis.checkpoint import CheckpointError, load_gpt, load_model, save_checkpoint, split_revision
 from aksis.config import GenerationConfig, TrainConfig
-from aksis.generation import generate, load_model
+from aksis.generation import generate
 from aksis.hub import (
     BackgroundPusher,
     HubError,
+    PushSchedule,
     is_hub_id,
     list_models,
     model_card,
@@ -36,7 +37,7 @@ GREEDY = GenerationConfig(temperature=0.0, max_new_tokens=12)
 def save_tiny(folder: Path, arch: str = "gpt2") -> GPT:
     torch.manual_seed(0)
     model = GPT(tiny_config(arch, vocab_size=260)).eval()
-    model.save_pretrained(folder, tokenizer=Tokenizer.byte_level())
+    save_checkpoint(model, folder, tokenizer=Tokenizer.byte_level())
     records = [
         {"step": 1, "tokens": 512, "loss": 5.6, "lr": 1e-3},
         {"step": 2, "tokens": 1024, "loss": 5.2, "lr": 1e-3},
@@ -138,6 +139,39 @@ def test_a_failed_background_push_is_retried_then_reported_and_the_checkpoint_is
     assert [p.name for p in tmp_path.iterdir()] == ["step-000002"]  # the snapshots are gone
 
 
+def test_a_run_pushes_every_nth_saved_step_its_last_and_its_best(tmp_path: Path) -> None:
+    """The schedule alone (the pushes themselves go to the Hub in the tests below): with --push-every 2 and a save
+    at every step, steps 1, 3 and 5 are pushed (2 apart), then at the end the last step, and the best to main."""
+    for step in range(1, 7):
+        save_tiny(tmp_path / f"step-{step:06d}")
+    save_tiny(tmp_path / "best")
+    pushed: list[tuple[str, str | None, str | None]] = []
+
+    def record(snapshot: Path, **kwargs: Any) -> str:
+        pushed.append((kwargs["commit_message"], kwargs.get("tag"), kwargs.get("branch")))
+        assert kwargs["repo_id"] == "alice/run" and kwargs["license"] == "mit"
+        return "c0ffee"
+
+    schedule = PushSchedule(
+        "alice/run", every=2, training_state=True, license="mit", pusher=BackgroundPusher(record, backoff_s=0.01)
+    )
+    for step in range(1, 6):
+        schedule.saved(tmp_path / f"step-{step:06d}", step)
+    errors = schedule.finish(tmp_path / "step-000006", 6, tmp_path / "best", best_step=4, best_loss=5.25)
+    assert errors == []
+    assert pushed == [
+        ("aksis: step 1", "step-1", None),
+        ("aksis: training state at step 1", None, "training-state"),
+        ("aksis: step 3", "step-3", None),
+        ("aksis: training state at step 3", None, "training-state"),
+        ("aksis: step 5", "step-5", None),
+        ("aksis: training state at step 5", None, "training-state"),
+        ("aksis: step 6", "step-6", None),  # the last step, which --push-every skipped
+        ("aksis: training state at step 6", None, "training-state"),
+        ("aksis: best checkpoint (step 4, validation loss 5.2500)", None, None),
+    ]
+
+
 # ----- against the local Hub server -----
 
 
@@ -159,13 +193,13 @@ def test_push_then_pull_into_a_fresh_cache_generates_identical_text(hub: Hub, tm
     card = (Path(api.hf_hub_download(repo, "README.md", cache_dir=hub.fresh_cache(tmp_path)))).read_text()
     assert front_matter(card)["library_name"] == "aksis" and "## Samples" in card
 
-    pulled = GPT.from_pretrained(repo, cache_dir=hub.fresh_cache(tmp_path))
+    pulled = load_gpt(repo, cache_dir=hub.fresh_cache(tmp_path))
     tokenizer = Tokenizer.byte_level()
     assert generate(pulled, tokenizer, "Hi", GREEDY).text == generate(model, tokenizer, "Hi", GREEDY).text
-    assert GPT.from_pretrained(f"{repo}@v1").config == model.config  # a revision after @
+    assert load_gpt(f"{repo}@v1").config == model.config  # a revision after @
     assert repo in list_models(hub.user)
     with pytest.raises(CheckpointError, match="revision 'nope' does not exist"):
-        GPT.from_pretrained(f"{repo}@nope")
+        load_gpt(f"{repo}@nope")
 
 
 def test_hub_errors_say_what_to_do(hub: Hub, tmp_path: Path) -> None:
@@ -175,7 +209,7 @@ def test_hub_errors_say_what_to_do(hub: Hub, tmp_path: Path) -> None:
     with pytest.raises(HubError, match="no write access \\(403\\)"):
         push_checkpoint(tmp_path / "ckpt", hub.fresh_repo_id("x"), samples=False, token=hub.other_token)
     with pytest.raises(CheckpointError, match="no model repo alice/missing on the Hub"):
-        GPT.from_pretrained("alice/missing")
+        load_gpt("alice/missing")
     with pytest.raises(HubError, match="not a complete checkpoint folder .*nothing pushed"):
         push_checkpoint(tmp_path, hub.fresh_repo_id("x"), token=hub.write_token)
 
@@ -222,7 +256,7 @@ def test_train_push_pull_resume_and_fine_tune_through_the_hub(
     text, fine-tune from the Hub id, resume from the pushed training state, and work offline from the cache."""
     from huggingface_hub import HfApi
 
-    from aksis.data import shakespeare_plays
+    from aksis.corpora import shakespeare_plays
 
     caplog.set_level(logging.DEBUG)
     (tmp_path / "texts").mkdir()

@@ -132,8 +132,8 @@ def test_a_report_with_every_task_and_a_comparison_table(tmp_path: Path) -> None
 
 
 def test_a_trained_model_is_less_perplexed_by_held_out_shakespeare(tmp_path: Path) -> None:
-    from aksis.data import load_corpus
-    from aksis.generation import load_model
+    from aksis.checkpoint import load_model
+    from aksis.corpora import load_corpus
     from aksis.trainer import train
 
     config = TrainConfig(

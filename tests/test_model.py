@@ -1,14 +1,13 @@
 import math
-from copy import deepcopy
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_config
 
-from aksis.config import ModelConfig
+from aksis.config import IGNORE_INDEX, ModelConfig
 from aksis.kv_cache import KVCache
-from aksis.model import GPT, IGNORE_INDEX, Linear, apply_rope, onednn_linear, rope_tables
+from aksis.model import GPT, apply_rope, rope_tables
 
 
 def test_changing_a_future_token_never_changes_earlier_logits(arch: str) -> None:
@@ -172,74 +171,6 @@ def test_attention_weights_name_a_layer_that_does_not_exist() -> None:
 
 
 # ----- the decode path -----
-
-
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("shape", [(1, 64), (1, 1, 64), (3, 1, 64), (2, 4, 64), (2, 100, 64)])  # decode to prefill
-def test_linear_inference_path_equals_f_linear(shape: tuple[int, ...], bias: bool) -> None:
-    layer = Linear(64, 300, bias=bias)
-    x = torch.randn(shape)
-    with torch.inference_mode():
-        fast = layer(x)
-        sliced = layer(torch.randn(2, 5, 64)[:, -1:])  # a strided view, as `last_only` makes
-    assert fast.shape == (*shape[:-1], 300) and fast.is_contiguous() and sliced.shape == (2, 1, 300)
-    torch.testing.assert_close(fast, F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
-
-
-def test_linear_takes_the_batched_halves_for_one_row_and_packs_its_weight_for_more(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    layer = Linear(64, 300)
-    bmm_calls: list[int] = []
-    bmm = torch.bmm
-    monkeypatch.setattr(torch, "bmm", lambda *args: bmm_calls.append(1) or bmm(*args))
-    with torch.inference_mode():
-        layer(torch.randn(1, 1, 64))  # one row: MKL's batched GEMM over the two halves of the weight
-        mkl = torch.backends.mkl.is_available()  # without MKL, one row goes to oneDNN too, where it exists
-        assert bmm_calls == ([1] if mkl else []) and (layer._packed is None) == (mkl or not onednn_linear())
-        Linear(64, 301)(torch.randn(1, 64))  # an odd number of outputs cannot be halved
-        assert len(bmm_calls) <= 1
-        layer(torch.randn(2, 1, 64))  # more rows: oneDNN on the packed weight, exactly where oneDNN is
-        assert (layer._packed is not None) == onednn_linear() and len(bmm_calls) <= 1
-
-
-def test_linear_packs_its_weight_once_and_again_after_it_changes() -> None:
-    layer = Linear(64, 300)
-    x = torch.randn(4, 64)
-    with torch.no_grad():
-        layer(x)
-        packed = layer._packed
-        layer(x)
-        assert layer._packed is packed  # packed once, not per call
-    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
-    layer(x).square().sum().backward()  # with gradients: plain F.linear, and the stale copy is dropped
-    assert layer._packed is None
-    optimizer.step()  # the weight changes in place
-    with torch.inference_mode():
-        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
-        layer.load_state_dict(Linear(64, 300).state_dict())  # so does loading, while a packed copy exists
-        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
-    copy = deepcopy(layer)  # an mkldnn tensor cannot be copied: the copy packs its own
-    assert copy._packed is None
-    with torch.inference_mode():
-        torch.testing.assert_close(copy(x), layer(x), atol=0, rtol=0)
-        double = Linear(64, 300).double()
-        double(x.double())
-        made_here = Linear(64, 300)  # a weight made under inference_mode cannot tell of changes: never packed
-        made_here(x)
-    assert double._packed is None and made_here._packed is None
-
-
-def test_inference_bytes_count_the_packed_copies(arch: str) -> None:
-    model = GPT(tiny_config(arch)).eval()
-    params = sum(p.nbytes for p in model.parameters())
-    linears = [m for m in model.modules() if isinstance(m, Linear)]
-    with torch.inference_mode():
-        model(torch.randint(0, 300, (2, 8)))
-    packed = sum(m.weight.nbytes for m in linears if m._packed is not None)
-    assert packed == (sum(m.weight.nbytes for m in linears) if onednn_linear() else 0)
-    assert model.inference_bytes() == params + packed
-    assert model.double().inference_bytes() == 2 * params  # float64: nothing is packed
 
 
 def test_last_only_logits_equal_the_last_row_of_the_full_forward(arch: str) -> None:

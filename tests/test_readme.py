@@ -53,7 +53,7 @@ def test_commands_run_in_order(tmp_path: Path, hub: Hub) -> None:
     (tmp_path / "training").symlink_to(ROOT / "training")
     (tmp_path / "evaluation").symlink_to(ROOT / "evaluation")
     (tmp_path / "my_texts").mkdir()
-    from aksis.data import shakespeare_plays
+    from aksis.corpora import shakespeare_plays
 
     for i, play in enumerate(shakespeare_plays()[:2]):
         (tmp_path / "my_texts" / f"play{i}.txt").write_text(play)

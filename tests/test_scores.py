@@ -11,7 +11,7 @@ import sacrebleu
 from conftest import Hub
 from rouge_score import rouge_scorer
 
-from aksis.scores import METRICS_DIR, bleu, generation_stats, load_metric, rouge
+from aksis.scores import METRIC_MODULES, bleu, generation_stats, load_metric, rouge
 
 PREDICTIONS = [
     "the cat sat on the mat",
@@ -146,20 +146,20 @@ def test_the_modules_load_by_path_without_the_network(hub: Hub, monkeypatch: pyt
     monkeypatch.setattr(socket.socket, "connect_ex", refuse)
     requests = len(hub.requests)
     for name, key, best in [("bleu", "score", 100.0), ("rouge", "rouge1", 1.0)]:
-        metric = evaluate.load(str(METRICS_DIR / name))
+        metric = evaluate.load(str(METRIC_MODULES / name))
         assert isinstance(metric, evaluate.Metric) and metric.name == name
         assert metric.compute(predictions=["a b c d"], references=["a b c d"])[key] == pytest.approx(best)
     assert len(hub.requests) == requests
 
 
 def test_a_missing_module_says_where_modules_come_from() -> None:
-    assert (METRICS_DIR / "bleu" / "bleu.py").is_file() and (METRICS_DIR / "rouge" / "rouge.py").is_file()
-    with pytest.raises(FileNotFoundError, match=r"evaluation/metrics.*pip install -e \."):
+    assert (METRIC_MODULES / "bleu" / "bleu.py").is_file() and (METRIC_MODULES / "rouge" / "rouge.py").is_file()
+    with pytest.raises(FileNotFoundError, match=r"aksis ships bleu, rouge in aksis/metric_modules/.*reinstall aksis"):
         load_metric("meteor")
 
 
 def test_a_file_named_evaluate_py_ahead_on_the_path_is_reported(tmp_path: Path) -> None:
-    # What `python evaluation/evaluate.py` would do: the script's folder comes first on sys.path.
+    # What running a script of one's own from a folder holding an evaluate.py does: that folder comes first.
     (tmp_path / "evaluate.py").write_text("")
     code = "from aksis.scores import load_metric; load_metric('bleu')"
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
@@ -201,3 +201,20 @@ def test_generation_stats_errors() -> None:
         generation_stats([])
     with pytest.raises(TypeError, match="not a single string"):
         generation_stats("the cat sat")
+
+
+def test_the_metric_modules_ship_in_the_wheel() -> None:
+    """They are loaded by path from inside the package, so pyproject.toml's package data must cover every file."""
+    import ast
+    import fnmatch
+    import re
+
+    root = METRIC_MODULES.parents[1]
+    section = (root / "pyproject.toml").read_text().split("[tool.setuptools.package-data]", 1)[1]
+    match = re.search(r"^aksis = (\[.*?\])$", section, re.M)
+    assert match, "pyproject.toml declares no package data for aksis"
+    globs = ast.literal_eval(match.group(1))
+    files = [p.relative_to(root / "aksis").as_posix() for p in METRIC_MODULES.rglob("*") if p.is_file()]
+    files = [f for f in files if "__pycache__" not in f]
+    assert {"metric_modules/bleu/bleu.py", "metric_modules/rouge/rouge.py"} <= set(files)
+    assert [f for f in files if not any(fnmatch.fnmatch(f, g) for g in globs)] == []

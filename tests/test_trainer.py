@@ -12,32 +12,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-import datasets
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
 
-from aksis.chat import Message, render
-from aksis.config import TRAIN_HELP, TrainConfig
-from aksis.data import tokenize_chat
-from aksis.model import GPT, IGNORE_INDEX
+from aksis.chat_template import Message
+from aksis.checkpoint import BEST_DIR, load_gpt
+from aksis.config import IGNORE_INDEX, TRAIN_HELP, TrainConfig
+from aksis.runs import TRAINER_STATE_FILE, TRAINING_STATE_DIR, step_checkpoints
+from aksis.runs import read_metrics as metrics
 from aksis.tokenizer import Tokenizer
-from aksis.trainer import (
-    BEST_DIR,
-    TRAINER_STATE_FILE,
-    TRAINING_STATE_DIR,
-    Trainer,
-    TrainingError,
-    _require_tracker,
-    batch_loss,
-    lr_factor,
-    make_optimizer,
-    metrics,
-    step_checkpoints,
-    target_loss_sums,
-    train,
-)
+from aksis.trainer import Trainer, TrainingError, _require_tracker, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,32 +123,6 @@ def test_shipped_accelerate_configs_name_only_existing_options() -> None:
 # ----- pieces -----
 
 
-def test_learning_rate_warms_up_then_decays_to_the_minimum() -> None:
-    factors = [lr_factor(step, warmup=10, total=110, min_ratio=0.1) for step in range(111)]
-    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
-    assert max(factors) == pytest.approx(1.0)
-    assert all(a >= b for a, b in itertools.pairwise(factors[10:]))
-    assert factors[60] == pytest.approx(0.55) and factors[110] == pytest.approx(0.1)
-    # Under a time budget the decay follows the share of it spent, or the steps when they are further along.
-    assert lr_factor(20, warmup=10, total=None, min_ratio=0.1, spent=0.5) == pytest.approx(0.55)
-    assert lr_factor(20, warmup=10, total=10**6, min_ratio=0.1, spent=1.0) == pytest.approx(0.1)
-    assert lr_factor(60, warmup=10, total=110, min_ratio=0.1, spent=0.2) == pytest.approx(0.55)
-    assert lr_factor(5, warmup=10, total=None, min_ratio=0.1, spent=0.9) == pytest.approx(0.6)  # warmup counts steps
-
-
-def test_weight_decay_applies_to_matrices_only(arch: str) -> None:
-    model = GPT(tiny_config(arch))
-    optimizer = make_optimizer(model, TrainConfig(weight_decay=0.1))
-    decay, no_decay = optimizer.param_groups
-    assert isinstance(optimizer, torch.optim.AdamW) and decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0
-    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
-    assert any(p is model.transformer.wte.weight for p in decay["params"])
-    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
-    assert isinstance(make_optimizer(model, TrainConfig(optimizer="sgd")), torch.optim.SGD)
-    adam = make_optimizer(model, TrainConfig(optimizer="adam"))
-    assert type(adam) is torch.optim.Adam and adam.param_groups[0]["weight_decay"] == 0
-
-
 # ----- training runs -----
 
 
@@ -182,7 +141,7 @@ def test_a_tiny_model_learns_and_its_best_checkpoint_loads_and_generates(tmp_pat
     assert result.best_checkpoint == run / BEST_DIR
     assert result.best_val_loss == min(r["val_loss"] for r in records if "val_loss" in r)
 
-    model = GPT.from_pretrained(run / BEST_DIR)
+    model = load_gpt(run / BEST_DIR)
     tokenizer = Tokenizer.from_name(str(run / BEST_DIR))
     ids = torch.tensor([tokenizer.encode("ROMEO:\n")])
     with torch.no_grad():
@@ -216,8 +175,8 @@ def test_resume_continues_exactly_where_an_interrupted_run_stopped(tmp_path: Pat
     resumed = train(run_config(tmp_path / "b", arch=arch, max_steps=12, save_every=3, dropout=0.1, resume="latest"))
     assert resumed.steps == 12 and resumed.stopped == "max_steps"
     assert losses(Path(interrupted.output_dir)) == losses(Path(straight.output_dir))  # exactly, step for step
-    a = GPT.from_pretrained(Path(straight.output_dir) / "step-000012")
-    b = GPT.from_pretrained(Path(interrupted.output_dir) / "step-000012")
+    a = load_gpt(Path(straight.output_dir) / "step-000012")
+    b = load_gpt(Path(interrupted.output_dir) / "step-000012")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
@@ -354,7 +313,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path: Path) 
     assert tree_digest(run / "step-000004") == before
     # saved before the bad step, never after it
     assert [p.name for p in step_checkpoints(run)] == ["step-000004", "step-000005", "step-000006"]
-    last_good = GPT.from_pretrained(run / "step-000006")
+    last_good = load_gpt(run / "step-000006")
     assert all(torch.isfinite(p).all() for p in last_good.parameters())
 
 
@@ -484,7 +443,7 @@ def test_init_from_fine_tunes_an_existing_checkpoint(tmp_path: Path) -> None:
     (tmp_path / "new.txt").write_text("".join(f"a new line of text number {i}\n" for i in range(300)))
     tuned = run_config(tmp_path / "ft", dataset=str(tmp_path / "new.txt"), init_from=str(source), block_size=16)
     trainer = Trainer(tuned)
-    start = GPT.from_pretrained(source)
+    start = load_gpt(source)
     assert trainer.model_config == start.config and trainer.block_size == 16
     assert all(
         torch.equal(a, b) for a, b in zip(trainer.model.state_dict().values(), start.state_dict().values(), strict=True)
@@ -606,7 +565,7 @@ def test_two_processes_match_one_through_accelerate_launch(tmp_path: Path) -> No
     state = saved[-1] / TRAINING_STATE_DIR
     assert (state / "random_states_0.pkl").exists() and (state / "random_states_1.pkl").exists()
     assert not list((tmp_path / "two" / "run").glob(".*tmp*"))  # no leftovers of concurrent writers
-    GPT.from_pretrained(tmp_path / "two" / "run" / BEST_DIR)
+    load_gpt(tmp_path / "two" / "run" / BEST_DIR)
 
 
 def test_processes_read_disjoint_data(tmp_path: Path) -> None:
@@ -673,7 +632,7 @@ def test_compiled_training_matches_eager(tmp_path: Path) -> None:
     train(run_config(tmp_path / "compiled", max_steps=4, eval_every=4, compile=True))
     eager, compiled = losses(tmp_path / "eager" / "run"), losses(tmp_path / "compiled" / "run")
     assert len(eager) == 4 and max(abs(a - b) for a, b in zip(eager, compiled, strict=True)) < 1e-4
-    GPT.from_pretrained(tmp_path / "compiled" / "run" / BEST_DIR)  # saved without torch.compile's wrapper
+    load_gpt(tmp_path / "compiled" / "run" / BEST_DIR)  # saved without torch.compile's wrapper
 
 
 # ----- chat fine-tuning (--data-format chat) -----
@@ -685,41 +644,6 @@ CONVERSATION = [
     Message("user", "Long live the king!"),
     Message("assistant", "Bernardo?"),
 ]
-
-
-def test_the_chat_loss_is_the_cross_entropy_over_assistant_tokens_only() -> None:
-    byte = Tokenizer.byte_level()
-    model = GPT(tiny_config(vocab_size=byte.vocab_size, block_size=128))
-    tokenized = tokenize_chat(datasets.Dataset.from_dict({"messages": [[m.to_dict() for m in CONVERSATION]]}), byte)
-    batch = torch.tensor([[tokenized["ids"][0], tokenized["labels"][0]]])  # (1, 2, T+1), as PackedBlocks gives
-    ids, trained = render(byte, CONVERSATION)  # the mask, independently of the labels under test
-    replies = [t for t in range(len(ids) - 1) if trained[t + 1]]  # positions whose next token is the assistant's
-    prompts = [t for t in range(len(ids) - 1) if not trained[t + 1]]
-    assert len(replies) == len("Nay, answer me.") + len("Bernardo?") + 2  # each reply and its <|endoftext|>
-
-    logits, _ = model(batch[:, 0, :-1])
-    expected = F.cross_entropy(logits[0, replies], torch.tensor(ids)[[t + 1 for t in replies]])
-    loss = batch_loss(model, batch)
-    assert torch.allclose(loss, expected, rtol=1e-6)
-    _, every_token = model(batch[:, 0, :-1], batch[:, 0, 1:])
-    assert not torch.allclose(loss, every_token)  # the prompt would change the loss if it were not masked
-
-    # no gradient reaches the predictions at masked positions, whatever their targets; all replies get one
-    leaf = logits.detach().requires_grad_()
-    sums, counts = target_loss_sums(leaf, batch[:, 1, 1:])
-    assert counts.tolist() == [len(replies)]
-    (sums.sum() / counts.sum()).backward()
-    assert leaf.grad is not None
-    per_position = leaf.grad[0].abs().sum(-1)
-    assert (per_position[prompts] == 0).all() and (per_position[replies] > 0).all()
-
-    # a batch cut entirely from prompts trains nothing: loss 0 and no gradient, not NaN (which stops a run)
-    prompt_only = batch.clone()
-    prompt_only[:, 1] = IGNORE_INDEX
-    silent = batch_loss(model, prompt_only)
-    silent.backward()
-    assert silent.item() == 0.0
-    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
 
 
 @pytest.fixture(scope="module")
@@ -785,8 +709,8 @@ def test_train_model_with_data_format_chat_fine_tunes_a_checkpoint(
     assert all(math.isfinite(r.get("loss", r.get("val_loss", 0.0))) for r in records)
     state = json.loads((run / "step-000004" / TRAINING_STATE_DIR / TRAINER_STATE_FILE).read_text())
     assert state["train_config"]["data_format"] == "chat"
-    tuned = GPT.from_pretrained(run / BEST_DIR)
-    assert tuned.config == GPT.from_pretrained(text_checkpoint).config
+    tuned = load_gpt(run / BEST_DIR)
+    assert tuned.config == load_gpt(text_checkpoint).config
     assert Tokenizer.from_name(str(run / BEST_DIR)).kind == "byte"
 
     assert main([*flags, "--overwrite", "--streaming"]) == 2

@@ -11,6 +11,7 @@ import torch
 from conftest import Hub, ServedApp, serve_app, write_run
 
 from aksis.checkpoint import CheckpointError
+from aksis.kernels import inference_bytes
 from aksis.ui import AppSettings
 from aksis.ui.context import to_max_new_tokens, to_number, to_seed, to_whole
 from aksis.ui.models import ModelStore
@@ -80,7 +81,7 @@ def test_store_loads_once_and_keeps_within_its_memory_bound(app_checkpoints: Pat
     store = ModelStore(app_checkpoints, device=torch.device("cpu"))
     first = store.get(llama)
     assert store.get(llama) is first and first.checkpoint.endswith("best")
-    assert first.nbytes == first.model.inference_bytes() and first.file("metrics.jsonl") is not None
+    assert first.nbytes == inference_bytes(first.model) and first.file("metrics.jsonl") is not None
     assert first.file("no-such-file.txt") is None
 
     small = ModelStore(app_checkpoints, device=torch.device("cpu"), max_bytes=first.nbytes + 1)
@@ -262,7 +263,8 @@ def test_eight_clients_generating_at_once_all_finish(app_checkpoints: Path, tmp_
     its seed (no request saw another's state)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from aksis.generation import generate, load_model, sampler_config
+    from aksis.checkpoint import load_model
+    from aksis.generation import generate, sampler_config
 
     source = str(app_checkpoints / "tiny-llama")
     app = serve_app(

@@ -16,8 +16,9 @@ from conftest import Hub, ServedApp
 from huggingface_hub import HfApi, hf_hub_download
 
 from aksis.chat import Conversation, reply
+from aksis.checkpoint import load_model
 from aksis.config import GenerationConfig
-from aksis.generation import PRESETS, generate, load_model, sampler_config
+from aksis.generation import SAMPLER_PRESETS, generate, sampler_config
 from aksis.ui.arena_tab import (
     VOTES,
     Battle,
@@ -33,6 +34,7 @@ from aksis.ui.arena_tab import (
 from aksis.ui.context import MAX_PROMPT_CHARS
 from aksis.ui.feedback import HUB_FOLDER, LEADERBOARD_COLUMNS, FeedbackLog, leaderboard
 from aksis.ui.models import ModelStore
+from aksis.ui.sampling import Sampling
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +77,7 @@ def test_random_pair_draws_two_different_models_in_either_order() -> None:
 
 
 def test_a_battle_hides_which_model_is_a_and_checks_its_input(runs: tuple[str, str]) -> None:
-    config = arena_config("balanced", 8, 1, limit=64)
+    config = arena_config(Sampling(preset="balanced", max_new_tokens=8, seed=1), limit=64)
     llama, gpt2 = runs
     assert new_battle("Hi", llama, gpt2, "chat", config, swap=False).models == (llama, gpt2)
     assert new_battle("Hi", llama, gpt2, "chat", config, swap=True).models == (gpt2, llama)
@@ -95,19 +97,19 @@ def test_a_battle_hides_which_model_is_a_and_checks_its_input(runs: tuple[str, s
 
 
 def test_arena_settings_are_a_preset_over_the_library_defaults() -> None:
-    for preset in PRESETS:
+    for preset in SAMPLER_PRESETS:
         expected = sampler_config(preset, GenerationConfig(), max_new_tokens=20, seed=4)
-        assert arena_config(preset, 20, 4.0, limit=64) == expected
-    assert arena_config(None, 20, None, limit=64).seed is None
+        assert arena_config(Sampling(preset=preset, max_new_tokens=20, seed=4.0), limit=64) == expected
+    assert arena_config(Sampling(preset=None, max_new_tokens=20, seed=None), limit=64).seed is None
     with pytest.raises(gr.Error, match="unknown preset 'wild'"):
-        arena_config("wild", 20, None, limit=64)
+        arena_config(Sampling(preset="wild", max_new_tokens=20, seed=None), limit=64)
     with pytest.raises(gr.Error, match="max new tokens must be between 1 and 64"):
-        arena_config("balanced", 65, None, limit=64)
+        arena_config(Sampling(preset="balanced", max_new_tokens=65, seed=None), limit=64)
 
 
 @pytest.mark.parametrize("mode", ["continue", "chat"])
 def test_both_answers_are_what_the_library_writes(store: ModelStore, runs: tuple[str, str], mode: str) -> None:
-    config = arena_config("creative", 16, 9, limit=64)
+    config = arena_config(Sampling(preset="creative", max_new_tokens=16, seed=9), limit=64)
     battle = new_battle("ROMEO:", runs[0], runs[1], mode, config, swap=True)
     states = [(list(b.answers), b.complete) for b in run_battle(store, battle)]
     assert [complete for _, complete in states] == [False] * (len(states) - 1) + [True]
@@ -119,7 +121,14 @@ def test_both_answers_are_what_the_library_writes(store: ModelStore, runs: tuple
 
 
 def test_a_battle_that_cannot_load_a_model_says_which_side(store: ModelStore, runs: tuple[str, str]) -> None:
-    battle = new_battle("Hi", runs[0], "alice/no-such-model", "continue", arena_config(None, 4, 1, 64), swap=False)
+    battle = new_battle(
+        "Hi",
+        runs[0],
+        "alice/no-such-model",
+        "continue",
+        arena_config(Sampling(preset=None, max_new_tokens=4, seed=1), limit=64),
+        swap=False,
+    )
     with pytest.raises(gr.Error, match="Could not load model B"):
         list(run_battle(store, battle))
     assert not battle.complete  # so it cannot be voted on

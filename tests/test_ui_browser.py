@@ -79,7 +79,7 @@ def test_generate_after_moving_a_slider(page) -> None:  # type: ignore[no-untype
 
 
 def test_perplexity_of_pasted_text(page, served_app: ServedApp) -> None:  # type: ignore[no-untyped-def]
-    from aksis.generation import load_model
+    from aksis.checkpoint import load_model
     from aksis.metrics import perplexity
 
     text = "O Romeo, Romeo, wherefore art thou Romeo?"

@@ -18,8 +18,9 @@ from conftest import ServedApp
 from gradio_client import handle_file
 
 from aksis.chat import Conversation, reply
+from aksis.checkpoint import load_model
 from aksis.config import GenerationConfig
-from aksis.generation import PRESETS, load_model, sampler_config
+from aksis.generation import SAMPLER_PRESETS, sampler_config
 from aksis.ui.chat_tab import (
     CHECKPOINT_PRESET,
     MAX_CHAT_FILE_BYTES,
@@ -39,6 +40,7 @@ from aksis.ui.chat_tab import (
 from aksis.ui.context import MAX_PROMPT_CHARS
 from aksis.ui.feedback import FeedbackLog
 from aksis.ui.models import LoadedModel, ModelStore
+from aksis.ui.sampling import Sampling
 
 SLIDERS = dict(temperature=0.9, top_k=40, top_p=0.9, repetition_penalty=1.1, max_new_tokens=12)
 
@@ -107,16 +109,18 @@ def test_replies_read_back_as_the_model_wrote_them_not_as_the_chatbot_shows_them
 # ----- sampling settings -----
 
 
-@pytest.mark.parametrize("preset", [CHECKPOINT_PRESET, *PRESETS])
+@pytest.mark.parametrize("preset", [CHECKPOINT_PRESET, *SAMPLER_PRESETS])
 def test_sampling_config_is_sampler_config_with_the_sliders(preset: str) -> None:
     base = GenerationConfig(stop=["\n\n"], seed=3)
-    config = sampling_config(base, preset, seed=5, limit=64, **SLIDERS)
+    config = sampling_config(base, Sampling(preset=preset, seed=5, **SLIDERS), limit=64)
     expected = sampler_config(None if preset == CHECKPOINT_PRESET else preset, base, seed=5, **SLIDERS)
     assert config == expected and config.stop == ["\n\n"]  # the checkpoint's stop strings stay
     # A blank or negative seed draws afresh, even when the checkpoint saved one.
-    assert sampling_config(base, preset, seed=None, limit=64, **SLIDERS).seed is None
-    assert sampling_config(base, preset, seed=-1, limit=64, **SLIDERS).seed is None
-    assert sampling_config(base, preset, seed=7.0, limit=64, **SLIDERS).seed == 7  # gr.Number gives floats
+    assert sampling_config(base, Sampling(preset=preset, seed=None, **SLIDERS), limit=64).seed is None
+    assert sampling_config(base, Sampling(preset=preset, seed=-1, **SLIDERS), limit=64).seed is None
+    assert (
+        sampling_config(base, Sampling(preset=preset, seed=7.0, **SLIDERS), limit=64).seed == 7
+    )  # gr.Number gives floats
 
 
 @pytest.mark.parametrize(
@@ -137,13 +141,13 @@ def test_sampling_config_names_bad_settings(change: dict[str, Any], message: str
     settings: dict[str, Any] = {**SLIDERS, "preset": CHECKPOINT_PRESET, "seed": None, **change}
     preset = settings.pop("preset")
     with pytest.raises(gr.Error, match=message):
-        sampling_config(GenerationConfig(), preset, limit=64, **settings)
+        sampling_config(GenerationConfig(), Sampling(preset=preset, **settings), limit=64)
 
 
 def test_presets_fill_the_sliders() -> None:
     base = GenerationConfig(temperature=0.5, top_k=10, top_p=0.8, repetition_penalty=1.2, max_new_tokens=5000)
     assert preset_values(base, CHECKPOINT_PRESET, limit=1024) == (0.5, 10, 0.8, 1.2, 1024)  # within the slider
-    creative = PRESETS["creative"]
+    creative = SAMPLER_PRESETS["creative"]
     assert preset_values(base, "creative", limit=1024) == (
         creative["temperature"],
         creative["top_k"],
@@ -173,7 +177,7 @@ def test_a_new_model_fills_the_sliders_with_its_defaults_or_quietly_leaves_them(
 
 
 def test_stream_reply_grows_to_what_the_library_replies(llama: LoadedModel) -> None:
-    config = sampling_config(llama.generation, "creative", seed=11, limit=64, **SLIDERS)
+    config = sampling_config(llama.generation, Sampling(preset="creative", seed=11, **SLIDERS), limit=64)
     history = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."}]
     conversation = conversation_from_history(history, "Be brief.")
     conversation.add("user", "Tell me a story")
@@ -192,7 +196,7 @@ def test_a_chat_longer_than_the_context_drops_old_turns_but_not_the_new_message(
     long_history = []
     for i in range(6):
         long_history += [{"role": "user", "content": f"question {i} " * 8}, {"role": "assistant", "content": "ok " * 8}]
-    config = sampling_config(llama.generation, CHECKPOINT_PRESET, seed=1, limit=64, **SLIDERS)
+    config = sampling_config(llama.generation, Sampling(preset=CHECKPOINT_PRESET, seed=1, **SLIDERS), limit=64)
     conversation = conversation_from_history(long_history)
     assert len(conversation.prompt_ids(llama.tokenizer, 10_000)) > context
     conversation.add("user", "and now?")

@@ -15,10 +15,10 @@ import pytest
 import torch
 from conftest import Hub, ServedApp, write_run
 
-from aksis.data import load_corpus
+from aksis.corpora import load_corpus
 from aksis.metrics import evaluate_checkpoint, markdown_table, perplexity
 from aksis.ui import evaluate_tab as ev
-from aksis.ui.context import MAX_NEW_TOKENS
+from aksis.ui.context import APP_MAX_NEW_TOKENS
 from aksis.ui.models import ModelStore
 
 TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n" * 3
@@ -209,17 +209,17 @@ def test_bad_settings_are_clear_errors(
 def test_generation_for_scores_is_bounded_below_the_app_s_limit(
     store: ModelStore, app_checkpoints: Path, overrides: dict[str, object], message: str
 ) -> None:
-    """The app's limit (MAX_NEW_TOKENS, for one generation) is far above what a request of up to MAX_SAMPLES
+    """The app's limit (APP_MAX_NEW_TOKENS, for one generation) is far above what a request of up to MAX_SAMPLES
     generations per model may ask for."""
     llama, gpt2 = sources(app_checkpoints)
-    assert 2 * ev.MAX_SAMPLES * ev.EVAL_MAX_TOKENS <= 60_000 < MAX_NEW_TOKENS * 100
+    assert 2 * ev.MAX_SAMPLES * ev.EVAL_MAX_TOKENS <= 60_000 < APP_MAX_NEW_TOKENS * 100
     settings: dict[str, object] = dict(
         compare=gpt2, texts_from=ev.PASTED, text=TEXT, file=None, dataset=None, split=None, max_texts=1,
         scores=[ev.BLEU_ROUGE], generate_from=ev.CONTINUATION, prompts_file=None, temperature=0.0,
         max_new_tokens=8, prompt_tokens=8, num_samples=3, seed=0,
     )  # fmt: skip
     with pytest.raises(gr.Error, match=message):
-        ev.run_evaluate(store, MAX_NEW_TOKENS, llama, **{**settings, **overrides})  # type: ignore[arg-type]
+        ev.run_evaluate(store, APP_MAX_NEW_TOKENS, llama, **{**settings, **overrides})  # type: ignore[arg-type]
 
 
 # ----- datasets -----
@@ -298,7 +298,7 @@ def test_the_served_app_s_perplexity_api_equals_the_library(
 ) -> None:
     from gradio_client import handle_file
 
-    from aksis.generation import load_model
+    from aksis.checkpoint import load_model
 
     llama, gpt2 = sources(app_checkpoints)
     client = served_app.client()

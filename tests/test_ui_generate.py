@@ -11,8 +11,9 @@ import pytest
 import torch
 from conftest import ServedApp
 
+from aksis.checkpoint import load_model
 from aksis.config import GenerationConfig
-from aksis.generation import PRESETS, TokenProb, beam_search, generate, load_model
+from aksis.generation import SAMPLER_PRESETS, TokenProb, beam_search, generate
 from aksis.ui.context import MAX_PROMPT_CHARS
 from aksis.ui.generate_tab import (
     CHECKPOINT_PRESET,
@@ -26,6 +27,7 @@ from aksis.ui.generate_tab import (
     token_rows,
 )
 from aksis.ui.models import ModelStore
+from aksis.ui.sampling import Sampling
 
 LIMIT = 64
 
@@ -62,7 +64,7 @@ def test_each_sampler_reads_only_its_own_sliders() -> None:
     base = GenerationConfig(stop=["\n\n"], length_penalty=0.8)  # a checkpoint's own settings that stay
 
     def config(sampler: str, **overrides: Any) -> GenerationConfig:
-        return generation_config(base, **settings(sampler=sampler, **overrides), limit=LIMIT)
+        return generation_config(base, Sampling(**settings(sampler=sampler, **overrides)), limit=LIMIT)
 
     sample = config(SAMPLE)
     assert (sample.temperature, sample.top_k, sample.top_p, sample.num_beams) == (0.9, 40, 0.9, 1)
@@ -80,10 +82,10 @@ def test_each_sampler_reads_only_its_own_sliders() -> None:
 
 def test_a_blank_or_negative_seed_is_a_fresh_random_one() -> None:
     base = GenerationConfig()
-    seeds = [generation_config(base, **settings(seed=s), limit=LIMIT).seed for s in (None, -1, "")]
+    seeds = [generation_config(base, Sampling(**settings(seed=s)), limit=LIMIT).seed for s in (None, -1, "")]
     assert all(isinstance(s, int) and s >= 0 for s in seeds)
     assert len(set(seeds)) > 1  # three draws from 2**31 seeds
-    assert generation_config(base, **settings(seed=5.0), limit=LIMIT).seed == 5
+    assert generation_config(base, Sampling(**settings(seed=5.0)), limit=LIMIT).seed == 5
 
 
 @pytest.mark.parametrize(
@@ -105,13 +107,13 @@ def test_a_blank_or_negative_seed_is_a_fresh_random_one() -> None:
 )
 def test_bad_settings_are_clear_errors(overrides: dict[str, Any], message: str) -> None:
     with pytest.raises(gr.Error, match=message):
-        generation_config(GenerationConfig(), **settings(**overrides), limit=LIMIT)
+        generation_config(GenerationConfig(), Sampling(**settings(**overrides)), limit=LIMIT)
 
 
 def test_presets_fill_the_sampler_and_sliders() -> None:
     base = GenerationConfig(temperature=0.5, top_k=30, top_p=0.8, repetition_penalty=1.2, max_new_tokens=500)
     assert preset_settings(base, CHECKPOINT_PRESET, LIMIT) == (SAMPLE, 0.5, 30, 0.8, 4, 1.2, LIMIT)  # within limit
-    precise = PRESETS["precise"]
+    precise = SAMPLER_PRESETS["precise"]
     assert preset_settings(base, "precise", 1024) == (
         SAMPLE,
         precise["temperature"],
@@ -225,7 +227,7 @@ def test_generation_preset_api_returns_the_slider_values(served_app: ServedApp) 
     sampler, temperature, top_k, top_p, *_ = client.predict(
         served_app.settings.model, "creative", api_name="/generation_preset"
     )
-    creative = PRESETS["creative"]
+    creative = SAMPLER_PRESETS["creative"]
     assert (sampler, temperature, top_k, top_p) == (
         SAMPLE,
         creative["temperature"],

@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import ServedApp, tiny_config
 
+from aksis.checkpoint import save_checkpoint
 from aksis.model import GPT
 from aksis.tokenizer import Tokenizer
 from aksis.ui import model_tab as mt
@@ -127,8 +128,10 @@ def test_a_model_switch_skips_a_model_that_cannot_be_loaded_but_not_a_bug(
 def test_attention_reaches_every_layer_and_head_of_a_deep_model(served_app: ServedApp, tmp_path: Path) -> None:
     """The sliders are built for 12 layers and heads; the API is not held to that range."""
     deep = tmp_path / "deep"
-    GPT(tiny_config("gpt2", vocab_size=260, block_size=128, n_layer=13, n_head=16)).save_pretrained(
-        deep, tokenizer=Tokenizer.byte_level()
+    save_checkpoint(
+        GPT(tiny_config("gpt2", vocab_size=260, block_size=128, n_layer=13, n_head=16)),
+        deep,
+        tokenizer=Tokenizer.byte_level(),
     )
     client = served_app.client()
     _, data = client.predict(source=str(deep), prompt="Once", layer=12, head=15, api_name="/attention")

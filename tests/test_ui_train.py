@@ -15,7 +15,7 @@ import torch
 from conftest import Hub, ServedApp, serve_app, write_run
 
 from aksis.config import TrainConfig
-from aksis.trainer import METRICS_FILE
+from aksis.runs import read_metrics
 from aksis.ui import AppSettings
 from aksis.ui.models import ModelStore
 from aksis.ui.train_tab import (
@@ -24,6 +24,7 @@ from aksis.ui.train_tab import (
     MAX_UPLOAD_BYTES,
     MIN_UPLOAD_CHARS,
     RECIPE,
+    RunRequest,
     TrainingBusy,
     TrainingSlot,
     TrainJob,
@@ -34,7 +35,6 @@ from aksis.ui.train_tab import (
     progress_text,
     push_run,
     quick_config,
-    read_records,
     run_folder,
     start_run,
 )
@@ -163,7 +163,7 @@ def test_follow_draws_the_run_live_and_ends_with_a_model(tmp_path: Path, corpus_
     updates = list(follow(job, poll=0.01))
     assert job.error is None and job.result is not None
     assert job.result.steps == 9 and job.result.stopped == "max_steps"
-    records = read_records(job.output_dir)
+    records = read_metrics(job.output_dir)
     frame, text = updates[-1]
     # The last update is the whole log: every train and validation loss, against its step.
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
@@ -209,18 +209,12 @@ def test_every_loss_frame_is_typed_and_names_both_curves() -> None:
     assert plot.postprocess(empty).datatypes == {"step": "quantitative", "loss": "quantitative", "curve": "nominal"}
 
 
-def test_read_records_skips_a_line_being_written(tmp_path: Path) -> None:
-    (tmp_path / METRICS_FILE).write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "lo')
-    assert read_records(tmp_path) == [{"step": 1, "loss": 5.0}]
-    assert read_records(tmp_path / "missing") == []
-
-
 def test_one_run_at_a_time_and_stop_saves_a_checkpoint(tmp_path: Path, corpus_file: Path) -> None:
     slot = TrainingSlot()
     assert slot.stop() == "No run is training."
     job = slot.start(tiny_job(tmp_path / "long", corpus_file, steps=5000).config)
     try:
-        wait_for(lambda: read_records(job.output_dir) or job.done, what="the first step")
+        wait_for(lambda: read_metrics(job.output_dir) or job.done, what="the first step")
         with pytest.raises(TrainingBusy, match="the run 'long' is training now"):
             slot.start(tiny_job(tmp_path / "other", corpus_file, steps=2).config)
         assert not (tmp_path / "other").exists()
@@ -234,7 +228,7 @@ def test_one_run_at_a_time_and_stop_saves_a_checkpoint(tmp_path: Path, corpus_fi
     assert job.result.last_checkpoint == job.output_dir / f"step-{steps:06d}"
     assert (job.result.last_checkpoint / "model.safetensors").is_file()
     assert finished_source(job) == str(job.output_dir)
-    assert progress_text(job, read_records(job.output_dir)).startswith(f"**long**: stopped by request at step {steps}")
+    assert progress_text(job, read_metrics(job.output_dir)).startswith(f"**long**: stopped by request at step {steps}")
     # The slot is free again.
     second = slot.start(tiny_job(tmp_path / "second", corpus_file, steps=2).config)
     assert second.wait(60) and second.error is None and second.result.steps == 2
@@ -264,10 +258,12 @@ def test_start_run_checks_inputs_and_writes_the_upload(tmp_path: Path, corpus_fi
     settings = AppSettings(checkpoints_dir=tmp_path / "ckpt", device="cpu")
     slot = TrainingSlot()
     with pytest.raises(gr.Error, match="No text file uploaded"):
-        start_run(slot, settings, "upload", None, "", False, 5, "byte")
+        start_run(slot, settings, RunRequest("upload", None, "", False, 5, "byte"))
     with pytest.raises(ValueError, match="corpus 'wikitext2'"):
-        start_run(slot, settings, "wikitext2", None, "", False, 5, "byte")
-    job = start_run(slot, settings, "upload", str(corpus_file), "", False, 3, "byte", block_size=32, batch_size=4)
+        start_run(slot, settings, RunRequest("wikitext2", None, "", False, 5, "byte"))
+    job = start_run(
+        slot, settings, RunRequest("upload", str(corpus_file), "", False, 3, "byte"), block_size=32, batch_size=4
+    )
     assert job.wait(60) and job.error is None
     assert job.output_dir == settings.checkpoints_dir / "quick-verses"
     assert (job.output_dir / "corpus.txt").read_text(encoding="utf-8") == corpus_file.read_text(encoding="utf-8")
@@ -275,13 +271,21 @@ def test_start_run_checks_inputs_and_writes_the_upload(tmp_path: Path, corpus_fi
     assert (job.config.block_size, job.config.batch_size, job.result.tokens) == (32, 4, 3 * 4 * 32)
     # The same name again: refused, unless overwriting; never while the app has that run loaded.
     with pytest.raises(ValueError, match="a run named 'quick-verses' already exists"):
-        start_run(slot, settings, "upload", str(corpus_file), "quick-verses", False, 3, "byte")
+        start_run(slot, settings, RunRequest("upload", str(corpus_file), "quick-verses", False, 3, "byte"))
     loaded = [str(job.output_dir)]
     with pytest.raises(ValueError, match="the run 'quick-verses' is loaded in the app"):
-        start_run(slot, settings, "upload", str(corpus_file), "quick-verses", True, 3, "byte", loaded, block_size=32)
-    again = start_run(slot, settings, "upload", str(corpus_file), "quick-verses", True, 2, "byte", block_size=32)
+        start_run(
+            slot,
+            settings,
+            RunRequest("upload", str(corpus_file), "quick-verses", True, 3, "byte"),
+            loaded,
+            block_size=32,
+        )
+    again = start_run(
+        slot, settings, RunRequest("upload", str(corpus_file), "quick-verses", True, 2, "byte"), block_size=32
+    )
     assert again.wait(60) and again.error is None and again.result.steps == 2
-    assert max(r["step"] for r in read_records(again.output_dir)) == 2  # the first run's curve is gone
+    assert max(r["step"] for r in read_metrics(again.output_dir)) == 2  # the first run's curve is gone
 
 
 @pytest.mark.parametrize("steps", [None, float("inf"), float("nan"), 0, MAX_STEPS + 1, 2.5, "many", [3]], ids=repr)
@@ -290,7 +294,7 @@ def test_start_run_refuses_steps_it_cannot_run(tmp_path: Path, steps: Any) -> No
     settings = AppSettings(checkpoints_dir=tmp_path / "ckpt", device="cpu")
     slot = TrainingSlot()
     with pytest.raises(gr.Error, match=f"steps must be a (finite )?whole number from 1 to {MAX_STEPS}, got"):
-        start_run(slot, settings, "shakespeare", None, "", False, steps, "byte")
+        start_run(slot, settings, RunRequest("shakespeare", None, "", False, steps, "byte"))
     assert slot.job is None and not settings.checkpoints_dir.exists()
 
 
@@ -304,16 +308,18 @@ def test_a_space_never_overwrites_a_run_and_keeps_a_bounded_number(tmp_path: Pat
     (root / "theirs").mkdir(parents=True)
     (root / "theirs" / "corpus.txt").write_text("another visitor's run")
     with pytest.raises(ValueError, match="this Space does not overwrite runs"):
-        start_run(slot, space, "upload", str(corpus_file), "theirs", True, 2, "byte")
+        start_run(slot, space, RunRequest("upload", str(corpus_file), "theirs", True, 2, "byte"))
     assert (root / "theirs" / "corpus.txt").read_text() == "another visitor's run" and slot.job is None
 
     for n in range(2, MAX_SPACE_RUNS):
         (root / f"run-{n}").mkdir()
-    job = start_run(slot, space, "upload", str(corpus_file), "", False, 2, "byte", **TINY)  # the last one allowed
+    job = start_run(
+        slot, space, RunRequest("upload", str(corpus_file), "", False, 2, "byte"), **TINY
+    )  # the last one allowed
     assert job.wait(60) and job.error is None
     assert sum(p.is_dir() for p in root.iterdir()) == MAX_SPACE_RUNS
     with pytest.raises(ValueError, match=f"this Space already holds {MAX_SPACE_RUNS} runs, its limit"):
-        start_run(slot, space, "upload", str(corpus_file), "", False, 2, "byte", **TINY)
+        start_run(slot, space, RunRequest("upload", str(corpus_file), "", False, 2, "byte"), **TINY)
     assert sum(p.is_dir() for p in root.iterdir()) == MAX_SPACE_RUNS and slot.job is job
 
 
@@ -323,7 +329,7 @@ def test_on_a_space_only_the_starting_session_stops_its_run(tmp_path: Path) -> N
     slot = TrainingSlot(owner_only=True)
     job = slot.start(tiny_job(tmp_path / "long", corpus, steps=5000).config, owner="session-a")
     try:
-        wait_for(lambda: read_records(job.output_dir) or job.done, what="the first step")
+        wait_for(lambda: read_metrics(job.output_dir) or job.done, what="the first step")
         for other in ("session-b", None):
             assert slot.stop(other).startswith("The run **long** was started by another visitor: only they can")
         assert not job.stop_requested and not job.done

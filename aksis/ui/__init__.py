@@ -23,8 +23,6 @@ from aksis.ui.context import AppContext, AppSettings, user_errors
 if TYPE_CHECKING:
     import gradio as gr
 
-    from aksis.ui.models import LoadedModel
-
 __all__ = ["AppSettings", "build_app", "main"]
 
 log = logging.getLogger(__name__)
@@ -42,21 +40,10 @@ NO_MODEL = (
 
 
 def _device(settings: AppSettings) -> tuple[torch.device, torch.dtype | None]:
-    from aksis.generation import default_device
+    from aksis.device import pick_device, supports_bf16
 
-    device = torch.device(settings.device) if settings.device else default_device()
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return device, (torch.bfloat16 if bf16 else None)
-
-
-def describe(entry: LoadedModel) -> str:
-    """One line about a loaded model, for the status bar."""
-    cfg = entry.model.config
-    return (
-        f"**{entry.source}**: {cfg.arch}, {cfg.n_layer} layers × {cfg.n_embd}, "
-        f"{entry.model.num_params() / 1e6:.2f}M parameters, context {cfg.block_size}, "
-        f"tokenizer {entry.tokenizer.name} ({entry.tokenizer.vocab_size} tokens), on {entry.device}"
-    )
+    device = pick_device(settings.device)
+    return device, (torch.bfloat16 if supports_bf16(device) else None)
 
 
 def build_app(settings: AppSettings | None = None) -> gr.Blocks:
@@ -105,7 +92,7 @@ def build_app(settings: AppSettings | None = None) -> gr.Blocks:
         def load(source: str | None, progress: gr.Progress = gr.Progress()) -> str:
             with user_errors("load the model"):
                 entry = store.get(source, progress=lambda frac, text: progress(frac, desc=text))
-            return describe(entry)
+            return entry.describe()
 
         def refresh(current: str | None) -> Any:
             names = store.choices(settings.model)

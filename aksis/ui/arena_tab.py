@@ -5,7 +5,7 @@ and the models are revealed; a leaderboard counts the wins.
 - Blind: the two models picked (model 1, model 2; by default two different models of the picker's choices,
   drawn at random) are assigned to A and B at random for each battle, and which is which stays server-side in
   the session's `Battle` (a gr.State) until the vote. Both answer with the same settings (a preset of
-  `aksis.generation.PRESETS` over the library defaults, the same max new tokens and seed), so the vote compares
+  `aksis.generation.SAMPLER_PRESETS` over the library defaults, the same max new tokens and seed), so the vote compares
   the models, not their checkpoints' sampling defaults.
 - Mode: "continue" continues the prompt as text (what a model trained on plain text does well); "chat" answers
   it as the user message of a new conversation (`aksis.chat.reply`), for chat fine-tuned models.
@@ -39,15 +39,16 @@ import gradio as gr
 
 from aksis.chat import Conversation, reply
 from aksis.config import GenerationConfig
-from aksis.generation import PRESETS, sampler_config, stream
+from aksis.generation import SAMPLER_PRESETS, sampler_config, stream
 from aksis.ui.context import AppContext, check_prompt, on_gpu, to_max_new_tokens, to_seed, user_errors
 from aksis.ui.feedback import LEADERBOARD_COLUMNS, WINNERS, FeedbackLog, leaderboard
 from aksis.ui.models import LoadedModel, ModelStore
-from aksis.ui.sampling import max_new_tokens_slider
+from aksis.ui.sampling import Sampling, max_new_tokens_slider, takes_sampling
 
 MODES = {"continue": "Continue the text", "chat": "Answer as a chat reply"}
 VOTES = {"a": "A is better", "b": "B is better", "tie": "Tie", "both-bad": "Both are bad"}
 DEFAULT_PRESET = "balanced"
+ARENA_SETTINGS = ("preset", "max_new_tokens", "seed")  # what the tab offers, in the order of /arena_answer's
 DEFAULT_MAX_NEW_TOKENS = 64
 HELP = (
     "Two models answer the same prompt; you see only **A** and **B**. Vote for the better answer and the models "
@@ -83,14 +84,15 @@ def random_pair(choices: Sequence[str], rng: random.Random | None = None) -> tup
     return a, b
 
 
-def arena_config(preset: str | None, max_new_tokens: Any, seed: Any, limit: int) -> GenerationConfig:
-    """The settings both models answer with: a preset over the library defaults (not either checkpoint's own)."""
-    preset = preset or DEFAULT_PRESET
-    if preset not in PRESETS:
-        raise gr.Error(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    n = to_max_new_tokens(max_new_tokens, limit)
+def arena_config(sampling: Sampling, limit: int) -> GenerationConfig:
+    """The settings both models answer with (ARENA_SETTINGS): a preset over the library defaults (not either
+    checkpoint's own)."""
+    preset = sampling.preset or DEFAULT_PRESET
+    if preset not in SAMPLER_PRESETS:
+        raise gr.Error(f"unknown preset {preset!r}: choose one of {', '.join(SAMPLER_PRESETS)}")
+    n = to_max_new_tokens(sampling.max_new_tokens, limit)
     with user_errors("use these settings"):
-        return sampler_config(preset, GenerationConfig(), max_new_tokens=n, seed=to_seed(seed))
+        return sampler_config(preset, GenerationConfig(), max_new_tokens=n, seed=to_seed(sampling.seed))
 
 
 def new_battle(
@@ -150,6 +152,24 @@ def run_battle(store: ModelStore, battle: Battle) -> Iterator[Battle]:
             yield battle
     battle.complete = True
     yield battle
+
+
+@takes_sampling(*ARENA_SETTINGS)
+def answer_battle(
+    store: ModelStore,
+    limit: int,
+    prompt: str,
+    model_1: str | None,
+    model_2: str | None,
+    mode: str | None,
+    sampling: Sampling,
+) -> Iterator[tuple[str, str, Battle, str]]:
+    """The `/arena_answer` event: both models' answers to `prompt`, labelled A and B only (which is which is
+    revealed by the vote), with the session's battle and a status line."""
+    config = arena_config(sampling, limit)
+    battle = new_battle(prompt, model_1, model_2, mode, config)
+    for state in run_battle(store, battle):
+        yield state.answers[0], state.answers[1], state, READY if state.complete else "Answering…"
 
 
 def winner_code(winner: str | None) -> str:
@@ -234,7 +254,10 @@ def build(ctx: AppContext) -> None:
                     elem_id="arena-mode",
                 )
                 preset_box = gr.Dropdown(
-                    list(PRESETS), value=DEFAULT_PRESET, label="Sampling preset (both models)", elem_id="arena-preset"
+                    list(SAMPLER_PRESETS),
+                    value=DEFAULT_PRESET,
+                    label="Sampling preset (both models)",
+                    elem_id="arena-preset",
                 )
                 max_new_slider = max_new_tokens_slider("arena", min(DEFAULT_MAX_NEW_TOKENS, limit), limit)
                 seed_box = gr.Number(value=None, precision=0, label="Seed (blank: random)", elem_id="arena-seed")
@@ -259,21 +282,6 @@ def build(ctx: AppContext) -> None:
         winner_box = gr.Textbox(visible=False)
         vote_api_button = gr.Button(visible=False)
 
-    def answer(
-        prompt: str,
-        model_1: str | None,
-        model_2: str | None,
-        mode: str | None,
-        preset: str | None,
-        max_new_tokens: Any,
-        seed: Any,
-    ) -> Iterator[tuple[str, str, Battle, str]]:
-        """Both models' answers to `prompt`, labelled A and B only (which is which is revealed by the vote)."""
-        config = arena_config(preset, max_new_tokens, seed, limit)
-        battle = new_battle(prompt, model_1, model_2, mode, config)
-        for state in run_battle(ctx.store, battle):
-            yield state.answers[0], state.answers[1], state, READY if state.complete else "Answering…"
-
     def votable(battle: Battle | None) -> list[Any]:
         ready = battle is not None and battle.complete and battle.winner is None
         return [gr.Button(interactive=ready) for _ in vote_buttons]
@@ -285,10 +293,11 @@ def build(ctx: AppContext) -> None:
 
     triggers = [answer_button.click, prompt_box.submit]
     gr.on(triggers, lambda: votable(None), None, vote_buttons, api_visibility="private", queue=False)
+    controls = dict(preset=preset_box, max_new_tokens=max_new_slider, seed=seed_box)
     gr.on(
         triggers,
-        answer,
-        [prompt_box, model_1_box, model_2_box, mode_box, preset_box, max_new_slider, seed_box],
+        partial(answer_battle, ctx.store, limit),  # the API's parameters: answer_battle's own after these two
+        [prompt_box, model_1_box, model_2_box, mode_box, *(controls[name] for name in ARENA_SETTINGS)],
         [answer_a, answer_b, battle_state, status],
         api_name="arena_answer",
     ).then(votable, battle_state, vote_buttons, api_visibility="private", queue=False)

@@ -7,7 +7,7 @@ like/dislike feedback on replies, and the conversation saved and loaded as the J
   as the CLI drops a message it could not answer) and streams `aksis.chat.reply` into it. The prompt gets the
   token budget the CLI gives it: the model's context less the room kept for the reply (oldest exchanges are
   dropped first; see `Conversation.prompt_ids`).
-- Sampling: a preset ("checkpoint defaults" or one of `aksis.generation.PRESETS`) fills the sliders; the sliders
+- Sampling: a preset ("checkpoint defaults" or one of `aksis.generation.SAMPLER_PRESETS`) fills the sliders; the sliders
   are what is used, through `sampler_config` on top of the checkpoint's defaults (its stop strings stay). A blank
   or negative seed samples freshly; a seed makes a turn reproducible (`reply` offsets it by the turn).
 - Like/dislike: the Chatbot's `.like` event records "like", "dislike" (or "retract", when a thumb is taken back)
@@ -43,12 +43,14 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
-from aksis.chat import ChatError, Conversation, reply
+from aksis.chat import Conversation, reply
+from aksis.chat_template import ChatError
 from aksis.config import GenerationConfig
 from aksis.generation import sampler_config
 from aksis.ui.context import (
@@ -68,12 +70,14 @@ from aksis.ui.models import LoadedModel, ModelStore
 from aksis.ui.sampling import (
     CHECKPOINT_PRESET,
     PRESET_CHOICES,
+    Sampling,
     SliderValues,
     max_new_tokens_slider,
     preset_config,
     preset_name,
     sampling_slider,
     slider_values,
+    takes_sampling,
 )
 
 # A chat file holds text a small model can read in its context: a megabyte is far more than any real one, and
@@ -87,6 +91,8 @@ HELP = (
     "feedback, with the conversation, to improve the models."
 )
 
+# The sampling settings the tab offers, in the order of its controls (and of /chat's parameters).
+CHAT_SETTINGS = ("preset", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens", "seed")
 # Per reply: which model wrote it, with which system prompt and settings (see `reply_info`).
 ReplyInfo = dict[int, dict[str, Any]]
 
@@ -146,32 +152,21 @@ def history_from_conversation(conversation: Conversation) -> list[dict[str, str]
 # ----- sampling settings -----
 
 
-def sampling_config(
-    base: GenerationConfig,
-    preset: str | None,
-    *,
-    temperature: Any,
-    top_k: Any,
-    top_p: Any,
-    repetition_penalty: Any,
-    max_new_tokens: Any,
-    seed: Any,
-    limit: int,
-) -> GenerationConfig:
-    """The GenerationConfig of the tab's settings: `sampler_config(preset, base, ...sliders)`. The sliders are
-    applied over the preset (a preset only fills them); `max_new_tokens` must be 1 to `limit` (the app's limit);
-    a blank or negative seed means unseeded. Bad settings raise gr.Error with what would be accepted."""
-    preset = preset_name(preset)
-    n = to_max_new_tokens(max_new_tokens, limit)
+def sampling_config(base: GenerationConfig, sampling: Sampling, limit: int) -> GenerationConfig:
+    """The GenerationConfig of the tab's settings (CHAT_SETTINGS): `sampler_config(preset, base, ...sliders)`. The
+    sliders are applied over the preset (a preset only fills them); max new tokens must be 1 to `limit` (the app's
+    limit); a blank or negative seed means unseeded. Bad settings raise gr.Error with what would be accepted."""
+    preset = preset_name(sampling.preset)
+    n = to_max_new_tokens(sampling.max_new_tokens, limit)
     given: dict[str, Any] = {
-        "temperature": to_number(temperature, "temperature"),
-        "top_k": to_whole(top_k, "top-k"),
-        "top_p": to_number(top_p, "top-p"),
-        "repetition_penalty": to_number(repetition_penalty, "repetition penalty"),
+        "temperature": to_number(sampling.temperature, "temperature"),
+        "top_k": to_whole(sampling.top_k, "top-k"),
+        "top_p": to_number(sampling.top_p, "top-p"),
+        "repetition_penalty": to_number(sampling.repetition_penalty, "repetition penalty"),
         "max_new_tokens": n,
         "num_beams": 1,  # a chat streams its replies; beam search has its text only at the end
     }
-    seed_value = to_seed(seed)  # checked before any work
+    seed_value = to_seed(sampling.seed)  # checked before any work
     with user_errors("use these settings"):
         config = sampler_config(None if preset == CHECKPOINT_PRESET else preset, base, **given)
     # Unseeded means fresh draws every turn, even from a checkpoint that saved a seed among its defaults.
@@ -214,6 +209,7 @@ def reply_info(source: str, conversation: Conversation, config: GenerationConfig
     return {"model": source, "system_prompt": conversation.system_prompt, "settings": config.to_dict()}
 
 
+@takes_sampling(*CHAT_SETTINGS)
 def respond(
     store: ModelStore,
     limit: int,
@@ -221,13 +217,7 @@ def respond(
     history: Sequence[Any],
     model: str | None,
     system_prompt: str | None,
-    preset: str | None,
-    temperature: Any,
-    top_k: Any,
-    top_p: Any,
-    repetition_penalty: Any,
-    max_new_tokens: Any,
-    seed: Any,
+    sampling: Sampling,
     replies: ReplyInfo | None,
 ) -> Iterator[tuple[str, ReplyInfo]]:
     """The `/chat` event: stream the model's reply to `message`, after the chat so far, with the session's
@@ -238,17 +228,7 @@ def respond(
         check_prompt(system_prompt, "system prompt")
     with user_errors("load the model"):
         entry = store.get(model)
-    config = sampling_config(
-        entry.generation,
-        preset,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        repetition_penalty=repetition_penalty,
-        max_new_tokens=max_new_tokens,
-        seed=seed,
-        limit=limit,
-    )
+    config = sampling_config(entry.generation, sampling, limit)
     with user_errors("read the chat"):
         conversation = conversation_from_history(history, system_prompt, replies)
         conversation.add("user", message)
@@ -383,41 +363,17 @@ def build(ctx: AppContext) -> None:
                 reply_state = gr.State({})  # ReplyInfo of this session's chat
 
             with gr.Column(scale=3):
-
-                def chat_turn(
-                    message: str,
-                    history: list[dict[str, Any]],
-                    model: str | None,
-                    system_prompt: str | None,
-                    preset: str | None,
-                    temperature: Any,
-                    top_k: Any,
-                    top_p: Any,
-                    repetition_penalty: Any,
-                    max_new_tokens: Any,
-                    seed: Any,
-                    replies: ReplyInfo | None,
-                ) -> Iterator[tuple[str, ReplyInfo]]:
-                    # ChatInterface reads its inputs from this signature (a generator: streamed), so no partial.
-                    yield from respond(
-                        ctx.store,
-                        limit,
-                        message,
-                        history,
-                        model,
-                        system_prompt,
-                        preset,
-                        temperature,
-                        top_k,
-                        top_p,
-                        repetition_penalty,
-                        max_new_tokens,
-                        seed,
-                        replies,
-                    )
-
+                controls = dict(
+                    preset=preset_box,
+                    temperature=temperature_slider,
+                    top_k=top_k_slider,
+                    top_p=top_p_slider,
+                    repetition_penalty=penalty_slider,
+                    max_new_tokens=max_new_slider,
+                    seed=seed_box,
+                )
                 chat = gr.ChatInterface(
-                    chat_turn,
+                    partial(respond, ctx.store, limit),  # the API's parameters: respond's own after these two
                     chatbot=gr.Chatbot(label="Chat", height=480, elem_id="chat-history", buttons=["copy", "copy_all"]),
                     textbox=gr.Textbox(
                         placeholder="Type a message and press Enter",
@@ -427,18 +383,7 @@ def build(ctx: AppContext) -> None:
                         autofocus=False,
                         elem_id="chat-input",
                     ),
-                    additional_inputs=[
-                        ctx.picker,
-                        system_box,
-                        preset_box,
-                        temperature_slider,
-                        top_k_slider,
-                        top_p_slider,
-                        penalty_slider,
-                        max_new_slider,
-                        seed_box,
-                        reply_state,
-                    ],
+                    additional_inputs=[ctx.picker, system_box, *(controls[n] for n in CHAT_SETTINGS), reply_state],
                     additional_outputs=[reply_state],
                     api_name="chat",
                     api_description=(

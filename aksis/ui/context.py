@@ -10,11 +10,13 @@ disturbs a generation running in another.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -30,7 +32,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # The most new tokens one request of the app may ask for: enough for long stories, small enough that one
 # visitor cannot hold a worker for minutes on a CPU Space.
-MAX_NEW_TOKENS = 1024
+APP_MAX_NEW_TOKENS = 1024
 
 
 @dataclass
@@ -44,7 +46,7 @@ class AppSettings:
     feedback_repo: str | None = None  # AKSIS_FEEDBACK_REPO: a Hub dataset repo that receives the feedback
     cache_mb: int = 2048  # AKSIS_MODEL_CACHE_MB: bound on the weights of the models kept loaded
     concurrency: int = 4  # AKSIS_CONCURRENCY: requests served at once (the rest wait in the queue)
-    max_new_tokens: int = MAX_NEW_TOKENS
+    max_new_tokens: int = APP_MAX_NEW_TOKENS
     device: str | None = None  # AKSIS_DEVICE: cpu, cuda, mps; default: the best there is
     # AKSIS_LOCAL_PATHS=0/1: whether visitors may name files and folders of this machine (a dataset to score, a
     # model outside the checkpoints folder). Off by default on a Space (SPACE_ID is set), where visitors are strangers.
@@ -111,7 +113,7 @@ def user_errors(action: str) -> Iterator[None]:
     shows as a message and the API returns as an error, while the app goes on serving."""
     import gradio as gr
 
-    from aksis.chat import ChatError
+    from aksis.chat_template import ChatError
     from aksis.checkpoint import CheckpointError
     from aksis.generation import GenerationError
     from aksis.hub import HubError
@@ -192,6 +194,68 @@ def to_seed(value: Any) -> int | None:
     if value is None or value == "" or to_number(value, "seed") < 0:
         return None
     return to_whole(value, "seed", 0, MAX_SEED)
+
+
+def spread(param: str, cls: type, names: Sequence[str]) -> Callable[[F], F]:
+    """Decorate an event function whose parameter `param` is a dataclass `cls` (a request's settings, as sent): the
+    function Gradio sees takes the fields `names` in its place, one parameter each, and builds the `cls` from them.
+    Gradio passes an event's inputs one by one and names an API endpoint's parameters after its function's; so a
+    setting is declared once, as a field, and each endpoint that offers it lists its name."""
+    unknown = set(names) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"not fields of {cls.__name__}: {', '.join(sorted(unknown))}")
+
+    def decorate(fn: F) -> F:
+        signature = inspect.signature(fn)
+        params = list(signature.parameters.values())
+        at = [p.name for p in params].index(param)
+        spread_out = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Any) for n in names]
+        flat = signature.replace(parameters=[*params[:at], *spread_out, *params[at + 1 :]])
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            given = flat.bind(*args, **kwargs).arguments
+            value = cls(**{n: given.pop(n) for n in names})
+            return fn(**given, **{param: value})
+
+        return cast(F, _function_like(fn, call, flat))
+
+    return decorate
+
+
+def bound(fn: Callable[..., Any], *leading: Any, **defaults: Any) -> Callable[..., Any]:
+    """`fn` with its first parameters given (`leading`), as `functools.partial(fn, *leading)`, but a plain function:
+    Gradio finds a `gr.Request` parameter by its type hint, which it cannot read through a partial. `defaults`
+    replace the defaults of parameters in the signature Gradio reads: a `progress` parameter is given its
+    `gr.Progress` here, when the app is built (one that tracks tqdm patches tqdm as it is made: not at import)."""
+    signature = inspect.signature(fn)
+    params = [
+        p.replace(default=defaults[p.name]) if p.name in defaults else p
+        for p in list(signature.parameters.values())[len(leading) :]
+    ]
+    return _function_like(
+        fn, lambda *args, **kwargs: fn(*leading, *args, **kwargs), signature.replace(parameters=params)
+    )
+
+
+def _function_like(
+    fn: Callable[..., Any], call: Callable[..., Any], signature: inspect.Signature
+) -> Callable[..., Any]:
+    """A function that does `call`, with `signature`, and `fn`'s name, docs and type hints (through __wrapped__);
+    a generator function when `fn` is one, since Gradio streams what those yield."""
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            yield from call(*args, **kwargs)
+
+    else:
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return call(*args, **kwargs)
+
+    wrapper.__signature__ = signature  # type: ignore[attr-defined]
+    return wrapper
 
 
 def on_gpu(fn: F) -> F:

@@ -1,12 +1,12 @@
 """The Evaluate tab: how good is the picked model (and, side by side, a second one) on texts of your choice.
 
 - Texts: pasted, an uploaded UTF-8 file (at most `MAX_UPLOAD_BYTES`), or a dataset split read by
-  `aksis.data.load_corpus` (the embedded "shakespeare", a local .txt/.md/.jsonl/.parquet path, or a Hub dataset,
+  `aksis.corpora.load_corpus` (the embedded "shakespeare", a local .txt/.md/.jsonl/.parquet path, or a Hub dataset,
   which needs the network: offline it fails with `load_corpus`'s message). Hub datasets are streamed: only the
   few rows scored are read, nothing is downloaded whole. At most `MAX_TEXT_CHARS` characters are scored, so one
   request cannot hold a worker for long.
 - On a public Space (`AppSettings.local_paths` off) a dataset is only a name `dataset_allowed` accepts: the
-  embedded corpus, a short name of `aksis.data.HUB_CORPORA` or a Hub id; never a path or a glob of the server's.
+  embedded corpus, a short name of `aksis.corpora.HUB_CORPORA` or a Hub id; never a path or a glob of the server's.
 - Generation for BLEU / ROUGE is bounded apart from the app's own limit: at most `EVAL_MAX_TOKENS` prompt and new
   tokens and `MAX_SAMPLES` samples per model, so one request with two models stays within seconds to minutes.
 - Scores: perplexity and bits per byte (`aksis.metrics.perplexity`), and BLEU / ROUGE (`aksis.scores`) of
@@ -44,6 +44,7 @@ import gradio as gr
 from aksis.metrics import LABELS, PerplexityResult, evaluate_checkpoint, markdown_table, perplexity, read_prompts
 from aksis.ui.context import (
     AppContext,
+    bound,
     input_error,
     on_gpu,
     read_text_upload,
@@ -120,7 +121,7 @@ def dataset_allowed(name: str, local_paths: bool) -> bool:
     """Whether a visitor may name this dataset. With `local_paths` anything `load_corpus` reads; without (a public
     Space) only the embedded corpus, a short name of `HUB_CORPORA` or a Hub id, and none that is a file or folder
     here: `load_corpus` reads local paths (and expands globs such as '*/*.txt') before it asks the Hub."""
-    from aksis.data import HUB_CORPORA
+    from aksis.corpora import HUB_CORPORA
 
     if local_paths or name == "shakespeare":
         return True
@@ -133,7 +134,7 @@ def open_dataset(name: str, local_paths: bool = True) -> datasets.DatasetDict | 
     whole, so their validation split is the one training held out; Hub datasets are streamed (only the rows
     scored are fetched; one without its own validation split then holds out documents by checksum, as
     streamed training does)."""
-    from aksis.data import DataError, load_corpus
+    from aksis.corpora import DataError, load_corpus
 
     if not name:
         raise input_error("No dataset named: give 'shakespeare', a Hub dataset id or a local text file.")
@@ -217,8 +218,9 @@ def evaluate_model(
     )
 
 
-def run_perplexity(store: ModelStore, source: str | None, text: Any) -> tuple[float, float]:
-    """The `/perplexity` event: perplexity and bits per byte of one pasted text."""
+def run_perplexity(store: ModelStore, source: str | None, text: Any, progress: Any = None) -> tuple[float, float]:
+    """The `/perplexity` event: perplexity and bits per byte of one pasted text (`progress`: Gradio's, which shows
+    the scoring's progress bar)."""
     texts, _ = load_texts(PASTED, text, None, None, None, None)
     with user_errors("load the model"):
         entry = store.get(source)
@@ -271,8 +273,10 @@ def run_evaluate(
     prompt_tokens: Any,
     num_samples: Any,
     seed: Any,
+    progress: Any = None,
 ) -> EvaluateOutput:
-    """The `/evaluate` event: check the settings, read the texts (and prompts), then score each model."""
+    """The `/evaluate` event: check the settings, read the texts (and prompts), then score each model (`progress`:
+    Gradio's, which shows the progress bars of scoring and generation)."""
     chosen = list(scores or [])
     if not chosen or not set(chosen) <= set(SCORES):
         raise gr.Error(f"Choose what to score: {' and/or '.join(SCORES)}.")
@@ -422,33 +426,6 @@ def build(ctx: AppContext) -> None:
                 gr.update(visible=chosen == DATASET),
             )
 
-        def score(source: str | None, text: Any, progress: gr.Progress = gr.Progress(track_tqdm=True)) -> Any:
-            return run_perplexity(store, source, text)
-
-        def evaluate(
-            source: str | None,
-            compare: str | None,
-            texts_from: str | None,
-            text: Any,
-            file: str | None,
-            dataset: Any,
-            split: Any,
-            max_texts: Any,
-            scores: list[str] | None,
-            generate_from: str | None,
-            prompts_file: str | None,
-            temperature: Any,
-            max_new_tokens: Any,
-            prompt_tokens: Any,
-            num_samples: Any,
-            seed: Any,
-            progress: gr.Progress = gr.Progress(track_tqdm=True),
-        ) -> EvaluateOutput:
-            return run_evaluate(
-                store, limit, source, compare, texts_from, text, file, dataset, split, max_texts, scores,
-                generate_from, prompts_file, temperature, max_new_tokens, prompt_tokens, num_samples, seed,
-            )  # fmt: skip
-
         # The models trained or listed since the page opened (the picker has its own "Refresh list").
         tab.select(
             lambda current: compare_choices(store, ctx.settings.model, current),
@@ -467,9 +444,13 @@ def build(ctx: AppContext) -> None:
         texts_from.change(
             show_source, texts_from, [pasted_group, file, dataset_row], api_visibility="private", show_progress="hidden"
         )
-        score_button.click(score, [ctx.picker, text], [ppl, bpb], api_name="perplexity")
+        # The API's parameters: the functions' own after the store (and the limit).
+        tracked = gr.Progress(track_tqdm=True)
+        score_button.click(
+            bound(run_perplexity, store, progress=tracked), [ctx.picker, text], [ppl, bpb], api_name="perplexity"
+        )
         run_button.click(
-            evaluate,
+            bound(run_evaluate, store, limit, progress=tracked),
             [
                 ctx.picker,
                 compare,

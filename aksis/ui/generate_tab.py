@@ -6,7 +6,7 @@ coloured by how likely the model found it, with the alternatives it considered.
   (blank or negative: a random one, shown in the stats line so the output can be reproduced). The sliders a
   sampler does not read are greyed out. `generation_config` turns them into a `GenerationConfig` through
   `sampler_config`, on top of the checkpoint's own defaults (its stop strings and length penalty stay).
-- Presets: the checkpoint's generation_config.json or one of `aksis.generation.PRESETS`. Picking a model or a
+- Presets: the checkpoint's generation_config.json or one of `aksis.generation.SAMPLER_PRESETS`. Picking a model or a
   preset fills the sampler and the sliders (a model switch thus also resets tweaked sliders to the preset).
 - Output: the text streams in (beam search shows its text once, at the end); then the token view (HTML spans,
   coloured by probability, the alternatives in a tooltip), a token table and a stats line. Probabilities are
@@ -64,10 +64,12 @@ from aksis.ui.models import LoadedModel, ModelStore
 from aksis.ui.sampling import (
     CHECKPOINT_PRESET,
     PRESET_CHOICES,
+    Sampling,
     max_new_tokens_slider,
     preset_config,
     sampling_slider,
     slider_values,
+    takes_sampling,
 )
 
 SAMPLE = "sample"  # temperature + top-k + top-p together: sampler_config(None, ...)
@@ -86,6 +88,8 @@ SAMPLER_SLIDERS: dict[str, tuple[str, ...]] = {
     "beam": ("num_beams",),
 }
 SLIDERS = ("temperature", "top_k", "top_p", "num_beams")
+# The sampling settings the tab offers, in the order of its controls (and of /generate's parameters).
+GENERATE_SETTINGS = ("sampler", *SLIDERS, "repetition_penalty", "max_new_tokens", "seed")
 
 FINISH = {"eos": "a stop token", "stop": "a stop string", "length": "max new tokens reached"}
 TABLE_HEADERS = ["#", "token", "probability", "top alternatives"]
@@ -101,30 +105,18 @@ HELP = (
 # ----- settings -----
 
 
-def generation_config(
-    base: GenerationConfig,
-    sampler: str | None,
-    *,
-    temperature: Any = None,
-    top_k: Any = None,
-    top_p: Any = None,
-    num_beams: Any = None,
-    repetition_penalty: Any = None,
-    max_new_tokens: Any = None,
-    seed: Any = None,
-    limit: int,
-) -> GenerationConfig:
-    """The GenerationConfig for the tab's settings on top of `base` (the checkpoint's defaults): only the
-    sliders the sampler reads are used (see SAMPLER_SLIDERS); `max_new_tokens` must be 1 to `limit`; a blank
-    or negative seed becomes a random one. Bad settings raise gr.Error with what would be accepted."""
-    sampler = sampler or SAMPLE
+def generation_config(base: GenerationConfig, sampling: Sampling, limit: int) -> GenerationConfig:
+    """The GenerationConfig for the tab's settings (GENERATE_SETTINGS) on top of `base` (the checkpoint's
+    defaults): only the sliders the sampler reads are used (see SAMPLER_SLIDERS); max new tokens must be 1 to
+    `limit`; a blank or negative seed becomes a random one. Bad settings raise gr.Error with what would be
+    accepted."""
+    sampler = sampling.sampler or SAMPLE
     if sampler not in SAMPLER_SLIDERS:
         raise input_error(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLER_CHOICES)}")
-    n = to_max_new_tokens(max_new_tokens, limit)
-    values = dict(temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams)
+    n = to_max_new_tokens(sampling.max_new_tokens, limit)
     given: dict[str, Any] = {}
     for name in SAMPLER_SLIDERS[sampler]:
-        value = values[name]
+        value = getattr(sampling, name)
         if value is None:
             continue
         if name == "num_beams":
@@ -134,9 +126,9 @@ def generation_config(
             given[name] = to_whole(value, "top-k")
         else:
             given[name] = to_number(value, name.replace("_", "-"))
-    if repetition_penalty is not None:
-        given["repetition_penalty"] = to_number(repetition_penalty, "repetition penalty")
-    seed = to_seed(seed)
+    if sampling.repetition_penalty is not None:
+        given["repetition_penalty"] = to_number(sampling.repetition_penalty, "repetition penalty")
+    seed = to_seed(sampling.seed)
     # A blank or negative seed: a random one, shown in the stats line so that a good draw can be had again.
     given["seed"] = secrets.randbelow(2**31) if seed is None else seed
     with user_errors("use these settings"):  # sampler_config checks the values (top-p 0, a negative top-k...)
@@ -286,38 +278,17 @@ def stream_generation(
     yield completion.text, token_html(prompt, scores), token_rows(scores), stats_line(completion, seconds, config)
 
 
+@takes_sampling(*GENERATE_SETTINGS)
 def run_generate(
-    store: ModelStore,
-    limit: int,
-    source: str | None,
-    prompt: Any,
-    sampler: str | None,
-    temperature: Any,
-    top_k: Any,
-    top_p: Any,
-    num_beams: Any,
-    repetition_penalty: Any,
-    max_new_tokens: Any,
-    seed: Any,
+    store: ModelStore, limit: int, source: str | None, prompt: Any, sampling: Sampling
 ) -> Iterator[Output]:
     """The `/generate` event: check the input, fetch the model, stream. Cheap checks come before the model load,
     so a bad request fails at once."""
     prompt = check_prompt(prompt)
-    to_max_new_tokens(max_new_tokens, limit)
+    to_max_new_tokens(sampling.max_new_tokens, limit)
     with user_errors("load the model"):
         entry = store.get(source)
-    config = generation_config(
-        entry.generation,
-        sampler,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        num_beams=num_beams,
-        repetition_penalty=repetition_penalty,
-        max_new_tokens=max_new_tokens,
-        seed=seed,
-        limit=limit,
-    )
+    config = generation_config(entry.generation, sampling, limit)
     with user_errors("generate"):
         yield from stream_generation(entry, prompt, config)
 
@@ -395,8 +366,18 @@ def build(ctx: AppContext) -> None:
                     elem_id="generate-seed",
                 )
 
-        sliders = [temperature, top_k, top_p, num_beams]
-        settings = [sampler, *sliders, repetition_penalty, max_new_tokens]
+        controls = dict(
+            sampler=sampler,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            num_beams=num_beams,
+            repetition_penalty=repetition_penalty,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+        )
+        sliders = [controls[name] for name in SLIDERS]
+        settings = [controls[name] for name in GENERATE_SETTINGS if name != "seed"]  # what a preset fills
 
         def grey_out(chosen: str | None) -> list[Any]:
             used = SAMPLER_SLIDERS.get(chosen or SAMPLE, ())
@@ -415,7 +396,7 @@ def build(ctx: AppContext) -> None:
         event = gr.on(
             [generate_button.click, prompt.submit],
             partial(run_generate, store, limit),  # the API's parameters: run_generate's own after these two
-            [ctx.picker, prompt, *settings, seed],
+            [ctx.picker, prompt, *(controls[name] for name in GENERATE_SETTINGS)],
             [output, token_view, table, stats],
             api_name="generate",
             # The inputs reach `run_generate` as sent, unchecked by Gradio: it checks each itself, so a bad value from

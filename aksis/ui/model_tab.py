@@ -29,7 +29,9 @@ import gradio as gr
 import torch
 from matplotlib.figure import Figure
 
-from aksis.hub import read_metrics
+from aksis.checkpoint import CARD_FILE
+from aksis.plots import Curves, loss_curves, loss_figure
+from aksis.runs import METRICS_FILE, read_metrics
 from aksis.tokenizer import SPECIAL_TOKENS, TokenizerError
 from aksis.ui.context import AppContext, check_prompt, on_gpu, quietly_get, to_whole, user_errors
 from aksis.ui.models import LoadedModel, ModelStore
@@ -76,41 +78,16 @@ def summary(entry: LoadedModel) -> str:
     return "\n".join([cells[0], "|---|---|", *cells[1:]])
 
 
-Curves = dict[str, list[tuple[int, float]]]  # "training" / "validation" -> (step, loss) points
-
-
 def training_curves(entry: LoadedModel) -> Curves:
     """Loss against step from the run's metrics.jsonl: training loss and validation loss (no points without a
-    log). A log that cannot be read raises ValueError."""
-    path = entry.file("metrics.jsonl")
-    records = read_metrics(path.parent) if path is not None else []
-    return {
-        curve: [(r["step"], r[key]) for r in records if key in r and "step" in r]
-        for key, curve in (("loss", "training"), ("val_loss", "validation"))
-    }
-
-
-def curves_figure(curves: Curves) -> Figure | None:
-    """The curves as a plot (None without points). Points are marked when few, so that a short run's lone
-    validation point shows."""
-    if not any(curves.values()):
-        return None
-    fig = Figure(figsize=(7, 3.5), dpi=100)
-    ax = fig.add_subplot()
-    for curve, points in curves.items():
-        if points:
-            ax.plot(*zip(*points, strict=True), label=curve, marker="o" if len(points) < 30 else None)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    return fig
+    log)."""
+    path = entry.file(METRICS_FILE)
+    return loss_curves(read_metrics(path) if path is not None else [])
 
 
 def model_card(entry: LoadedModel) -> tuple[str, str]:
     """The model card (README.md) as (Markdown body, YAML front matter); a note when there is none."""
-    path = entry.file("README.md")
+    path = entry.file(CARD_FILE)
     if path is None:
         return "_This checkpoint has no model card (README.md)._", ""
     text = path.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
@@ -127,7 +104,7 @@ def model_info(store: ModelStore, source: str | None) -> Info:
     with user_errors("load the model"):
         entry = store.get(source)
     with user_errors("read the training log"):
-        curves = curves_figure(training_curves(entry))
+        curves = loss_figure(training_curves(entry))
     card, meta = model_card(entry)
     return config_dict(entry), summary(entry), curves, card, meta
 

@@ -20,10 +20,18 @@ from pathlib import Path
 
 import torch
 
-from aksis.checkpoint import WEIGHTS_FILE, CheckpointError, is_local, resolve_file, split_revision
+from aksis.checkpoint import (
+    WEIGHTS_FILE,
+    CheckpointError,
+    find_checkpoint,
+    is_local,
+    load_model,
+    resolve_file,
+    split_revision,
+)
 from aksis.config import GenerationConfig
-from aksis.generation import find_checkpoint, load_model
 from aksis.hub import HubError, is_hub_id, list_models
+from aksis.kernels import inference_bytes
 from aksis.model import GPT
 from aksis.tokenizer import Tokenizer
 
@@ -37,12 +45,21 @@ class LoadedModel:
     model: GPT
     tokenizer: Tokenizer
     generation: GenerationConfig
-    nbytes: int  # memory its weights take for inference (GPT.inference_bytes)
+    nbytes: int  # memory its weights take for inference (aksis.kernels.inference_bytes)
     version: tuple[str, int, int] | None = None  # local weights: (file, mtime, size) when loaded; None on the Hub
 
     @property
     def device(self) -> torch.device:
         return self.model.lm_head.weight.device
+
+    def describe(self) -> str:
+        """One line about the model, for the status bar."""
+        cfg = self.model.config
+        return (
+            f"**{self.source}**: {cfg.arch}, {cfg.n_layer} layers × {cfg.n_embd}, "
+            f"{self.model.num_params() / 1e6:.2f}M parameters, context {cfg.block_size}, "
+            f"tokenizer {self.tokenizer.name} ({self.tokenizer.vocab_size} tokens), on {self.device}"
+        )
 
     def file(self, name: str) -> Path | None:
         """A file of the checkpoint (e.g. README.md, metrics.jsonl), downloaded when it is on the Hub; None when
@@ -170,7 +187,7 @@ class ModelStore:
             )
         checkpoint = find_checkpoint(source)
         model, tokenizer, generation = load_model(checkpoint, device=self.device, dtype=self.dtype)
-        entry = LoadedModel(source, checkpoint, model, tokenizer, generation, model.inference_bytes())
+        entry = LoadedModel(source, checkpoint, model, tokenizer, generation, inference_bytes(model))
         log.info("loaded %s (%.1f MB of weights) on %s", source, entry.nbytes / 1e6, self.device)
         return entry
 

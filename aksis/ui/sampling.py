@@ -1,8 +1,15 @@
 """The sampling settings that the Chat and Generate tabs share (and the Arena and Evaluate tabs, in part): the
-presets they offer, the sliders that show the settings, and what a preset puts in those sliders.
+settings a request sends, the presets the tabs offer, the sliders that show the settings, and what a preset puts in
+those sliders.
 
+- A request's settings travel as one `Sampling` (as sent, unchecked: each tab turns it into a `GenerationConfig`
+  with its own rules and checks). Gradio passes an event's inputs one by one and names an API endpoint's
+  parameters after its function's, so an event function that takes `sampling: Sampling` is decorated with
+  `takes_sampling(*names)`: Gradio and other callers see the settings it offers as parameters of their own, in
+  that order, and the function gets them as one `Sampling`. A new setting is a field here, a control in the tabs
+  that offer it, and its name in their lists.
 - Presets: "checkpoint defaults" is the picked checkpoint's own generation_config.json; the others are
-  `aksis.generation.PRESETS`, applied over it (its stop strings and length penalty stay).
+  `aksis.generation.SAMPLER_PRESETS`, applied over it (its stop strings and length penalty stay).
 - Sliders: one definition per setting (range, step, label, help), so that the tabs agree on what a setting
   means and accepts; a tab gives only its elem_id prefix (elem_id `<tab>-temperature`, `<tab>-top-k`,
   `<tab>-top-p`, `<tab>-repetition-penalty`, `<tab>-max-new-tokens`).
@@ -12,16 +19,43 @@ presets they offer, the sliders that show the settings, and what a preset puts i
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple, TypeVar
 
 import gradio as gr
 
 from aksis.config import GenerationConfig
-from aksis.generation import PRESETS, sampler_config
-from aksis.ui.context import input_error, user_errors
+from aksis.generation import SAMPLER_PRESETS, sampler_config
+from aksis.ui.context import input_error, spread, user_errors
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The sampling settings of one request, as a visitor (or an API caller) sent them. A tab offers some of them;
+    those it does not offer stay None."""
+
+    preset: Any = None  # "checkpoint defaults" or a name of aksis.generation.SAMPLER_PRESETS
+    sampler: Any = None  # "sample" or a name of aksis.generation.SAMPLERS
+    temperature: Any = None
+    top_k: Any = None
+    top_p: Any = None
+    num_beams: Any = None
+    repetition_penalty: Any = None
+    max_new_tokens: Any = None
+    seed: Any = None
+
+
+def takes_sampling(*names: str) -> Callable[[F], F]:
+    """Decorate an event function that takes a `sampling: Sampling` parameter: Gradio (and any caller) sees the
+    settings `names` in its place, one parameter each (see `aksis.ui.context.spread`)."""
+    return spread("sampling", Sampling, names)
+
 
 CHECKPOINT_PRESET = "checkpoint defaults"
-PRESET_CHOICES = [CHECKPOINT_PRESET, *PRESETS]
+PRESET_CHOICES = [CHECKPOINT_PRESET, *SAMPLER_PRESETS]
 MAX_TEMPERATURE, MAX_TOP_K, MAX_PENALTY = 2.0, 200, 2.0
 
 # gr.Slider's arguments for each sampling setting, by its GenerationConfig name.
@@ -75,7 +109,7 @@ def preset_name(preset: str | None) -> str:
 
 def preset_config(base: GenerationConfig, preset: str | None) -> GenerationConfig:
     """The settings a preset stands for over `base` (the checkpoint's defaults): "checkpoint defaults" is `base`
-    itself; a preset of PRESETS samples (one beam, whatever `base` says)."""
+    itself; a preset of SAMPLER_PRESETS samples (one beam, whatever `base` says)."""
     preset = preset_name(preset)
     if preset == CHECKPOINT_PRESET:
         return base

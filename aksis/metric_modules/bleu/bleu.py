@@ -3,7 +3,7 @@
 Load it by path, which reads nothing from the Hub (a path to an existing folder with a script of the same name
 never reaches the network, online or offline):
 
-    metric = evaluate.load("/abs/path/to/evaluation/metrics/bleu")
+    metric = evaluate.load("/abs/path/to/aksis/metric_modules/bleu")
     metric.compute(predictions=["the cat sat"], references=[["the cat sat", "a cat sat"]])
 
 It is the Hub's "sacrebleu" metric under aksis's name, not the Hub's "bleu": the score is sacreBLEU's corpus
@@ -59,7 +59,7 @@ Returns:
     sys_len (int): tokens in the predictions.
     ref_len (int): effective reference length (the closest reference length per prediction, summed).
 Example:
-    >>> bleu = evaluate.load("evaluation/metrics/bleu")
+    >>> bleu = evaluate.load("aksis/metric_modules/bleu")
     >>> result = bleu.compute(predictions=["hello there general kenobi"], references=[["hello there general kenobi"]])
     >>> round(result["score"], 1)
     100.0
@@ -108,7 +108,7 @@ class Bleu(evaluate.Metric):
     ) -> dict[str, Any]:
         result = sacrebleu.corpus_bleu(
             predictions,
-            reference_streams(references),
+            reference_streams(references),  # type: ignore[arg-type]  # None (no reference) is sacreBLEU's, untyped
             smooth_method=smooth_method,
             smooth_value=smooth_value,
             force=force,

@@ -1,0 +1,118 @@
+"""Faster layers for inference, put in place of the model's own when a model is loaded to run, not to train.
+
+`aksis.model` builds its projections from plain `nn.Linear`; it is the transformer and nothing else. Decoding reads
+every weight once per token, so its speed is the speed of few-row matmuls, which some kernels do much better than
+the one `F.linear` calls. `use_cpu_kernels(model)` swaps each `nn.Linear` of a model for a `CPULinear` that shares
+its parameters (nothing is copied, tied weights stay tied), the way gpt-fast's quantize.py swaps in quantized
+layers at load time; `aksis.checkpoint.load_model` does it for a model loaded onto the CPU. `inference_bytes` is
+the memory such a model's weights take, packed copies included. The measured gains are in the README
+(Performance).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@functools.cache
+def onednn_available() -> bool:
+    """Whether `CPULinear` can run through oneDNN: PyTorch built with it (mkldnn) on an x86-64 CPU with AVX2 or
+    AVX-512, where it was measured. Asked at the first forward pass, not at import."""
+    return (
+        torch.backends.mkldnn.is_available()
+        and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
+
+
+class CPULinear(nn.Linear):
+    """`nn.Linear` with faster kernels for float32 inference on the CPU.
+
+    A decode step multiplies a few rows (one per sequence) by every weight matrix: little arithmetic per weight
+    read, a shape that MKL's GEMM, which `F.linear` calls on the CPU, handles poorly. So, without gradients:
+
+    - one row: the product written as W @ x^T, batched over the two halves of W's rows, goes through MKL's batched
+      GEMM, which reads the weight at the machine's full memory bandwidth (MKL's one-row path reaches a third of it);
+    - more rows: oneDNN's matmul (`torch.ops.mkldnn`, the kernels `torch.compile` uses for frozen CPU models) on a
+      copy of the weight packed once into its blocked layout.
+
+    The packed copy costs as much memory as the weight (`inference_bytes`). It is made at the first inference pass
+    with several rows and made again after the weight changes (in place, as an optimizer or `load_state_dict` does,
+    or moved); a forward pass with gradients drops it. Results equal `F.linear`'s up to float rounding
+    (tests/test_kernels.py). Elsewhere (training, a GPU, other dtypes, inside `torch.compile`, no MKL or oneDNN) it
+    is plain `F.linear`.
+    """
+
+    _packed: tuple[int, int, torch.Tensor] | None = None  # (weight's data_ptr, its version, packed weight)
+
+    @classmethod
+    def sharing(cls, linear: nn.Linear) -> CPULinear:
+        """A CPULinear over `linear`'s own parameters (no copy)."""
+        fast = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        fast.weight, fast.bias = linear.weight, linear.bias
+        return fast
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # first: the checks below would break the compiled graph
+            return F.linear(x, self.weight, self.bias)
+        if torch.is_grad_enabled():
+            if self._packed is not None:  # training: the weight will change, so the copy only holds memory
+                self._packed = None
+            return F.linear(x, self.weight, self.bias)
+        if x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32:
+            return F.linear(x, self.weight, self.bias)
+        rows = x.numel() // self.in_features
+        if rows == 1 and self.out_features % 2 == 0 and torch.backends.mkl.is_available():
+            w = self.weight.view(2, self.out_features // 2, self.in_features)  # (2, out/2, in): halves of the rows
+            # x as a column (in, 1) with strides (1, in), which MKL takes as it is; an (in, 1) made by reshape has
+            # strides (1, 1), which sends bmm down a path 3.5x slower.
+            xt = x.reshape(1, self.in_features).t().expand(2, -1, -1)  # (2, in, 1), a view
+            y = torch.bmm(w, xt)  # (2, out/2, 1)
+            y = y.view(*x.shape[:-1], self.out_features)
+            if self.bias is not None:
+                y += self.bias
+            return y
+        # A weight made under inference_mode has no version counter to tell of changes: it is never packed.
+        if onednn_available() and not self.weight.is_inference():
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight(), self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+    def packed_weight(self) -> torch.Tensor:
+        """The weight in oneDNN's layout (an opaque mkldnn tensor), packed again if the weight changed since."""
+        key = (self.weight.data_ptr(), self.weight._version)
+        if self._packed is None or self._packed[:2] != key:
+            # The layout is chosen for a batch of 8 rows; it served 1 to 1024 rows as well as one chosen for each.
+            self._packed = (*key, torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 8))
+        return self._packed[2]
+
+    def __getstate__(self) -> dict[str, object]:
+        # An mkldnn tensor has no storage to copy: copies and pickles of the module leave the packed weight behind.
+        return {k: v for k, v in self.__dict__.items() if k != "_packed"}
+
+
+def use_cpu_kernels(model: nn.Module) -> nn.Module:
+    """Swap every plain `nn.Linear` of `model` for a `CPULinear` over the same parameters, in place; returns the
+    model. Harmless off the CPU or in training (it is then `F.linear`), but meant for a model that runs on a CPU."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, CPULinear.sharing(child))
+    return model
+
+
+def inference_bytes(model: nn.Module) -> int:
+    """Memory the weights of `model` take for inference: its parameters (a tied weight once), plus the copies
+    `CPULinear` packs of float32 weights on a CPU with oneDNN (made at the first pass that uses them)."""
+    n = sum(p.numel() * p.element_size() for p in model.parameters())  # parameters() yields a shared tensor once
+    if onednn_available():
+        n += sum(
+            m.weight.nbytes
+            for m in model.modules()
+            if isinstance(m, CPULinear) and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
+        )
+    return n

@@ -1,0 +1,248 @@
+"""A training run's folder: its layout, the one reader of its metrics log, and its step checkpoints.
+
+    output_dir/
+      metrics.jsonl        one JSON record per log step and per evaluation (copied into each checkpoint)
+      step-000500/         a checkpoint folder (aksis.checkpoint) plus training_state/:
+        training_state/    accelerate's save_state (weights, optimizer, RNG) + trainer_state.json
+      best/                the checkpoint with the lowest validation loss so far (no training state)
+
+`RunFolder` is what the trainer writes through: metrics records appended as they come (and trimmed back to the
+step a resumed run continues from), the best model, and step checkpoints with the training state of every process
+(accelerate's `save_state`), assembled under a temporary name and renamed into place (so an interrupted save never
+leaves a half-written step-N), only the newest `keep_last` kept. Only the main process writes files. It also answers the
+questions asked before a run starts: which checkpoint `--resume` means, and whether the folder holds another run's
+checkpoints. `read_metrics` is the one reader of metrics.jsonl, for the trainer, the model card and the app.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from aksis.checkpoint import BEST_DIR, CONFIG_FILE, STEP_PREFIX, read_model_config, save_checkpoint
+from aksis.config import ModelConfig
+from aksis.model import GPT
+from aksis.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+TRAINING_STATE_DIR = "training_state"
+TRAINER_STATE_FILE = "trainer_state.json"
+STEP_DIR = re.compile(rf"^{STEP_PREFIX}(\d+)$")
+
+
+class RunError(Exception):
+    """A run folder cannot be used as asked; the message says what to do."""
+
+
+def step_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:06d}"
+
+
+def step_checkpoints(run: str | Path) -> list[Path]:
+    """The resumable step-N checkpoints of a run folder (those with a training state), oldest first."""
+    run = Path(run)
+    if not run.is_dir():
+        return []
+    found = [p for p in run.iterdir() if STEP_DIR.match(p.name) and (p / TRAINING_STATE_DIR).is_dir()]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name)[1]))  # type: ignore[index]
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl, given as the file or the run or checkpoint folder holding it ([] when there is
+    none). A line that is not a JSON record of a step is skipped: the trainer may be writing the last line as it is
+    read, and a run killed mid-write leaves a cut one."""
+    path = Path(path)
+    path = path / METRICS_FILE if path.is_dir() else path
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "step" in record:
+            records.append(record)
+    return records
+
+
+def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    """What trainer_state.json of a step checkpoint holds: the run's state, its context and its settings."""
+    record: dict[str, Any] = json.loads((checkpoint / TRAINING_STATE_DIR / TRAINER_STATE_FILE).read_text())
+    return record
+
+
+class RunFolder:
+    """The folder of one training run (see the module docstring). Only the main process of a run writes to it."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).expanduser()
+        self.metrics = self.path / METRICS_FILE
+        self.best = self.path / BEST_DIR
+
+    def step_dir(self, step: int) -> Path:
+        return self.path / step_name(step)
+
+    # ----- before a run -----
+
+    def resume_point(self, resume: str | Path) -> Path:
+        """The step checkpoint `--resume` names: "latest" (or "auto") is the newest in this folder; anything else is
+        a step checkpoint's own folder (a Hub one already downloaded)."""
+        if resume in ("latest", "auto"):
+            found = step_checkpoints(self.path)
+            if not found:
+                raise RunError(
+                    f"nothing to resume in {self.path}: it has no step-N checkpoint with a {TRAINING_STATE_DIR}/ "
+                    "folder. Start without --resume, or give --output-dir of the run to continue"
+                )
+            return found[-1]
+        path = Path(resume).expanduser()
+        if not (path / TRAINING_STATE_DIR / TRAINER_STATE_FILE).is_file():
+            raise RunError(
+                f"cannot resume from {resume}: it is not a step-N checkpoint with a {TRAINING_STATE_DIR}/ folder "
+                f"(only those are resumable; use --init-from to start a new run from a model)"
+            )
+        return path
+
+    def check_new_run(self, overwrite: bool) -> None:
+        """Never overwrite another run's checkpoints by accident: refuse a folder that holds them, or with
+        `overwrite` delete them (and the metrics log)."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunError(f"--output-dir {self.path} is a file; give a folder")
+        existing = [p for p in (*step_checkpoints(self.path), self.best) if (p / CONFIG_FILE).exists()]
+        if not existing:
+            return
+        if not overwrite:
+            earlier = read_model_config(existing[-1] / CONFIG_FILE)
+            raise RunError(
+                f"--output-dir {self.path} already holds the checkpoints of a run "
+                f"({', '.join(p.name for p in existing)}; model {earlier.describe()}). Continue it with --resume, "
+                "replace it with --overwrite, or choose another --output-dir"
+            )
+        log.warning("--overwrite: deleting the earlier run's checkpoints in %s", self.path)
+        for path in existing:
+            shutil.rmtree(path)
+        self.metrics.unlink(missing_ok=True)
+
+    # ----- the metrics log -----
+
+    def log(self, record: dict[str, Any]) -> None:
+        with open(self.metrics, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def continue_log(self, resumed_from: Path | None, step: int) -> None:
+        """Start the log of a session: a run resumed elsewhere brings its checkpoint's log along, and records past
+        the resumed step (written after the checkpoint it continues from) are dropped."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        history = resumed_from / METRICS_FILE if resumed_from is not None else None
+        if history is not None and history.is_file() and not self.metrics.exists():
+            shutil.copy(history, self.metrics)
+        if self.metrics.exists():
+            kept = [r for r in read_metrics(self.metrics) if int(r["step"]) <= step]
+            self.metrics.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+
+    # ----- step checkpoints -----
+
+    def save_model(
+        self, acc: Accelerator, model: torch.nn.Module, config: ModelConfig, tokenizer: Tokenizer, target: Path
+    ) -> None:
+        """The model as a checkpoint folder at `target`, with the metrics so far; its weights are gathered first when
+        they are sharded. Every process calls it."""
+        from accelerate.utils import DistributedType
+
+        if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            state_dict = acc.get_state_dict(model)  # collective: every process calls it
+            plain = GPT(config)
+            if acc.is_main_process:
+                plain.load_state_dict(state_dict)
+        else:
+            plain = acc.unwrap_model(model, keep_torch_compile=False)
+        if acc.is_main_process:
+            save_checkpoint(plain, target, tokenizer=tokenizer)
+            shutil.copy(self.metrics, target / METRICS_FILE)
+        acc.wait_for_everyone()
+
+    def save_step(
+        self,
+        acc: Accelerator,
+        model: torch.nn.Module,
+        config: ModelConfig,
+        tokenizer: Tokenizer,
+        step: int,
+        state: dict[str, Any],
+        keep_last: int,
+    ) -> Path:
+        """A resumable step-N checkpoint: the model's files, the metrics, the training state of every process, and
+        the trainer's `state` (trainer_state.json). Every process calls it; its path."""
+        staged = self.staging(step, empty=acc.is_main_process)
+        acc.wait_for_everyone()
+        self.save_model(acc, model, config, tokenizer, staged)
+        with _quiet("accelerate"):  # it logs every file it writes, and warns about our (intended) tied weights
+            acc.save_state(str(staged / TRAINING_STATE_DIR))
+        if acc.is_main_process:
+            self.commit(staged, step, state, keep_last)
+        acc.wait_for_everyone()
+        return self.step_dir(step)
+
+    def load_step(self, acc: Accelerator, checkpoint: Path, settings: dict[str, Any]) -> dict[str, Any]:
+        """Restore the training state of every process from a step checkpoint; what its trainer_state.json holds. A
+        warning names the `settings` (TrainConfig's) that differ from those the run was saved with."""
+        with _quiet("accelerate"):
+            acc.load_state(str(checkpoint / TRAINING_STATE_DIR))
+        record = read_trainer_state(checkpoint)
+        before = record.get("train_config", {})
+        changed = [
+            f"{k}: {before[k]!r} -> {v!r}"
+            for k, v in settings.items()
+            if k in before and before[k] != v and k not in ("resume", "overwrite", "progress")
+        ]
+        if changed:
+            log.warning("resuming with changed settings (the run will not match an uninterrupted one): %s", changed)
+        return record
+
+    def staging(self, step: int, empty: bool = True) -> Path:
+        """The folder the checkpoint of `step` is assembled in before `commit`; with `empty`, what an interrupted
+        save left there is removed first."""
+        staged = self.path / f".{step_name(step)}.tmp"
+        if empty and staged.exists():
+            shutil.rmtree(staged)
+        return staged
+
+    def commit(self, staged: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
+        """Write the trainer's `state` into a staged checkpoint, rename it into place as step-N, and remove older
+        step checkpoints beyond the newest `keep_last`; the checkpoint's path."""
+        (staged / TRAINING_STATE_DIR / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        final = self.step_dir(step)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(staged, final)
+        for old in step_checkpoints(self.path)[:-keep_last]:
+            shutil.rmtree(old)
+        return final
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
