@@ -1,0 +1,91 @@
+"""aksis.runs: a run folder's metrics log, its step checkpoints, and the checks before a run starts."""
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import tiny_config
+
+from aksis.checkpoint import save_checkpoint
+from aksis.model import GPT
+from aksis.runs import (
+    METRICS_FILE,
+    TRAINER_STATE_FILE,
+    TRAINING_STATE_DIR,
+    RunError,
+    RunFolder,
+    read_metrics,
+    read_trainer_state,
+    step_checkpoints,
+    step_name,
+)
+from aksis.tokenizer import Tokenizer
+
+
+def staged_step(run: RunFolder, step: int) -> Path:
+    """What a save leaves in the staging folder before `commit`: a checkpoint and the processes' training state."""
+    staged = run.staging(step)
+    save_checkpoint(GPT(tiny_config(vocab_size=260)), staged, tokenizer=Tokenizer.byte_level())
+    (staged / TRAINING_STATE_DIR).mkdir()
+    return staged
+
+
+def test_read_metrics_skips_a_line_being_written(tmp_path: Path) -> None:
+    (tmp_path / METRICS_FILE).write_text('{"step": 1, "loss": 5.0}\n[1, 2]\n{"loss": 4.0}\n{"step": 2, "lo')
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 5.0}]  # a folder or the file itself
+    assert read_metrics(tmp_path / METRICS_FILE) == [{"step": 1, "loss": 5.0}]
+    assert read_metrics(tmp_path / "missing") == []
+
+
+def test_commit_renames_the_staged_step_into_place_and_keeps_the_newest(tmp_path: Path) -> None:
+    run = RunFolder(tmp_path / "run")
+    for step in (2, 4, 6):
+        final = run.commit(staged_step(run, step), step, {"state": {"step": step}}, keep_last=2)
+        assert final == run.step_dir(step) == tmp_path / "run" / step_name(step)
+    assert [p.name for p in step_checkpoints(run.path)] == ["step-000004", "step-000006"]
+    assert read_trainer_state(run.step_dir(6)) == {"state": {"step": 6}}
+    assert (run.step_dir(6) / TRAINING_STATE_DIR / TRAINER_STATE_FILE).is_file()
+    assert sorted(p.name for p in run.path.iterdir()) == ["step-000004", "step-000006"]  # no staging left
+    leftover = staged_step(run, 8)  # an interrupted save ...
+    (leftover / "junk").write_text("half")
+    assert not (run.staging(8) / "junk").exists()  # ... is cleared when that step is saved again
+
+
+def test_resume_points_are_step_checkpoints_with_a_training_state(tmp_path: Path) -> None:
+    run = RunFolder(tmp_path / "run")
+    with pytest.raises(RunError, match="nothing to resume in .*: it has no step-N checkpoint"):
+        run.resume_point("latest")
+    for step in (3, 10):
+        run.commit(staged_step(run, step), step, {"state": {}}, keep_last=5)
+    assert run.resume_point("latest") == run.resume_point("auto") == run.step_dir(10)  # 10 sorts after 3 by number
+    assert run.resume_point(str(run.step_dir(3))) == run.step_dir(3)
+    save_checkpoint(GPT(tiny_config(vocab_size=260)), tmp_path / "model", tokenizer=Tokenizer.byte_level())
+    with pytest.raises(RunError, match="it is not a step-N checkpoint .* use --init-from"):
+        run.resume_point(str(tmp_path / "model"))
+
+
+def test_a_new_run_never_overwrites_another_run_unless_asked(tmp_path: Path) -> None:
+    run = RunFolder(tmp_path / "run")
+    run.check_new_run(overwrite=False)  # nothing there yet
+    run.commit(staged_step(run, 2), 2, {"state": {}}, keep_last=2)
+    run.log({"step": 2, "loss": 3.0})
+    with pytest.raises(RunError, match=r"already holds the checkpoints of a run \(step-000002; model gpt2, 2 layers"):
+        run.check_new_run(overwrite=False)
+    run.check_new_run(overwrite=True)
+    assert step_checkpoints(run.path) == [] and not run.metrics.exists()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(RunError, match="is a file; give a folder"):
+        RunFolder(tmp_path / "file").check_new_run(overwrite=False)
+
+
+def test_a_resumed_log_drops_what_came_after_its_checkpoint_and_one_from_elsewhere_comes_along(tmp_path: Path) -> None:
+    run = RunFolder(tmp_path / "run")
+    run.path.mkdir()
+    for step in range(1, 7):
+        run.log({"step": step, "loss": 1.0 / step})
+    run.continue_log(None, step=4)
+    assert [r["step"] for r in read_metrics(run.path)] == [1, 2, 3, 4]
+    elsewhere = RunFolder(tmp_path / "elsewhere")
+    elsewhere.continue_log(run.path, step=3)  # resumed from a checkpoint that carries its log
+    assert [r["step"] for r in read_metrics(elsewhere.path)] == [1, 2, 3]
+    assert json.loads(elsewhere.metrics.read_text().splitlines()[0]) == {"step": 1, "loss": 1.0}
