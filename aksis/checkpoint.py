@@ -30,7 +30,7 @@ import torch
 from huggingface_hub import ModelCardData, hf_hub_download
 from huggingface_hub import errors as hf_errors
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_model
+from safetensors.torch import load_file, save_file
 
 from aksis.config import GenerationConfig, ModelConfig
 from aksis.device import pick_device
@@ -287,6 +287,19 @@ def _card(config: ModelConfig) -> str:
     )
 
 
+def stored_once(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors for a weights file: a tensor shared by several names (tied embeddings) under the first
+    name the model gives it only, each contiguous."""
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        tensors[name] = tensor.detach().contiguous()
+    return tensors
+
+
 def save_checkpoint(
     model: GPT,
     folder: str | Path,
@@ -305,7 +318,9 @@ def save_checkpoint(
     with atomic_folder(folder) as tmp:
         data = {"format_version": FORMAT_VERSION, **config.to_dict()}
         (tmp / CONFIG_FILE).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        # One metadata entry: safetensors writes its metadata in no fixed order (the aliases save_model adds for tied
+        # weights made two saves of the same model differ), and a checkpoint must be the same bytes every time.
+        save_file(stored_once(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(tmp / TOKENIZER_FILE)
         (generation_config or GenerationConfig()).save(tmp / GENERATION_CONFIG_FILE)

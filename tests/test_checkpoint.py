@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 import subprocess
@@ -182,3 +183,24 @@ def test_tokenizer_larger_than_the_model_vocab_is_refused(tmp_path: Path) -> Non
     with pytest.raises(CheckpointError, match="tokenizer has 260 tokens but the model only 100"):
         save_checkpoint(model, tmp_path / "m", tokenizer=Tokenizer.byte_level())
     assert not (tmp_path / "m").exists()
+
+
+def test_the_same_model_saved_twice_is_the_same_bytes(tmp_path: Path) -> None:
+    """Each save in a process of its own (string hashing, and the map safetensors writes its metadata from, differ
+    from process to process): every file of the folder has the same bytes, so pushing it again changes nothing."""
+    code = (
+        "import sys, torch\n"
+        "from aksis.checkpoint import save_checkpoint\n"
+        "from aksis.config import ModelConfig\n"
+        "from aksis.model import GPT\n"
+        "from aksis.tokenizer import Tokenizer\n"
+        "torch.manual_seed(0)\n"
+        "model = GPT(ModelConfig.from_preset('tiny', vocab_size=260))  # tied embeddings: one tensor, two names\n"
+        "save_checkpoint(model, sys.argv[1], tokenizer=Tokenizer.byte_level())\n"
+    )
+    hashes = []
+    for run in range(4):  # the old save made two orders of its metadata, half the time each
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / f"m{run}")], check=True, timeout=120)
+        files = sorted((tmp_path / f"m{run}").iterdir())
+        hashes.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files})
+    assert all(h == hashes[0] for h in hashes) and "model.safetensors" in hashes[0]
