@@ -22,15 +22,20 @@ Model choices, kept close to the real Hub so that client code behaves as it woul
 - A repo is a git-like history in memory: each commit has a 40-lowercase-hex sha, a parent and the full file
   manifest; branches and tags are refs to commits. `create_repo` makes an initial commit holding `.gitattributes`,
   as the Hub does. File contents live once each in `storage/objects/<sha256>` (content-addressed).
-- Upload mode: "lfs" for names matching `LFS_PATTERNS` (also written to `.gitattributes`) or files larger than
-  `LFS_THRESHOLD` (10 KB here, 10 MB on the Hub, so that small test files take both paths), "regular" otherwise.
-  Xet is not implemented: clients must set HF_HUB_DISABLE_XET=1.
+- Upload mode, as the Hub decides it: "lfs" for names matching `LFS_PATTERNS` (also written to `.gitattributes`),
+  files larger than `LFS_THRESHOLD` (10 MB) and binary files (the 512-byte sample the client sends holds a NUL byte
+  or is not UTF-8), "regular" otherwise. Xet is not implemented: clients must set HF_HUB_DISABLE_XET=1.
+- Model card metadata is validated as the Hub does it, by `POST /api/validate-yaml` and again when a commit adds a
+  README.md (400 "Invalid metadata in README.md."): a YAML mapping, a `license` among `LICENSES`, lists of strings
+  for `tags` and `datasets`.
 - ETag: the git blob sha1 for regular files, and `X-Linked-Etag` = sha256 for LFS files, as on the Hub.
 - Auth is `Authorization: Bearer <token>`. An unknown token is 401 on every request (message "Invalid credentials in
   Authorization header", as the Hub says). Writes need a write token whose user is the namespace or a member of it
   (an org): no token → 401, read-only token or someone else's namespace → 403, each with `{"error": ...}`.
   A private repo is 404 `RepoNotFound` to anyone who may not read it.
-- Errors are 4xx with `X-Error-Code` (`RepoNotFound`, `RevisionNotFound`, `EntryNotFound`) and `X-Error-Message`.
+- Errors are 4xx with `X-Error-Code` (`RepoNotFound`, `RevisionNotFound`, `EntryNotFound`) and `X-Error-Message`;
+  a tag or branch that exists is 409 ("Tag v1 already exists"). `fail_next` makes the next matching requests fail
+  with any status (413, 429 with Retry-After, 500, 503, ...), as the Hub does under load or with limits.
   A route it does not implement, or a bug in it, answers 501 (the client retries 5xx other than 501 with backoff,
   which would make tests slow instead of failing) and is kept in `HubServer.errors`.
 - Every request is recorded (method, path with query, headers, body, status) in `HubServer.requests`;
@@ -67,7 +72,92 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
 
-LFS_THRESHOLD = 10 * 1024  # bytes; above this a file goes through LFS (the Hub's threshold is 10 MB)
+LFS_THRESHOLD = 10 * 1024 * 1024  # bytes; above this a file goes through LFS, as on the Hub
+# The license ids the Hub's metadata validation accepts (its error message lists them).
+LICENSES = [
+    "apache-2.0",
+    "mit",
+    "openrail",
+    "bigscience-openrail-m",
+    "creativeml-openrail-m",
+    "bigscience-bloom-rail-1.0",
+    "bigcode-openrail-m",
+    "afl-3.0",
+    "artistic-2.0",
+    "bsl-1.0",
+    "bsd",
+    "bsd-2-clause",
+    "bsd-3-clause",
+    "bsd-3-clause-clear",
+    "c-uda",
+    "cc",
+    "cc0-1.0",
+    "cc-by-2.0",
+    "cc-by-2.5",
+    "cc-by-3.0",
+    "cc-by-4.0",
+    "cc-by-sa-3.0",
+    "cc-by-sa-4.0",
+    "cc-by-nc-2.0",
+    "cc-by-nc-3.0",
+    "cc-by-nc-4.0",
+    "cc-by-nd-4.0",
+    "cc-by-nc-nd-3.0",
+    "cc-by-nc-nd-4.0",
+    "cc-by-nc-sa-2.0",
+    "cc-by-nc-sa-3.0",
+    "cc-by-nc-sa-4.0",
+    "cdla-sharing-1.0",
+    "cdla-permissive-1.0",
+    "cdla-permissive-2.0",
+    "wtfpl",
+    "ecl-2.0",
+    "epl-1.0",
+    "epl-2.0",
+    "etalab-2.0",
+    "eupl-1.1",
+    "eupl-1.2",
+    "agpl-3.0",
+    "gfdl",
+    "gpl",
+    "gpl-2.0",
+    "gpl-3.0",
+    "lgpl",
+    "lgpl-2.1",
+    "lgpl-3.0",
+    "isc",
+    "h-research",
+    "intel-research",
+    "lppl-1.3c",
+    "ms-pl",
+    "apple-ascl",
+    "apple-amlr",
+    "mpl-2.0",
+    "odc-by",
+    "odbl",
+    "openmdw-1.0",
+    "openrail++",
+    "osl-3.0",
+    "postgresql",
+    "ofl-1.1",
+    "ncsa",
+    "unlicense",
+    "zlib",
+    "pddl",
+    "lgpl-lr",
+    "deepfloyd-if-license",
+    "fair-noncommercial-research-license",
+    "llama2",
+    "llama3",
+    "llama3.1",
+    "llama3.2",
+    "llama3.3",
+    "llama4",
+    "grok2-community",
+    "gemma",
+    "unknown",
+    "other",
+]
 LFS_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.onnx", "*.msgpack", "*.parquet")
 GITATTRIBUTES = "".join(f"{p} filter=lfs diff=lfs merge=lfs -text\n" for p in LFS_PATTERNS)
 REPO_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
@@ -79,9 +169,17 @@ COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 class HubError(Exception):
     """An error answered as the Hub does: a status, a JSON `{"error": message}` body and the error headers."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, commit: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        commit: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.code, self.commit = status, message, code, commit
+        self.headers = headers or {}
 
 
 def repo_not_found(repo_id: str) -> HubError:
@@ -180,6 +278,18 @@ class Repo:
         return out
 
 
+@dataclass
+class Failure:
+    """A failure to answer instead of serving (HubServer.fail_next)."""
+
+    method: str
+    path: re.Pattern[str]
+    status: int
+    message: str
+    times: int
+    headers: dict[str, str]
+
+
 @dataclass(frozen=True)
 class Identity:
     user: str
@@ -257,6 +367,7 @@ class HubServer:
         self.uploads: dict[str, tuple[str, int]] = {}  # one-time upload signature -> (sha256, size)
         self.requests: list[RecordedRequest] = []
         self.errors: list[str] = []  # 501 answers: routes not implemented, or bugs in this server
+        self.failures: list[Failure] = []  # answers to give instead of serving (see fail_next)
         self.lock = threading.RLock()
         self._counter = itertools.count()
         self._last_time = datetime.now(timezone.utc)
@@ -301,6 +412,32 @@ class HubServer:
             or token.encode() in r.body
             or any(token in value for name, value in r.headers.items() if name != "authorization")
         ]
+
+    def fail_next(
+        self,
+        method: str,
+        path: str,
+        status: int,
+        message: str,
+        *,
+        times: int = 1,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """Answer the next `times` requests whose method is `method` and whose path (without the query) matches the
+        regular expression `path` with `status` and the Hub's JSON error `message` (and `headers`, e.g.
+        Retry-After), instead of serving them."""
+        with self.lock:
+            self.failures.append(Failure(method, re.compile(path), status, message, times, headers or {}))
+
+    def failure_for(self, method: str, path: str) -> Failure | None:
+        with self.lock:
+            for failure in self.failures:
+                if failure.method == method and failure.path.search(path):
+                    failure.times -= 1
+                    if failure.times <= 0:
+                        self.failures.remove(failure)
+                    return failure
+        return None
 
     # --- permissions ---
 
@@ -449,6 +586,9 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         crash = ""
         try:
+            failure = hub.failure_for(self.command, url.path)
+            if failure is not None:
+                raise HubError(failure.status, failure.message, headers=failure.headers)
             identity = self._identity(headers.get("authorization"))
             request = Request(
                 method=self.command,
@@ -468,6 +608,7 @@ class _Handler(BaseHTTPRequestHandler):
                 response.headers["X-Error-Code"] = err.code
             if err.commit:
                 response.headers["X-Repo-Commit"] = err.commit
+            response.headers.update(err.headers)
         except Exception as err:  # a bug here: answer at once (no 5xx retry loop in the client) and keep it
             crash = traceback.format_exc()
             response = Response.json({"error": f"the test Hub server crashed: {err!r}"}, 501)
@@ -580,18 +721,41 @@ def whoami(hub: HubServer, req: Request) -> Response:
     )
 
 
-def validate_yaml(req: Request) -> Response:
-    """Checks the README front matter parses as a YAML mapping; the client reads `errors` and `warnings`."""
-    content = str(req.json().get("content", ""))
+def metadata_errors(content: str) -> list[str]:
+    """What the Hub's validation finds wrong with a README's YAML front matter (none for no front matter)."""
     match = re.match(r"---\s*\n(.*?)\n---\s*(\n|$)", content, re.DOTALL)
-    if match:
-        try:
-            data = yaml.safe_load(match.group(1))
-        except yaml.YAMLError as err:
-            return Response.json({"errors": [{"message": f"invalid YAML: {err}"}], "warnings": []}, 400)
-        if data is not None and not isinstance(data, dict):
-            return Response.json({"errors": [{"message": "the metadata must be a YAML mapping"}], "warnings": []}, 400)
-    return Response.json({"errors": [], "warnings": []})
+    if not match:
+        return []
+    try:
+        data = yaml.safe_load(match.group(1))
+    except yaml.YAMLError as err:
+        return [f"invalid YAML: {err}"]
+    if data is None:
+        return []
+    if not isinstance(data, dict):
+        return ["the metadata must be a YAML mapping"]
+    errors = []
+    licenses = data.get("license")
+    for value in licenses if isinstance(licenses, list) else [] if licenses is None else [licenses]:
+        if value not in LICENSES:
+            errors.append(f'"license" must be one of [{", ".join(LICENSES)}]')
+    for key in ("tags", "datasets"):
+        value = data.get(key)
+        if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            errors.append(f'"{key}" must be an array of strings')
+    return errors
+
+
+def validate_yaml(req: Request) -> Response:
+    """The README front matter's errors; the client reads `errors` and `warnings` of the JSON, or (asking for
+    text/plain, as `ModelCard.validate` does) the errors as lines."""
+    errors = metadata_errors(str(req.json().get("content", "")))
+    if not errors:
+        return Response.json({"errors": [], "warnings": []})
+    if "text/plain" in req.headers.get("accept", ""):
+        text = "\n".join(f"- {e}" for e in errors).encode()
+        return Response(400, text, {"Content-Type": "text/plain"})
+    return Response.json({"errors": [{"message": e} for e in errors], "warnings": []}, 400)
 
 
 def _repo_id_of(req: Request) -> tuple[str, str]:
@@ -761,11 +925,25 @@ def preupload(hub: HubServer, req: Request, repo_type: str, repo_id: str, revisi
     answers = []
     for f in req.json().get("files", []):
         path, size = str(f["path"]), int(f.get("size", 0))
-        lfs = size > LFS_THRESHOLD or any(fnmatch.fnmatch(path.rsplit("/")[-1], p) for p in LFS_PATTERNS)
+        sample = base64.b64decode(f.get("sample") or "")
+        named = any(fnmatch.fnmatch(path.rsplit("/")[-1], p) for p in LFS_PATTERNS)
+        lfs = size > LFS_THRESHOLD or named or is_binary(sample)
         existing = current.get(path)
         oid = None if existing is None else existing.sha256 if existing.lfs else existing.git_oid
         answers.append({"path": path, "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": oid})
     return Response.json({"files": answers, "commitOid": repo.resolve(revision).oid})
+
+
+def is_binary(sample: bytes) -> bool:
+    """Whether the start of a file looks binary: a NUL byte, or bytes that are not UTF-8 (but for a character the
+    512-byte sample may cut at its end)."""
+    if b"\0" in sample:
+        return True
+    try:
+        sample.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return err.start < len(sample) - 3
+    return False
 
 
 def lfs_batch(hub: HubServer, req: Request, repo_type: str, repo_id: str) -> Response:
@@ -828,6 +1006,9 @@ def commit(hub: HubServer, req: Request, repo_type: str, repo_id: str, revision:
         path = str(value.get("path", "")).strip("/")
         if key == "file":
             data = base64.b64decode(value["content"])
+            errors = metadata_errors(data.decode("utf-8", errors="replace")) if path == "README.md" else []
+            if errors:
+                raise HubError(400, "Invalid metadata in README.md.\n" + "\n".join(f"- {e}" for e in errors))
             hub.store(data)
             files[path] = Blob.regular(data)
         elif key == "lfsFile":
@@ -881,7 +1062,9 @@ def tag_api(hub: HubServer, req: Request, repo_type: str, repo_id: str, name: st
         return Response.json({})
     tag = str(req.json().get("tag", ""))
     _check_ref_name(tag)
-    if tag in repo.tags or tag in repo.branches:
+    if tag in repo.tags:
+        raise HubError(409, f"Tag {tag} already exists")
+    if tag in repo.branches:
         raise HubError(409, f"Reference already exists: {tag}")
     repo.tags[tag] = repo.resolve(name).oid
     return Response.json({})

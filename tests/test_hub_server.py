@@ -193,3 +193,45 @@ def test_a_private_repo_does_not_exist_without_its_owners_token(hub: Hub, tmp_pa
             hf_hub_download(repo_id, "config.json", token=token, cache_dir=hub.fresh_cache(tmp_path))
     path = hf_hub_download(repo_id, "config.json", token=hub.write_token, cache_dir=hub.fresh_cache(tmp_path))
     assert Path(path).read_bytes() == b"{}"
+
+
+def test_lfs_takes_binary_files_and_files_over_10_mb_as_the_hub_does(hub: Hub, tmp_path: Path) -> None:
+    api = HfApi(endpoint=hub.endpoint, token=hub.write_token)
+    repo_id = api.create_repo(hub.fresh_repo_id("lfs")).repo_id
+    folder = tmp_path / "files"
+    folder.mkdir()
+    (folder / "curve.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(100))  # small, binary
+    (folder / "notes.txt").write_text("plain text, " * 2000)  # 24 KB of text: inline
+    (folder / "big.txt").write_text("x" * (10 * 1024 * 1024 + 1))  # text over 10 MB
+    (folder / "verse.md").write_text("é" * 300)  # UTF-8 cut by the 512-byte sample at a character: still text
+    api.upload_folder(folder_path=folder, repo_id=repo_id)
+    lfs = {s.rfilename: s.lfs is not None for s in api.model_info(repo_id, files_metadata=True).siblings or []}
+    assert lfs == {".gitattributes": False, "curve.png": True, "notes.txt": False, "big.txt": True, "verse.md": False}
+
+
+def test_card_metadata_is_validated_as_the_hub_validates_it(hub: Hub) -> None:
+    from huggingface_hub import ModelCard
+
+    api = HfApi(endpoint=hub.endpoint, token=hub.write_token)
+    repo_id = api.create_repo(hub.fresh_repo_id("card")).repo_id
+    ModelCard("---\nlicense: apache-2.0\ntags:\n- aksis\n---\n# ok\n").validate()
+    with pytest.raises(ValueError, match='"license" must be one of \\[apache-2.0, mit,'):
+        ModelCard("---\nlicense: MIT License\n---\n# no\n").validate()
+    with pytest.raises(ValueError, match='Invalid metadata in README.md.\n- "tags" must be an array of strings'):
+        api.upload_file(path_or_fileobj=b"---\ntags: {a: 1}\n---\n", path_in_repo="README.md", repo_id=repo_id)
+    assert api.list_repo_files(repo_id) == [".gitattributes"]  # refused: nothing committed
+
+
+def test_an_existing_tag_is_a_409_and_injected_failures_reach_the_client(hub: Hub) -> None:
+    api = HfApi(endpoint=hub.endpoint, token=hub.write_token)
+    repo_id = api.create_repo(hub.fresh_repo_id("conflict")).repo_id
+    api.create_tag(repo_id, tag="step-5")
+    with pytest.raises(HfHubHTTPError, match="Tag step-5 already exists") as err:
+        api.create_tag(repo_id, tag="step-5")
+    assert status(err) == 409
+    hub.server.fail_next("GET", f"/api/models/{repo_id}$", 429, "Too many requests", headers={"Retry-After": "7"})
+    with pytest.raises(HfHubHTTPError) as err:
+        api.model_info(repo_id)
+    assert status(err) == 429 and err.value.response.headers["Retry-After"] == "7"
+    assert err.value.server_message == "Too many requests"
+    assert api.model_info(repo_id).id == repo_id  # only the next one failed
