@@ -46,9 +46,10 @@ TINY = dict(block_size=32, batch_size=4, eval_batches=2)
 
 def corpus_text(chars: int = 12_000) -> str:
     """Some verse-like text (a few hundred lines, all different)."""
-    lines, n = [], 0
-    while sum(len(line) + 1 for line in lines) < chars:
+    lines, n, length = [], 0, 0
+    while length < chars:
         lines.append(f"ROMEO {n}:\nBut soft, what light through yonder window {n * 7 % 13} breaks?\n")
+        length += len(lines[-1]) + 1
         n += 1
     return "\n".join(lines)
 
@@ -392,6 +393,7 @@ def fresh_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedApp]:
 def uploads(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("uploads")
     (folder / "sonnets.txt").write_text(corpus_text(30_000), encoding="utf-8")
+    (folder / "long.txt").write_text(corpus_text(600_000), encoding="utf-8")  # an epoch of ~140 steps: time to stop it
     (folder / "empty.txt").write_bytes(b"")
     (folder / "binary.txt").write_bytes(bytes(range(256)) * 40)
     return folder
@@ -447,7 +449,7 @@ def test_app_one_training_at_a_time_and_stop(fresh_app: ServedApp, uploads: Path
     from gradio_client import handle_file
 
     client = fresh_app.client()
-    upload = handle_file(uploads / "sonnets.txt")
+    upload = handle_file(uploads / "long.txt")
     long = client.submit("upload", upload, "long", False, 5000, "byte", api_name="/train")
     try:
         wait_for(lambda: any(" / " in o[1] for o in long.outputs()) or long.done(), what="the run's first step")
