@@ -59,10 +59,17 @@ def cmd_train_model(args: argparse.Namespace) -> None:
         summary += f"; best validation loss {result.best_val_loss:.4f}: {result.best_checkpoint}"
     if result.stopped == "interrupted":
         summary += f"; continue with --resume (latest checkpoint: {result.last_checkpoint})"
-    if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, once, from the main process
-        print(summary)
+    if os.environ.get("RANK", "0") != "0":  # under `accelerate launch`, once, from the main process
+        return
+    print(summary)
+    if result.push_errors:
         for error in result.push_errors:
             print(f"warning: {error}", file=sys.stderr)
+        where = result.best_checkpoint or result.last_checkpoint
+        raise CLIError(
+            f"{len(result.push_errors)} push(es) to {config.hub_model_id} failed (above); the checkpoints are intact: "
+            f"push again with `aksis push --checkpoint-path {where} --repo-id {config.hub_model_id}`"
+        )
 
 
 def cmd_load_data(args: argparse.Namespace) -> None:
@@ -118,14 +125,20 @@ def cmd_load_data(args: argparse.Namespace) -> None:
 
 
 def cmd_push(args: argparse.Namespace) -> None:
+    from aksis.checkpoint import CheckpointError, find_checkpoint
     from aksis.hub import HubError, push_checkpoint
 
     try:
+        folder = find_checkpoint(args.checkpoint_path)  # a run folder: its best/ (else newest step-N/) checkpoint
+    except CheckpointError as err:
+        raise CLIError(f"{err}; nothing pushed") from err
+    try:
         commit = push_checkpoint(
-            args.checkpoint_path,
+            folder,
             args.repo_id,
             branch=args.revision,
             tag=args.tag,
+            move_tag=args.move_tag,
             private=args.private,
             license=args.license,
             commit_message=args.commit_message,
@@ -133,7 +146,8 @@ def cmd_push(args: argparse.Namespace) -> None:
         )
     except HubError as err:
         raise CLIError(str(err)) from err
-    print(f"pushed {args.checkpoint_path} to {args.repo_id}@{args.revision or 'main'} (commit {commit[:12]})")
+    tagged = f", tagged {args.tag}" if args.tag else ""
+    print(f"pushed {folder} to {args.repo_id}@{args.revision or 'main'} (commit {commit[:12]}{tagged})")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -667,11 +681,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="push a checkpoint folder to the Hugging Face Hub (token: HF_TOKEN or `hf auth login`)",
         description="Push a checkpoint folder as one commit, with a generated model card and loss curve.",
     )
-    push.add_argument("--checkpoint-path", required=True, help="the checkpoint folder (e.g. checkpoints/run/best)")
+    push.add_argument(
+        "--checkpoint-path",
+        required=True,
+        help="a checkpoint folder, or a training run's folder (its best/ checkpoint, else its newest step-N/)",
+    )
     push.add_argument("--repo-id", required=True, help="user/name or org/name; created if it does not exist")
     push.add_argument("--revision", help="the branch to push to (default: main; created if needed)")
-    push.add_argument("--tag", help="also tag the commit (e.g. v1)")
-    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--tag", help="also tag the commit (e.g. v1); a tag that names another commit is an error")
+    push.add_argument("--move-tag", action="store_true", help="move --tag to this commit when it names another one")
+    push.add_argument(
+        "--private",
+        action=argparse.BooleanOptionalAction,
+        help="make the repo private (--private) or public (--no-private); unset: a new repo is public and an "
+        "existing one keeps its visibility",
+    )
     push.add_argument("--license", help="the license in the model card (e.g. mit, apache-2.0)")
     push.add_argument("--commit-message", help="the commit message")
     push.add_argument(

@@ -214,7 +214,7 @@ class TrainConfig:
     # sharing on the Hugging Face Hub
     push_to_hub: bool = False
     hub_model_id: str | None = None
-    hub_private: bool = False
+    hub_private: bool | None = None
     hub_license: str | None = None
     push_every: int | None = None
     push_training_state: bool = False
@@ -312,7 +312,7 @@ class TrainConfig:
             kind = hints[f.name]
             default = f"(default: {f.default})"
             help_text = f"{TRAIN_HELP[f.name]} {default}".replace("%", "%%")
-            if kind is bool:
+            if kind is bool or kind == bool | None:
                 parser.add_argument(
                     flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
                 )
@@ -345,6 +345,26 @@ class TrainConfig:
         return cls.from_dict(settings)
 
 
+# Settings that change where a run keeps its files, what it reports and where it pushes, not what it trains: a run
+# resumed with other values (on another machine, say) still matches an uninterrupted one.
+BOOKKEEPING = (
+    "output_dir",
+    "resume",
+    "overwrite",
+    "progress",
+    "report_to",
+    "log_every",
+    "save_every",
+    "keep_last",
+    "data_cache",
+    "num_proc",
+    "push_to_hub",
+    "hub_model_id",
+    "hub_private",
+    "hub_license",
+    "push_every",
+    "push_training_state",
+)
 OPTIMIZERS = ("adamw", "adam", "sgd")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -419,14 +439,16 @@ TRAIN_HELP = {
     "output_dir": "the run folder: step-N checkpoints, best/, metrics.jsonl",
     "resume": "continue a run: alone, from the latest checkpoint in --output-dir; or from a step-N folder, or a "
     "training state pushed to the Hub (user/name@training-state)",
-    "overwrite": "start afresh in an --output-dir that already holds this run's checkpoints (deletes them)",
+    "overwrite": "start afresh in an --output-dir that already holds this run's checkpoints (deletes them); with "
+    "--push-to-hub, also move the step-N tags another run left in the repo to this run's checkpoints",
     "log_every": "log the training loss every N steps",
     "report_to": "also log to this tracker",
     "progress": "show a progress bar",
     "push_to_hub": "push checkpoints to the Hugging Face Hub as training goes (in the background), and the best "
     "model to main at the end; the token comes from HF_TOKEN or `hf auth login`",
     "hub_model_id": "the Hub repo to push to, user/name or org/name (created if needed)",
-    "hub_private": "create the Hub repo private",
+    "hub_private": "make the Hub repo private (--hub-private) or public (--no-hub-private); unset: a new repo is "
+    "public and an existing one keeps its visibility",
     "hub_license": "the license in the model card (e.g. mit, apache-2.0)",
     "push_every": "push a step checkpoint (tagged step-N) every N steps (default: every saved checkpoint)",
     "push_training_state": "also push the resumable training state to the branch 'training-state', so "

@@ -1,67 +1,76 @@
 """Sharing checkpoints on the Hugging Face Hub: push a checkpoint folder as a commit (with a model card and a
-loss curve), tag it, find a user's aksis models, and pull a run's training state to resume elsewhere.
+loss curve), tag it, push a training run's checkpoints as it goes, find a user's aksis models, and pull a run's
+training state to resume elsewhere.
 
-Pulling a checkpoint needs nothing from here: everything that loads one (`GPT.from_pretrained`,
-`--checkpoint-path`, `--init-from`) takes a local folder or a Hub id, optionally `user/name@revision`, through
-the Hub cache (aksis.checkpoint).
+Pulling a checkpoint needs nothing from here: everything that loads one (`load_model`, `--checkpoint-path`,
+`--init-from`) takes a local folder or a Hub id, optionally `user/name@revision`, through the Hub cache
+(aksis.checkpoint).
 
 Tokens come from huggingface_hub itself (HF_TOKEN, or the login saved by `hf auth login`); aksis never reads,
-prints or stores one. Hub failures become `HubError`s that say what to do; a failed push never touches the
-local checkpoint.
+prints or stores one. A push says it pushed only what happened:
 
-The model card (the repo's README.md) is written from the checkpoint: YAML metadata (library_name: aksis,
-pipeline_tag, tags, datasets, license, and `model-index` with the results of eval_results.json), then the
-architecture, the training setup and data, a loss curve drawn from metrics.jsonl (loss_curve.png), sample
-generations and how to use the model.
+- The model card (aksis.card) is checked with the Hub before anything is created or uploaded (a license id the Hub
+  does not know, say), and before a run trains.
+- Visibility: `private=True` or `False` makes an existing repo private or public (and checks that it is);
+  None leaves it as it is (a new repo is public).
+- A tag names the commit pushed, or the push fails: a tag already on another commit is moved only when asked
+  (`move_tag`; a run moves its step-N tags when it was resumed or started with --overwrite, and refuses to start
+  in a repo that holds another run's step tags).
+- Hub failures become `HubError`s that say what happened in the Hub's own words and what to do; `transient` ones
+  (rate limits, server errors, the network) are worth retrying. A failed push never touches the local checkpoint.
+- Nothing pushed names a place of this machine (aksis.card.public_files): datasets and checkpoints by their
+  public names, no run folder or cache paths, in the card and in the pushed training state alike.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
-import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
-from huggingface_hub import EvalResult, HfApi, ModelCardData, snapshot_download
+from huggingface_hub import HfApi, ModelCard, snapshot_download
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import errors as hf_errors
-from huggingface_hub.utils import disable_progress_bars
+from huggingface_hub.utils import disable_progress_bars, validate_repo_id
 
+from aksis.card import (
+    LOSS_CURVE_FILE,
+    card_metadata,
+    model_card,
+    plot_loss_curve,
+    public_files,
+    sample_generations,
+)
 from aksis.checkpoint import (
     BEST_DIR,
     CARD_FILE,
     CONFIG_FILE,
-    EVAL_RESULTS_FILE,
     REQUIRED_FILES,
-    load_model,
-    read_json,
-    read_model_config,
+    CheckpointError,
+    find_checkpoint,
     split_revision,
 )
-from aksis.config import ModelConfig
-from aksis.corpora import HUB_CORPORA
-from aksis.generation import generate
-from aksis.model import GPT
-from aksis.plots import loss_curves, loss_figure
 from aksis.runs import STEP_DIR, TRAINING_STATE_DIR, read_metrics, read_trainer_state
 
 log = logging.getLogger(__name__)
 
-LOSS_CURVE_FILE = "loss_curve.png"
 TRAINING_STATE_BRANCH = "training-state"
-SAMPLE_PROMPTS = ("The ", "Once upon a time", "ROMEO:")
+STEP_TAG = "step-"  # a run tags each step checkpoint it pushes step-N
 
 
 class HubError(Exception):
-    """A Hub operation failed; the message says what to do (and never holds a token)."""
+    """A Hub operation failed; the message says what to do (and never holds a token). `transient`: a rate limit, a
+    server error or the network, which a later try may get past."""
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 def _transport_errors() -> tuple[type[Exception], ...]:
@@ -76,7 +85,7 @@ def _transport_errors() -> tuple[type[Exception], ...]:
 
 
 TRANSPORT_ERRORS = _transport_errors()
-# Everything a Hub call may raise for a bad id, bad credentials, a missing repo or no network.
+# Everything a Hub call may raise for a bad id, bad credentials, a missing repo, a refusal or no network.
 HUB_FAILURES: tuple[type[Exception], ...] = (
     hf_errors.HfHubHTTPError,
     hf_errors.OfflineModeIsEnabled,
@@ -87,205 +96,90 @@ HUB_FAILURES: tuple[type[Exception], ...] = (
 )
 
 
-def _explain(err: Exception, repo_id: str, action: str) -> HubError:
-    """A HubError for a huggingface_hub failure while `action` (e.g. "push to") on `repo_id`."""
+def _said(err: Exception) -> str:
+    """What the Hub said about a failed request: its own message where it sent one, else the error's first line."""
+    said = getattr(err, "server_message", None) or next(iter(str(err).strip().splitlines()), "")
+    return " ".join(str(said or type(err).__name__).split())
+
+
+def explain(err: Exception, repo_id: str, action: str) -> HubError:
+    """A HubError for a huggingface_hub failure while `action` (e.g. "push to") on `repo_id`: what happened, in the
+    Hub's words where it gave some, and what to do."""
+    cannot = f"cannot {action} {repo_id}"
     if hf_constants.HF_HUB_OFFLINE:
-        return HubError(f"cannot {action} {repo_id}: HF_HUB_OFFLINE is set; unset it to reach the Hub")
-    status = getattr(getattr(err, "response", None), "status_code", None)
-    if isinstance(err, hf_errors.RepositoryNotFoundError) or status == 404:
-        return HubError(
-            f"cannot {action} {repo_id}: the repo does not exist, or your token cannot see it. Check the id, and "
-            "log in (`hf auth login` or HF_TOKEN) with a token that has access"
-        )
-    if status in (401, 403):
-        access = "write access" if action.startswith(("push", "create")) else "access"
-        return HubError(
-            f"cannot {action} {repo_id}: no {access} ({status}). Log in with `hf auth login` or set HF_TOKEN to "
-            f"a token with {access} to that user or organisation"
-        )
+        return HubError(f"{cannot}: HF_HUB_OFFLINE is set; unset it to reach the Hub")
     if isinstance(err, hf_errors.HFValidationError):
         return HubError(f"cannot {action} {repo_id!r}: not a valid Hub repo id (write it user/name)")
-    if isinstance(err, TRANSPORT_ERRORS):
-        reason = type(err).__name__
-        return HubError(f"cannot {action} {repo_id}: the Hub cannot be reached ({reason}); check the network")
+    response = getattr(err, "response", None)
+    status = getattr(response, "status_code", None)
+    said = _said(err)
     if isinstance(err, hf_errors.RevisionNotFoundError):
-        return HubError(f"cannot {action} {repo_id}: that revision does not exist")
-    return HubError(f"cannot {action} {repo_id}: {type(err).__name__}: {err}")
-
-
-# ----- the model card -----
-
-
-def plot_loss_curve(records: Sequence[dict[str, Any]], target: Path) -> bool:
-    """Draw training and validation loss against tokens seen into `target` (PNG); False when there is nothing
-    to draw."""
-    figure = loss_figure(loss_curves(records, x="tokens"), x="tokens")
-    if figure is None:
-        return False
-    figure.savefig(target)
-    return True
-
-
-def _eval_results(folder: Path, dataset: str) -> list[EvalResult]:
-    """`model-index` entries from eval_results.json: {"dataset": ..., "split": ..., "metrics": {name: value}}
-    (or a flat {name: value})."""
-    path = folder / EVAL_RESULTS_FILE
-    if not path.is_file():
-        return []
-    data = read_json(path)
-    metrics = data.get("metrics", data)
-    name = str(data.get("dataset", dataset))
-    return [
-        EvalResult(
-            task_type="text-generation",
-            dataset_type=name,
-            dataset_name=name,
-            dataset_split=data.get("split"),
-            metric_type=metric,
-            metric_value=value,
+        return HubError(f"{cannot}: that revision (branch, tag or commit) does not exist ({said})")
+    if isinstance(err, hf_errors.RepositoryNotFoundError) or (status == 404 and "repo" in said.lower()):
+        return HubError(
+            f"{cannot}: the repo does not exist, or your token cannot see it. Check the id, and log in "
+            "(`hf auth login` or HF_TOKEN) with a token that has access"
         )
-        for metric, value in metrics.items()
-        if isinstance(value, int | float) and math.isfinite(value)
-    ]
+    if status == 404:
+        return HubError(f"{cannot}: the Hub found nothing there (404): {said}")
+    if status in (401, 403):
+        access = "write access" if action.startswith(("push", "create", "tag")) else "access"
+        return HubError(
+            f"{cannot}: no {access} ({status}). Log in with `hf auth login` or set HF_TOKEN to a token with "
+            f"{access} to that user or organisation (the Hub said: {said})"
+        )
+    if status == 400:
+        return HubError(f"{cannot}: the Hub refused the request (400): {said}")
+    if status == 409:
+        return HubError(f"{cannot}: it conflicts with what the repo holds (409): {said}")
+    if status == 413:
+        return HubError(f"{cannot}: the Hub refused it as too large (413): {said}")
+    if status == 429:
+        wait = response.headers.get("Retry-After") if response is not None else None
+        after = f"; try again in {wait} s" if wait else "; try again later"
+        return HubError(f"{cannot}: rate limited by the Hub (429): {said}{after}", transient=True)
+    if status is not None and status >= 500:
+        return HubError(f"{cannot}: the Hub failed ({status}): {said}; try again later", transient=True)
+    if isinstance(err, hf_errors.LocalEntryNotFoundError) or (status is None and isinstance(err, TRANSPORT_ERRORS)):
+        reason = type(err).__name__
+        return HubError(f"{cannot}: the Hub cannot be reached ({reason}); check the network", transient=True)
+    if status is not None:
+        return HubError(f"{cannot}: the Hub answered {status}: {said}")
+    return HubError(f"{cannot}: {type(err).__name__}: {err}")
 
 
-def _hub_dataset(dataset: str | None) -> str | None:
-    """The Hub id of a training dataset, for the card's `datasets:` (None for local files and embedded text)."""
-    if not dataset:
-        return None
-
-    if dataset in HUB_CORPORA:
-        return HUB_CORPORA[dataset].path
-    if "/" in dataset and not Path(dataset).expanduser().exists() and dataset.count("/") == 1:
-        return dataset
-    return None
+def check_repo_id(repo_id: str, action: str = "push to") -> None:
+    """A HubError, before any request, for an id the Hub would refuse (write it user/name)."""
+    try:
+        validate_repo_id(repo_id)
+    except hf_errors.HFValidationError as err:
+        raise explain(err, repo_id, action) from None
+    if repo_id.count("/") != 1:
+        raise HubError(f"cannot {action} {repo_id!r}: write a repo id as user/name or org/name")
 
 
-def _samples(folder: Path, prompts: Sequence[str]) -> list[tuple[str, str]]:
-    """A few generations of the checkpoint (CPU, seeded) for the card."""
-    model, tokenizer, defaults = load_model(folder, device="cpu")
-    config = replace(defaults, max_new_tokens=48, seed=0, num_beams=1)
-    return [(p, generate(model, tokenizer, p, config).text) for p in prompts]
+def check_card(card: str, repo_id: str) -> None:
+    """Ask the Hub whether it takes the card's metadata (it refuses a license id it does not know, for one), so that
+    a bad card fails before anything is created, uploaded or trained. HubError with the Hub's reasons."""
+    try:
+        ModelCard(card).validate()
+    except ValueError as err:  # the Hub's 400: its reasons, one per line
+        reasons = "; ".join(_short(line.strip(" -")) for line in str(err).splitlines() if line.strip(" -"))
+        raise HubError(
+            f"the Hub refuses the model card's metadata for {repo_id}: {reasons}. Fix it (--license takes an id the "
+            "Hub knows, such as mit or apache-2.0) and try again; nothing was pushed"
+        ) from None
+    except HUB_FAILURES as err:
+        raise explain(err, repo_id, "check the model card for") from None
 
 
-def model_card(
-    folder: str | Path,
-    repo_id: str,
-    *,
-    train_config: dict[str, Any] | None = None,
-    license: str | None = None,
-    samples: Sequence[tuple[str, str]] = (),
-    loss_curve: bool = False,
-) -> str:
-    """The README.md of a checkpoint folder's Hub repo."""
-    folder = Path(folder)
-    config = read_model_config(folder / CONFIG_FILE)
-    train = train_config or {}
-    records = read_metrics(folder)
-    dataset = train.get("dataset")
-    hub_dataset = _hub_dataset(dataset)
-    arch = config.arch
-    results = _eval_results(folder, hub_dataset or str(dataset or "unknown"))
-    data = ModelCardData(
-        library_name="aksis",
-        pipeline_tag="text-generation",
-        tags=["aksis", "text-generation", f"{arch}-style"],
-        license=license,
-        datasets=[hub_dataset] if hub_dataset else None,
-        model_name=repo_id.split("/")[-1],
-        eval_results=results or None,
-    )
-    n_params = _parameter_count(config)
-    lines = [
-        "---",
-        data.to_yaml(),
-        "---",
-        "",
-        f"# {repo_id.split('/')[-1]}",
-        "",
-        f"A {n_params / 1e6:.1f}M-parameter decoder-only transformer language model, trained with "
-        "[aksis](https://pypi.org/project/aksis/).",
-        "",
-        "## Architecture",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| flavour | {_flavour(arch)} |",
-        f"| layers | {config.n_layer} |",
-        f"| model width (n_embd) | {config.n_embd} |",
-        f"| attention heads (key/value) | {config.n_head} ({config.n_kv_head}) |",
-        f"| MLP width (d_ff) | {config.d_ff} |",
-        f"| context | {config.block_size} tokens |",
-        f"| vocabulary | {config.vocab_size:,} tokens |",
-        f"| parameters | {n_params:,} |",
-        "",
-    ]
-    if train or records:
-        lines += ["## Training", ""]
-        if dataset:
-            where = f"[{hub_dataset}](https://huggingface.co/datasets/{hub_dataset})" if hub_dataset else f"`{dataset}`"
-            fmt = " (conversations, loss on the assistant's replies)" if train.get("data_format") == "chat" else ""
-            lines.append(f"- data: {where}{fmt}")
-        for key, label in (
-            ("init_from", "fine-tuned from"),
-            ("tokenizer", "tokenizer"),
-            ("batch_size", "batch size per process"),
-            ("grad_accum_steps", "gradient accumulation"),
-            ("optimizer", "optimizer"),
-            ("learning_rate", "peak learning rate"),
-            ("mixed_precision", "mixed precision"),
-        ):
-            if train.get(key) is not None:
-                lines.append(f"- {label}: `{train[key]}`")
-        last = records[-1] if records else {}
-        if last:
-            lines.append(f"- trained for {last.get('step', 0):,} steps, {last.get('tokens', 0):,} tokens")
-        vals = [r["val_loss"] for r in records if "val_loss" in r]
-        if vals:
-            best = min(vals)
-            lines.append(f"- best validation loss: {best:.4f} nats/token (perplexity {math.exp(min(best, 50)):.2f})")
-        lines.append("")
-        if loss_curve:
-            lines += [f"![training and validation loss]({LOSS_CURVE_FILE})", ""]
-    if results:
-        lines += ["## Evaluation", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {r.metric_type} | {r.metric_value:.4g} |" for r in results]
-        lines.append("")
-    if samples:
-        lines += ["## Samples", "", "Default sampling settings, seed 0, 48 new tokens:", ""]
-        for prompt, text in samples:
-            lines += ["```text", (prompt + text).replace("```", "'''"), "```", ""]
-    lines += [
-        "## Use it",
-        "",
-        "With aksis installed:",
-        "",
-        "```bash",
-        f'aksis generate-text --checkpoint-path {repo_id} --prompt "Once upon a time" --stream',
-        f"aksis chat-with-model --checkpoint-path {repo_id}",
-        "```",
-        "",
-        "```python",
-        "from aksis.checkpoint import load_model",
-        "from aksis.generation import generate",
-        "",
-        f'model, tokenizer, settings = load_model("{repo_id}")',
-        'print(generate(model, tokenizer, "Once upon a time", settings).text)',
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _flavour(arch: str) -> str:
-    if arch == "llama":
-        return "LLaMA style: rotary positions, RMSNorm, SwiGLU"
-    return "GPT-2 style: learned positions, pre-norm LayerNorm, GELU"
-
-
-def _parameter_count(config: ModelConfig) -> int:
-    with torch.device("meta"):  # shapes only: no memory, no time
-        return GPT(config).num_params()
+def _short(reason: str, shown: int = 8) -> str:
+    """A reason of the Hub's with a long list of what it accepts ("must be one of [a, b, ...]") cut to a few."""
+    head, bracket, rest = reason.partition("[")
+    items = rest.rstrip("]").split(", ")
+    if not bracket or len(items) <= shown:
+        return reason
+    return f"{head}[{', '.join(items[:shown])}, …]"
 
 
 # ----- pushing -----
@@ -316,6 +210,30 @@ def _stage(folder: Path, staging: Path, with_training_state: bool) -> None:
             shutil.copy2(source, target)
 
 
+def ensure_repo(repo_id: str, *, private: bool | None = None, token: str | None = None) -> str:
+    """Create the model repo if it does not exist (checking write access on the way), and give it the visibility
+    asked for (`private`; None: a new repo is public, an existing one stays as it is). Its URL."""
+    api = HfApi(token=token)
+    try:
+        url = api.create_repo(repo_id, private=bool(private), exist_ok=True)
+        if private is not None and api.repo_info(repo_id).private != private:
+            api.update_repo_settings(repo_id, private=private)
+            if api.repo_info(repo_id).private != private:
+                now = "public" if private else "private"
+                raise HubError(f"{repo_id} is still {now} after asking the Hub to change its visibility")
+    except HUB_FAILURES as err:
+        raise explain(err, repo_id, "create or push to") from None
+    return str(url)
+
+
+def tags_of(repo_id: str, token: str | None = None) -> dict[str, str]:
+    """The tags of a repo: name -> commit."""
+    try:
+        return {t.name: t.target_commit for t in HfApi(token=token).list_repo_refs(repo_id).tags}
+    except HUB_FAILURES as err:
+        raise explain(err, repo_id, "read the tags of") from None
+
+
 def _run_settings(folder: Path) -> dict[str, Any] | None:
     """How a checkpoint was trained, for its card: a step-N checkpoint keeps it in its training state; a run's
     best/ borrows it from the newest step-N beside it."""
@@ -335,29 +253,40 @@ def push_checkpoint(
     *,
     branch: str | None = None,
     tag: str | None = None,
-    private: bool = False,
+    move_tag: bool = False,
+    private: bool | None = None,
     license: str | None = None,
     train_config: dict[str, Any] | None = None,
     commit_message: str | None = None,
     with_training_state: bool = False,
     samples: bool = True,
     token: str | None = None,
+    name: str | None = None,
 ) -> str:
-    """Push a checkpoint folder as one commit to `repo_id` (created if needed) on `branch` (default: main),
-    with a generated model card and loss curve; optionally tag the commit. Returns the commit id."""
-    folder = Path(folder).expanduser()
+    """Push a checkpoint folder (or a training run's best/ or newest step-N/) as one commit to `repo_id` (created
+    if needed; `private` as in `ensure_repo`) on `branch` (default: main), with a generated model card and loss
+    curve, and tag the commit `tag` (moving a tag that names another commit only with `move_tag`). Files that did
+    not change are not uploaded again, and a push that changes nothing makes no commit. `name`: what the logs call
+    the folder (a background push reads a snapshot of it). Returns the commit id."""
+    check_repo_id(repo_id)
+    try:
+        folder = Path(find_checkpoint(Path(folder).expanduser()))
+    except CheckpointError as err:
+        raise HubError(f"{err}; nothing pushed") from None
     missing = [f for f in REQUIRED_FILES if not (folder / f).is_file()]
     if missing:
         raise HubError(f"{folder} is not a complete checkpoint folder (missing {', '.join(missing)}); nothing pushed")
+    name = name or str(folder)
     if train_config is None:
         train_config = _run_settings(folder)
     staging = stage_checkpoint(folder, with_training_state)
     try:
+        public_files(staging)
         has_curve = plot_loss_curve(read_metrics(staging), staging / LOSS_CURVE_FILE)
         generated: list[tuple[str, str]] = []
         if samples:
             try:
-                generated = _samples(staging, SAMPLE_PROMPTS)
+                generated = sample_generations(staging)
             except Exception as err:  # a card without samples is still a card
                 log.warning("no sample generations for the model card: %s", err)
         card = model_card(
@@ -365,32 +294,51 @@ def push_checkpoint(
         )
         (staging / CARD_FILE).unlink(missing_ok=True)  # a hard link: replace it, never write through it
         (staging / CARD_FILE).write_text(card, encoding="utf-8")
+        check_card(card, repo_id)
+        ensure_repo(repo_id, private=private, token=token)
         api = HfApi(token=token)
+        revision = branch or "main"
         try:
-            api.create_repo(repo_id, private=private, exist_ok=True)
-            if branch and branch != "main":
-                api.create_branch(repo_id, branch=branch, exist_ok=True)
+            if revision != "main":
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            tagged = tags_of(repo_id, token).get(tag) if tag else None
+            head = api.repo_info(repo_id, revision=revision).sha
+            if tagged is not None and tagged != head and not move_tag:
+                raise HubError(
+                    f"tag {tag} of {repo_id} already names commit {tagged[:8]} (another push): nothing pushed. Give "
+                    "another tag, or move it to this push (`aksis push --move-tag`; a training run moves its step "
+                    "tags when resumed or started with --overwrite)"
+                )
             info = api.upload_folder(
                 repo_id=repo_id,
                 folder_path=staging,
-                revision=branch,
+                revision=revision,
                 commit_message=commit_message or f"aksis: upload {folder.name}",
                 delete_patterns=[f"{TRAINING_STATE_DIR}/**"] if with_training_state else None,
             )
-            if tag:
-                api.create_tag(repo_id, tag=tag, revision=info.oid, exist_ok=True)
+            commit = str(info.oid)
+            if tag and tagged != commit:
+                if tagged is not None and not move_tag:  # it named the old head, which this push moved past
+                    raise HubError(
+                        f"pushed {name} to {repo_id}@{revision} as commit {commit[:8]}, but tag {tag} still names "
+                        f"{tagged[:8]}: push again with --move-tag to move it"
+                    )
+                if tagged is not None:
+                    api.delete_tag(repo_id, tag=tag)
+                api.create_tag(repo_id, tag=tag, revision=commit)
         except HUB_FAILURES as err:
-            raise _explain(err, repo_id, "push to") from None
-        log.info("pushed %s to %s (%s)", folder, repo_id, info.oid[:8] if info.oid else "?")
-        return str(info.oid)
+            raise explain(err, repo_id, "push to") from None
+        log.info("pushed %s to %s@%s (%s%s)", name, repo_id, revision, commit[:8], f", tagged {tag}" if tag else "")
+        return commit
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
 class BackgroundPusher:
-    """Pushes checkpoints one at a time on a worker thread, so training never waits for the network. A push is
-    tried `attempts` times with exponential backoff; a push that still fails is logged and recorded in
-    `errors`, and training goes on. `wait()` blocks until every queued push is done."""
+    """Pushes checkpoints one at a time on a worker thread, so training never waits for the network. A push that
+    fails for a reason a later try may get past (a rate limit, a server error, the network, the disk) is tried
+    `attempts` times with exponential backoff; one the Hub refused is not tried again. A push that still fails is
+    logged and recorded in `errors`, and training goes on. `wait()` blocks until every queued push is done."""
 
     def __init__(self, push: Callable[..., str], *, attempts: int = 3, backoff_s: float = 2.0) -> None:
         self._push, self.attempts, self.backoff_s = push, attempts, backoff_s
@@ -403,23 +351,25 @@ class BackgroundPusher:
         """Queue a push of `folder` as it is now (a snapshot is taken before returning)."""
         snapshot = stage_checkpoint(folder, kwargs.get("with_training_state", False))
         kwargs.setdefault("commit_message", f"aksis: upload {folder.name}")
-        self._futures.append(self._pool.submit(self._run, snapshot, folder.name, kwargs))
+        self._futures.append(self._pool.submit(self._run, snapshot, folder, kwargs))
 
-    def _run(self, snapshot: Path, name: str, kwargs: dict[str, Any]) -> str | None:
+    def _run(self, snapshot: Path, folder: Path, kwargs: dict[str, Any]) -> str | None:
         try:
             for attempt in range(1, self.attempts + 1):
                 try:
-                    commit = self._push(snapshot, **kwargs)
+                    commit = self._push(snapshot, name=str(folder), **kwargs)
                     self.pushed.append(commit)
                     return commit
-                except Exception as err:  # whatever fails (network, disk, a bug), training must go on
-                    if attempt == self.attempts:
-                        message = f"push of {name} failed after {attempt} attempts: {err}"
+                except Exception as err:  # whatever fails (the Hub, the network, the disk, a bug), training goes on
+                    refused = isinstance(err, HubError) and not err.transient
+                    if refused or attempt == self.attempts:
+                        tries = f"after {attempt} attempts" if attempt > 1 or not refused else "(not retried)"
+                        message = f"push of {folder.name} failed {tries}: {err}"
                         log.warning("%s (the local checkpoint is intact)", message)
                         self.errors.append(message)
                         return None
                     delay = self.backoff_s * 2 ** (attempt - 1)
-                    log.warning("push of %s failed (%s); retrying in %.0f s", name, err, delay)
+                    log.warning("push of %s failed (%s); retrying in %.0f s", folder.name, err, delay)
                     time.sleep(delay)
             return None
         finally:
@@ -437,9 +387,10 @@ class BackgroundPusher:
 
 class PushSchedule:
     """The pushes of a training run to `repo_id`, on a `BackgroundPusher`: the step checkpoints the trainer saves
-    (tagged step-N; every `every` steps, default each one, and always the last), with `training_state` also their
-    resumable state (branch training-state), and at the end the best checkpoint to main. `open` creates the repo
-    first, so a run that cannot push fails before it trains."""
+    (tagged step-N) whenever the step passes a multiple of `every` (default: each one), and always the last; with
+    `training_state` also their resumable state (branch training-state); at the end the best checkpoint to main.
+    `move_tags`: step tags already in the repo are this run's to move (a resumed run, or --overwrite). `open`
+    checks the repo, the card and the tags first, so a run that cannot push as asked fails before it trains."""
 
     def __init__(
         self,
@@ -449,26 +400,54 @@ class PushSchedule:
         training_state: bool = False,
         license: str | None = None,
         train_config: dict[str, Any] | None = None,
+        move_tags: bool = False,
         pusher: BackgroundPusher | None = None,
     ) -> None:
         self.repo_id, self.every, self.training_state = repo_id, every or 1, training_state
         self.common: dict[str, Any] = dict(repo_id=repo_id, license=license, train_config=train_config)
+        self.move_tags = move_tags
         self.pusher = pusher or BackgroundPusher(push_checkpoint)
         self.last_pushed: int | None = None  # the step of the last step checkpoint pushed
 
     @classmethod
-    def open(cls, repo_id: str, *, private: bool = False, **options: Any) -> PushSchedule:
-        """A schedule for a repo created now if needed (HubError when it cannot be written)."""
-        log.info("pushing checkpoints to %s", ensure_repo(repo_id, private=private))
+    def open(
+        cls,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        arch: str | None = None,
+        token: str | None = None,
+        **options: Any,
+    ) -> PushSchedule:
+        """A schedule for a repo created now if needed, with the visibility asked for, whose card metadata the Hub
+        takes, and whose step tags (if any) this run may move. HubError otherwise."""
+        check_repo_id(repo_id)
+        metadata = card_metadata(
+            repo_id, arch=arch, train_config=options.get("train_config"), license=options.get("license")
+        )
+        check_card(f"---\n{metadata.to_yaml()}\n---\n", repo_id)
+        url = ensure_repo(repo_id, private=private, token=token)
+        others = sorted((t for t in tags_of(repo_id, token) if t.startswith(STEP_TAG)), key=_step_of)
+        if others and not options.get("move_tags"):
+            shown = ", ".join(others[:4]) + (" …" if len(others) > 4 else "")
+            raise HubError(
+                f"{repo_id} already holds the step tags of another run ({shown}): push this run to another repo, "
+                "or give --overwrite to move them to this run's checkpoints"
+            )
+        log.info("pushing checkpoints to %s", url)
         disable_progress_bars()  # upload bars from the push thread would tear through the training bar
         return cls(repo_id, **options)
 
     def saved(self, checkpoint: Path, step: int, last: bool = False) -> None:
-        """A step checkpoint was saved: queue its push when one is due (and for the `last` one)."""
-        if not last and self.last_pushed is not None and step - self.last_pushed < self.every:
+        """A step checkpoint was saved: queue its push when the step passed a multiple of `every` since the last
+        one pushed (and for the `last` one)."""
+        if not last and step // self.every <= (self.last_pushed or 0) // self.every:
             return
         self.last_pushed = step
-        self.pusher.submit(checkpoint, tag=f"step-{step}", commit_message=f"aksis: step {step}", **self.common)
+        tag = f"{STEP_TAG}{step}"
+        self.pusher.submit(
+            checkpoint, tag=tag, move_tag=self.move_tags, commit_message=f"aksis: step {step}", **self.common
+        )
         if self.training_state:
             self.pusher.submit(
                 checkpoint,
@@ -490,18 +469,15 @@ class PushSchedule:
         log.info("waiting for the pushes to %s to finish", self.repo_id)
         self.pusher.close()
         if self.pusher.errors:
-            log.warning("%d push(es) failed; push later with `aksis push`", len(self.pusher.errors))
+            log.warning("%d push(es) to %s failed", len(self.pusher.errors), self.repo_id)
         else:
             log.info("pushed to %s", self.repo_id)
         return list(self.pusher.errors)
 
 
-def ensure_repo(repo_id: str, *, private: bool = False, token: str | None = None) -> str:
-    """Create the model repo if it does not exist (checking write access on the way); its URL."""
-    try:
-        return str(HfApi(token=token).create_repo(repo_id, private=private, exist_ok=True))
-    except HUB_FAILURES as err:
-        raise _explain(err, repo_id, "create or push to") from None
+def _step_of(tag: str) -> int:
+    number = tag.removeprefix(STEP_TAG)
+    return int(number) if number.isdigit() else -1
 
 
 # ----- finding and pulling -----
@@ -513,7 +489,7 @@ def list_models(author: str, *, token: str | None = None) -> list[str]:
         models = HfApi(token=token).list_models(author=author, filter="aksis", sort="last_modified")
         return [m.id for m in models if m.library_name in (None, "aksis") or "aksis" in (m.tags or [])]
     except HUB_FAILURES as err:
-        raise _explain(err, author, "list the models of") from None
+        raise explain(err, author, "list the models of") from None
 
 
 def download_checkpoint(source: str, *, token: str | None = None) -> Path:
@@ -528,7 +504,7 @@ def download_checkpoint(source: str, *, token: str | None = None) -> Path:
                 f"{source} is not in the local Hub cache and the Hub cannot be reached (offline, or HF_HUB_OFFLINE is "
                 "set): connect once to download it"
             ) from None
-        raise _explain(err, source, "download") from None
+        raise explain(err, source, "download") from None
 
 
 def is_hub_id(source: str) -> bool:

@@ -252,6 +252,7 @@ def save_results(
     return path
 
 
+SIZES = ("tokens_scored", "bytes_scored")  # how much was scored, not how well: no model-index scores
 LABELS = {
     "perplexity": "perplexity",
     "nll": "NLL per token (nats)",

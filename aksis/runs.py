@@ -12,11 +12,17 @@ step a resumed run continues from), the best model, and step checkpoints with th
 leaves a half-written step-N), only the newest `keep_last` kept. Only the main process writes files. It also answers the
 questions asked before a run starts: which checkpoint `--resume` means, and whether the folder holds another run's
 checkpoints. `read_metrics` is the one reader of metrics.jsonl, for the trainer, the model card and the app.
+
+What may be said of a run in public (a model card, a pushed training state): `public_settings` leaves out the
+settings that are places of this machine (PLACES) and names datasets, tokenizers and checkpoints by `public_name`:
+a Hub id or a name as it is, a local path by its base name (a file's name may say what the data is, never where it
+lives).
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import os
@@ -29,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from aksis.checkpoint import BEST_DIR, CONFIG_FILE, STEP_PREFIX, read_model_config, save_checkpoint
-from aksis.config import ModelConfig
+from aksis.config import BOOKKEEPING, ModelConfig
 from aksis.model import GPT
 from aksis.tokenizer import Tokenizer
 
@@ -42,6 +48,8 @@ METRICS_FILE = "metrics.jsonl"
 TRAINING_STATE_DIR = "training_state"
 TRAINER_STATE_FILE = "trainer_state.json"
 STEP_DIR = re.compile(rf"^{STEP_PREFIX}(\d+)$")
+# Settings that say where things are on the machine that trained, not how it trained: never pushed.
+PLACES = ("output_dir", "data_cache", "resume")
 
 
 class RunError(Exception):
@@ -50,6 +58,42 @@ class RunError(Exception):
 
 def step_name(step: int) -> str:
     return f"{STEP_PREFIX}{step:06d}"
+
+
+def is_local_path(value: str) -> bool:
+    """Whether `value` names a place on this machine (an existing path, an absolute or relative path, a glob)
+    rather than a Hub id (user/name) or a name (shakespeare)."""
+    if Path(value).expanduser().exists() or glob.has_magic(value):
+        return True
+    name = value.split("@", 1)[0]  # a Hub id may carry a revision, which may hold slashes: user/name@refs/pr/1
+    return value.startswith((".", "/", "~")) or "\\" in value or name.count("/") > 1 or os.path.isabs(value)
+
+
+def public_name(value: str) -> str:
+    """A dataset, tokenizer or checkpoint as a pushed file may name it: a Hub id or a name as it is; a local path by
+    its base name (with its parent for a run's best/ or step-N/ checkpoint, whose own name says nothing)."""
+    if not is_local_path(value):
+        return value
+    path = Path(value.rstrip("/\\"))
+    if path.name == BEST_DIR or STEP_DIR.match(path.name):
+        return f"{path.parent.name}/{path.name}"
+    return path.name
+
+
+def public_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """A run's settings (TrainConfig's, or evaluate's) without the places of PLACES, every path by its public name."""
+    return {k: public_value(v) for k, v in settings.items() if k not in PLACES}
+
+
+def public_value(value: Any) -> Any:
+    """`value` with each string that is a local path replaced by its public name, in lists and mappings too."""
+    if isinstance(value, str):
+        return public_name(value) if is_local_path(value) else value
+    if isinstance(value, list):
+        return [public_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: public_value(v) for k, v in value.items()}
+    return value
 
 
 def step_checkpoints(run: str | Path) -> list[Path]:
@@ -202,15 +246,17 @@ class RunFolder:
 
     def load_step(self, acc: Accelerator, checkpoint: Path, settings: dict[str, Any]) -> dict[str, Any]:
         """Restore the training state of every process from a step checkpoint; what its trainer_state.json holds. A
-        warning names the `settings` (TrainConfig's) that differ from those the run was saved with."""
+        warning names the `settings` (TrainConfig's) that differ from those the run was saved with, other than its
+        bookkeeping (config.BOOKKEEPING: where it keeps its files, what it reports and where it pushes)."""
         with _quiet("accelerate"):
             acc.load_state(str(checkpoint / TRAINING_STATE_DIR))
         record = read_trainer_state(checkpoint)
-        before = record.get("train_config", {})
+        # Compared in their public form: a training state pushed to the Hub names its dataset by its base name.
+        before, now = public_settings(record.get("train_config") or {}), public_settings(settings)
         changed = [
             f"{k}: {before[k]!r} -> {v!r}"
-            for k, v in settings.items()
-            if k in before and before[k] != v and k not in ("resume", "overwrite", "progress")
+            for k, v in now.items()
+            if k in before and before[k] != v and k not in BOOKKEEPING
         ]
         if changed:
             log.warning("resuming with changed settings (the run will not match an uninterrupted one): %s", changed)

@@ -514,13 +514,16 @@ def _check_destinations(config: TrainConfig, run: RunFolder, resume_from: Path |
         if not config.push_to_hub:
             return None
         assert config.hub_model_id is not None  # TrainConfig checks it
+        arch = config.arch or ModelConfig.from_preset(config.preset).arch
         return PushSchedule.open(
             config.hub_model_id,
             private=config.hub_private,
+            arch=arch if config.init_from is None and resume_from is None else None,  # else: the checkpoint's
             every=config.push_every,
             training_state=config.push_training_state,
             license=config.hub_license,
             train_config=config.to_dict(),
+            move_tags=config.overwrite or resume_from is not None,  # this run's own tags, or another's it replaces
         )
     except RunError as err:
         raise TrainingError(str(err)) from err

@@ -34,6 +34,7 @@ ORDER = [
     "aksis.corpora",
     "aksis.blocks",
     "aksis.metrics",
+    "aksis.card",
     "aksis.hub",
     # the loop
     "aksis.trainer",

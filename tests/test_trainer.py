@@ -1,8 +1,10 @@
 import argparse
+import dataclasses
 import hashlib
 import importlib.util
 import itertools
 import json
+import logging
 import math
 import os
 import signal
@@ -178,6 +180,22 @@ def test_resume_continues_exactly_where_an_interrupted_run_stopped(tmp_path: Pat
     a = load_gpt(Path(straight.output_dir) / "step-000012")
     b = load_gpt(Path(interrupted.output_dir) / "step-000012")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_resuming_elsewhere_warns_only_of_settings_that_change_the_training(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run continued on another machine has another run folder, cache and push settings: not worth a warning
+    (its losses match). A changed learning rate is."""
+    train(run_config(tmp_path / "a", max_steps=4, save_every=2))
+    saved = tmp_path / "a" / "run" / "step-000002"
+    caplog.set_level(logging.WARNING, logger="aksis")
+    elsewhere = run_config(tmp_path / "b", max_steps=4, resume=str(saved), log_every=2, keep_last=1, report_to="none")
+    Trainer(elsewhere)
+    assert "changed settings" not in caplog.text
+    Trainer(dataclasses.replace(elsewhere, output_dir=str(tmp_path / "c"), learning_rate=1e-2))
+    assert "resuming with changed settings" in caplog.text and "learning_rate: 0.003 -> 0.01" in caplog.text
+    assert "output_dir" not in caplog.text
 
 
 def test_gradient_accumulation_equals_a_bigger_batch(tmp_path: Path) -> None:

@@ -57,7 +57,7 @@ class FeedbackLog:
     def _connect(self, repo_id: str, token: str | None, every_minutes: float, private: bool) -> None:
         from huggingface_hub import CommitScheduler, snapshot_download
 
-        from aksis.hub import HUB_FAILURES, _explain
+        from aksis.hub import HUB_FAILURES, explain
 
         folder = self.path.parent / f"{self.path.stem}-hub"
         self.shard = folder / f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.jsonl"
@@ -78,7 +78,7 @@ class FeedbackLog:
                 repo_id, repo_type="dataset", allow_patterns=[f"{HUB_FOLDER}/*.jsonl"], token=token
             )
         except HUB_FAILURES as err:  # the app serves without the Hub; feedback stays local
-            self.hub_error = str(_explain(err, repo_id, "push feedback to"))
+            self.hub_error = str(explain(err, repo_id, "push feedback to"))
             log.warning("feedback stays in %s: %s", self.path, self.hub_error)
             self.close()
             self.scheduler = None
