@@ -74,8 +74,9 @@ class ModelConfig:
                 problems.append(f"RoPE needs an even head size, got n_embd/n_head = {self.n_embd // self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.norm_eps <= 0 or self.rope_theta <= 0:
-            problems.append("norm_eps and rope_theta must be positive")
+        for name in ("norm_eps", "rope_theta"):
+            if not (_is_finite(getattr(self, name)) and getattr(self, name) > 0):
+                problems.append(f"{name} must be a positive number, got {getattr(self, name)!r}")
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
 
@@ -106,6 +107,20 @@ class ModelConfig:
         return cls(**_known_fields(cls, data))
 
 
+MIN_TEMPERATURE = 1e-3
+MIN_PENALTY = 1e-2  # repetition penalties from this to its inverse
+MAX_BEAMS = 64  # beams are sequences decoded together: a wider search costs as much as that many generations
+MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed takes
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 @dataclass
 class GenerationConfig:
     """Default sampling settings saved with a checkpoint (`generation_config.json`)."""
@@ -122,18 +137,36 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         problems = []
+        for name in ("max_new_tokens", "top_k", "num_beams"):
+            if not _is_int(getattr(self, name)):
+                problems.append(f"{name} must be a whole number, got {getattr(self, name)!r}")
+        for name in ("temperature", "top_p", "repetition_penalty", "length_penalty"):
+            if not _is_finite(getattr(self, name)):
+                problems.append(f"{name} must be a finite number, got {getattr(self, name)!r}")
+        if problems:  # the checks below compare numbers
+            raise ValueError("invalid GenerationConfig: " + "; ".join(problems))
         if self.max_new_tokens < 1:
             problems.append(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.temperature < 0:
             problems.append(f"temperature must be >= 0, got {self.temperature}")
+        elif 0 < self.temperature < MIN_TEMPERATURE:
+            # Below this, logits / temperature overflow to infinity and nothing can be sampled.
+            problems.append(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {self.temperature}")
         if self.top_k < 0:
             problems.append(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             problems.append(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.num_beams < 1:
-            problems.append(f"num_beams must be at least 1, got {self.num_beams}")
+        if not MIN_PENALTY <= self.repetition_penalty <= 1 / MIN_PENALTY:
+            problems.append(
+                f"repetition_penalty must be between {MIN_PENALTY} and {1 / MIN_PENALTY:g} (1: none), "
+                f"got {self.repetition_penalty}"
+            )
+        if not 1 <= self.num_beams <= MAX_BEAMS:
+            problems.append(f"num_beams must be between 1 and {MAX_BEAMS}, got {self.num_beams}")
+        if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed <= MAX_SEED):
+            problems.append(f"seed must be a whole number from 0 to {MAX_SEED} (or unset), got {self.seed!r}")
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) for s in self.stop):
+            problems.append(f"stop must be a list of strings, got {self.stop!r}")
         if problems:
             raise ValueError("invalid GenerationConfig: " + "; ".join(problems))
 
@@ -256,10 +289,20 @@ class TrainConfig:
             problems.append("log_every and keep_last must be at least 1")
         if not 0.0 < self.val_fraction < 1.0:
             problems.append(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
-        if self.learning_rate <= 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
+        floats = ("learning_rate", "min_lr_ratio", "weight_decay", "beta1", "beta2", "momentum", "grad_clip")
+        bad = [f"{name} {getattr(self, name)!r}" for name in floats if not _is_finite(getattr(self, name))]
+        if bad or (self.dropout is not None and not _is_finite(self.dropout)):
+            problems.append(f"these settings must be finite numbers: {', '.join(bad) or f'dropout {self.dropout!r}'}")
+        elif self.learning_rate <= 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
             problems.append("learning_rate must be positive and min_lr_ratio in [0, 1]")
-        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            problems.append("warmup_steps, weight_decay and grad_clip must be >= 0 (grad_clip 0 disables clipping)")
+        elif self.weight_decay < 0 or self.grad_clip < 0:
+            problems.append("weight_decay and grad_clip must be >= 0 (grad_clip 0 disables clipping)")
+        elif not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0 and 0.0 <= self.momentum < 1.0):
+            problems.append("beta1, beta2 and momentum must be in [0, 1)")
+        if self.warmup_steps < 0:
+            problems.append(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**32:  # numpy's seeds, which accelerate's set_seed sets
+            problems.append(f"seed must be a whole number from 0 to {2**32 - 1}, got {self.seed!r}")
         choices = {
             "optimizer": OPTIMIZERS,
             "mixed_precision": MIXED_PRECISIONS,

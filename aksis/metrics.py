@@ -143,13 +143,14 @@ def read_prompts(path: str | Path) -> list[tuple[str, str]]:
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        expected = f'{path}, line {number}: expected {{"prompt": "...", "reference": "..."}}'
         try:
             record = json.loads(line)
-            pairs.append((str(record["prompt"]), str(record["reference"])))
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(
-                f'{path}, line {number}: expected {{"prompt": "...", "reference": "..."}} ({type(err).__name__})'
-            ) from err
+        except (json.JSONDecodeError, RecursionError) as err:  # RecursionError: JSON nested too deeply
+            raise ValueError(f"{expected} ({type(err).__name__})") from None
+        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("prompt", "reference")):
+            raise ValueError(f"{expected}, with text for both")
+        pairs.append((record["prompt"], record["reference"]))
     if not pairs:
         raise ValueError(f"{path} holds no prompts: write one JSON object per line")
     return pairs

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import regex
 import tiktoken
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,22 @@ FORMAT_VERSION = 1
 # The GPT-4 split pattern (also rustbpe's default): letters, 1-3 digit numbers, punctuation runs, whitespace.
 SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
+
+
+MAX_FILE_BYTES = 64 << 20  # a tokenizer.json larger than this is refused (o200k_base's vocabulary takes about 3 MB)
+PATTERN_SECONDS = 1.0  # the most a split pattern may take over one probe text
+# Texts a split pattern is tried on before it is used: short ones, every kind of character, and long runs, on which a
+# pattern that backtracks badly takes forever.
+PATTERN_PROBES = (
+    "a",
+    " ",
+    "\n",
+    "Hello, world! It's 12345 o'clock.\tDone?\r\n  Ça va, 中文 🙂 ...",
+    "a" * 4096 + "!",
+    " " * 4096 + "x",
+    "1" * 4096,
+    "!?" * 2048,
 )
 
 
@@ -178,12 +195,15 @@ class Tokenizer:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Tokenizer:
+        if not isinstance(data, dict):
+            raise TokenizerError(f"tokenizer data must be a JSON object, got {type(data).__name__}")
         version = data.get("format_version")
         if version != FORMAT_VERSION:
             raise TokenizerError(
                 f"tokenizer format_version {version!r} is not supported (this aksis reads {FORMAT_VERSION})"
             )
         try:
+            check_split_pattern(data["pattern"])
             ranks = {base64.b64decode(token): rank for rank, token in enumerate(data["ranks"])}
             encoding = tiktoken.Encoding(
                 name=f"aksis-{data['name']}",
@@ -206,6 +226,10 @@ class Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise TokenizerError(f"no tokenizer file at {path}")
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise TokenizerError(
+                f"{path} is {path.stat().st_size >> 20} MiB, more than a tokenizer takes ({MAX_FILE_BYTES >> 20} MiB)"
+            )
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -214,6 +238,29 @@ class Tokenizer:
             return cls.from_dict(data)
         except TokenizerError as err:
             raise TokenizerError(f"{path}: {err}") from err
+
+
+def check_split_pattern(pattern: Any) -> None:
+    """Refuse a split pattern that would hang or fail the tokenizer: one that is not a regular expression, can match
+    the empty string (tiktoken then never gets past it), or takes more than PATTERN_SECONDS on a probe text (it
+    backtracks too much to be served)."""
+    if not isinstance(pattern, str):
+        raise TokenizerError(f"its split pattern must be a string, got {type(pattern).__name__}")
+    try:
+        compiled = regex.compile(pattern)
+    except (regex.error, RecursionError) as err:
+        raise TokenizerError(f"its split pattern is not a regular expression tiktoken can use ({err})") from None
+    for probe in ("", *PATTERN_PROBES):
+        try:
+            if any(m.end() == m.start() for m in compiled.finditer(probe, timeout=PATTERN_SECONDS)):
+                raise TokenizerError(
+                    f"its split pattern {pattern[:80]!r} can match the empty string, which would make tokenizing hang"
+                )
+        except TimeoutError:
+            raise TokenizerError(
+                f"its split pattern {pattern[:80]!r} takes more than {PATTERN_SECONDS:g} s on a "
+                f"{len(probe):,}-character text: it backtracks too much to be used"
+            ) from None
 
 
 def _with_specials(name: str, pattern: str, ranks: dict[bytes, int], existing: dict[str, int]) -> tiktoken.Encoding:

@@ -31,6 +31,9 @@ def test_bad_input_is_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "unknown tokenizer 'no-such-tokenizer'" in capsys.readouterr().err
     assert main(["tokenize", "--file", str(tmp_path / "absent.txt")]) == 2
     assert "cannot read" in capsys.readouterr().err
+    (tmp_path / "tokenizer.json").write_text("[1, 2]")
+    assert main(["tokenize", "--text", "x", "--tokenizer", str(tmp_path / "tokenizer.json")]) == 2
+    assert "tokenizer data must be a JSON object, got list" in capsys.readouterr().err
 
 
 def test_help_runs_as_a_module_and_lists_the_commands() -> None:
@@ -58,6 +61,9 @@ def test_train_model_bad_settings_exit_2_with_one_line(capsys: pytest.CaptureFix
     (tmp_path / "bad.yaml").write_text("epochz: 3\n")
     assert main(["train-model", "--config", str(tmp_path / "bad.yaml")]) == 2
     assert "unknown TrainConfig field(s): epochz" in capsys.readouterr().err
+    assert main(["train-model", "--learning-rate", "nan", "--output-dir", str(tmp_path)]) == 2
+    assert "must be finite numbers: learning_rate nan" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["bad.yaml"]  # nothing written
 
 
 # ----- inference commands -----
@@ -130,6 +136,12 @@ def test_generate_text_with_each_sampler(
         (["--prompt", "x", "--beam-width", "3"], "--beam-width applies to --sampler beam"),
         (["--prompt", "x", "--num-return", "2"], "--num-return applies to beam search"),
         (["--prompt", "x", "--sampler", "beam", "--num-return", "9"], "between 1 and the beam width (4)"),
+        # values that used to end in a traceback, or (nan) to sample silently at temperature 1
+        (["--prompt", "x", "--temperature", "1e-300"], "temperature must be 0 (greedy) or at least 0.001"),
+        (["--prompt", "x", "--temperature", "nan"], "temperature must be a finite number, got nan"),
+        (["--prompt", "x", "--repetition-penalty", "nan"], "repetition_penalty must be a finite number"),
+        (["--prompt", "x", "--seed", "18446744073709551616"], "seed must be a whole number from 0 to"),
+        (["--prompt", "x", "--sampler", "beam", "--beam-width", "100000"], "num_beams must be between 1 and 64"),
     ],
 )
 def test_generate_text_bad_input_exits_2_with_a_clear_message(

@@ -92,6 +92,14 @@ def test_prompts_files_are_read_with_clear_errors(tmp_path: Path) -> None:
         read_prompts(bad)
     with pytest.raises(ValueError, match="cannot read the prompts file"):
         read_prompts(tmp_path / "missing.jsonl")
+    nested = tmp_path / "nested.jsonl"  # a line nested deeper than Python's JSON parser recurses
+    nested.write_text('{"prompt": ' + "[" * 100_000 + "]" * 100_000 + ', "reference": "b"}\n')
+    with pytest.raises(ValueError, match="nested.jsonl, line 1: expected .* \\(RecursionError\\)"):
+        read_prompts(nested)
+    typed = tmp_path / "typed.jsonl"
+    typed.write_text('{"prompt": {"a": 1}, "reference": "b"}\n')
+    with pytest.raises(ValueError, match="typed.jsonl, line 1: expected .*, with text for both"):
+        read_prompts(typed)
 
 
 def test_a_report_with_every_task_and_a_comparison_table(tmp_path: Path) -> None:

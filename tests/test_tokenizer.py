@@ -1,11 +1,13 @@
 import json
+import re
+import time
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aksis.tokenizer import SPECIAL_TOKENS, Tokenizer, TokenizerError
+from aksis.tokenizer import MAX_FILE_BYTES, SPECIAL_TOKENS, Tokenizer, TokenizerError
 
 # Arbitrary Unicode, minus lone surrogates (not encodable as UTF-8, so not text a file can hold).
 unicode_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=200)
@@ -126,3 +128,24 @@ def test_named_encoding_without_network_says_how_to_fix_it(monkeypatch: pytest.M
     with pytest.raises(TokenizerError, match="'r50k_base' needs its vocabulary file from the internet.*cl100k_base"):
         Tokenizer.from_name("r50k_base")
     assert Tokenizer.from_name("cl100k_base").encode("hello world") == [15339, 1917]
+
+
+def test_a_tokenizer_file_that_would_hang_or_crash_is_refused_naming_the_file(tmp_path: Path) -> None:
+    """A split pattern that can match the empty string makes tiktoken loop forever on any text; one that
+    backtracks badly takes forever on long runs. Both are refused when the file is read, in bounded time."""
+    data = Tokenizer.byte_level().to_dict()
+    cases = {
+        "empty.json": ({**data, "pattern": r"\s*|\p{L}+"}, "can match the empty string"),
+        "slow.json": ({**data, "pattern": r"(a+)+$"}, "takes more than 1 s on a 4,097-character text"),
+        "broken.json": ({**data, "pattern": "["}, "is not a regular expression"),
+        "list.json": ([1, 2, 3], "must be a JSON object, got list"),
+    }
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_text(json.dumps(content))
+        start = time.perf_counter()
+        with pytest.raises(TokenizerError, match=f"{tmp_path / name}: .*{re.escape(message)}"):
+            Tokenizer.load(tmp_path / name)
+        assert time.perf_counter() - start < 10
+    (tmp_path / "huge.json").write_bytes(b" " * (MAX_FILE_BYTES + 1))
+    with pytest.raises(TokenizerError, match="more than a tokenizer takes"):
+        Tokenizer.load(tmp_path / "huge.json")
