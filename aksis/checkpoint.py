@@ -18,7 +18,9 @@ else its newest step-N/). No pickle is ever loaded, and old config formats are u
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -29,7 +31,7 @@ from typing import Any
 import torch
 from huggingface_hub import ModelCardData, hf_hub_download
 from huggingface_hub import errors as hf_errors
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from aksis.config import GenerationConfig, ModelConfig
@@ -148,9 +150,11 @@ def read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err}): the file is truncated or corrupt") from err
+        raise CheckpointError(f"{shown(path)} is not valid JSON ({err}): the file is truncated or corrupt") from None
+    except RecursionError:
+        raise CheckpointError(f"{shown(path)} is nested too deeply to be a checkpoint's JSON") from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path} should hold a JSON object, found {type(data).__name__}")
+        raise CheckpointError(f"{shown(path)} should hold a JSON object, found {type(data).__name__}")
     return data
 
 
@@ -170,26 +174,49 @@ def read_model_config(path: Path) -> ModelConfig:
     try:
         return ModelConfig.from_dict(upgrade_config(read_json(path)))
     except (ValueError, TypeError) as err:
-        raise CheckpointError(f"{path}: {err}") from err
+        raise CheckpointError(f"{shown(path)}: {err}") from None
 
 
-def load_weights(model: torch.nn.Module, path: Path) -> None:
-    """Load model.safetensors into `model`, checking every tensor name and shape against the model."""
+# Where the Hub cache keeps a repo's file: .../models--user--name/snapshots/<commit>/file
+_HUB_CACHE_FILE = re.compile(
+    r"models--(?P<namespace>[^/\\]+?)--(?P<name>[^/\\]+)[/\\]snapshots[/\\][0-9a-f]+[/\\](?P<file>.+)$"
+)
+
+
+def shown(path: Path) -> str:
+    """How an error names a file: a file of a Hub repo as `user/name/file`, never by where the Hub cache keeps it on
+    this machine (a Space would show its visitors the server's paths); a local file as it was given."""
+    match = _HUB_CACHE_FILE.search(str(path))
+    if match is None:
+        return str(path)
+    return f"{match['namespace']}/{match['name']}/{match['file']}"
+
+
+def weights_header(path: Path) -> dict[str, tuple[int, ...]]:
+    """The tensors a weights file holds, by name: their shapes, read from the file's header without reading the
+    tensors (so a file can be checked against its config before anything is allocated)."""
     try:
-        state = load_file(path)
-    except (SafetensorError, OSError, ValueError) as err:
+        with safe_open(str(path), "pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118 - not a dict
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(
-            f"{path} is truncated or corrupt ({err}): save the checkpoint again or re-download it"
-        ) from err
-    expected = model.state_dict()
-    loaded_storage = {expected[k].data_ptr() for k in state if k in expected}
-    # A tied weight is stored under one name; its alias counts as loaded.
-    missing = sorted(k for k in expected if k not in state and expected[k].data_ptr() not in loaded_storage)
-    unexpected = sorted(set(state) - set(expected))
+            f"{shown(path)} is truncated or corrupt ({err}): save the checkpoint again or re-download it"
+        ) from None
+
+
+def check_weights(model: torch.nn.Module, header: dict[str, tuple[int, ...]], path: Path) -> None:
+    """CheckpointError unless the file's tensors (`header`: names and shapes) are exactly the model's. A tied weight
+    is stored under one of its names. `model` may be on the meta device: only names and shapes are compared."""
+    groups: dict[int, list[str]] = {}  # one entry per parameter, with all its names
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    shapes = {name: tuple(param.shape) for name, param in model.named_parameters(remove_duplicate=False)}
+    missing = sorted(names[0] for names in groups.values() if not set(names) & set(header))
+    unexpected = sorted(set(header) - set(shapes))
     mismatched = [
-        f"{k} is {tuple(v.shape)} in the file but {tuple(expected[k].shape)} in the model"
-        for k, v in state.items()
-        if k in expected and v.shape != expected[k].shape
+        f"{k} is {shape} in the file but {shapes[k]} in the model"
+        for k, shape in header.items()
+        if k in shapes and shape != shapes[k]
     ]
     if missing or unexpected or mismatched:
         details = []
@@ -199,9 +226,20 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
             details.append(f"unexpected tensors: {', '.join(unexpected[:8])}{' …' if len(unexpected) > 8 else ''}")
         details.extend(mismatched[:8])
         raise CheckpointError(
-            f"{path} does not match config.json beside it ({'; '.join(details)}): "
+            f"{shown(path)} does not match config.json beside it ({'; '.join(details)}): "
             "the two files come from different models"
         )
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load a weights file into `model`, checking every tensor name and shape against the model first."""
+    check_weights(model, weights_header(path), path)
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{shown(path)} is truncated or corrupt ({err}): save the checkpoint again or re-download it"
+        ) from None
     model.load_state_dict(state, strict=False)  # strictness checked above, tied aliases included
 
 
@@ -211,7 +249,7 @@ def load_tokenizer(source: str | Path, **hub_kwargs: Any) -> Tokenizer:
     try:
         return Tokenizer.load(path)
     except TokenizerError as err:
-        raise CheckpointError(str(err)) from err
+        raise CheckpointError(str(err).replace(str(path), shown(path))) from None
 
 
 def load_generation_config(source: str | Path, **hub_kwargs: Any) -> GenerationConfig:
@@ -220,7 +258,7 @@ def load_generation_config(source: str | Path, **hub_kwargs: Any) -> GenerationC
     try:
         return GenerationConfig.from_dict(read_json(path))
     except (ValueError, TypeError) as err:
-        raise CheckpointError(f"{path}: {err}") from err
+        raise CheckpointError(f"{shown(path)}: {err}") from None
 
 
 # ----- writing -----
@@ -332,19 +370,37 @@ def load_gpt(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
+    max_bytes: int | None = None,
     **hub_options: Any,
 ) -> GPT:
     """The model of a checkpoint, a local folder or a Hub repo id (`user/name` or `user/name@revision`, through the
-    Hub cache), on `device` (in `dtype`, else as stored), in eval mode. `hub_options` are resolve_file's (revision,
-    cache_dir, force_download, token, local_files_only)."""
+    Hub cache), on `device` (in `dtype`, else float32), in eval mode; refused when its weights would take more than
+    `max_bytes`. `hub_options` are resolve_file's (revision, cache_dir, force_download, token, local_files_only)."""
     unknown = sorted(set(hub_options) - set(HUB_OPTIONS))
     if unknown:
         raise TypeError(f"load_gpt got unexpected option(s) {', '.join(unknown)}; it takes {', '.join(HUB_OPTIONS)}")
     # Config first, so every failure (bad path, missing repo, offline, corrupt or invalid config) names the file
-    # before any weights are read.
+    # before any weights are read. Then the config is checked against the weights file's header, on a model that
+    # holds no memory: a config that asks for a model larger than its weights is refused before it is allocated.
     config = read_model_config(resolve_file(source, CONFIG_FILE, **hub_options))
+    path = resolve_file(source, WEIGHTS_FILE, **hub_options)
+    header = weights_header(path)
+    layers = {name.split(".")[2] for name in header if name.startswith("transformer.h.")}
+    if len(layers) != config.n_layer:  # before a model of n_layer blocks is even built on the meta device
+        raise CheckpointError(
+            f"{shown(path)} holds {len(layers)} layers but config.json beside it asks for {config.n_layer}: the two "
+            "files come from different models"
+        )
+    with torch.device("meta"):
+        check_weights(GPT(config), header, path)
+    wanted = sum(math.prod(shape) for shape in header.values()) * (dtype or torch.float32).itemsize
+    if max_bytes is not None and wanted > max_bytes:
+        raise CheckpointError(
+            f"{shown(path)} makes a model of {wanted / 2**20:,.0f} MiB, more than the {max_bytes / 2**20:,.0f} MiB "
+            "allowed here"
+        )
     model = GPT(config)
-    load_weights(model, resolve_file(source, WEIGHTS_FILE, **hub_options))
+    load_weights(model, path)
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -366,13 +422,16 @@ def find_checkpoint(source: str | Path) -> str:
 
 
 def load_model(
-    source: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    source: str | Path,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    max_bytes: int | None = None,
 ) -> tuple[GPT, Tokenizer, GenerationConfig]:
     """A model ready to run (eval mode, on `device`: by default the best there is), with its tokenizer and default
-    sampling settings, from a checkpoint folder, a training run's folder or a Hub repo id. On a CPU its linear
-    layers are aksis.kernels' faster ones for inference."""
+    sampling settings, from a checkpoint folder, a training run's folder or a Hub repo id; refused when its weights
+    would take more than `max_bytes`. On a CPU its linear layers are aksis.kernels' faster ones for inference."""
     name = find_checkpoint(source)
-    model = load_gpt(name, device=pick_device(device), dtype=dtype)
+    model = load_gpt(name, device=pick_device(device), dtype=dtype, max_bytes=max_bytes)
     if next(model.parameters()).device.type == "cpu":
         use_cpu_kernels(model)
     return model, load_tokenizer(name), load_generation_config(name)

@@ -17,6 +17,7 @@ from aksis.checkpoint import (
     load_gpt,
     load_tokenizer,
     save_checkpoint,
+    shown,
 )
 from aksis.config import GenerationConfig
 from aksis.model import GPT
@@ -107,6 +108,36 @@ def test_corrupt_or_mismatched_config_names_the_file(saved: tuple[GPT, Path]) ->
     config_path.write_text(json.dumps({**good, "format_version": 7}))
     with pytest.raises(CheckpointError, match="format_version 7 is newer"):
         load_gpt(folder)
+
+
+def test_a_config_asking_for_more_than_its_weights_is_refused_before_anything_is_allocated(
+    saved: tuple[GPT, Path],
+) -> None:
+    """The config drives the allocation, so it is checked against the weights file's header on the meta device: a
+    vocabulary of 2**40 (terabytes) or 20,000 layers is refused at once, without memory."""
+    _, folder = saved
+    config_path = folder / "config.json"
+    good = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**good, "vocab_size": 2**40}))
+    with pytest.raises(CheckpointError, match=r"transformer.wte.weight is \(260, 64\) in the file but \(1099511627776"):
+        load_gpt(folder)
+    config_path.write_text(json.dumps({**good, "n_layer": 20_000}))
+    with pytest.raises(CheckpointError, match="holds 2 layers but config.json beside it asks for 20000"):
+        load_gpt(folder)
+
+
+def test_a_model_over_the_memory_bound_is_refused(saved: tuple[GPT, Path]) -> None:
+    model, folder = saved
+    size = sum(p.numel() for p in model.parameters()) * 4
+    assert load_gpt(folder, max_bytes=size).config == model.config
+    with pytest.raises(CheckpointError, match=r"makes a model of .* MiB, more than the 0 MiB allowed"):
+        load_gpt(folder, max_bytes=size - 1)
+
+
+def test_errors_name_a_hub_file_by_repo_never_by_its_place_in_the_cache() -> None:
+    cached = Path("/srv/hf/hub/models--evil--bomb/snapshots/0123abcd/sub/config.json")
+    assert shown(cached) == "evil/bomb/sub/config.json"
+    assert shown(Path("runs/mine/config.json")) == "runs/mine/config.json"  # a local file as it was given
 
 
 def test_missing_tokenizer_and_bad_paths_are_clear_errors(saved: tuple[GPT, Path], tmp_path: Path) -> None:
