@@ -55,19 +55,34 @@ class Conversation:
     def prompt_ids(self, tokenizer: Tokenizer, budget: int) -> list[int]:
         """The prompt for the next reply, at most `budget` tokens: whole exchanges are dropped oldest first,
         never the system prompt or the newest user message. Raises ChatError when those two alone are over."""
+        return self._window(tokenizer, budget)[1]
+
+    def window(self, tokenizer: Tokenizer, budget: int) -> Conversation:
+        """The conversation that `prompt_ids(tokenizer, budget)` renders: the system prompt and the messages kept."""
+        return Conversation(self.system_prompt, self.messages[self._window(tokenizer, budget)[0] :])
+
+    def _window(self, tokenizer: Tokenizer, budget: int) -> tuple[int, list[int]]:
+        """The first message kept within `budget`, and the prompt's ids.
+
+        Each message is rendered once (the template renders messages one after another), and exchanges are dropped by
+        subtracting their lengths: linear in the length of the conversation, however long a loaded chat file is."""
         system = self.all_messages()[: 1 if self.system_prompt else 0]
-        kept = list(self.messages)
-        while True:
-            ids, _ = render(tokenizer, system + kept, add_generation_prompt=True)
-            if len(ids) <= budget:
-                return ids
-            starts = [i for i, m in enumerate(kept) if m.role == "user"]
-            if len(starts) <= 1:  # only the newest user message is left
-                raise ChatError(
-                    f"the system prompt and your message take {len(ids)} tokens, more than the {budget} this chat "
-                    "can give a prompt: write a shorter message (or system prompt)"
-                )
-            kept = kept[starts[1] :]  # drop the oldest exchange: a user message and the replies after it
+        head, _ = render(tokenizer, system)
+        pieces = [render(tokenizer, [m])[0] for m in self.messages]
+        tail, _ = render(tokenizer, [], add_generation_prompt=True)  # the role token the reply starts after
+        total = len(head) + sum(len(p) for p in pieces) + len(tail)
+        first = 0  # the first message kept
+        for start in [i for i, m in enumerate(self.messages) if m.role == "user"][1:]:
+            if total <= budget:
+                break
+            total -= sum(len(p) for p in pieces[first:start])  # the oldest exchange: a user message and its replies
+            first = start
+        if total > budget:
+            raise ChatError(
+                f"the system prompt and your message take {total} tokens, more than the {budget} this chat "
+                "can give a prompt: write a shorter message (or system prompt)"
+            )
+        return first, head + [token for piece in pieces[first:] for token in piece] + tail
 
     # ----- persistence -----
 
@@ -130,6 +145,13 @@ class Conversation:
             raise ChatError(f"{path}: {err}. Fix or move the file; it was left untouched") from err
 
 
+def prompt_budget(model: GPT, config: GenerationConfig, budget: int | None = None) -> int:
+    """The tokens a reply's prompt may take: `budget` (at most, and by default, the model's context) less the room
+    kept for the reply, min(max_new_tokens, budget // 4)."""
+    budget = min(budget or model.config.block_size, model.config.block_size)
+    return budget - min(config.max_new_tokens, budget // 4)
+
+
 def reply(
     model: GPT,
     tokenizer: Tokenizer,
@@ -146,9 +168,7 @@ def reply(
     config = config or GenerationConfig()
     if config.seed is not None:  # reproducible, yet not the same random draws at every turn
         config = replace(config, seed=config.seed + len(conversation.messages))
-    budget = min(budget or model.config.block_size, model.config.block_size)
-    reserve = min(config.max_new_tokens, budget // 4)
-    prompt = conversation.prompt_ids(tokenizer, budget - reserve)
+    prompt = conversation.prompt_ids(tokenizer, prompt_budget(model, config, budget))
     text_stream = stream(model, tokenizer, prompt, config, stop_ids=stop_token_ids(tokenizer))
     yield from text_stream
     assert text_stream.completion is not None

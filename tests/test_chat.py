@@ -56,6 +56,30 @@ def test_over_budget_the_oldest_exchanges_go_first_never_the_system_prompt_or_ne
         chat.prompt_ids(TOK, 32)
 
 
+def test_truncating_a_long_chat_encodes_each_message_once() -> None:
+    """A 20,000-message chat file used to be re-rendered after each dropped exchange: 149 s for one short reply."""
+
+    class Counting(Tokenizer):
+        encoded = 0
+
+        def encode(self, text: str) -> list[int]:
+            Counting.encoded += len(text)
+            return super().encode(text)
+
+    tok = Counting.byte_level()
+    chat = conversation(10_000)
+    characters = sum(len(m.content) for m in chat.all_messages())
+    for budget in (60, 5_000, 10**9):
+        Counting.encoded = 0
+        ids = chat.prompt_ids(tok, budget)
+        assert Counting.encoded <= characters  # linear: every message encoded at most once
+        assert len(ids) <= budget
+        newest = ids.count(TOK.eot_id) - 1  # each message ends in <|endoftext|>, the system prompt's too
+        kept = chat.all_messages()[:1] + chat.messages[-newest:]
+        assert ids == render(TOK, kept, add_generation_prompt=True)[0]  # the template's prompt of the newest messages
+    assert newest == len(chat.messages)  # the largest budget kept everything
+
+
 def test_conversations_save_and_load_as_versioned_json(tmp_path: Path) -> None:
     chat = conversation(2)
     chat.add("assistant", "ünïcödé ✓")
