@@ -42,6 +42,7 @@ ORDER = [
     "aksis.ui.feedback",
     "aksis.ui.models",
     "aksis.ui.context",
+    "aksis.ui.inputs",
     "aksis.ui.sampling",
     "aksis.ui.arena_tab",
     "aksis.ui.chat_tab",

@@ -25,6 +25,7 @@ from aksis.ui.chat_tab import (
     CHECKPOINT_PRESET,
     MAX_CHAT_FILE_BYTES,
     SAVED_CHAT_TTL_S,
+    ReplyInfo,
     conversation_from_history,
     load_conversation,
     message_text,
@@ -38,7 +39,7 @@ from aksis.ui.chat_tab import (
     stream_reply,
 )
 from aksis.ui.context import MAX_PROMPT_CHARS
-from aksis.ui.feedback import FeedbackLog
+from aksis.ui.feedback import MAX_RECORD_BYTES, RATE, FeedbackLog, FeedbackRefused
 from aksis.ui.models import LoadedModel, ModelStore
 from aksis.ui.sampling import Sampling
 
@@ -233,46 +234,87 @@ def test_a_turn_checks_its_texts_before_fetching_the_model(app_checkpoints: Path
 # ----- feedback -----
 
 
-def test_likes_and_dislikes_are_recorded_with_the_model_and_the_conversation(tmp_path: Path) -> None:
+def chat_turns(store: ModelStore, source: str, *messages: str, system_prompt: str = "") -> tuple[list[Any], ReplyInfo]:
+    """The chat history and the session's ReplyInfo after the app answers `messages` one after another."""
+    history: list[Any] = []
+    replies: ReplyInfo = {}
+    for message in messages:
+        inputs = [message, history, source, system_prompt, "precise", *SLIDERS.values(), 3, replies]
+        *_, (text, replies) = respond(store, 64, *inputs)
+        history = [*history, {"role": "user", "content": message}, {"role": "assistant", "content": text}]
+    return history, replies
+
+
+def test_likes_and_dislikes_record_what_the_server_wrote_never_what_the_client_sends(
+    app_checkpoints: Path, tmp_path: Path
+) -> None:
+    store = ModelStore(app_checkpoints, device=torch.device("cpu"))
     log = FeedbackLog(tmp_path / "feedback.jsonl")
-    history = [
-        {"role": "user", "content": "Hello"},
-        {"role": "assistant", "content": [{"type": "text", "text": "Hi."}]},
-        {"role": "user", "content": "Bye"},
-        {"role": "assistant", "content": "Farewell."},
-    ]
-    settings = GenerationConfig(seed=3).to_dict()
-    replies = {1: {"model": "runs/a", "system_prompt": "Be kind.", "settings": settings}, 3: {"model": "runs/b"}}
-    liked = record_feedback(log, history, 1, True, replies, system_prompt="changed since")
-    disliked = record_feedback(log, history, [3, 0], False, replies)
-    retracted = record_feedback(log, history, 3, "", replies)
+    first, second = (str(app_checkpoints / name) for name in ("tiny-llama", "tiny-gpt2"))
+    history, replies = chat_turns(store, first, "Hello", system_prompt="Be kind.")
+    history, replies = chat_turns(store, second, "Hello", "Bye")  # a new chat: another model, no system prompt
+    _, earlier = chat_turns(store, first, "Hello", system_prompt="Be kind.")
+    replies = {**replies, 1: earlier[1]}  # the first reply was the first model's, in that chat
+    liked = record_feedback(log, replies, 1, True, "s1")
+    disliked = record_feedback(log, replies, [3, 0], False, "s1")
+    retracted = record_feedback(log, replies, 3, "", "s1")
     assert (liked["kind"], disliked["kind"], retracted["kind"]) == ("like", "dislike", "retract")
-    assert (liked["model"], liked["prompt"], liked["reply"], liked["settings"]) == ("runs/a", "Hello", "Hi.", settings)
-    assert liked["conversation"] == {  # as the model saw it: the system prompt of that reply, not today's
+    assert (liked["model"], liked["prompt"], liked["reply"]) == (first, "Hello", earlier[1]["reply"])
+    assert liked["settings"] == earlier[1]["settings"] and liked["settings"]["seed"] == 3
+    assert liked["conversation"] == {  # as the model saw it: the system prompt of that reply
         "format": "aksis-chat",
         "version": 1,
         "system_prompt": "Be kind.",
-        "messages": [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."}],
+        "messages": [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": earlier[1]["reply"]}],
     }
-    assert (disliked["model"], disliked["prompt"], disliked["reply"]) == ("runs/b", "Bye", "Farewell.")
-    assert len(disliked["conversation"]["messages"]) == 4
-    assert record_feedback(log, history, 1, True, {})["model"] is None  # e.g. a reply loaded from a file
-    assert [r["id"] for r in log.records()][:3] == [liked["id"], disliked["id"], retracted["id"]]
-    for index in (0, 4, -1):
-        with pytest.raises(gr.Error, match="Only the model's replies"):
-            record_feedback(log, history, index, True, replies)
+    assert (disliked["model"], disliked["prompt"], disliked["reply"]) == (second, "Bye", history[3]["content"])
+    assert [m["content"] for m in disliked["conversation"]["messages"]] == [m["content"] for m in history]
+    assert [r["id"] for r in log.records()] == [liked["id"], disliked["id"], retracted["id"]]
+    for index in (0, 2, 4, -1, "1", [], None):  # a user message, no message, not an index
+        with pytest.raises(gr.Error, match="Only the model's replies written in this chat"):
+            record_feedback(log, replies, index, True, "s1")  # type: ignore[arg-type]
+    with pytest.raises(gr.Error, match="Only the model's replies written in this chat"):
+        record_feedback(log, {}, 1, True, "s1")  # e.g. a reply loaded from a file
+
+
+def test_feedback_is_bounded_per_record_and_per_session(app_checkpoints: Path, tmp_path: Path) -> None:
+    """A like used to store whatever history the client made up (one 50 MB request: 105 MB of log)."""
+    store = ModelStore(app_checkpoints, device=torch.device("cpu"))
+    log = FeedbackLog(tmp_path / "feedback.jsonl")
+    source = str(app_checkpoints / "tiny-llama")
+    history, replies = chat_turns(store, source, "x" * 100, "Hello")  # the two turns are over the 128-token context
+    record = record_feedback(log, replies, 3, True, "s1")
+    assert [m["content"] for m in record["conversation"]["messages"]] == ["Hello", history[3]["content"]]
+    assert "x" * 100 not in json.dumps(record)  # what the model saw, within its context: not the whole chat
+    limit = RATE[0]
+    for _ in range(limit - 1):
+        record_feedback(log, replies, 3, True, "s1")
+    with pytest.raises(gr.Error, match=f"at most {limit} ratings a minute"):
+        record_feedback(log, replies, 3, False, "s1")
+    record_feedback(log, replies, 3, False, "s2")  # another visitor is not held back
+    assert len(log.records()) == limit + 1
+    with pytest.raises(FeedbackRefused, match="too large to keep"):
+        log.record("like", reply="x" * MAX_RECORD_BYTES)
+    assert len(log.records()) == limit + 1
 
 
 def test_the_chatbot_like_event_records_through_the_app(served_app: ServedApp, app_checkpoints: Path) -> None:
-    """The Chatbot's .like listener as the app wires it (a browser sends gr.LikeData; here it is built by hand)."""
+    """The Chatbot's .like listener as the app wires it (a browser sends gr.LikeData; here it is built by hand):
+    the reply is named by its index, and the text the browser sends with it is not what is recorded."""
     demo = served_app.demo
     likes = [fn for fn in demo.fns.values() if any(event == "like" for _, event in fn.targets)]
     assert len(likes) == 1
-    history = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."}]
     source = str(app_checkpoints / "tiny-llama")
-    likes[0].fn(history, {1: {"model": source}}, "", gr.LikeData(None, {"index": 1, "value": ["Hi."], "liked": False}))
+    _, replies = chat_turns(ModelStore(app_checkpoints, device=torch.device("cpu")), source, "Hello")
+    request = gr.Request(session_hash="visitor")
+    likes[0].fn(replies, gr.LikeData(None, {"index": 1, "value": ["made up"], "liked": False}), request)
     last = FeedbackLog(served_app.settings.feedback_file).records()[-1]
-    assert (last["kind"], last["model"], last["prompt"], last["reply"]) == ("dislike", source, "Hello", "Hi.")
+    assert (last["kind"], last["model"], last["prompt"], last["reply"]) == (
+        "dislike",
+        source,
+        "Hello",
+        replies[1]["reply"],
+    )
 
 
 # ----- saving and loading -----

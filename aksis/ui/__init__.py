@@ -5,8 +5,8 @@ file in this package: Chat, Generate, Evaluate, Model, Arena (human evaluation) 
 what the tabs share. Every action a visitor takes (generate, chat, score, train, ...) also has an `api_name`, so
 the app is an API too (`gradio_client.Client`); events that only update the page are private.
 
-Requests wait in a queue and at most `AKSIS_CONCURRENCY` run at once. The device is chosen once, when the app
-is built (CUDA > MPS > CPU, bf16 on a GPU that supports it).
+Requests wait in a queue and at most `AKSIS_CONCURRENCY` run at once, all endpoints together. The device is chosen
+once, when the app is built (CUDA > MPS > CPU, bf16 on a GPU that supports it).
 """
 
 from __future__ import annotations
@@ -120,6 +120,12 @@ def build_app(settings: AppSettings | None = None) -> gr.Blocks:
 
         demo.load(open_page, picker, [picker, welcome, status], api_visibility="private")
 
+    # One limit for the whole app: Gradio counts concurrency per event, so four endpoints at a limit of 4 would run
+    # 16 requests at once. Every queued event without a limit of its own (the Train tab's reach its one-run slot at
+    # once) shares one group of `concurrency` workers.
+    for fn in demo.fns.values():
+        if fn.concurrency_limit == "default":
+            fn.concurrency_id = "aksis"
     demo.queue(default_concurrency_limit=settings.concurrency, max_size=256)
     return demo
 

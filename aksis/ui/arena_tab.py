@@ -5,7 +5,8 @@ and the models are revealed; a leaderboard counts the wins.
 - Blind: the two models picked (model 1, model 2; by default two different models of the picker's choices,
   drawn at random) are assigned to A and B at random for each battle, and which is which stays server-side in
   the session's `Battle` (a gr.State) until the vote. Both answer with the same settings (a preset of
-  `aksis.generation.SAMPLER_PRESETS` over the library defaults, the same max new tokens and seed), so the vote compares
+  `aksis.generation.SAMPLER_PRESETS` over the library defaults, the same max new tokens and seed, drawn by the
+  server), so the vote compares
   the models, not their checkpoints' sampling defaults.
 - Mode: "continue" continues the prompt as text (what a model trained on plain text does well); "chat" answers
   it as the user message of a new conversation (`aksis.chat.reply`), for chat fine-tuned models.
@@ -13,25 +14,27 @@ and the models are revealed; a leaderboard counts the wins.
   again) can be voted on. Votes wait until both answers are complete.
 - The vote record ("vote": battle id, model_a, model_b, winner a/b/tie/both-bad, prompt, answer_a, answer_b,
   mode, settings) goes to `ctx.feedback` (a JSONL file, and a Hub dataset when AKSIS_FEEDBACK_REPO is set).
-  The leaderboard is `aksis.ui.feedback.leaderboard` over all records.
+  The leaderboard is the log's running tally (`FeedbackLog.standings`).
 
 API (`gradio_client`; one client is one session, so a vote applies to that client's last battle):
-- `/arena_answer` (prompt, model_1, model_2, mode, preset, max_new_tokens, seed) -> (answer A, answer B, status)
+- `/arena_answer` (prompt, model_1, model_2, mode, preset, max_new_tokens) -> (answer A, answer B, status); the seed
+  is drawn by the server for each battle (a seed chosen by the visitor would let them tell the models apart)
 - `/arena_vote` (winner: "a", "b", "tie" or "both-bad") -> (the reveal, the leaderboard)
 - `/leaderboard` () -> the leaderboard (model, battles, wins, ties, losses, win rate)
 
 Element ids (browser tests): arena-prompt, arena-answer, arena-model-1, arena-model-2, arena-random-pair,
-arena-mode, arena-preset, arena-max-new-tokens, arena-seed, arena-answer-a, arena-answer-b, arena-vote-a,
+arena-mode, arena-preset, arena-max-new-tokens, arena-answer-a, arena-answer-b, arena-vote-a,
 arena-vote-b, arena-vote-tie, arena-vote-both-bad, arena-reveal, arena-leaderboard, arena-refresh.
 """
 
 from __future__ import annotations
 
 import random
+import secrets
 import threading
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -40,15 +43,27 @@ import gradio as gr
 from aksis.chat import Conversation, reply
 from aksis.config import GenerationConfig
 from aksis.generation import SAMPLER_PRESETS, sampler_config, stream
-from aksis.ui.context import AppContext, check_prompt, on_gpu, to_max_new_tokens, to_seed, user_errors
-from aksis.ui.feedback import LEADERBOARD_COLUMNS, WINNERS, FeedbackLog, leaderboard
+from aksis.ui.context import (
+    AppContext,
+    bound,
+    check_prompt,
+    echo,
+    input_error,
+    on_gpu,
+    to_max_new_tokens,
+    to_seed,
+    user_errors,
+)
+from aksis.ui.feedback import LEADERBOARD_COLUMNS, WINNERS, FeedbackLog
 from aksis.ui.models import LoadedModel, ModelStore
 from aksis.ui.sampling import Sampling, max_new_tokens_slider, takes_sampling
 
 MODES = {"continue": "Continue the text", "chat": "Answer as a chat reply"}
 VOTES = {"a": "A is better", "b": "B is better", "tie": "Tie", "both-bad": "Both are bad"}
 DEFAULT_PRESET = "balanced"
-ARENA_SETTINGS = ("preset", "max_new_tokens", "seed")  # what the tab offers, in the order of /arena_answer's
+# What the tab offers, in the order of /arena_answer's parameters. No seed: a visitor who fixes the seed learns what
+# each model writes with it and can tell A from B; the server draws one for every battle.
+ARENA_SETTINGS = ("preset", "max_new_tokens")
 DEFAULT_MAX_NEW_TOKENS = 64
 HELP = (
     "Two models answer the same prompt; you see only **A** and **B**. Vote for the better answer and the models "
@@ -89,7 +104,7 @@ def arena_config(sampling: Sampling, limit: int) -> GenerationConfig:
     checkpoint's own)."""
     preset = sampling.preset or DEFAULT_PRESET
     if preset not in SAMPLER_PRESETS:
-        raise gr.Error(f"unknown preset {preset!r}: choose one of {', '.join(SAMPLER_PRESETS)}")
+        raise input_error(f"unknown preset {echo(preset)}: choose one of {', '.join(SAMPLER_PRESETS)}")
     n = to_max_new_tokens(sampling.max_new_tokens, limit)
     with user_errors("use these settings"):
         return sampler_config(preset, GenerationConfig(), max_new_tokens=n, seed=to_seed(sampling.seed))
@@ -109,12 +124,12 @@ def new_battle(
     prompt = check_prompt(prompt)
     model_1, model_2 = (model_1 or "").strip(), (model_2 or "").strip()
     if not model_1 or not model_2:
-        raise gr.Error("Pick two models to compare (model 1 and model 2, under 'Models and settings').")
+        raise input_error("Pick two models to compare (model 1 and model 2, under 'Models and settings').")
     if model_1 == model_2:
-        raise gr.Error("Pick two different models: a model compared with itself tells the leaderboard nothing.")
+        raise input_error("Pick two different models: a model compared with itself tells the leaderboard nothing.")
     mode = mode or "continue"
     if mode not in MODES:
-        raise gr.Error(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
+        raise input_error(f"unknown mode {echo(mode)}: choose one of {', '.join(MODES)}")
     if swap is None:
         swap = random.SystemRandom().random() < 0.5
     models = (model_2, model_1) if swap else (model_1, model_2)
@@ -165,8 +180,10 @@ def answer_battle(
     sampling: Sampling,
 ) -> Iterator[tuple[str, str, Battle, str]]:
     """The `/arena_answer` event: both models' answers to `prompt`, labelled A and B only (which is which is
-    revealed by the vote), with the session's battle and a status line."""
-    config = arena_config(sampling, limit)
+    revealed by the vote), with the session's battle and a status line. The models are named as the store names
+    them (so `checkpoints/x/` and `checkpoints/x` are one model on the leaderboard), and the seed is the server's."""
+    config = arena_config(replace(sampling, seed=secrets.randbelow(2**31)), limit)
+    model_1, model_2 = (store.canonical(m) if isinstance(m, str) and m.strip() else m for m in (model_1, model_2))
     battle = new_battle(prompt, model_1, model_2, mode, config)
     for state in run_battle(store, battle):
         yield state.answers[0], state.answers[1], state, READY if state.complete else "Answering…"
@@ -178,34 +195,39 @@ def winner_code(winner: str | None) -> str:
     for code, label in VOTES.items():
         if text.lower() == code or text == label:
             return code
-    raise gr.Error(f"unknown vote {winner!r}: vote one of {', '.join(WINNERS)}")
+    raise input_error(f"unknown vote {echo(winner)}: vote one of {', '.join(WINNERS)}")
 
 
-def vote(feedback: FeedbackLog, battle: Battle | None, winner: str | None) -> dict[str, Any]:
-    """Record the vote on `battle` (once) and return the record."""
+def vote(
+    feedback: FeedbackLog, battle: Battle | None, winner: str | None, session: str | None = None
+) -> dict[str, Any]:
+    """Record the vote on `battle` (once) for `session` (the visitor's) and return the record."""
     code = winner_code(winner)
     if battle is None:
-        raise gr.Error("There is nothing to vote on yet: write a prompt and press Answer.")
+        raise input_error("There is nothing to vote on yet: write a prompt and press Answer.")
     if not battle.complete:
-        raise gr.Error("Both answers are not written yet (still answering, or it failed): wait, or press Answer.")
-    with _vote_lock:
+        raise input_error("Both answers are not written yet (still answering, or it failed): wait, or press Answer.")
+    with _vote_lock:  # one vote per battle, even from two requests at once
         if battle.winner is not None:
-            raise gr.Error(
+            raise input_error(
                 f"You already voted on this battle ({VOTES[battle.winner]}). Press Answer for a new one to vote again."
             )
-        battle.winner = code
-    return feedback.record(
-        "vote",
-        battle=battle.id,
-        model_a=battle.models[0],
-        model_b=battle.models[1],
-        winner=code,
-        prompt=battle.prompt,
-        answer_a=battle.answers[0],
-        answer_b=battle.answers[1],
-        mode=battle.mode,
-        settings=battle.settings,
-    )
+        with user_errors("record the vote"):
+            record = feedback.record(
+                "vote",
+                session=session,
+                battle=battle.id,
+                model_a=battle.models[0],
+                model_b=battle.models[1],
+                winner=code,
+                prompt=battle.prompt,
+                answer_a=battle.answers[0],
+                answer_b=battle.answers[1],
+                mode=battle.mode,
+                settings=battle.settings,
+            )
+        battle.winner = code  # only once the vote is kept: a refused one can be cast again
+    return record
 
 
 def reveal(record: dict[str, Any]) -> str:
@@ -218,7 +240,7 @@ def reveal(record: dict[str, Any]) -> str:
 
 def leaderboard_table(feedback: FeedbackLog) -> dict[str, Any]:
     """The leaderboard of every vote so far, as gr.Dataframe takes it."""
-    rows = leaderboard(feedback.records())
+    rows = feedback.standings()
     return {"headers": list(LEADERBOARD_COLUMNS), "data": [[row[c] for c in LEADERBOARD_COLUMNS] for row in rows]}
 
 
@@ -260,7 +282,6 @@ def build(ctx: AppContext) -> None:
                     elem_id="arena-preset",
                 )
                 max_new_slider = max_new_tokens_slider("arena", min(DEFAULT_MAX_NEW_TOKENS, limit), limit)
-                seed_box = gr.Number(value=None, precision=0, label="Seed (blank: random)", elem_id="arena-seed")
         with gr.Row():
             answer_a = gr.Textbox(label="A", lines=8, interactive=False, elem_id="arena-answer-a")
             answer_b = gr.Textbox(label="B", lines=8, interactive=False, elem_id="arena-answer-b")
@@ -286,14 +307,16 @@ def build(ctx: AppContext) -> None:
         ready = battle is not None and battle.complete and battle.winner is None
         return [gr.Button(interactive=ready) for _ in vote_buttons]
 
-    def cast_vote(winner: str, battle: Battle | None) -> tuple[str, Battle | None, dict[str, Any]]:
+    def cast_vote(
+        winner: str, battle: Battle | None, request: gr.Request | None = None
+    ) -> tuple[str, Battle | None, dict[str, Any]]:
         """Record the vote on this session's battle; reveal the models and the updated leaderboard."""
-        record = vote(ctx.feedback, battle, winner)
+        record = vote(ctx.feedback, battle, winner, request.session_hash if request else None)
         return reveal(record), battle, leaderboard_table(ctx.feedback)
 
     triggers = [answer_button.click, prompt_box.submit]
     gr.on(triggers, lambda: votable(None), None, vote_buttons, api_visibility="private", queue=False)
-    controls = dict(preset=preset_box, max_new_tokens=max_new_slider, seed=seed_box)
+    controls = dict(preset=preset_box, max_new_tokens=max_new_slider)
     gr.on(
         triggers,
         partial(answer_battle, ctx.store, limit),  # the API's parameters: answer_battle's own after these two
@@ -304,7 +327,7 @@ def build(ctx: AppContext) -> None:
 
     outputs = [status, battle_state, board]
     for code, button in zip(VOTES, vote_buttons, strict=True):
-        button.click(partial(cast_vote, code), battle_state, outputs, api_visibility="private").then(
+        button.click(bound(cast_vote, code), battle_state, outputs, api_visibility="private").then(
             votable, battle_state, vote_buttons, api_visibility="private", queue=False
         )
     vote_api_button.click(cast_vote, [winner_box, battle_state], outputs, api_name="arena_vote")

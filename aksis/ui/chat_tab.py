@@ -11,9 +11,12 @@ like/dislike feedback on replies, and the conversation saved and loaded as the J
   are what is used, through `sampler_config` on top of the checkpoint's defaults (its stop strings stay). A blank
   or negative seed samples freshly; a seed makes a turn reproducible (`reply` offsets it by the turn).
 - Like/dislike: the Chatbot's `.like` event records "like", "dislike" (or "retract", when a thumb is taken back)
-  in the feedback log with the model that wrote the reply, its settings, the prompt and the conversation up to it.
-  Which model wrote which reply is kept server-side (a gr.State by message index), so switching models mid-chat
-  still credits the right one.
+  in the feedback log with the model that wrote the reply, its settings, the prompt and the conversation it
+  answered. All of it is what the server kept when it wrote the reply (a gr.State by message index, the session's
+  newest MAX_KEPT_REPLIES): a thumb names a reply, and the text a client sends with it is never recorded, so
+  switching models mid-chat still credits the right one and a client cannot write its own text into the log. A
+  reply the app did not write (one loaded from a file) cannot be rated; a session rates at most
+  `feedback.RATE` replies a minute.
 - Save/load: "Save conversation" writes the chat as aksis-chat JSON for download, in Gradio's cache folder, where
   it stays an hour (each save removes older ones); "Load conversation" reads one back (at most
   MAX_CHAT_FILE_BYTES). A file that is not a chat this app can load is a gr.Error and the current chat stays as
@@ -49,13 +52,14 @@ from typing import Any
 
 import gradio as gr
 
-from aksis.chat import Conversation, reply
+from aksis.chat import Conversation, prompt_budget, reply
 from aksis.chat_template import ChatError
 from aksis.config import GenerationConfig
 from aksis.generation import sampler_config
 from aksis.ui.context import (
     AppContext,
     check_prompt,
+    input_error,
     on_gpu,
     quietly_get,
     read_text_upload,
@@ -66,6 +70,7 @@ from aksis.ui.context import (
     user_errors,
 )
 from aksis.ui.feedback import FeedbackLog
+from aksis.ui.inputs import number
 from aksis.ui.models import LoadedModel, ModelStore
 from aksis.ui.sampling import (
     CHECKPOINT_PRESET,
@@ -93,8 +98,9 @@ HELP = (
 
 # The sampling settings the tab offers, in the order of its controls (and of /chat's parameters).
 CHAT_SETTINGS = ("preset", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens", "seed")
-# Per reply: which model wrote it, with which system prompt and settings (see `reply_info`).
+# Per reply: which model wrote it, with which settings, answering which conversation (see `reply_info`).
 ReplyInfo = dict[int, dict[str, Any]]
+MAX_KEPT_REPLIES = 200  # the replies of a session that can still be rated (older ones are forgotten)
 
 
 # ----- the conversation -----
@@ -204,9 +210,10 @@ def stream_reply(entry: LoadedModel, conversation: Conversation, config: Generat
     yield conversation.messages[-1].content
 
 
-def reply_info(source: str, conversation: Conversation, config: GenerationConfig) -> dict[str, Any]:
-    """What is kept about a reply while it is written (its text, as "reply", is added as it grows)."""
-    return {"model": source, "system_prompt": conversation.system_prompt, "settings": config.to_dict()}
+def reply_info(source: str, seen: Conversation, config: GenerationConfig) -> dict[str, Any]:
+    """What is kept about a reply while it is written (its text, as "reply", is added as it grows): the model, the
+    settings, and `seen`, the conversation as the model saw it (within its context: bounded, however long the chat)."""
+    return {"model": source, "settings": config.to_dict(), "seen": seen}
 
 
 @takes_sampling(*CHAT_SETTINGS)
@@ -232,40 +239,48 @@ def respond(
     with user_errors("read the chat"):
         conversation = conversation_from_history(history, system_prompt, replies)
         conversation.add("user", message)
+        seen = conversation.window(entry.tokenizer, prompt_budget(entry.model, config))
     # The ChatInterface shows the message at len(history) and the reply right after it.
-    index, about = len(history) + 1, reply_info(entry.source, conversation, config)
+    index, about = len(history) + 1, reply_info(entry.source, seen, config)
+    kept = {i: info for i, info in (replies or {}).items() if i != index}
+    kept = dict(sorted(kept.items())[-(MAX_KEPT_REPLIES - 1) :])
     for text in stream_reply(entry, conversation, config):
-        yield text, {**(replies or {}), index: {**about, "reply": text}}
+        yield text, {**kept, index: {**about, "reply": text}}
 
 
 def record_feedback(
     feedback: FeedbackLog,
-    history: Sequence[Any],
+    replies: ReplyInfo | None,
     index: int | Sequence[int],
     liked: bool | str | None,
-    replies: ReplyInfo | None,
-    system_prompt: str | None = "",
+    session: str | None = None,
 ) -> dict[str, Any]:
     """Record a like (`liked` True), a dislike (False) or its retraction (anything else: the thumb was clicked
-    again) of the reply at `index` of the chat history; returns the record. The conversation recorded is the
-    one the model answered: the messages before the reply, then the reply."""
-    if isinstance(index, list | tuple):  # a Chatbot in tuples format would give (row, column)
+    again) of the reply at `index` of the chat, for `session`; returns the record. Everything recorded is what the
+    server kept when it wrote the reply (`replies`): the model, its settings, the conversation it answered, then the
+    reply. A reply it did not write, or no longer keeps, is refused."""
+    if isinstance(index, list | tuple) and index:  # a Chatbot in tuples format would give (row, column)
         index = index[0]
-    if not isinstance(index, int) or not 0 <= index < len(history) or history[index].get("role") != "assistant":
-        raise gr.Error("Only the model's replies can be liked or disliked.")
-    info = (replies or {}).get(index, {})
-    system = info.get("system_prompt", system_prompt)
-    conversation = conversation_from_history(history[: index + 1], system, replies)
-    users = [m.content for m in conversation.messages if m.role == "user"]
+    info = (replies or {}).get(index) if isinstance(index, int) else None
+    if info is None or not isinstance(info.get("seen"), Conversation):
+        raise input_error(
+            "Only the model's replies written in this chat can be liked or disliked (not a reply loaded from a file, "
+            f"nor one older than the newest {MAX_KEPT_REPLIES})."
+        )
+    answered: Conversation = info["seen"]
+    conversation = Conversation(answered.system_prompt, [*answered.messages])
+    conversation.add("assistant", info.get("reply", ""))
     kind = "like" if liked is True else "dislike" if liked is False else "retract"
-    return feedback.record(
-        kind,
-        model=info.get("model"),  # None: a reply loaded from a file, not written here
-        prompt=users[-1] if users else "",
-        reply=conversation.messages[-1].content,
-        conversation=conversation.to_dict(),
-        settings=info.get("settings"),
-    )
+    with user_errors("record your feedback"):
+        return feedback.record(
+            kind,
+            session=session,
+            model=info.get("model"),
+            prompt=answered.messages[-1].content,
+            reply=conversation.messages[-1].content,
+            conversation=conversation.to_dict(),
+            settings=info.get("settings"),
+        )
 
 
 # ----- saving and loading -----
@@ -301,7 +316,7 @@ def save_conversation(
     Saves older than SAVED_CHAT_TTL_S are removed first, so the saves of a long-running app do not pile up."""
     conversation = conversation_from_history(history, system_prompt, replies)
     if not conversation.messages and not conversation.system_prompt:
-        raise gr.Error("There is nothing to save yet: chat first (or write a system prompt).")
+        raise input_error("There is nothing to save yet: chat first (or write a system prompt).")
     root = Path(root) if root is not None else saved_chats_folder()
     with user_errors("save the conversation"):
         root.mkdir(parents=True, exist_ok=True)
@@ -321,11 +336,11 @@ def load_conversation(path: str | Path | None) -> Conversation:
         data = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as err:
         reason = err.msg if isinstance(err, json.JSONDecodeError) else "nested too deeply"
-        raise gr.Error(f"{name} is not valid JSON ({reason}): upload a chat .json file.") from None
+        raise input_error(f"{name} is not valid JSON ({reason}): upload a chat .json file.") from None
     try:
         return Conversation.from_dict(data)
     except ChatError as err:
-        raise gr.Error(f"{name} is not a chat this app can load: {err}.") from None
+        raise input_error(f"{name} is not a chat this app can load: {err}.") from None
 
 
 # ----- the tab -----
@@ -359,7 +374,7 @@ def build(ctx: AppContext) -> None:
                     max_new_slider = max_new_tokens_slider(
                         "chat", start.max_new_tokens, limit, label="Max new tokens per reply"
                     )
-                    seed_box = gr.Number(value=None, precision=0, label="Seed (blank: random)", elem_id="chat-seed")
+                    seed_box = number(value=None, precision=0, label="Seed (blank: random)", elem_id="chat-seed")
                 reply_state = gr.State({})  # ReplyInfo of this session's chat
 
             with gr.Column(scale=3):
@@ -422,12 +437,10 @@ def build(ctx: AppContext) -> None:
         # No triggers: when the page opens and whenever the model (or preset) changes.
         gr.on(None, new_model, [ctx.picker, preset_box], sliders, api_visibility="private")
 
-        def like(
-            history: list[dict[str, Any]], replies: ReplyInfo | None, system_prompt: str | None, data: gr.LikeData
-        ) -> None:
-            record_feedback(ctx.feedback, history, data.index, data.liked, replies, system_prompt)
+        def like(replies: ReplyInfo | None, data: gr.LikeData, request: gr.Request) -> None:
+            record_feedback(ctx.feedback, replies, data.index, data.liked, request.session_hash)
 
-        chat.chatbot.like(like, [chat.chatbot, reply_state, system_box], None, api_visibility="private")
+        chat.chatbot.like(like, reply_state, None, api_visibility="private")
 
         def save(history: list[dict[str, Any]], system_prompt: str | None, replies: ReplyInfo | None) -> str:
             return str(save_conversation(history, system_prompt, replies))

@@ -129,6 +129,13 @@ def user_errors(action: str) -> Iterator[None]:
 # ----- numbers from the inputs -----
 
 
+def echo(value: Any, limit: int = 60) -> str:
+    """A visitor's value, as a message quotes it: its repr, cut to `limit` characters (a request may send megabytes
+    where a word was expected, and neither the answer nor the log should carry them back)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 1]}…"
+
+
 def input_error(message: str) -> gr.Error:
     """A message for the UI (or the API caller); bad input is no server fault, so no traceback in the log."""
     import gradio as gr
@@ -153,15 +160,15 @@ def _to_float(value: Any, name: str, whole: bool, low: float | None, high: float
         accepted += f" of {_show(high)} or less"
     # The API may send anything; True would pass as 1 and a list would fail with Python's own message.
     if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise input_error(f"{name} must be {accepted}, got {value!r}")
+        raise input_error(f"{name} must be {accepted}, got {echo(value)}")
     try:
         number = float(value)
     except ValueError:
-        raise input_error(f"{name} must be {accepted}, got {value!r}") from None
+        raise input_error(f"{name} must be {accepted}, got {echo(value)}") from None
     if not math.isfinite(number):
-        raise input_error(f"{name} must be a finite {accepted.removeprefix('a ')}, got {value!r}")
+        raise input_error(f"{name} must be a finite {accepted.removeprefix('a ')}, got {echo(value)}")
     if (whole and number != int(number)) or (low is not None and number < low) or (high is not None and number > high):
-        raise input_error(f"{name} must be {accepted}, got {value!r}")
+        raise input_error(f"{name} must be {accepted}, got {echo(value)}")
     return number
 
 

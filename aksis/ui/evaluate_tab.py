@@ -45,6 +45,7 @@ from aksis.metrics import LABELS, PerplexityResult, evaluate_checkpoint, markdow
 from aksis.ui.context import (
     AppContext,
     bound,
+    echo,
     input_error,
     on_gpu,
     read_text_upload,
@@ -53,6 +54,7 @@ from aksis.ui.context import (
     to_whole,
     user_errors,
 )
+from aksis.ui.inputs import number, slider
 from aksis.ui.models import LoadedModel, ModelStore
 from aksis.ui.sampling import MAX_TEMPERATURE, max_new_tokens_slider, sampling_slider
 
@@ -103,18 +105,18 @@ def load_texts(
     texts_from = texts_from or PASTED
     if texts_from == PASTED:
         if not isinstance(text, str) or not text.strip():
-            raise gr.Error("The text is empty: paste some text to score (or upload a file, or name a dataset).")
+            raise input_error("The text is empty: paste some text to score (or upload a file, or name a dataset).")
         if len(text) > MAX_TEXT_CHARS:
-            raise gr.Error(f"The text has {len(text):,} characters; this app scores at most {MAX_TEXT_CHARS:,}.")
+            raise input_error(f"The text has {len(text):,} characters; this app scores at most {MAX_TEXT_CHARS:,}.")
         return [text], f"the pasted text ({len(text):,} characters)"
     if texts_from == UPLOADED:
         content = read_text_upload(file, "text file", MAX_UPLOAD_BYTES)
         if not content.strip():
-            raise gr.Error("The uploaded file holds no text.")
+            raise input_error("The uploaded file holds no text.")
         return [content], f"{os.path.basename(file or '')} ({len(content):,} characters)"
     if texts_from == DATASET:
         return _dataset_texts(dataset, split, max_texts, local_paths)
-    raise gr.Error(f"Unknown source of texts {texts_from!r}: choose one of {', '.join(SOURCES)}.")
+    raise input_error(f"Unknown source of texts {echo(texts_from)}: choose one of {', '.join(SOURCES)}.")
 
 
 def dataset_allowed(name: str, local_paths: bool) -> bool:
@@ -140,7 +142,7 @@ def open_dataset(name: str, local_paths: bool = True) -> datasets.DatasetDict | 
         raise input_error("No dataset named: give 'shakespeare', a Hub dataset id or a local text file.")
     if not dataset_allowed(name, local_paths):
         raise input_error(
-            f"This server does not read its own files ({name!r}): upload the file instead, or name 'shakespeare', "
+            f"This server does not read its own files ({echo(name)}): upload the file instead, or name 'shakespeare', "
             "a dataset short name such as 'wikitext2', or a Hub dataset id (user/name)."
         )
     # load_corpus reads a path or a glob of local files before it asks the Hub; only the Hub is streamed.
@@ -148,7 +150,7 @@ def open_dataset(name: str, local_paths: bool = True) -> datasets.DatasetDict | 
     try:
         return load_corpus(name, streaming=None if local else True)
     except DataError as err:  # not a ValueError: user_errors would not know it
-        raise gr.Error(f"Could not load the dataset: {err}", print_exception=False) from err
+        raise input_error(f"Could not load the dataset: {err}") from err
 
 
 def _dataset_texts(dataset: Any, split: Any, max_texts: Any, local_paths: bool = True) -> tuple[list[str], str]:
@@ -157,7 +159,7 @@ def _dataset_texts(dataset: Any, split: Any, max_texts: Any, local_paths: bool =
     count = to_whole(max_texts if max_texts is not None else 10, "max texts", 1, MAX_TEXTS)
     corpus = open_dataset(name, local_paths)
     if split not in corpus:
-        raise gr.Error(f"The dataset {name!r} has no split {split!r}: choose one of {', '.join(corpus)}.")
+        raise input_error(f"The dataset {echo(name)} has no split {echo(split)}: choose one of {', '.join(corpus)}.")
     texts, chars = [], 0
     for row in corpus[split].take(count):
         text = row["text"][: MAX_TEXT_CHARS - chars]
@@ -167,7 +169,7 @@ def _dataset_texts(dataset: Any, split: Any, max_texts: Any, local_paths: bool =
         if chars >= MAX_TEXT_CHARS:
             break
     if not texts:
-        raise gr.Error(f"The split {split!r} of {name!r} holds no text.")
+        raise input_error(f"The split {echo(split)} of {echo(name)} holds no text.")
     cut = " (cut at this app's limit)" if chars >= MAX_TEXT_CHARS else ""
     return texts, f"{len(texts)} text(s) of {name} / {split}, {chars:,} characters{cut}"
 
@@ -279,11 +281,11 @@ def run_evaluate(
     Gradio's, which shows the progress bars of scoring and generation)."""
     chosen = list(scores or [])
     if not chosen or not set(chosen) <= set(SCORES):
-        raise gr.Error(f"Choose what to score: {' and/or '.join(SCORES)}.")
+        raise input_error(f"Choose what to score: {' and/or '.join(SCORES)}.")
     tasks = [PERPLEXITY] if PERPLEXITY in chosen else []
     if BLEU_ROUGE in chosen:
         if (generate_from or CONTINUATION) not in GENERATE_FROM:
-            raise gr.Error(f"BLEU / ROUGE score generations from: {' or '.join(GENERATE_FROM)}.")
+            raise input_error(f"BLEU / ROUGE score generations from: {' or '.join(GENERATE_FROM)}.")
         tasks.append(GENERATE_FROM[generate_from or CONTINUATION])
     settings = dict(
         max_new_tokens=to_max_new_tokens(max_new_tokens, min(limit, EVAL_MAX_TOKENS)),
@@ -303,7 +305,7 @@ def run_evaluate(
         what.append(f"{min(len(prompts), settings['num_samples'])} prompt(s) of {os.path.basename(prompts_file or '')}")
     sources = [s for s in dict.fromkeys([source, compare]) if s and s.strip()]
     if not sources:
-        raise gr.Error("No model picked: choose one in the model picker.")
+        raise input_error("No model picked: choose one in the model picker.")
     columns: dict[str, dict[str, float]] = {}
     samples: dict[str, dict[str, list[dict[str, str]]]] = {}
     for name in sources:
@@ -366,7 +368,7 @@ def build(ctx: AppContext) -> None:
                         ["validation", "train"], value="validation", allow_custom_value=True, label="Split",
                         elem_id="eval-split", scale=1,
                     )  # fmt: skip
-                    max_texts = gr.Slider(
+                    max_texts = slider(
                         1, MAX_TEXTS, 10, step=1, label="At most this many texts", elem_id="eval-max-texts", scale=2
                     )
             with gr.Column(scale=2):
@@ -397,7 +399,7 @@ def build(ctx: AppContext) -> None:
                         maximum=min(EVAL_MAX_TOKENS, limit),
                         info="continuation: also the reference's length",
                     )
-                    prompt_tokens = gr.Slider(
+                    prompt_tokens = slider(
                         1,
                         EVAL_MAX_TOKENS,
                         32,
@@ -405,15 +407,15 @@ def build(ctx: AppContext) -> None:
                         label="Prompt tokens (continuation)",
                         elem_id="eval-prompt-tokens",
                     )
-                    num_samples = gr.Slider(
+                    num_samples = slider(
                         1, MAX_SAMPLES, 20, step=1, label="Samples", info="windows or prompts scored, at most",
                         elem_id="eval-samples",
                     )  # fmt: skip
-                    seed = gr.Number(0, label="Seed (temperature above 0)", precision=0, elem_id="eval-seed")
+                    seed = number(0, label="Seed (temperature above 0)", precision=0, elem_id="eval-seed")
         run_button = gr.Button("Evaluate", variant="primary", elem_id="eval-run")
         with gr.Row():
-            ppl = gr.Number(label="Perplexity", interactive=False, elem_id="eval-perplexity")
-            bpb = gr.Number(label="Bits per byte", interactive=False, elem_id="eval-bpb")
+            ppl = number(label="Perplexity", interactive=False, elem_id="eval-perplexity")
+            bpb = number(label="Bits per byte", interactive=False, elem_id="eval-bpb")
         table = gr.Dataframe(label="Scores", interactive=False, wrap=True, elem_id="eval-table")
         with gr.Accordion("Markdown table (for a model card)", open=False):
             markdown = gr.Code(language="markdown", elem_id="eval-markdown")

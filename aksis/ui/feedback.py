@@ -11,17 +11,22 @@ hold the scheduler's lock, so a commit never uploads half a line.
 With a repo, the records already on the Hub are read once at start, so the leaderboard of a restarted Space
 still counts them (records carry an id; one seen both locally and on the Hub counts once). The Hub is optional:
 when the repo cannot be reached or written, `hub_error` says why and feedback stays local.
+
+Bounds, since visitors write this log: a record is at most MAX_RECORD_BYTES (the app records only what it wrote
+itself: its replies, and the prompts it answered, which it bounds); a session records at most RATE records a minute;
+and the log is read once, at start: the leaderboard is a running `Tally`, updated as votes are appended.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 import uuid
-from collections import Counter
-from collections.abc import Iterable
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -30,6 +35,12 @@ log = logging.getLogger(__name__)
 
 HUB_FOLDER = "feedback"  # where the records go in the dataset repo
 WINNERS = ("a", "b", "tie", "both-bad")  # what a "vote" record's `winner` may be
+MAX_RECORD_BYTES = 256 << 10  # a long conversation of a model with a long context, as JSON, fits many times over
+RATE = (30, 60.0)  # at most this many records per session in this many seconds
+
+
+class FeedbackRefused(ValueError):
+    """A record was not kept (too large, or too many from one session); the message says why."""
 
 
 class FeedbackLog:
@@ -51,8 +62,13 @@ class FeedbackLog:
         self.scheduler: Any = None
         self._lock = threading.Lock()
         self._hub_records: list[dict[str, Any]] = []
+        self._recent: dict[str, deque[float]] = {}  # per session: the times of its records in the last RATE window
+        self.tally = Tally()  # the votes so far, kept up to date as records are appended
         if repo_id:
             self._connect(repo_id, token, every_minutes, private)
+        hub_ids = {r.get("id") for r in self._hub_records}
+        for record in [*self._hub_records, *(r for r in _read_lines(self.path) if r.get("id") not in hub_ids)]:
+            self.tally.add(record)
 
     def _connect(self, repo_id: str, token: str | None, every_minutes: float, private: bool) -> None:
         from huggingface_hub import CommitScheduler, snapshot_download
@@ -84,29 +100,55 @@ class FeedbackLog:
             self.scheduler = None
             return
         for shard in sorted(Path(snapshot, HUB_FOLDER).glob("*.jsonl")):
-            self._hub_records += _read_lines(shard)
+            self._hub_records += list(_read_lines(shard))
         log.info("feedback goes to the Hub dataset %s (%d records there)", repo_id, len(self._hub_records))
 
     def _hold(self) -> AbstractContextManager[Any]:
         return self.scheduler.lock if self.scheduler is not None else nullcontext()
 
-    def record(self, kind: str, **fields: Any) -> dict[str, Any]:
-        """Append one record (kind: "like", "dislike", "retract", "vote") with a time stamp and an id; returns it."""
-        entry = {"id": uuid.uuid4().hex, "time": time.time(), "kind": kind, **fields}
+    def record(self, kind: str, *, session: str | None = None, **fields: Any) -> dict[str, Any]:
+        """Append one record (kind: "like", "dislike", "retract", "vote") with a time stamp and an id; returns it.
+        FeedbackRefused when it is over MAX_RECORD_BYTES, or when `session` (a visitor's) has recorded RATE[0]
+        records in the last RATE[1] seconds."""
+        now = time.time()
+        entry = {"id": uuid.uuid4().hex, "time": now, "kind": kind, **fields}
         line = json.dumps(entry, ensure_ascii=False) + "\n"
+        if len(line.encode("utf-8")) > MAX_RECORD_BYTES:
+            raise FeedbackRefused(f"this feedback is too large to keep (more than {MAX_RECORD_BYTES >> 10} KiB)")
         targets = [self.path] + ([self.shard] if self.scheduler is not None and self.shard else [])
         with self._lock, self._hold():
+            if session is not None:
+                self._count(session, now)
             for target in targets:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with target.open("a", encoding="utf-8") as f:
                     f.write(line)
+            self.tally.add(entry)
         return entry
+
+    def _count(self, session: str, now: float) -> None:
+        """Count a record of `session`, or refuse it when the session is over the rate (holding self._lock)."""
+        limit, window = RATE
+        for key in [k for k, times in self._recent.items() if times[-1] < now - window]:
+            del self._recent[key]  # sessions quiet for a window: forgotten, so the table stays small
+        times = self._recent.setdefault(session, deque())
+        while times and times[0] < now - window:
+            times.popleft()
+        if len(times) >= limit:
+            raise FeedbackRefused(f"at most {limit} ratings a minute: wait a little before the next one")
+        times.append(now)
+
+    def standings(self) -> list[dict[str, Any]]:
+        """The leaderboard of every vote so far (see `leaderboard`), from the running tally: no file is read."""
+        with self._lock:
+            return self.tally.rows()
 
     def records(self) -> list[dict[str, Any]]:
         """Every record, oldest first: those read from the Hub at start and the local file's, each id once. A
-        line that cannot be read (a crash mid-write) is skipped."""
+        line that cannot be read (a crash mid-write) is skipped. This reads the whole local file: for exports and
+        checks, not for serving (the app's leaderboard is `standings`)."""
         with self._lock:
-            local = _read_lines(self.path)
+            local = list(_read_lines(self.path))
         seen: set[Any] = set()
         out = []
         for record in [*self._hub_records, *local]:
@@ -139,56 +181,77 @@ def _time(record: dict[str, Any]) -> float:
     return float(stamp) if isinstance(stamp, int | float) else 0.0
 
 
-def _read_lines(path: Path) -> list[dict[str, Any]]:
+def _read_lines(path: Path) -> Iterator[dict[str, Any]]:
+    """The records of a JSONL file, line by line (a torn or foreign line is skipped)."""
     if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            out.append(record)
-    return out
+        return
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, RecursionError):
+                continue
+            if isinstance(record, dict):
+                yield record
 
 
 LEADERBOARD_COLUMNS = ("model", "battles", "wins", "ties", "losses", "win rate")
 
 
-def leaderboard(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per model: A/B battles, wins, ties, losses (the other model won) and win rate (wins / battles), most wins
-    first. "vote" records name `model_a`, `model_b` and `winner`: "a", "b", "tie" or "both-bad" (a battle that
-    counts, but as neither a win, a tie nor a loss). A battle of a model against itself says nothing about it
-    and is not counted."""
-    battles: Counter[str] = Counter()
-    wins: Counter[str] = Counter()
-    ties: Counter[str] = Counter()
-    losses: Counter[str] = Counter()
-    for r in records:
+def _one_name(model: Any) -> str:
+    """A model as the leaderboard counts it: votes recorded before names were canonicalised may write the same local
+    folder several ways (`x/`, `./x`)."""
+    name = str(model).strip().rstrip("/")
+    return name if name.count("/") == 1 and not name.startswith((".", "/", "~")) else os.path.normpath(name)
+
+
+class Tally:
+    """The leaderboard's counts, vote by vote: per model, A/B battles, wins, ties and losses (the other model won).
+    "vote" records name `model_a`, `model_b` and `winner`: "a", "b", "tie" or "both-bad" (a battle that counts, but
+    as neither a win, a tie nor a loss). A battle of a model against itself says nothing about it and is not counted;
+    other records are ignored."""
+
+    def __init__(self) -> None:
+        self.battles: Counter[str] = Counter()
+        self.wins: Counter[str] = Counter()
+        self.ties: Counter[str] = Counter()
+        self.losses: Counter[str] = Counter()
+
+    def add(self, r: dict[str, Any]) -> None:
         if r.get("kind") != "vote" or "model_a" not in r or "model_b" not in r or r.get("winner") not in WINNERS:
-            continue
-        a, b, winner = str(r["model_a"]), str(r["model_b"]), r["winner"]
+            return
+        a, b, winner = _one_name(r["model_a"]), _one_name(r["model_b"]), r["winner"]
         if a == b:
-            continue
-        battles.update([a, b])
+            return
+        self.battles.update([a, b])
         if winner == "a":
-            wins[a] += 1
-            losses[b] += 1
+            self.wins[a] += 1
+            self.losses[b] += 1
         elif winner == "b":
-            wins[b] += 1
-            losses[a] += 1
+            self.wins[b] += 1
+            self.losses[a] += 1
         elif winner == "tie":
-            ties.update([a, b])
-    rows = [
-        {
-            "model": m,
-            "battles": n,
-            "wins": wins[m],
-            "ties": ties[m],
-            "losses": losses[m],
-            "win rate": round(wins[m] / n, 3),
-        }
-        for m, n in battles.items()
-    ]
-    return sorted(rows, key=lambda row: (-row["wins"], -row["win rate"], row["model"]))
+            self.ties.update([a, b])
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per model (LEADERBOARD_COLUMNS, win rate = wins / battles), most wins first."""
+        rows = [
+            {
+                "model": m,
+                "battles": n,
+                "wins": self.wins[m],
+                "ties": self.ties[m],
+                "losses": self.losses[m],
+                "win rate": round(self.wins[m] / n, 3),
+            }
+            for m, n in self.battles.items()
+        ]
+        return sorted(rows, key=lambda row: (-row["wins"], -row["win rate"], row["model"]))
+
+
+def leaderboard(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of a `Tally` of `records`."""
+    tally = Tally()
+    for record in records:
+        tally.add(record)
+    return tally.rows()

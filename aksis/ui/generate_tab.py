@@ -51,6 +51,7 @@ from aksis.generation import (
 from aksis.ui.context import (
     AppContext,
     check_prompt,
+    echo,
     input_error,
     on_gpu,
     quietly_get,
@@ -60,6 +61,7 @@ from aksis.ui.context import (
     to_whole,
     user_errors,
 )
+from aksis.ui.inputs import number, slider
 from aksis.ui.models import LoadedModel, ModelStore
 from aksis.ui.sampling import (
     CHECKPOINT_PRESET,
@@ -112,7 +114,7 @@ def generation_config(base: GenerationConfig, sampling: Sampling, limit: int) ->
     accepted."""
     sampler = sampling.sampler or SAMPLE
     if sampler not in SAMPLER_SLIDERS:
-        raise input_error(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLER_CHOICES)}")
+        raise input_error(f"unknown sampler {echo(sampler)}: choose one of {', '.join(SAMPLER_CHOICES)}")
     n = to_max_new_tokens(sampling.max_new_tokens, limit)
     given: dict[str, Any] = {}
     for name in SAMPLER_SLIDERS[sampler]:
@@ -346,7 +348,7 @@ def build(ctx: AppContext) -> None:
                 temperature = sampling_slider("temperature", "generate", start.temperature)
                 top_k = sampling_slider("top_k", "generate", start.top_k)
                 top_p = sampling_slider("top_p", "generate", start.top_p)
-                num_beams = gr.Slider(
+                num_beams = slider(
                     2,
                     MAX_BEAMS,
                     start.num_beams,
@@ -358,7 +360,7 @@ def build(ctx: AppContext) -> None:
                 )
                 repetition_penalty = sampling_slider("repetition_penalty", "generate", start.repetition_penalty)
                 max_new_tokens = max_new_tokens_slider("generate", start.max_new_tokens, limit)
-                seed = gr.Number(
+                seed = number(
                     -1,
                     label="Seed",
                     info="blank or -1: a new random draw each time",

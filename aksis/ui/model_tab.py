@@ -33,7 +33,8 @@ from aksis.checkpoint import CARD_FILE
 from aksis.plots import Curves, loss_curves, loss_figure
 from aksis.runs import METRICS_FILE, read_metrics
 from aksis.tokenizer import SPECIAL_TOKENS, TokenizerError
-from aksis.ui.context import AppContext, check_prompt, on_gpu, quietly_get, to_whole, user_errors
+from aksis.ui.context import AppContext, check_prompt, input_error, on_gpu, quietly_get, to_whole, user_errors
+from aksis.ui.inputs import slider
 from aksis.ui.models import LoadedModel, ModelStore
 
 MAX_ATTENTION_TOKENS = 64
@@ -147,15 +148,15 @@ def attention(entry: LoadedModel, prompt: str, layer: int, head: int) -> tuple[l
     """(tokens, weights): the attention probabilities (T, T) of `head` in `layer` over the prompt's tokens."""
     cfg = entry.model.config
     if not 0 <= layer < cfg.n_layer:
-        raise gr.Error(f"layer must be from 0 to {cfg.n_layer - 1} (this model has {cfg.n_layer}), got {layer}")
+        raise input_error(f"layer must be from 0 to {cfg.n_layer - 1} (this model has {cfg.n_layer}), got {layer}")
     if not 0 <= head < cfg.n_head:
-        raise gr.Error(f"head must be from 0 to {cfg.n_head - 1} (this model has {cfg.n_head}), got {head}")
+        raise input_error(f"head must be from 0 to {cfg.n_head - 1} (this model has {cfg.n_head}), got {head}")
     ids = entry.tokenizer.encode(prompt)
     if not ids:
-        raise gr.Error("The prompt is empty: type a few words to see where the model looks.")
+        raise input_error("The prompt is empty: type a few words to see where the model looks.")
     most = min(MAX_ATTENTION_TOKENS, cfg.block_size)
     if len(ids) > most:
-        raise gr.Error(f"The prompt is {len(ids)} tokens; the attention view shows at most {most}: shorten it.")
+        raise input_error(f"The prompt is {len(ids)} tokens; the attention view shows at most {most}: shorten it.")
     idx = torch.tensor([ids], device=entry.device)  # (1, T)
     weights = entry.model.attention_weights(idx, layer)[0, head]  # (T, T)
     return token_labels(entry, ids), weights.cpu().tolist()
@@ -219,8 +220,8 @@ def build(ctx: AppContext) -> None:
         )
         with gr.Row():
             prompt = gr.Textbox(EXAMPLE_PROMPT, label="Prompt", scale=4, elem_id="attention-prompt")
-            layer = gr.Slider(0, 11, 0, step=1, label="Layer", scale=1, elem_id="attention-layer")
-            head = gr.Slider(0, 11, 0, step=1, label="Head", scale=1, elem_id="attention-head")
+            layer = slider(0, 11, 0, step=1, label="Layer", scale=1, elem_id="attention-layer")
+            head = slider(0, 11, 0, step=1, label="Head", scale=1, elem_id="attention-head")
         attention_button = gr.Button("Show attention", variant="primary", elem_id="attention-run")
         plot = gr.Plot(label="Attention", elem_id="attention-heatmap")
         with gr.Accordion("Attention weights (numbers)", open=False):

@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -36,6 +38,9 @@ from aksis.model import GPT
 from aksis.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+# A Hub id by its letters alone (user/name, with an optional @revision): no path, glob or "~" can match it.
+HUB_ID = re.compile(r"(?!.*\.\.)[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(@[\w./-]+)?")
 
 
 @dataclass
@@ -126,6 +131,18 @@ class ModelStore:
         names = ([first] if first else []) + self.local_models() + self.hub_models()
         return list(dict.fromkeys(names))
 
+    def canonical(self, source: str) -> str:
+        """One name per model: a Hub id as given (stripped), a local folder as the store lists it (a folder of the
+        checkpoints folder as `<checkpoints>/<name>`, whatever way it was written), so that the leaderboard counts
+        `checkpoints/x/` and `./checkpoints/x` as `checkpoints/x`."""
+        source = source.strip()
+        if HUB_ID.fullmatch(source):
+            return source
+        path = Path(os.path.normpath(Path(source).expanduser()))
+        if self._in_checkpoints_dir(str(path)):
+            return str(self.checkpoints_dir / path.resolve().relative_to(self.checkpoints_dir.resolve()))
+        return str(path)
+
     # ----- loading -----
 
     def loaded(self) -> list[str]:
@@ -174,8 +191,18 @@ class ModelStore:
         return entry
 
     def _load(self, source: str) -> LoadedModel:
+        if not self.local_paths and not HUB_ID.fullmatch(source) and not self._in_checkpoints_dir(source):
+            # Decided from the name alone, before the file system is asked anything: a path outside the checkpoints
+            # folder gets the same answer whether or not it exists (no oracle), and a revision (@...) belongs to Hub
+            # ids only, never to a folder.
+            raise CheckpointError(
+                f"this app serves local models only from {self.checkpoints_dir}/: pick one of the listed models or "
+                "name a Hub id (user/name or user/name@revision)"
+            )
         if not is_local(source) and not is_hub_id(source):
-            raise CheckpointError(f"{source!r} is neither a local folder nor a Hub id of the form user/name[@revision]")
+            raise CheckpointError(
+                f"{source[:80]!r} is neither a local folder nor a Hub id of the form user/name[@revision]"
+            )
         if is_hub_id(source):
             split_revision(source)  # a malformed revision is named before any download
             if not self.local_paths:
@@ -186,7 +213,10 @@ class ModelStore:
                 "name a Hub id"
             )
         checkpoint = find_checkpoint(source)
-        model, tokenizer, generation = load_model(checkpoint, device=self.device, dtype=self.dtype)
+        # On a Space a model is refused before it is allocated when its weights pass the cache's bound (a repo's
+        # config can ask for any size; the weights file's header says what loading it would take).
+        bound = None if self.local_paths else self.max_bytes
+        model, tokenizer, generation = load_model(checkpoint, device=self.device, dtype=self.dtype, max_bytes=bound)
         entry = LoadedModel(source, checkpoint, model, tokenizer, generation, inference_bytes(model))
         log.info("loaded %s (%.1f MB of weights) on %s", source, entry.nbytes / 1e6, self.device)
         return entry

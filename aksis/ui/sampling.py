@@ -27,7 +27,8 @@ import gradio as gr
 
 from aksis.config import GenerationConfig
 from aksis.generation import SAMPLER_PRESETS, sampler_config
-from aksis.ui.context import input_error, spread, user_errors
+from aksis.ui.context import echo, input_error, spread, user_errors
+from aksis.ui.inputs import slider
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -90,20 +91,20 @@ SLIDER_ARGS: dict[str, dict[str, Any]] = {
 def sampling_slider(name: str, tab: str, value: float, **args: Any) -> gr.Slider:
     """The slider of a sampling setting (a key of SLIDER_ARGS) with elem_id `<tab>-<name with dashes>`; `args`
     (a label, interactive=False...) go to gr.Slider over the shared ones."""
-    return gr.Slider(value=value, elem_id=f"{tab}-{name.replace('_', '-')}", **{**SLIDER_ARGS[name], **args})
+    return slider(value=value, elem_id=f"{tab}-{name.replace('_', '-')}", **{**SLIDER_ARGS[name], **args})
 
 
 def max_new_tokens_slider(tab: str, value: int, limit: int, **args: Any) -> gr.Slider:
     """The max new tokens slider, 1 to `limit` (the app's limit, unless `args` set a lower maximum)."""
     args = {"maximum": limit, "label": "Max new tokens", **args}
-    return gr.Slider(minimum=1, value=value, step=1, elem_id=f"{tab}-max-new-tokens", **args)
+    return slider(minimum=1, value=value, step=1, elem_id=f"{tab}-max-new-tokens", **args)
 
 
 def preset_name(preset: str | None) -> str:
     """The preset chosen ("checkpoint defaults" when none), or a gr.Error that lists the choices."""
     preset = preset or CHECKPOINT_PRESET
     if preset not in PRESET_CHOICES:
-        raise input_error(f"unknown preset {preset!r}: choose one of {', '.join(PRESET_CHOICES)}")
+        raise input_error(f"unknown preset {echo(preset)}: choose one of {', '.join(PRESET_CHOICES)}")
     return preset
 
 

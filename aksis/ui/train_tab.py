@@ -46,12 +46,14 @@ from aksis.ui.context import (
     AppContext,
     AppSettings,
     bound,
+    echo,
     input_error,
     read_text_upload,
     spread,
     to_whole,
     user_errors,
 )
+from aksis.ui.inputs import slider
 
 if TYPE_CHECKING:  # the trainer (and accelerate) are imported when a run starts, not when the app starts
     from aksis.trainer import Trainer, TrainResult
@@ -168,7 +170,7 @@ def quick_config(
     follow the length of the run (the recipe's own values at its 300 steps), so short runs still draw a curve.
     `overrides` (any TrainConfig field) come last: tests use them for tiny blocks."""
     if tokenizer not in TOKENIZERS:
-        raise ValueError(f"tokenizer {tokenizer!r}: choose one of {', '.join(TOKENIZERS)}")
+        raise ValueError(f"tokenizer {echo(tokenizer)}: choose one of {', '.join(TOKENIZERS)}")
     if not 1 <= steps <= MAX_STEPS:
         raise ValueError(f"steps must be between 1 and {MAX_STEPS}, got {steps}")
     settings = {
@@ -390,7 +392,7 @@ def start_run(
     store would keep serving the old weights). `overrides` go to `quick_config`."""
     corpus, upload, name, overwrite, tokenizer = run.corpus, run.upload, run.name, run.overwrite, run.tokenizer
     if corpus not in CORPORA:
-        raise ValueError(f"corpus {corpus!r}: choose one of {', '.join(CORPORA)}")
+        raise ValueError(f"corpus {echo(corpus)}: choose one of {', '.join(CORPORA)}")
     if overwrite and not settings.local_paths:
         raise ValueError(
             "this Space does not overwrite runs (another visitor's may have that name): untick "
@@ -471,12 +473,12 @@ def run_training(
         try:
             job = start_run(slot, ctx.settings, run, ctx.store.loaded(), session)
         except TrainingBusy as err:
-            raise gr.Error(f"Not started: {err}", print_exception=False) from err
+            raise input_error(f"Not started: {err}") from err
     rest = [gr.skip()] * (1 + (status is not None) + (welcome is not None))  # the picker, status, banner
     for frame, text in follow(job):
         yield frame, text, *rest
     if job.error is not None:
-        raise gr.Error(f"Training {job.name} failed: {job.error}", print_exception=False)
+        raise input_error(f"Training {job.name} failed: {job.error}")
     source = finished_source(job)
     if source is None:
         return
@@ -510,7 +512,7 @@ def push_run(source: str | None, repo_id: str, token: str | None, settings: AppS
     if not settings.local_paths and not inside:  # a Space pushes only what was trained here
         raise ValueError(f"this app pushes only the runs in {settings.checkpoints_dir}/: pick one of those")
     if not is_hub_id(repo_id) or "@" in repo_id:
-        raise ValueError(f"repo id {repo_id!r}: give user/name or org/name")
+        raise ValueError(f"repo id {echo(repo_id)}: give user/name or org/name")
     if token is None and not settings.local_paths:
         raise ValueError("no Hub token: paste a write token of your own into the token box (this Space lends none)")
     if token is None and not get_token():
@@ -565,7 +567,7 @@ def build(ctx: AppContext) -> None:
                 overwrite = gr.Checkbox(
                     label="Overwrite a run of this name", visible=settings.local_paths, elem_id="train-overwrite"
                 )
-                steps = gr.Slider(1, MAX_STEPS, value=RECIPE["max_steps"], step=1, label="Steps", elem_id="train-steps")
+                steps = slider(1, MAX_STEPS, value=RECIPE["max_steps"], step=1, label="Steps", elem_id="train-steps")
                 with gr.Row():
                     start = gr.Button("Train", variant="primary", elem_id="train-start")
                     stop = gr.Button("Stop", variant="stop", elem_id="train-stop")

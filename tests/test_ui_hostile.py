@@ -1,0 +1,153 @@
+"""A public Space against hostile repos (issue 18): each repo below, served by the local Hub test server, asks for
+something its bytes do not justify. Loaded through the app's API in Space mode, each gets a clear message in bounded
+time that names the repo's file (never a path of the server), and the app then serves an ordinary model at once."""
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import Hub, ServedApp, serve_app, tiny_config
+from huggingface_hub import HfApi
+
+from aksis.checkpoint import save_checkpoint
+from aksis.model import GPT
+from aksis.tokenizer import Tokenizer
+from aksis.ui import AppSettings
+
+
+def hostile_repo(hub: Hub, folder: Path, name: str, **changes: object) -> str:
+    """A repo holding a tiny, valid checkpoint with `changes` made to its files: {file name: new content (a dict is
+    written as JSON; a dict under config.json is merged into the config)}."""
+    torch.manual_seed(0)
+    save_checkpoint(GPT(tiny_config(vocab_size=260)), folder, tokenizer=Tokenizer.byte_level())
+    for file, content in changes.items():
+        path = folder / file.replace("__", ".")
+        if file == "config__json" and isinstance(content, dict):
+            content = {**json.loads(path.read_text()), **content}
+        path.write_text(json.dumps(content) if isinstance(content, dict | list) else str(content))
+    repo_id = hub.fresh_repo_id(name, namespace=hub.org)
+    api = HfApi(token=hub.write_token)
+    api.create_repo(repo_id)
+    api.upload_folder(folder_path=folder, repo_id=repo_id)
+    return repo_id
+
+
+@pytest.fixture(scope="module")
+def space(app_checkpoints: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedApp]:
+    """The app as a public Space serves it: visitors may name any Hub repo, no file of the server."""
+    settings = AppSettings(
+        model=str(app_checkpoints / "tiny-llama"),
+        checkpoints_dir=app_checkpoints,
+        feedback_file=tmp_path_factory.mktemp("feedback") / "feedback.jsonl",
+        device="cpu",
+        local_paths=False,
+    )
+    app = serve_app(settings)
+    yield app
+    app.demo.close()
+
+
+TOKENIZER = Tokenizer.byte_level().to_dict()
+CASES = {
+    # config.json asks for far more than the weights hold
+    "vocab": ({"config__json": {"vocab_size": 2_000_000}}, "transformer.wte.weight is (260, 64) in the file but"),
+    "layers": ({"config__json": {"n_layer": 20_000}}, "holds 2 layers but config.json beside it asks for 20000"),
+    "huge": ({"config__json": {"vocab_size": 2**40}}, "transformer.wte.weight is (260, 64) in the file but"),
+    "width": ({"config__json": {"d_ff": 10**9}}, "in the file but (1000000000, 64) in the model"),
+    # files that would hang or crash the server
+    "hang": ({"tokenizer__json": {**TOKENIZER, "pattern": r"\s*|\S"}}, "can match the empty string"),
+    "list": ({"tokenizer__json": [1, 2]}, "must be a JSON object, got list"),
+    "corrupt": ({"config__json": "{not json"}, "config.json is not valid JSON"),
+    "nested": ({"generation_config__json": "[" * 100_000 + "]" * 100_000}, "nested too deeply"),
+    "temperature": ({"generation_config__json": {"temperature": 1e-300}}, "temperature must be 0 (greedy) or at"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_hostile_repo_gets_a_clear_message_fast_and_the_space_serves_on(
+    case: str, space: ServedApp, hub: Hub, tmp_path: Path
+) -> None:
+    from gradio_client.exceptions import AppError
+
+    changes, expected = CASES[case]
+    repo_id = hostile_repo(hub, tmp_path / case, case, **changes)
+    client = space.client()
+    start = time.perf_counter()
+    with pytest.raises(AppError, match="Could not load the model") as err:
+        client.predict(repo_id, api_name="/load_model")
+    message = str(err.value)
+    assert expected in message and time.perf_counter() - start < 30
+    assert repo_id in message and "snapshots" not in message and "models--" not in message  # no server path
+    assert "llama" in client.predict(space.settings.model, api_name="/load_model")  # and the Space goes on
+
+
+def test_refusals_are_answered_without_a_traceback_in_the_server_log(
+    space: ServedApp, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """An unknown vote, a vote with nothing to vote on, a value outside a slider's range: the app working as meant.
+    The visitor gets the reason; the server log gets no stack trace (a real failure keeps its own)."""
+    from gradio_client.exceptions import AppError
+
+    client = space.client()
+    capfd.readouterr()
+    refusals = [
+        (("x" * 100_000,), "/arena_vote", "unknown vote 'xxxx"),
+        (("a",), "/arena_vote", "nothing to vote on yet"),
+    ]
+    for args, api, expected in refusals:
+        with pytest.raises(AppError) as err:
+            client.predict(*args, api_name=api)
+        assert expected in str(err.value) and len(str(err.value)) < 500  # the 100,000 characters are not echoed
+    settings = dict(
+        source=space.settings.model, compare=None, texts_from="pasted text", text="To be, or not to be.", file=None,
+        dataset="shakespeare", split="validation", max_texts=10**9, scores=["perplexity"],
+        generate_from="continuation of the texts", prompts_file=None, temperature=0, max_new_tokens=8,
+        prompt_tokens=8, num_samples=2, seed=0,
+    )  # fmt: skip
+    with pytest.raises(AppError, match="At most this many texts: Value 1000000000 is greater than maximum value 100"):
+        client.predict(**settings, api_name="/evaluate")
+    with pytest.raises(AppError, match="Seed .* must be a number"):
+        client.predict(**{**settings, "max_texts": 1, "seed": "many"}, api_name="/evaluate")
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_space_reads_no_folder_outside_its_checkpoints_and_says_the_same_for_any(
+    app_checkpoints: Path, tmp_path: Path
+) -> None:
+    """A path outside the checkpoints folder, with or without an @revision, existing or not, a file or a folder:
+    one answer, decided before the file system is asked (no oracle), and nothing of the folder is read."""
+    from aksis.checkpoint import CheckpointError
+    from aksis.ui.models import ModelStore
+
+    private = tmp_path / "private2" / "model"
+    private.mkdir(parents=True)
+    (private / "config.json").write_text(json.dumps({"api_key": "s3cret", "password": "hunter2"}))
+    store = ModelStore(app_checkpoints, device=torch.device("cpu"), local_paths=False)
+    messages = set()
+    for source in (str(private), f"{private}@main", f"{tmp_path}/private2/model@x", "/etc/shadow", "/no/such/file",
+                   f"{app_checkpoints}/../outside", "~/model", "./private2/model@main"):  # fmt: skip
+        with pytest.raises(CheckpointError) as err:
+            store.get(source)
+        messages.add(str(err.value))
+        assert "api_key" not in str(err.value) and "s3cret" not in str(err.value)
+    assert messages == {
+        f"this app serves local models only from {app_checkpoints}/: pick one of the listed models or name a Hub id "
+        "(user/name or user/name@revision)"
+    }
+    assert "llama" in store.get(str(app_checkpoints / "tiny-llama")).describe()  # its own folder: served
+
+
+def test_one_concurrency_limit_holds_for_the_whole_app(space: ServedApp) -> None:
+    """Gradio counts concurrency per event: with a limit per endpoint, five endpoints at AKSIS_CONCURRENCY=4 ran
+    five requests at once. Every queued event shares one group of `concurrency` workers, except the Train tab's,
+    which reach the one-run slot at once: a second run is told at once that the slot is taken."""
+    unlimited = {fn.api_name for fn in space.demo.fns.values() if fn.queue and fn.concurrency_limit is None}
+    assert unlimited == {"train", "stop_training", "quick_start"}
+    groups = {fn.concurrency_id for fn in space.demo.fns.values() if fn.queue and fn.concurrency_limit == "default"}
+    assert groups == {"aksis"}
+    space.client().predict(api_name="/list_models")
+    queue = space.demo._queue.event_queue_per_concurrency_id["aksis"]
+    assert queue.concurrency_limit == space.settings.concurrency
