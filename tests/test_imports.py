@@ -40,6 +40,7 @@ ORDER = [
     "aksis.trainer",
     # the app and the command line
     "aksis.ui.feedback",
+    "aksis.ui.space_runs",
     "aksis.ui.models",
     "aksis.ui.context",
     "aksis.ui.inputs",

@@ -23,7 +23,9 @@ def test_settings_come_from_the_environment() -> None:
     assert settings.model == "alice/tiny@v1" and settings.checkpoints_dir == Path("/data/runs")
     assert settings.cache_mb == 512 and settings.concurrency == AppSettings().concurrency
     assert AppSettings.from_env({}) == AppSettings()
-    assert AppSettings.from_env({"SPACE_AUTHOR_NAME": "alice"}).hub_author == "alice"  # a Space lists its owner's
+    on_a_space = AppSettings.from_env({"SPACE_AUTHOR_NAME": "alice", "AKSIS_RUN_HOURS": "6"})
+    assert on_a_space.hub_author == "alice"  # a Space lists its owner's models
+    assert (on_a_space.space_owner, on_a_space.run_hours) == ("alice", 6)  # who may push any run; runs kept 6 h
     with pytest.raises(ValueError, match="AKSIS_CONCURRENCY='many' is not a whole number"):
         AppSettings.from_env({"AKSIS_CONCURRENCY": "many"})
     with pytest.raises(ValueError, match="AKSIS_MODEL_CACHE_MB must be at least 1"):

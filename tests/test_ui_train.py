@@ -18,8 +18,16 @@ from aksis.config import TrainConfig
 from aksis.runs import read_metrics
 from aksis.ui import AppSettings
 from aksis.ui.models import ModelStore
-from aksis.ui.train_tab import (
+from aksis.ui.space_runs import (
+    MAX_RUNS_PER_VISITOR,
     MAX_SPACE_RUNS,
+    MIN_KEEP_S,
+    VISITOR_FILE,
+    make_room,
+    mark_run,
+    trained_by,
+)
+from aksis.ui.train_tab import (
     MAX_STEPS,
     MAX_UPLOAD_BYTES,
     MIN_UPLOAD_CHARS,
@@ -302,7 +310,7 @@ def test_start_run_refuses_steps_it_cannot_run(tmp_path: Path, steps: Any) -> No
 # ----- on a public Space (local_paths off) -----
 
 
-def test_a_space_never_overwrites_a_run_and_keeps_a_bounded_number(tmp_path: Path, corpus_file: Path) -> None:
+def test_a_space_never_overwrites_a_run_and_marks_whose_each_run_is(tmp_path: Path, corpus_file: Path) -> None:
     space = AppSettings(checkpoints_dir=tmp_path / "checkpoints", device="cpu", local_paths=False)
     root = space.checkpoints_dir
     slot = TrainingSlot(owner_only=True)
@@ -311,17 +319,60 @@ def test_a_space_never_overwrites_a_run_and_keeps_a_bounded_number(tmp_path: Pat
     with pytest.raises(ValueError, match="this Space does not overwrite runs"):
         start_run(slot, space, RunRequest("upload", str(corpus_file), "theirs", True, 2, "byte"))
     assert (root / "theirs" / "corpus.txt").read_text() == "another visitor's run" and slot.job is None
-
-    for n in range(2, MAX_SPACE_RUNS):
-        (root / f"run-{n}").mkdir()
-    job = start_run(
-        slot, space, RunRequest("upload", str(corpus_file), "", False, 2, "byte"), **TINY
-    )  # the last one allowed
+    job = start_run(slot, space, RunRequest("upload", str(corpus_file), "", False, 2, "byte"), owner="s1", **TINY)
     assert job.wait(60) and job.error is None
-    assert sum(p.is_dir() for p in root.iterdir()) == MAX_SPACE_RUNS
-    with pytest.raises(ValueError, match=f"this Space already holds {MAX_SPACE_RUNS} runs, its limit"):
-        start_run(slot, space, RunRequest("upload", str(corpus_file), "", False, 2, "byte"), **TINY)
-    assert sum(p.is_dir() for p in root.iterdir()) == MAX_SPACE_RUNS and slot.job is job
+    assert trained_by(job.output_dir / "best", "s1") and not trained_by(job.output_dir, "s2")
+    assert "s1" not in (job.output_dir / VISITOR_FILE).read_text()  # a hash of the session, not the session
+    assert not trained_by(root / "theirs", "s1")  # no visitor.json: the Space's own
+
+
+def visitor_run(root: Path, name: str, session: str, started: float) -> Path:
+    folder = root / name
+    folder.mkdir(parents=True)
+    mark_run(folder, session, now=started)
+    return folder
+
+
+def test_a_visitor_keeps_a_few_runs_and_old_runs_expire(tmp_path: Path) -> None:
+    """One anonymous client filled the Space's 20-run cap in 21 s, after which nobody could train, for good."""
+    now, day = 1_000_000.0, 24 * 3600.0
+    root = tmp_path / "checkpoints"
+    (root / "own").mkdir(parents=True)  # the Space's own run (no visitor.json): never counted, never removed
+    mine = [visitor_run(root, f"mine-{i}", "s1", now - 60 * (3 - i)) for i in range(MAX_RUNS_PER_VISITOR)]
+    with pytest.raises(ValueError, match=f"you have {MAX_RUNS_PER_VISITOR} runs on this Space.*'mine-0', expires in"):
+        make_room(root, "s1", day, now=now)
+    assert make_room(root, "s2", day, now=now) == []  # another visitor still trains
+    # A day later the first visitor's runs have expired: removed when a run starts (not one still training).
+    assert make_room(root, "s2", day, busy=[mine[2]], now=now + day) == mine[:2]
+    assert sorted(p.name for p in root.iterdir()) == ["mine-2", "own"]
+
+
+def test_a_full_space_makes_room_with_its_oldest_run_kept_an_hour(tmp_path: Path) -> None:
+    now = 1_000_000.0
+    root = tmp_path / "checkpoints"
+    runs = [visitor_run(root, f"run-{i:02}", f"s{i}", now - 600 + i) for i in range(MAX_SPACE_RUNS)]
+    with pytest.raises(ValueError, match=f"holds {MAX_SPACE_RUNS} visitors' runs, its limit, all started within the"):
+        make_room(root, "new", 24 * 3600, now=now)  # nobody has had their hour yet
+    later = now - 600 + MIN_KEEP_S + 1
+    assert make_room(root, "new", 24 * 3600, busy=[runs[0]], now=later) == [runs[1]]  # the oldest not in use
+    assert len(list(root.iterdir())) == MAX_SPACE_RUNS - 1
+
+
+def test_a_run_is_pushed_only_by_its_visitor_or_the_space_owner(tmp_path: Path, hub: Hub) -> None:
+    root = tmp_path / "checkpoints"
+    run = write_run(root / "run", "gpt2", seed=0)
+    mark_run(run, "trainer")
+    space = AppSettings(checkpoints_dir=root, local_paths=False, space_owner=hub.user)
+    repo_id = hub.fresh_repo_id("visitor")
+    for session, token in [("someone-else", hub.other_token), (None, hub.other_token), ("someone-else", "")]:
+        with pytest.raises(ValueError, match="was trained by another visitor .*only they can push it|own into the"):
+            push_run(str(run), repo_id, token, space, session)
+    assert push_run(str(run / "best"), repo_id, hub.write_token, space, "trainer").startswith("Pushed")
+    # The Space's owner (here the hub user, whose token this is) pushes any run; a stranger's token does not.
+    assert push_run(str(run), repo_id, hub.write_token, space, "owner-session").startswith("Pushed")
+    stranger = AppSettings(checkpoints_dir=root, local_paths=False, space_owner="someone-else")
+    with pytest.raises(ValueError, match="was trained by another visitor"):
+        push_run(str(run), repo_id, hub.write_token, stranger, "owner-session")
 
 
 def test_on_a_space_only_the_starting_session_stops_its_run(tmp_path: Path) -> None:
@@ -344,16 +395,17 @@ def test_a_space_pushes_only_with_the_visitor_s_own_token(tmp_path: Path, hub: H
     from huggingface_hub import HfApi
 
     run = write_run(tmp_path / "checkpoints" / "run", "gpt2", seed=0)
+    mark_run(run, "visitor")
     space = AppSettings(checkpoints_dir=tmp_path / "checkpoints", local_paths=False)
     monkeypatch.setenv("HF_TOKEN", hub.write_token)  # the Space's secret: its owner's token
     repo_id = hub.fresh_repo_id("space")
     before = len(hub.requests)
     for empty in ("", "  ", None):
         with pytest.raises(ValueError, match="paste a write token of your own into the token box"):
-            push_run(str(run), repo_id, empty, space)
+            push_run(str(run), repo_id, empty, space, "visitor")
     assert hub.requests[before:] == []  # the owner's token never went out
     # The visitor's own token (here alice's) pushes.
-    assert push_run(str(run), repo_id, hub.write_token, space).startswith(f"Pushed `{run}/best` to **{repo_id}**")
+    assert push_run(str(run), repo_id, hub.write_token, space, "visitor").startswith(f"Pushed `{run}/best` to **")
     # In one's own app the login (HF_TOKEN) is one's own: an empty box uses it.
     own = hub.fresh_repo_id("own")
     assert push_run(str(run), own, "", AppSettings(checkpoints_dir=tmp_path / "checkpoints")).startswith("Pushed")

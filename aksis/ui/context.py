@@ -51,6 +51,10 @@ class AppSettings:
     # AKSIS_LOCAL_PATHS=0/1: whether visitors may name files and folders of this machine (a dataset to score, a
     # model outside the checkpoints folder). Off by default on a Space (SPACE_ID is set), where visitors are strangers.
     local_paths: bool = True
+    # On a Space: AKSIS_RUN_HOURS, how long a visitor's run is kept (see aksis.ui.space_runs); SPACE_AUTHOR_NAME (set
+    # by the Hub), the owner, who may push any run with a token of theirs.
+    run_hours: int = 24
+    space_owner: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> AppSettings:
@@ -87,6 +91,8 @@ class AppSettings:
             concurrency=number("AKSIS_CONCURRENCY", defaults.concurrency),
             device=env.get("AKSIS_DEVICE") or None,
             local_paths=flag("AKSIS_LOCAL_PATHS", default="SPACE_ID" not in env),
+            run_hours=number("AKSIS_RUN_HOURS", defaults.run_hours),
+            space_owner=env.get("SPACE_AUTHOR_NAME") or None,
         )
 
 

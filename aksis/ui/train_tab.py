@@ -17,9 +17,10 @@ How a run goes:
   then shows up in the picker through "Refresh list".
 
 On a public Space (`AppSettings.local_paths` off) visitors are strangers to each other and to the owner:
-- a run never overwrites another (a fresh name each time), and the checkpoints folder holds at most
-  `MAX_SPACE_RUNS` runs, so visitors cannot fill the disk;
-- only the browser session (gr.Request.session_hash) that started a run may stop it;
+- a run never overwrites another (a fresh name each time); how many runs a visitor keeps, how many the Space keeps
+  and when they expire are set in `aksis.ui.space_runs`, so visitors can neither fill the disk nor lock the tab;
+- only the browser session (gr.Request.session_hash) that started a run may stop it, and push it (the Space's owner
+  may push any);
 - a push needs the visitor's own token: the app's HF_TOKEN (the owner's) is never used for a visitor's push.
 """
 
@@ -54,6 +55,7 @@ from aksis.ui.context import (
     user_errors,
 )
 from aksis.ui.inputs import slider
+from aksis.ui.space_runs import make_room, mark_run, trained_by
 
 if TYPE_CHECKING:  # the trainer (and accelerate) are imported when a run starts, not when the app starts
     from aksis.trainer import Trainer, TrainResult
@@ -90,7 +92,6 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}")
 POLL_SECONDS = 0.5
 PROGRESS_ID = "train-progress"
 CURVE_NAMES = {"training": "train", "validation": "validation"}  # aksis.plots' curves, as the plot's legend names them
-MAX_SPACE_RUNS = 20  # folders in the checkpoints folder of a public Space, beyond which it trains no more
 
 
 class TrainingBusy(Exception):
@@ -120,18 +121,6 @@ def default_name(corpus: str, upload: str | Path | None) -> str:
     stem = Path(upload).stem if corpus == "upload" and upload else corpus
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.") or "upload"
     return f"quick-{slug}"[:60]
-
-
-def check_room(checkpoints_dir: Path, settings: AppSettings) -> None:
-    """On a public Space, refuse a new run once the checkpoints folder holds MAX_SPACE_RUNS folders."""
-    if settings.local_paths or not checkpoints_dir.is_dir():
-        return
-    runs = sum(1 for path in checkpoints_dir.iterdir() if path.is_dir())
-    if runs >= MAX_SPACE_RUNS:
-        raise ValueError(
-            f"this Space already holds {runs} runs, its limit ({MAX_SPACE_RUNS}): train on your own machine "
-            "(the Train tab of `python app.py`, or training/train.py), or ask the Space's owner to clear some"
-        )
 
 
 def run_folder(checkpoints_dir: Path, name: str, corpus: str, upload: str | Path | None, overwrite: bool) -> Path:
@@ -402,9 +391,8 @@ def start_run(
     # The API may send any number (or none): int(None) or int(inf) would fail with Python's own message.
     steps = to_whole(run.steps, "steps", 1, MAX_STEPS)
     checkpoints_dir = Path(settings.checkpoints_dir)
-    # The folder (and the Space's room) is checked twice: here for a clear message before any work, and in
-    # `prepare`, where the slot is held and no other run can create a folder in between.
-    check_room(checkpoints_dir, settings)
+    # The folder is checked twice: here for a clear message before any work, and in `prepare`, where the slot is
+    # held and no other run can create a folder in between.
     output_dir = run_folder(checkpoints_dir, name, corpus, upload, overwrite)
     dataset = str(output_dir / UPLOAD_FILE) if text is not None else "shakespeare"
     device = settings.device or "auto"
@@ -420,11 +408,16 @@ def start_run(
                 f"the run {output_dir.name!r} is loaded in the app, which would go on serving its old weights: "
                 "choose another run name"
             )
-        check_room(checkpoints_dir, settings)
-        checked = run_folder(checkpoints_dir, name, corpus, upload, overwrite)
-        if checked != output_dir:  # only a default name can move: a run took it since the first check
+        if not settings.local_paths:  # a Space: expired runs go, and the visitor's count is checked
+            busy = [Path(source) for source in loaded or [] if is_local(source)]
+            make_room(checkpoints_dir, owner, settings.run_hours * 3600, busy)
+        if name.strip():
+            run_folder(checkpoints_dir, name, corpus, upload, overwrite)  # refused if another run took it since
+        elif output_dir.exists():  # the next free default name, taken since
             raise ValueError(f"{output_dir.name!r} was just taken by another run; start again")
         output_dir.mkdir(parents=True, exist_ok=True)
+        if not settings.local_paths:
+            mark_run(output_dir, owner)
         (output_dir / METRICS_FILE).unlink(missing_ok=True)  # an overwritten run's curve must not show
         if text is not None:
             (output_dir / UPLOAD_FILE).write_text(text, encoding="utf-8")
@@ -491,10 +484,13 @@ def run_training(
     yield frame, f"{text} It is now picked in the model picker.", *final
 
 
-def push_run(source: str | None, repo_id: str, token: str | None, settings: AppSettings) -> str:
+def push_run(
+    source: str | None, repo_id: str, token: str | None, settings: AppSettings, session: str | None = None
+) -> str:
     """Push the picked local model (a run's best/ or newest step-N, or a checkpoint folder) to `repo_id`, with
     `token`, else (only in one's own app) the app's own login or HF_TOKEN. A public Space never lends its token
-    (its owner's) to a visitor, who could otherwise overwrite any repo the owner may write to."""
+    (its owner's) to a visitor, who could otherwise overwrite any repo the owner may write to, and pushes a run only
+    for the visitor who trained it (`session`), or for its owner (a token of `settings.space_owner`)."""
     from huggingface_hub import get_token
 
     from aksis.checkpoint import find_checkpoint, is_local
@@ -518,8 +514,30 @@ def push_run(source: str | None, repo_id: str, token: str | None, settings: AppS
     if token is None and not get_token():
         raise ValueError("no Hub token: paste a write token into the token box, or set HF_TOKEN for the app")
     checkpoint = find_checkpoint(source)
+    if not settings.local_paths and not trained_by(Path(source), session):
+        check_space_owner(token, settings.space_owner, Path(source).name, repo_id)
     commit = push_checkpoint(checkpoint, repo_id, token=token, commit_message=f"aksis: {Path(source).name}")
     return f"Pushed `{checkpoint}` to **{repo_id}** (commit `{commit[:8]}`). Load it back with the id `{repo_id}`."
+
+
+def check_space_owner(token: str | None, owner: str | None, run: str, repo_id: str) -> None:
+    """ValueError unless `token` is a token of the Space's owner: a run someone else trained is theirs to push."""
+    from aksis.hub import HUB_FAILURES, explain
+
+    refusal = (
+        f"the run {run!r} was trained by another visitor (or is the Space's own): only they can push it. Train a run "
+        "of your own to push it"
+    )
+    if owner is None or token is None:
+        raise ValueError(refusal)
+    from huggingface_hub import HfApi
+
+    try:
+        name = HfApi().whoami(token=token).get("name")
+    except HUB_FAILURES as err:
+        raise explain(err, repo_id, "push to") from None
+    if name != owner:
+        raise ValueError(refusal)
 
 
 # ----- the tab -----
@@ -617,9 +635,9 @@ def build(ctx: AppContext) -> None:
     def stop_run(request: gr.Request | None = None) -> str:
         return slot.stop(request.session_hash if request is not None else None)
 
-    def push_picked(source: str | None, repo_id: str, token: str) -> str:
+    def push_picked(source: str | None, repo_id: str, token: str, request: gr.Request | None = None) -> str:
         with user_errors("push to the Hub"):
-            return push_run(source, repo_id, token, settings)
+            return push_run(source, repo_id, token, settings, request.session_hash if request is not None else None)
 
     # concurrency_limit=None: the slot allows one run, and a second request must reach it to be told so,
     # rather than wait silently in the queue behind the first.
