@@ -17,14 +17,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from aksis.chat_template import ChatError, Message, render, stop_token_ids
 from aksis.config import GenerationConfig
-from aksis.generation import stream
+from aksis.generation import Completion, stream
 from aksis.model import GPT
 from aksis.tokenizer import Tokenizer
 
@@ -159,9 +159,10 @@ def reply(
     config: GenerationConfig | None = None,
     *,
     budget: int | None = None,
-) -> Iterator[str]:
+) -> Generator[str, None, Completion]:
     """Stream the reply to the conversation's newest user message, piece by piece; when the stream is read
-    to its end, the reply (without surrounding whitespace) is added to the conversation as an assistant message.
+    to its end, the reply (without surrounding whitespace) is added to the conversation as an assistant message,
+    and the generator returns the Completion (how the reply ended: `finish_reason`).
     A `config.seed` is offset by the number of messages, so each turn draws differently, reproducibly."""
     if not conversation.messages or conversation.messages[-1].role != "user":
         raise ChatError("the conversation must end with a user message to reply to")
@@ -173,3 +174,4 @@ def reply(
     yield from text_stream
     assert text_stream.completion is not None
     conversation.add("assistant", text_stream.completion.text.strip())
+    return text_stream.completion

@@ -274,6 +274,7 @@ def _generation_config(args: argparse.Namespace, base: Any) -> Any:
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
         stop=args.stop,
+        max_time=args.max_time,
     )
     if args.beam_width is not None and args.sampler != "beam":
         raise CLIError("--beam-width applies to --sampler beam")
@@ -318,6 +319,7 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens_help
     group.add_argument("--max-new-tokens", type=int, help=max_new_tokens_help)
     group.add_argument("--stop", action="append", help="end the text at this string (repeatable)")
     group.add_argument("--seed", type=int, help="make sampling reproducible")
+    group.add_argument("--max-time", type=float, help="stop generating after this many seconds (ended by time)")
 
 
 def cmd_generate_text(args: argparse.Namespace) -> None:

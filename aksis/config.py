@@ -134,6 +134,9 @@ class GenerationConfig:
     length_penalty: float = 1.0  # beam search only
     stop: list[str] = field(default_factory=list)  # stop strings, in addition to <|endoftext|>
     seed: int | None = None
+    # Seconds a generation may take (after the prompt is read); it then ends with finish_reason "time". A public
+    # Space bounds every request this way.
+    max_time: float | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -167,6 +170,8 @@ class GenerationConfig:
             problems.append(f"seed must be a whole number from 0 to {MAX_SEED} (or unset), got {self.seed!r}")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) for s in self.stop):
             problems.append(f"stop must be a list of strings, got {self.stop!r}")
+        if self.max_time is not None and not (_is_finite(self.max_time) and self.max_time > 0):
+            problems.append(f"max_time must be a positive number of seconds (or unset), got {self.max_time!r}")
         if problems:
             raise ValueError("invalid GenerationConfig: " + "; ".join(problems))
 

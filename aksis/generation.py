@@ -7,8 +7,8 @@
 - Beam search keeps the `num_beams` most likely continuations, scores finished ones by their summed
   log-probability divided by length ** length_penalty, and returns the n best with their scores.
 - Generation stops at a stop token (`<|endoftext|>` and the chat role tokens: no special token is ever
-  printed), at a stop string (cut from the text), or after `max_new_tokens`; `Completion.finish_reason`
-  says which ("eos", "stop", "length").
+  printed), at a stop string (cut from the text), after `max_new_tokens`, or once it has taken `max_time`
+  seconds (the step under way finishes); `Completion.finish_reason` says which ("eos", "stop", "length", "time").
 - `stream` yields text pieces as they are decoded. Pieces never split a multi-byte UTF-8 character, text that
   might be the start of a stop string is held back until it is known not to be, and the pieces always join up
   to exactly `Completion.text`.
@@ -65,7 +65,7 @@ class GenerationError(Exception):
 class Completion:
     text: str
     token_ids: list[int]  # the generated tokens, the stop token included
-    finish_reason: str  # "eos" (a stop token), "stop" (a stop string) or "length" (max_new_tokens)
+    finish_reason: str  # "eos" (a stop token), "stop" (a stop string), "length" (max_new_tokens), "time" (max_time)
     prompt_tokens: int  # tokens of the prompt the model read (after any truncation)
     logprob: float | None = None  # beam search: summed log-probability of token_ids
     score: float | None = None  # beam search: logprob / len(token_ids) ** length_penalty
@@ -300,6 +300,7 @@ def _sample(
     generated: list[list[int]] = [[] for _ in ids]
     reasons: list[str | None] = [None] * B
     logits = session.prefill()
+    out_of_time = _clock(config)
     for i in range(config.max_new_tokens):
         tokens = choose_next(logits, seen, config, generator)  # (B,)
         if config.repetition_penalty != 1.0:
@@ -318,6 +319,9 @@ def _sample(
                     yield row, piece
         if all(r is not None for r in reasons) or i == config.max_new_tokens - 1:
             break
+        if out_of_time():
+            reasons = [r or "time" for r in reasons]
+            break
         logits = session.step(tokens)
     for row, text in enumerate(texts):
         piece = text.finish()
@@ -326,6 +330,14 @@ def _sample(
     return [
         Completion(text.text, generated[row], reasons[row] or "length", len(ids[row])) for row, text in enumerate(texts)
     ]
+
+
+def _clock(config: GenerationConfig) -> Callable[[], bool]:
+    """A function that says whether `config.max_time` has passed since now (never, without one)."""
+    if config.max_time is None:
+        return lambda: False
+    deadline = time.monotonic() + config.max_time
+    return lambda: time.monotonic() >= deadline
 
 
 def _drain(gen: Iterator[Any]) -> Any:
@@ -449,6 +461,8 @@ def beam_search(
     seen = torch.zeros(width, tokenizer.vocab_size, dtype=torch.bool, device=session.device)
     seen[:, ids] = True
     logits = session.prefill()
+    out_of_time = _clock(config)
+    ended: str | None = None  # "length" or "time" when the search runs out of tokens or of time
     for step in range(config.max_new_tokens):
         logits = logits.float()
         if penalty != 1.0:  # the scores are then log-probabilities of the penalised distribution
@@ -489,11 +503,16 @@ def beam_search(
         if len(finished) == width and finished[-1][0] >= best_live:
             break
         if step < config.max_new_tokens - 1:
+            if out_of_time():
+                ended = "time"
+                break
             logits = session.step(torch.tensor(next_tokens_list, device=session.device))
-    else:  # max_new_tokens reached: the live beams compete with the finished ones
+    else:
+        ended = "length"
+    if ended is not None:  # out of tokens or of time: the live beams compete with the finished ones
         for logprob, tokens in zip(scores.tolist(), beams, strict=True):
             if logprob > -math.inf:
-                finish(logprob, tokens, "length")
+                finish(logprob, tokens, ended)
     completions = []
     for score, logprob, tokens, reason in finished[:num_return]:
         text = _Text(tokenizer, config.stop)

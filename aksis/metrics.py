@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,17 @@ def _windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
     return out
 
 
+class OutOfTime(Exception):
+    """Scoring ran past its deadline (a public Space bounds each request by time). Not a ValueError: the input was
+    fine, the time was short, and the app says so in its own words."""
+
+
+def _check_time(deadline: float | None, what: str) -> None:
+    """OutOfTime once time.monotonic() has reached `deadline` (never, without one)."""
+    if deadline is not None and time.monotonic() >= deadline:
+        raise OutOfTime(f"{what} ran out of the time it was given: score fewer or shorter texts")
+
+
 @torch.inference_mode()
 def perplexity(
     model: GPT,
@@ -71,8 +83,10 @@ def perplexity(
     stride: int | None = None,
     batch_size: int = 8,
     progress: bool = False,
+    deadline: float | None = None,
 ) -> PerplexityResult:
-    """Perplexity, NLL per token and bits per byte of `texts` (see the module docstring for the windows)."""
+    """Perplexity, NLL per token and bits per byte of `texts` (see the module docstring for the windows). OutOfTime
+    when `deadline` (a time.monotonic() instant) passes first."""
     texts = [t for t in texts if t]
     if not texts:
         raise ValueError("no text to score: give at least one non-empty text")
@@ -88,6 +102,7 @@ def perplexity(
     total_nll, total_tokens = 0.0, 0
     batches = range(0, len(jobs), batch_size)
     for start in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
+        _check_time(deadline, "scoring the perplexity")
         batch = jobs[start : start + batch_size]
         width = max(len(w) for w, _ in batch) - 1
         inputs = torch.zeros(len(batch), width, dtype=torch.long)
@@ -165,15 +180,22 @@ def score_generations(
     metrics: Sequence[str] = ("bleu", "rouge"),
     batch_size: int = 8,
     progress: bool = False,
+    deadline: float | None = None,
 ) -> tuple[dict[str, float], list[str]]:
     """Generate from each prompt (in batches), then BLEU / ROUGE against the references and generation
-    statistics of the generated texts; ({metric: value}, generated texts)."""
+    statistics of the generated texts; ({metric: value}, generated texts). OutOfTime when `deadline` (a
+    time.monotonic() instant) passes first: a batch under way then stops at it."""
     from aksis.scores import bleu, generation_stats, rouge
 
     generated: list[str] = []
     for start in tqdm(range(0, len(pairs), batch_size), desc="generating", unit="batch", disable=not progress):
+        _check_time(deadline, "generating for BLEU / ROUGE")
         prompts = [prompt for prompt, _ in pairs[start : start + batch_size]]
-        generated += [c.text for c in generate_batch(model, tokenizer, prompts, config)]
+        timed = config if deadline is None else replace(config, max_time=max(deadline - time.monotonic(), 1e-3))
+        completions = generate_batch(model, tokenizer, prompts, timed)
+        if any(c.finish_reason == "time" for c in completions):
+            _check_time(deadline, "generating for BLEU / ROUGE")  # a batch cut short would score its texts unfairly
+        generated += [c.text for c in completions]
     references = [reference for _, reference in pairs]
     scores: dict[str, float] = {}
     if "bleu" in metrics:
@@ -202,16 +224,20 @@ def evaluate_checkpoint(
     new_tokens: int = 32,
     num_samples: int = 50,
     progress: bool = False,
+    deadline: float | None = None,
 ) -> dict[str, Any]:
     """Run `tasks` ("perplexity", "continuation" on `texts`, "prompts" on (prompt, reference) pairs); a flat
-    {name: value} under "metrics" (names prefixed by task for the generation tasks), and samples."""
+    {name: value} under "metrics" (names prefixed by task for the generation tasks), and samples. OutOfTime when
+    `deadline` (a time.monotonic() instant) passes first."""
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {', '.join(unknown)}: choose from {', '.join(TASKS)}")
     config = config or GenerationConfig(temperature=0.0)
     out: dict[str, Any] = {"metrics": {}, "samples": {}}
     if "perplexity" in tasks:
-        result = perplexity(model, tokenizer, texts, stride=stride, batch_size=batch_size, progress=progress)
+        result = perplexity(
+            model, tokenizer, texts, stride=stride, batch_size=batch_size, progress=progress, deadline=deadline
+        )
         out["metrics"].update(
             perplexity=result.perplexity,
             nll=result.nll,
@@ -231,7 +257,14 @@ def evaluate_checkpoint(
         jobs.append(("prompts", list(prompts), config))
     for name, pairs_, task_config in jobs:
         scores, generated = score_generations(
-            model, tokenizer, pairs_, task_config, metrics=metrics, batch_size=batch_size, progress=progress
+            model,
+            tokenizer,
+            pairs_,
+            task_config,
+            metrics=metrics,
+            batch_size=batch_size,
+            progress=progress,
+            deadline=deadline,
         )
         out["metrics"].update({f"{name}_{k}": v for k, v in scores.items()})
         out["samples"][name] = [

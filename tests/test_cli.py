@@ -142,6 +142,7 @@ def test_generate_text_with_each_sampler(
         (["--prompt", "x", "--repetition-penalty", "nan"], "repetition_penalty must be a finite number"),
         (["--prompt", "x", "--seed", "18446744073709551616"], "seed must be a whole number from 0 to"),
         (["--prompt", "x", "--sampler", "beam", "--beam-width", "100000"], "num_beams must be between 1 and 64"),
+        (["--prompt", "x", "--max-time", "-1"], "max_time must be a positive number of seconds"),
     ],
 )
 def test_generate_text_bad_input_exits_2_with_a_clear_message(
@@ -151,6 +152,13 @@ def test_generate_text_bad_input_exits_2_with_a_clear_message(
     assert result.returncode == 2 and message in result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_max_time_ends_a_generation_and_says_so(checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["generate-text", "--checkpoint-path", str(checkpoint), "--prompt", "To be", "--max-new-tokens", "64"]
+    assert main([*args, "--sampler", "greedy", "--max-time", "1e-9", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("[1 tokens in") and err.rstrip().endswith("ended by time]")
 
 
 def test_a_missing_checkpoint_is_a_clear_error_and_writes_nothing(tmp_path: Path) -> None:

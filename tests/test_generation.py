@@ -178,6 +178,27 @@ def test_a_stop_token_ends_generation_and_is_not_printed(tok: Tokenizer) -> None
     assert out.text == tok.decode(free.token_ids[:first])
 
 
+def test_max_time_ends_sampling_and_beam_search_with_the_time_reason(tok: Tokenizer) -> None:
+    """A public Space bounds every request by time: a generation ends after the step under way, says so, and keeps
+    what it wrote (a prefix of the unbounded generation)."""
+    model = model_for("llama")
+    free = generate(model, tok, "Hi", GREEDY, stop_ids=set())
+    timed = generate(model, tok, "Hi", GenerationConfig(temperature=0.0, max_new_tokens=30, max_time=1e-9))
+    assert timed.finish_reason == "time" and timed.token_ids == free.token_ids[:1]
+    pieces = list(stream(model, tok, "Hi", GenerationConfig(temperature=0.0, max_new_tokens=30, max_time=1e-9)))
+    assert "".join(pieces) == timed.text
+    [first, second] = generate_batch(model, tok, ["Hi", "To be"], GenerationConfig(max_new_tokens=30, max_time=1e-9))
+    assert first.finish_reason == second.finish_reason == "time" and len(first.token_ids) == 1
+    beams = beam_search(model, tok, "Hi", GenerationConfig(num_beams=3, max_new_tokens=30, max_time=1e-9), num_return=3)
+    assert [b.finish_reason for b in beams] == ["time"] * 3 and all(len(b.token_ids) == 1 for b in beams)
+    assert generate(model, tok, "Hi", GenerationConfig(**{**GREEDY.to_dict(), "max_time": 60})).token_ids == (
+        free.token_ids
+    )  # within the time: as without it
+    for bad in (0, -1, float("nan"), "60"):
+        with pytest.raises(ValueError, match="max_time must be a positive number of seconds"):
+            GenerationConfig(max_time=bad)  # type: ignore[arg-type]
+
+
 def test_beam_width_one_equals_greedy(arch: str, tok: Tokenizer) -> None:
     model = model_for(arch)
     [beam] = beam_search(model, tok, "To be", GenerationConfig(num_beams=1, max_new_tokens=30), stop_ids=set())

@@ -1,5 +1,6 @@
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -8,12 +9,14 @@ from conftest import tiny_config
 
 from aksis.config import GenerationConfig, TrainConfig
 from aksis.metrics import (
+    OutOfTime,
     continuation_pairs,
     evaluate_checkpoint,
     markdown_table,
     perplexity,
     read_prompts,
     save_results,
+    score_generations,
 )
 from aksis.model import GPT
 from aksis.tokenizer import Tokenizer
@@ -137,6 +140,22 @@ def test_a_report_with_every_task_and_a_comparison_table(tmp_path: Path) -> None
         evaluate_checkpoint(model, BYTES, [TEXT], tasks=("prompts",))
     with pytest.raises(ValueError, match="unknown task\\(s\\) bleu"):
         evaluate_checkpoint(model, BYTES, [TEXT], tasks=("bleu",))
+
+
+def test_scoring_past_its_deadline_stops_with_a_clear_error() -> None:
+    """A public Space bounds each request by time: scoring checks the deadline between batches, and a generation
+    batch stops at it (its texts are not scored: a cut batch would score unfairly)."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config("llama", vocab_size=BYTES.vocab_size)).eval()
+    past = time.monotonic()
+    with pytest.raises(OutOfTime, match="scoring the perplexity ran out of the time it was given"):
+        perplexity(model, BYTES, [TEXT], deadline=past)
+    with pytest.raises(OutOfTime, match="generating for BLEU / ROUGE ran out of the time"):
+        evaluate_checkpoint(model, BYTES, [TEXT * 3], tasks=("continuation",), num_samples=2, deadline=past)
+    with pytest.raises(OutOfTime, match="generating for BLEU / ROUGE ran out of the time"):
+        score_generations(model, BYTES, [("To be", " or not")], GenerationConfig(), deadline=time.monotonic() + 1e-4)
+    later = time.monotonic() + 600
+    assert perplexity(model, BYTES, [TEXT], deadline=later) == perplexity(model, BYTES, [TEXT])
 
 
 def test_a_trained_model_is_less_perplexed_by_held_out_shakespeare(tmp_path: Path) -> None:

@@ -26,6 +26,11 @@ def test_settings_come_from_the_environment() -> None:
     on_a_space = AppSettings.from_env({"SPACE_AUTHOR_NAME": "alice", "AKSIS_RUN_HOURS": "6"})
     assert on_a_space.hub_author == "alice"  # a Space lists its owner's models
     assert (on_a_space.space_owner, on_a_space.run_hours) == ("alice", 6)  # who may push any run; runs kept 6 h
+    # A request that runs a model is bounded in time on a public Space, unless set otherwise; not in one's own app.
+    assert AppSettings().request_limit() is None and AppSettings(local_paths=False).request_limit() == 180
+    assert AppSettings.from_env({"AKSIS_REQUEST_SECONDS": "30"}).request_limit() == 30
+    with pytest.raises(ValueError, match="AKSIS_REQUEST_SECONDS must be at least 1"):
+        AppSettings.from_env({"AKSIS_REQUEST_SECONDS": "0"})
     with pytest.raises(ValueError, match="AKSIS_CONCURRENCY='many' is not a whole number"):
         AppSettings.from_env({"AKSIS_CONCURRENCY": "many"})
     with pytest.raises(ValueError, match="AKSIS_MODEL_CACHE_MB must be at least 1"):

@@ -151,3 +151,38 @@ def test_one_concurrency_limit_holds_for_the_whole_app(space: ServedApp) -> None
     space.client().predict(api_name="/list_models")
     queue = space.demo._queue.event_queue_per_concurrency_id["aksis"]
     assert queue.concurrency_limit == space.settings.concurrency
+
+
+def test_every_request_that_runs_a_model_stops_at_the_time_limit_and_says_so(app_checkpoints: Path) -> None:
+    """A public Space bounds each request by time (AKSIS_REQUEST_SECONDS, 180 s by default there): generation ends,
+    scoring stops, the worker is free, and the visitor is told why. Here the bound is a microsecond."""
+    import warnings
+
+    import gradio as gr
+
+    from aksis.ui import evaluate_tab
+    from aksis.ui.arena_tab import answer_battle
+    from aksis.ui.chat_tab import respond
+    from aksis.ui.generate_tab import run_generate
+    from aksis.ui.models import ModelStore
+
+    store = ModelStore(app_checkpoints, device=torch.device("cpu"), request_seconds=1e-6)
+    llama, gpt2 = str(app_checkpoints / "tiny-llama"), str(app_checkpoints / "tiny-gpt2")
+    sliders = dict(temperature=0.9, top_k=40, top_p=0.9, repetition_penalty=1.0, max_new_tokens=64, seed=1)
+    *_, (_, _, rows, stats) = run_generate(store, 64, llama, "To be", "sample", num_beams=3, **sliders)
+    assert "stopped by this app's time limit per request" in stats and len(rows) == 1
+    with warnings.catch_warnings(record=True) as caught:  # gr.Warning, outside a request, is a Python warning
+        warnings.simplefilter("always")
+        list(respond(store, 64, "Hello", [], llama, "", "precise", **sliders, replies={}))
+    assert any("Stopped after 1e-06 s, this app's time limit per request" in str(w.message) for w in caught)
+    *_, (_, _, _, status) = answer_battle(store, 64, "To be", llama, gpt2, "continue", "balanced", 64)
+    assert "This app's time limit per request, 5e-07 s for each answer, cut answer" in status
+    with pytest.raises(gr.Error, match="Stopped after 1e-06 s, this app's time limit per request. Score fewer"):
+        evaluate_tab.run_perplexity(store, llama, "To be, or not to be, that is the question." * 20)
+    settings = dict(
+        compare=gpt2, texts_from=evaluate_tab.PASTED, text="To be, or not to be." * 20, file=None, dataset=None,
+        split=None, max_texts=1, scores=[evaluate_tab.BLEU_ROUGE], generate_from=evaluate_tab.CONTINUATION,
+        prompts_file=None, temperature=0.0, max_new_tokens=8, prompt_tokens=8, num_samples=2, seed=0,
+    )  # fmt: skip
+    with pytest.raises(gr.Error, match="Stopped after 1e-06 s"):
+        evaluate_tab.run_evaluate(store, 64, llama, **settings)  # type: ignore[arg-type]

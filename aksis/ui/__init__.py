@@ -62,6 +62,7 @@ def build_app(settings: AppSettings | None = None) -> gr.Blocks:
         max_bytes=settings.cache_mb << 20,
         hub_author=settings.hub_author,
         local_paths=settings.local_paths,
+        request_seconds=settings.request_limit(),
     )
     feedback = FeedbackLog(settings.feedback_file, repo_id=settings.feedback_repo)
     choices = store.choices(settings.model)

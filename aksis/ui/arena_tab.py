@@ -50,6 +50,7 @@ from aksis.ui.context import (
     echo,
     input_error,
     on_gpu,
+    timed,
     to_max_new_tokens,
     to_seed,
     user_errors,
@@ -85,6 +86,7 @@ class Battle:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     answers: list[str] = field(default_factory=lambda: ["", ""])
     complete: bool = False  # both answers are written
+    cut: list[str] = field(default_factory=list)  # the sides ("A", "B") whose answer the time limit ended
     winner: str | None = None  # set by the vote
 
 
@@ -137,36 +139,62 @@ def new_battle(
 
 
 @on_gpu
-def answer_text(entry: LoadedModel, prompt: str, mode: str, config: GenerationConfig) -> Iterator[str]:
+def answer_text(
+    entry: LoadedModel, prompt: str, mode: str, config: GenerationConfig, ended: list[str] | None = None
+) -> Iterator[str]:
     """One model's answer as it grows (each value is the text so far): the continuation of `prompt`, or in
-    "chat" mode the reply to it as a user message (its last value without surrounding space, as a chat keeps it)."""
+    "chat" mode the reply to it as a user message (its last value without surrounding space, as a chat keeps it).
+    How it ended (Completion.finish_reason) is appended to `ended` (not returned: a ZeroGPU wrapper would drop a
+    generator's return value)."""
     text = ""
     with user_errors("answer"):
         if mode == "chat":
             conversation = Conversation()
             conversation.add("user", prompt)
-            for piece in reply(entry.model, entry.tokenizer, conversation, config):
-                text += piece
-                yield text
-            yield conversation.messages[-1].content
+            pieces: Iterator[str] = reply(entry.model, entry.tokenizer, conversation, config)
         else:
-            for piece in stream(entry.model, entry.tokenizer, prompt, config):
-                text += piece
-                yield text
+            text_stream = stream(entry.model, entry.tokenizer, prompt, config)
+            pieces = iter(text_stream)
+        while True:
+            try:
+                text += next(pieces)
+            except StopIteration as done:
+                completion = done.value if mode == "chat" else text_stream.completion
+                break
+            yield text
+        if mode == "chat":
+            yield conversation.messages[-1].content
+    assert completion is not None  # set when the stream ends
+    if ended is not None:
+        ended.append(completion.finish_reason)
 
 
 def run_battle(store: ModelStore, battle: Battle) -> Iterator[Battle]:
-    """Write A's answer, then B's, yielding the battle as they grow; the last one is complete."""
+    """Write A's answer, then B's, yielding the battle as they grow; the last one is complete. An answer that ran
+    out of the request's time is noted in `battle.cut`."""
     config = GenerationConfig.from_dict(battle.settings)
     for side, source in zip("AB", battle.models, strict=True):
         # The error names the model: a battle that fails is not voted on, so nothing blind is spoiled.
         with user_errors(f"load model {side}"):
             entry = store.get(source)
-        for text in answer_text(entry, battle.prompt, battle.mode, config):
+        ended: list[str] = []
+        for text in answer_text(entry, battle.prompt, battle.mode, config, ended):
             battle.answers["AB".index(side)] = text
             yield battle
+        if ended == ["time"]:
+            battle.cut.append(side)
     battle.complete = True
     yield battle
+
+
+def status_line(battle: Battle, seconds: float | None) -> str:
+    """The status under the answers: answering, or ready for the vote (saying which answer the time limit cut)."""
+    if not battle.complete:
+        return "Answering…"
+    if not battle.cut:
+        return READY
+    answers = f"answer{'s' if len(battle.cut) > 1 else ''} {' and '.join(battle.cut)}"
+    return f"{READY} (This app's time limit per request, {seconds:g} s for each answer, cut {answers} short.)"
 
 
 @takes_sampling(*ARENA_SETTINGS)
@@ -182,11 +210,13 @@ def answer_battle(
     """The `/arena_answer` event: both models' answers to `prompt`, labelled A and B only (which is which is
     revealed by the vote), with the session's battle and a status line. The models are named as the store names
     them (so `checkpoints/x/` and `checkpoints/x` are one model on the leaderboard), and the seed is the server's."""
-    config = arena_config(replace(sampling, seed=secrets.randbelow(2**31)), limit)
+    # The request's time is shared by the two answers.
+    each = store.request_seconds / 2 if store.request_seconds is not None else None
+    config = timed(arena_config(replace(sampling, seed=secrets.randbelow(2**31)), limit), each)
     model_1, model_2 = (store.canonical(m) if isinstance(m, str) and m.strip() else m for m in (model_1, model_2))
     battle = new_battle(prompt, model_1, model_2, mode, config)
     for state in run_battle(store, battle):
-        yield state.answers[0], state.answers[1], state, READY if state.complete else "Answering…"
+        yield state.answers[0], state.answers[1], state, status_line(state, each)
 
 
 def winner_code(winner: str | None) -> str:

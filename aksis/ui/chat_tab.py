@@ -61,8 +61,10 @@ from aksis.ui.context import (
     check_prompt,
     input_error,
     on_gpu,
+    out_of_time,
     quietly_get,
     read_text_upload,
+    timed,
     to_max_new_tokens,
     to_number,
     to_seed,
@@ -204,9 +206,16 @@ def stream_reply(entry: LoadedModel, conversation: Conversation, config: Generat
     last value is the reply as `aksis.chat.reply` adds it to the conversation (without surrounding space)."""
     text = ""
     with user_errors("reply"):
-        for piece in reply(entry.model, entry.tokenizer, conversation, config):
-            text += piece
+        pieces = reply(entry.model, entry.tokenizer, conversation, config)
+        while True:
+            try:
+                text += next(pieces)
+            except StopIteration as done:
+                completion = done.value
+                break
             yield text
+    if completion.finish_reason == "time":
+        gr.Warning(f"{out_of_time(config.max_time)} The reply is cut short.")
     yield conversation.messages[-1].content
 
 
@@ -235,7 +244,7 @@ def respond(
         check_prompt(system_prompt, "system prompt")
     with user_errors("load the model"):
         entry = store.get(model)
-    config = sampling_config(entry.generation, sampling, limit)
+    config = timed(sampling_config(entry.generation, sampling, limit), store.request_seconds)
     with user_errors("read the chat"):
         conversation = conversation_from_history(history, system_prompt, replies)
         conversation.add("user", message)

@@ -16,7 +16,7 @@ import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -25,6 +25,7 @@ import torch
 if TYPE_CHECKING:
     import gradio as gr
 
+    from aksis.config import GenerationConfig
     from aksis.ui.feedback import FeedbackLog
     from aksis.ui.models import LoadedModel, ModelStore
 
@@ -33,6 +34,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 # The most new tokens one request of the app may ask for: enough for long stories, small enough that one
 # visitor cannot hold a worker for minutes on a CPU Space.
 APP_MAX_NEW_TOKENS = 1024
+
+
+REQUEST_SECONDS = 180  # on a public Space: a request that runs a model stops after this, and frees its worker
 
 
 @dataclass
@@ -55,6 +59,15 @@ class AppSettings:
     # by the Hub), the owner, who may push any run with a token of theirs.
     run_hours: int = 24
     space_owner: str | None = None
+    # AKSIS_REQUEST_SECONDS: how long one request may run a model (generation, chat, arena, scoring); by default
+    # unbounded in one's own app and REQUEST_SECONDS on a public Space (see `request_limit`).
+    request_seconds: int | None = None
+
+    def request_limit(self) -> int | None:
+        """The time bound of a request that runs a model: the setting, else REQUEST_SECONDS on a public Space."""
+        if self.request_seconds is not None:
+            return self.request_seconds
+        return None if self.local_paths else REQUEST_SECONDS
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> AppSettings:
@@ -93,6 +106,7 @@ class AppSettings:
             local_paths=flag("AKSIS_LOCAL_PATHS", default="SPACE_ID" not in env),
             run_hours=number("AKSIS_RUN_HOURS", defaults.run_hours),
             space_owner=env.get("SPACE_AUTHOR_NAME") or None,
+            request_seconds=number("AKSIS_REQUEST_SECONDS", 0) or None,
         )
 
 
@@ -279,6 +293,19 @@ def on_gpu(fn: F) -> F:
     except ImportError:
         return fn
     return cast(F, spaces.GPU(fn))
+
+
+# ----- time -----
+
+
+def timed(config: GenerationConfig, seconds: float | None) -> GenerationConfig:
+    """`config` bounded to `seconds` of generation (the app's time limit per request); as is without one."""
+    return config if seconds is None else replace(config, max_time=float(seconds))
+
+
+def out_of_time(seconds: float | None) -> str:
+    """What a request that reached the time limit says."""
+    return f"Stopped after {seconds:g} s, this app's time limit per request."
 
 
 # ----- uploads and long text -----

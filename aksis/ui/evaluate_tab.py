@@ -36,18 +36,29 @@ import dataclasses
 import glob
 import os
 import re
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
-from aksis.metrics import LABELS, PerplexityResult, evaluate_checkpoint, markdown_table, perplexity, read_prompts
+from aksis.metrics import (
+    LABELS,
+    OutOfTime,
+    PerplexityResult,
+    evaluate_checkpoint,
+    markdown_table,
+    perplexity,
+    read_prompts,
+)
 from aksis.ui.context import (
     AppContext,
     bound,
     echo,
     input_error,
     on_gpu,
+    out_of_time,
     read_text_upload,
     to_max_new_tokens,
     to_number,
@@ -185,9 +196,19 @@ def read_prompt_pairs(path: str | None) -> list[tuple[str, str]]:
 # ----- scoring -----
 
 
+@contextmanager
+def within_time(seconds: float | None) -> Iterator[float | None]:
+    """The deadline (a time.monotonic() instant) of a request that may run `seconds` (None: no bound); scoring that
+    runs past it is a message saying so, and what to ask for instead."""
+    try:
+        yield None if seconds is None else time.monotonic() + seconds
+    except OutOfTime:
+        raise input_error(f"{out_of_time(seconds)} Score fewer or shorter texts, or fewer samples.") from None
+
+
 @on_gpu
-def score_text(entry: LoadedModel, texts: Sequence[str]) -> PerplexityResult:
-    return perplexity(entry.model, entry.tokenizer, texts, progress=True)
+def score_text(entry: LoadedModel, texts: Sequence[str], deadline: float | None = None) -> PerplexityResult:
+    return perplexity(entry.model, entry.tokenizer, texts, progress=True, deadline=deadline)
 
 
 @on_gpu
@@ -202,6 +223,7 @@ def evaluate_model(
     prompt_tokens: int,
     num_samples: int,
     seed: int,
+    deadline: float | None = None,
 ) -> dict[str, Any]:
     """`metrics.evaluate_checkpoint` for one model: its metrics ({name: value}) and samples of its generations.
     Sampling settings other than the temperature are the checkpoint's own."""
@@ -217,6 +239,7 @@ def evaluate_model(
         new_tokens=max_new_tokens,
         num_samples=num_samples,
         progress=True,
+        deadline=deadline,
     )
 
 
@@ -226,8 +249,8 @@ def run_perplexity(store: ModelStore, source: str | None, text: Any, progress: A
     texts, _ = load_texts(PASTED, text, None, None, None, None)
     with user_errors("load the model"):
         entry = store.get(source)
-    with user_errors("score the text"):
-        result = score_text(entry, texts)
+    with within_time(store.request_seconds) as deadline, user_errors("score the text"):
+        result = score_text(entry, texts, deadline)
     return result.perplexity, result.bits_per_byte
 
 
@@ -308,13 +331,16 @@ def run_evaluate(
         raise input_error("No model picked: choose one in the model picker.")
     columns: dict[str, dict[str, float]] = {}
     samples: dict[str, dict[str, list[dict[str, str]]]] = {}
-    for name in sources:
-        with user_errors(f"load the model {name}"):
-            entry = store.get(name)
-        with user_errors(f"evaluate {name}"):
-            results = evaluate_model(entry, texts, tasks=tasks, prompts=prompts, temperature=heat, **settings)
-        columns[name] = results["metrics"]
-        samples[name] = results["samples"]
+    with within_time(store.request_seconds) as deadline:  # one bound for the whole request, both models
+        for name in sources:
+            with user_errors(f"load the model {name}"):
+                entry = store.get(name)
+            with user_errors(f"evaluate {name}"):
+                results = evaluate_model(
+                    entry, texts, tasks=tasks, prompts=prompts, temperature=heat, deadline=deadline, **settings
+                )
+            columns[name] = results["metrics"]
+            samples[name] = results["samples"]
     first = columns[sources[0]]
     return (
         first.get("perplexity"),

@@ -55,6 +55,7 @@ from aksis.ui.context import (
     input_error,
     on_gpu,
     quietly_get,
+    timed,
     to_max_new_tokens,
     to_number,
     to_seed,
@@ -93,7 +94,12 @@ SLIDERS = ("temperature", "top_k", "top_p", "num_beams")
 # The sampling settings the tab offers, in the order of its controls (and of /generate's parameters).
 GENERATE_SETTINGS = ("sampler", *SLIDERS, "repetition_penalty", "max_new_tokens", "seed")
 
-FINISH = {"eos": "a stop token", "stop": "a stop string", "length": "max new tokens reached"}
+FINISH = {
+    "eos": "a stop token",
+    "stop": "a stop string",
+    "length": "max new tokens reached",
+    "time": "this app's time limit per request",
+}
 TABLE_HEADERS = ["#", "token", "probability", "top alternatives"]
 EXAMPLES = ["To be, or not to be", "ROMEO:\n", "Once upon a time", "The king said"]
 HELP = (
@@ -290,7 +296,7 @@ def run_generate(
     to_max_new_tokens(sampling.max_new_tokens, limit)
     with user_errors("load the model"):
         entry = store.get(source)
-    config = generation_config(entry.generation, sampling, limit)
+    config = timed(generation_config(entry.generation, sampling, limit), store.request_seconds)
     with user_errors("generate"):
         yield from stream_generation(entry, prompt, config)
 

@@ -91,13 +91,16 @@ class ModelStore:
         max_bytes: int = 2 << 30,
         hub_author: str | None = None,
         local_paths: bool = True,
+        request_seconds: float | None = None,
     ) -> None:
+        """`request_seconds`: how long one request may run a model (see AppSettings.request_limit); None: no bound."""
         self.checkpoints_dir = Path(checkpoints_dir)
         self.device = device
         self.dtype = dtype
         self.max_bytes = max_bytes
         self.hub_author = hub_author
         self.local_paths = local_paths  # False: local models only from checkpoints_dir (see AppSettings.local_paths)
+        self.request_seconds = request_seconds
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
