@@ -3,15 +3,16 @@
     output_dir/
       metrics.jsonl        one JSON record per log step and per evaluation (copied into each checkpoint)
       step-000500/         a checkpoint folder (aksis.checkpoint) plus training_state/:
-        training_state/    accelerate's save_state (weights, optimizer, RNG) + trainer_state.json
+        training_state/    optimizer, LR schedule and RNG (aksis.training_state) + trainer_state.json
       best/                the checkpoint with the lowest validation loss so far (no training state)
 
 `RunFolder` is what the trainer writes through: metrics records appended as they come (and trimmed back to the
 step a resumed run continues from), the best model, and step checkpoints with the training state of every process
-(accelerate's `save_state`), assembled under a temporary name and renamed into place (so an interrupted save never
-leaves a half-written step-N), only the newest `keep_last` kept. Only the main process writes files. It also answers the
-questions asked before a run starts: which checkpoint `--resume` means, and whether the folder holds another run's
-checkpoints. `read_metrics` is the one reader of metrics.jsonl, for the trainer, the model card and the app.
+(in safetensors and JSON: aksis.training_state), assembled under a temporary name and renamed into place (so an
+interrupted save never leaves a half-written step-N), only the newest `keep_last` kept. Only the main process
+writes files (each process its own random state). It also answers the questions asked before a run starts: which
+checkpoint `--resume` means, and whether the folder holds another run's checkpoints. `read_metrics` is the one
+reader of metrics.jsonl, for the trainer, the model card and the app.
 
 What may be said of a run in public (a model card, a pushed training state): `public_settings` leaves out the
 settings that are places of this machine (PLACES) and names datasets, tokenizers and checkpoints by `public_name`:
@@ -26,15 +27,27 @@ import glob
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from aksis.checkpoint import BEST_DIR, CONFIG_FILE, STEP_PREFIX, read_model_config, save_checkpoint
+from aksis import training_state
+from aksis.checkpoint import (
+    BEST_DIR,
+    CONFIG_FILE,
+    STEP_PREFIX,
+    WEIGHTS_FILE,
+    CheckpointError,
+    load_weights,
+    read_model_config,
+    save_checkpoint,
+)
 from aksis.config import BOOKKEEPING, ModelConfig
 from aksis.model import GPT
 from aksis.tokenizer import Tokenizer
@@ -208,9 +221,7 @@ class RunFolder:
     ) -> None:
         """The model as a checkpoint folder at `target`, with the metrics so far; its weights are gathered first when
         they are sharded. Every process calls it."""
-        from accelerate.utils import DistributedType
-
-        if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        if _sharded(acc):
             state_dict = acc.get_state_dict(model)  # collective: every process calls it
             plain = GPT(config)
             if acc.is_main_process:
@@ -225,7 +236,7 @@ class RunFolder:
     def save_step(
         self,
         acc: Accelerator,
-        model: torch.nn.Module,
+        trained: Trained,
         config: ModelConfig,
         tokenizer: Tokenizer,
         step: int,
@@ -236,20 +247,64 @@ class RunFolder:
         the trainer's `state` (trainer_state.json). Every process calls it; its path."""
         staged = self.staging(step, empty=acc.is_main_process)
         acc.wait_for_everyone()
-        self.save_model(acc, model, config, tokenizer, staged)
-        with _quiet("accelerate"):  # it logs every file it writes, and warns about our (intended) tied weights
-            acc.save_state(str(staged / TRAINING_STATE_DIR))
+        self.save_model(acc, trained.model, config, tokenizer, staged)
+        folder = staged / TRAINING_STATE_DIR
+        if _sharded(acc):  # the optimizer state is sharded: accelerate gathers it (format 1, with pickles)
+            with _quiet("accelerate"):  # it logs every file it writes, and warns about our (intended) tied weights
+                acc.save_state(str(folder))
+            state_format = 1
+        else:
+            if acc.is_main_process:
+                folder.mkdir(parents=True, exist_ok=True)
+                training_state.save_optimizer(trained.optimizer, folder)
+                training_state.save_scheduler(trained.scheduler, folder)
+            acc.wait_for_everyone()
+            training_state.save_rng(folder, acc.process_index)
+            state_format = training_state.STATE_FORMAT
+        acc.wait_for_everyone()
         if acc.is_main_process:
-            self.commit(staged, step, state, keep_last)
+            self.commit(staged, step, {**state, "state_format": state_format}, keep_last)
         acc.wait_for_everyone()
         return self.step_dir(step)
 
-    def load_step(self, acc: Accelerator, checkpoint: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    def load_step(
+        self, acc: Accelerator, trained: Trained, checkpoint: Path, settings: dict[str, Any], from_hub: bool = False
+    ) -> dict[str, Any]:
         """Restore the training state of every process from a step checkpoint; what its trainer_state.json holds. A
-        warning names the `settings` (TrainConfig's) that differ from those the run was saved with, other than its
-        bookkeeping (config.BOOKKEEPING: where it keeps its files, what it reports and where it pushes)."""
-        with _quiet("accelerate"):
-            acc.load_state(str(checkpoint / TRAINING_STATE_DIR))
+        state with pickles (format 1: older aksis, or a sharded run) loads from a local folder with a warning and is
+        refused from the Hub (`from_hub`), where a crafted pickle could run code. A warning names the `settings`
+        (TrainConfig's) that differ from those the run was saved with, other than its bookkeeping
+        (config.BOOKKEEPING: where it keeps its files, what it reports and where it pushes)."""
+        folder = checkpoint / TRAINING_STATE_DIR
+        if not folder.is_dir():
+            raise RunError(f"{checkpoint} has no {TRAINING_STATE_DIR}/: it is not a resumable step checkpoint")
+        if training_state.is_pickled(folder):
+            if from_hub:
+                raise RunError(
+                    "this training state from the Hub holds pickles (saved by an older aksis, or by a sharded run), "
+                    "which can run code when loaded: aksis loads those only from your own folders. If you trust the "
+                    "repo, download it and resume from the folder"
+                )
+            log.warning(
+                "%s holds pickles (saved by an older aksis, or by a sharded run): loading it as a trusted file of your "
+                "own; the next save writes safetensors and JSON",
+                folder,
+            )
+            try:
+                with _quiet("accelerate"):
+                    acc.load_state(str(folder))
+            except (RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError) as err:
+                raise RunError(f"{folder} cannot be read ({err}): resume from another step checkpoint") from None
+        elif _sharded(acc):
+            raise RunError(f"{checkpoint} was saved by a run that was not sharded; resume it without FSDP or DeepSpeed")
+        else:
+            try:
+                load_weights(acc.unwrap_model(trained.model, keep_torch_compile=False), checkpoint / WEIGHTS_FILE)
+                training_state.load_optimizer(trained.optimizer, folder)
+                training_state.load_scheduler(trained.scheduler, folder)
+                training_state.load_rng(folder, acc.process_index)
+            except (training_state.StateError, CheckpointError) as err:
+                raise RunError(str(err)) from None
         record = read_trainer_state(checkpoint)
         # Compared in their public form: a training state pushed to the Hub names its dataset by its base name.
         before, now = public_settings(record.get("train_config") or {}), public_settings(settings)
@@ -281,6 +336,21 @@ class RunFolder:
         for old in step_checkpoints(self.path)[:-keep_last]:
             shutil.rmtree(old)
         return final
+
+
+@dataclass
+class Trained:
+    """What a step checkpoint saves the state of, besides the trainer's own record."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+
+def _sharded(acc: Accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
 @contextlib.contextmanager

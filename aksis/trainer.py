@@ -16,7 +16,8 @@ and schedule (aksis.optim), pushes to the Hub (aksis.hub.PushSchedule). Notable 
   that all agree on when to stop.
 - Only the main process writes files.
 - The LR scheduler is stepped here, once per optimizer step (not through `accelerator.prepare`, which would
-  step it once per process), and saved with `register_for_checkpointing`.
+  step it once per process). Step checkpoints hold the optimizer, schedule and RNG state in safetensors and JSON
+  (aksis.training_state), so resuming never unpickles; a sharded run (FSDP, DeepSpeed) saves accelerate's state.
 - A wall-clock budget (`max_time`) counts the seconds spent in the training loop (steps, evaluations, saves;
   not the setup before it, but a `torch.compile` happens in the first steps and counts), over all sessions of
   a run: the time already spent is saved with the run's state, so a resumed run gets what is left (raise
@@ -59,7 +60,7 @@ from aksis.hub import HubError, PushSchedule, download_checkpoint, is_hub_id
 from aksis.losses import NonFiniteLoss, StepLosses, batch_loss, inputs_and_targets, target_loss_sums
 from aksis.model import GPT
 from aksis.optim import lr_factor, make_optimizer
-from aksis.runs import RunError, RunFolder, read_trainer_state, step_checkpoints
+from aksis.runs import RunError, RunFolder, Trained, read_trainer_state, step_checkpoints
 from aksis.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ class Trainer:
                 step, config.warmup_steps, self.total_steps, config.min_lr_ratio, self._budget_spent()
             ),
         )
-        acc.register_for_checkpointing(self.scheduler)
+        acc.register_for_checkpointing(self.scheduler)  # for a sharded run's state, which accelerate saves
         if self.resume_from is not None:
             self._load(self.resume_from)
         self._clock = _Clock(self.state.clock)
@@ -459,6 +460,10 @@ class Trainer:
         if self.accelerator.is_main_process:
             self.run.log({"step": state.step, "tokens": state.tokens, **values, "elapsed": round(state.elapsed, 3)})
 
+    @property
+    def _trained(self) -> Trained:
+        return Trained(self.model, self.optimizer, self.scheduler)
+
     def _save_checkpoint(self, final: bool = False) -> None:
         """A resumable step-N checkpoint (and its push)."""
         acc, state = self.accelerator, self.state
@@ -468,14 +473,19 @@ class Trainer:
             "block_size": self.block_size,
             "train_config": self.config.to_dict(),
         }
-        args = (acc, self.model, self.model_config, self.tokenizer, state.step, record, self.config.keep_last)
+        args = (acc, self._trained, self.model_config, self.tokenizer, state.step, record, self.config.keep_last)
         checkpoint = self.run.save_step(*args)
         if self.pushes is not None:
             self.pushes.saved(checkpoint, state.step, last=final)
         log.info("saved %s", checkpoint)
 
     def _load(self, checkpoint: Path) -> None:
-        record = self.run.load_step(self.accelerator, checkpoint, self.config.to_dict())
+        try:
+            record = self.run.load_step(
+                self.accelerator, self._trained, checkpoint, self.config.to_dict(), from_hub=_from_hub(self.config)
+            )
+        except RunError as err:
+            raise TrainingError(str(err)) from None
         if self.config.optimizer != "sgd":
             # Loading replaces the param groups, "fused" included: the kernel is this run's choice, not the saved one's
             # (a run saved before CPU runs were fused would otherwise lose the fused step, and with it `found_inf`).
@@ -488,12 +498,17 @@ class Trainer:
 # ----- setup -----
 
 
+def _from_hub(config: TrainConfig) -> bool:
+    """Whether --resume names a checkpoint on the Hub (pushed with --push-training-state)."""
+    return config.resume is not None and config.resume not in ("latest", "auto") and is_hub_id(config.resume)
+
+
 def _resume_point(config: TrainConfig, run: RunFolder, acc: Accelerator) -> Path | None:
     """The step checkpoint --resume names: in the run folder, a local one, or one pushed to the Hub."""
     resume = config.resume
     if resume is None:
         return None
-    if resume not in ("latest", "auto") and is_hub_id(resume):  # pushed with --push-training-state
+    if _from_hub(config):
         with acc.main_process_first():  # one download; the others read the Hub cache
             try:
                 resume = str(download_checkpoint(resume))

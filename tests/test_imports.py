@@ -27,6 +27,7 @@ ORDER = [
     "aksis.model",
     "aksis.interop",
     "aksis.checkpoint",
+    "aksis.training_state",
     "aksis.runs",
     "aksis.generation",
     "aksis.chat",

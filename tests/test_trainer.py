@@ -374,11 +374,11 @@ def test_a_run_saved_with_an_unfused_optimizer_resumes_fused(tmp_path: Path) -> 
     # Runs on a CPU were saved with the unfused AdamW before it became fused there; loading restores the saved
     # param groups, "fused" included, and the step's found_inf needs the fused kernel.
     train(run_config(tmp_path, max_steps=4, save_every=4))
-    saved = tmp_path / "run" / "step-000004" / TRAINING_STATE_DIR / "optimizer.bin"
-    state = torch.load(saved, weights_only=True)
+    saved = tmp_path / "run" / "step-000004" / TRAINING_STATE_DIR / "optimizer.json"
+    state = json.loads(saved.read_text())
     for group in state["param_groups"]:
         group["fused"] = None
-    torch.save(state, saved)
+    saved.write_text(json.dumps(state))
     trainer = Trainer(run_config(tmp_path, max_steps=8, resume="latest"))
     assert all(group["fused"] for group in trainer.optimizer.param_groups)
     assert trainer.train().steps == 8
@@ -581,7 +581,10 @@ def test_two_processes_match_one_through_accelerate_launch(tmp_path: Path) -> No
     saved = step_checkpoints(tmp_path / "two" / "run")
     assert [p.name for p in saved] == ["step-000003", "step-000006"]
     state = saved[-1] / TRAINING_STATE_DIR
-    assert (state / "random_states_0.pkl").exists() and (state / "random_states_1.pkl").exists()
+    assert {p.name for p in state.iterdir()} == {  # each process its random state; no pickle
+        "optimizer.json", "optimizer.safetensors", "scheduler.json", "trainer_state.json",
+        "rng-0.json", "rng-0.safetensors", "rng-1.json", "rng-1.safetensors",
+    }  # fmt: skip
     assert not list((tmp_path / "two" / "run").glob(".*tmp*"))  # no leftovers of concurrent writers
     load_gpt(tmp_path / "two" / "run" / BEST_DIR)
 
