@@ -111,6 +111,11 @@ def test_refusals_are_answered_without_a_traceback_in_the_server_log(
         client.predict(**settings, api_name="/evaluate")
     with pytest.raises(AppError, match="Seed .* must be a number"):
         client.predict(**{**settings, "max_texts": 1, "seed": "many"}, api_name="/evaluate")
+    chat = (space.settings.model, "", "precise", 0.7, 40, 0.9, 1.0, 8, 1)
+    with pytest.raises(AppError, match="The message is empty"):  # null crashed in gr.ChatInterface's own wrapper
+        client.predict(None, *chat, api_name="/chat")
+    with pytest.raises(AppError, match="a model is named by text"):
+        client.predict("Hi", 5, *chat[1:], api_name="/chat")
     assert "Traceback" not in capfd.readouterr().err
 
 

@@ -109,20 +109,25 @@ def test_bad_attention_requests_are_clear_errors(
 
 
 def test_a_model_switch_skips_a_model_that_cannot_be_loaded_but_not_a_bug(
-    store: ModelStore, app_checkpoints: Path, tmp_path: Path
+    store: ModelStore, app_checkpoints: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     source = str(app_checkpoints / "tiny-gpt2")  # 2 layers, 4 heads
     layer, head = mt.slider_ranges(store, source, 5, 3)
     assert (layer["maximum"], layer["value"], head["maximum"], head["value"]) == (1, 1, 3, 3)
     assert mt.model_switched(store, source)[1] == mt.model_info(store, source)[1]
     (tmp_path / "config.json").write_text("{not json", encoding="utf-8")
-    for broken in (None, str(tmp_path), str(tmp_path / "missing")):
-        assert quietly_get(store, broken) is None
-        assert mt.slider_ranges(store, broken, 5, 3) == (gr.update(), gr.update())  # the sliders stay
-        assert mt.model_switched(store, broken) == (None, "", None, "", "")
-    # Only what the picker reports is skipped: a bug (here, a source that is no text) still surfaces.
-    with pytest.raises(AttributeError):
-        mt.slider_ranges(store, 42, 0, 0)  # type: ignore[arg-type]
+    for broken in (None, str(tmp_path), str(tmp_path / "missing"), 42):  # 42: an API caller's value, not text
+        assert quietly_get(store, broken) is None  # type: ignore[arg-type]
+        assert mt.slider_ranges(store, broken, 5, 3) == (gr.update(), gr.update())  # type: ignore[arg-type]
+        assert mt.model_switched(store, broken) == (None, "", None, "", "")  # type: ignore[arg-type]
+    # Only what the picker reports is skipped: a bug (here, a loader failing with an error of its own) still surfaces.
+
+    def faulty_loader(source: str) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(store, "_load", faulty_loader)
+    with pytest.raises(RuntimeError, match="a bug"):
+        mt.slider_ranges(store, str(tmp_path / "another"), 0, 0)
 
 
 def test_attention_reaches_every_layer_and_head_of_a_deep_model(served_app: ServedApp, tmp_path: Path) -> None:

@@ -97,6 +97,7 @@ def build_app(settings: AppSettings | None = None) -> gr.Blocks:
 
         def refresh(current: str | None) -> Any:
             names = store.choices(settings.model)
+            current = current if isinstance(current, str) else None  # an API caller may send any value
             return gr.Dropdown(choices=names, value=current or (names[0] if names else None))
 
         def open_page(current: str | None) -> tuple[Any, Any, str]:

@@ -50,6 +50,7 @@ from aksis.ui.context import (
     echo,
     input_error,
     on_gpu,
+    text_value,
     timed,
     to_max_new_tokens,
     to_seed,
@@ -105,7 +106,7 @@ def arena_config(sampling: Sampling, limit: int) -> GenerationConfig:
     """The settings both models answer with (ARENA_SETTINGS): a preset over the library defaults (not either
     checkpoint's own)."""
     preset = sampling.preset or DEFAULT_PRESET
-    if preset not in SAMPLER_PRESETS:
+    if not isinstance(preset, str) or preset not in SAMPLER_PRESETS:
         raise input_error(f"unknown preset {echo(preset)}: choose one of {', '.join(SAMPLER_PRESETS)}")
     n = to_max_new_tokens(sampling.max_new_tokens, limit)
     with user_errors("use these settings"):
@@ -124,13 +125,13 @@ def new_battle(
     """A battle of model 1 against model 2, assigned to A and B at random (`swap` fixes it, for tests). The prompt
     is at most MAX_PROMPT_CHARS characters (an API caller need not keep to the textbox)."""
     prompt = check_prompt(prompt)
-    model_1, model_2 = (model_1 or "").strip(), (model_2 or "").strip()
+    model_1, model_2 = text_value(model_1, "model 1").strip(), text_value(model_2, "model 2").strip()
     if not model_1 or not model_2:
         raise input_error("Pick two models to compare (model 1 and model 2, under 'Models and settings').")
     if model_1 == model_2:
         raise input_error("Pick two different models: a model compared with itself tells the leaderboard nothing.")
     mode = mode or "continue"
-    if mode not in MODES:
+    if not isinstance(mode, str) or mode not in MODES:
         raise input_error(f"unknown mode {echo(mode)}: choose one of {', '.join(MODES)}")
     if swap is None:
         swap = random.SystemRandom().random() < 0.5
@@ -221,7 +222,7 @@ def answer_battle(
 
 def winner_code(winner: str | None) -> str:
     """ "a", "b", "tie" or "both-bad" from a code or a vote button's label."""
-    text = (winner or "").strip()
+    text = text_value(winner, "vote").strip()
     for code, label in VOTES.items():
         if text.lower() == code or text == label:
             return code

@@ -64,6 +64,7 @@ from aksis.ui.context import (
     out_of_time,
     quietly_get,
     read_text_upload,
+    text_value,
     timed,
     to_max_new_tokens,
     to_number,
@@ -72,7 +73,7 @@ from aksis.ui.context import (
     user_errors,
 )
 from aksis.ui.feedback import FeedbackLog
-from aksis.ui.inputs import number
+from aksis.ui.inputs import number, textbox
 from aksis.ui.models import LoadedModel, ModelStore
 from aksis.ui.sampling import (
     CHECKPOINT_PRESET,
@@ -240,7 +241,8 @@ def respond(
     ReplyInfo updated as it grows. The texts are checked before the model is fetched: a message, and a system
     prompt where given, of at most MAX_PROMPT_CHARS characters (an API caller need not keep to the textbox)."""
     message = check_prompt(message, "message")
-    if system_prompt and system_prompt.strip():
+    system_prompt = text_value(system_prompt, "system prompt")
+    if system_prompt.strip():
         check_prompt(system_prompt, "system prompt")
     with user_errors("load the model"):
         entry = store.get(model)
@@ -399,7 +401,7 @@ def build(ctx: AppContext) -> None:
                 chat = gr.ChatInterface(
                     partial(respond, ctx.store, limit),  # the API's parameters: respond's own after these two
                     chatbot=gr.Chatbot(label="Chat", height=480, elem_id="chat-history", buttons=["copy", "copy_all"]),
-                    textbox=gr.Textbox(
+                    textbox=textbox(
                         placeholder="Type a message and press Enter",
                         show_label=False,
                         submit_btn=True,
@@ -452,7 +454,7 @@ def build(ctx: AppContext) -> None:
         chat.chatbot.like(like, reply_state, None, api_visibility="private")
 
         def save(history: list[dict[str, Any]], system_prompt: str | None, replies: ReplyInfo | None) -> str:
-            return str(save_conversation(history, system_prompt, replies))
+            return str(save_conversation(history, text_value(system_prompt, "system prompt"), replies))
 
         save_button.click(save, [chat.chatbot_state, system_box, reply_state], saved_file, api_name="chat_save")
 

@@ -156,6 +156,16 @@ def echo(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else f"{text[: limit - 1]}…"
 
 
+def text_value(value: Any, what: str) -> str:
+    """A text input as a string ("" for nothing). A browser sends text; an API caller may send any JSON value, which
+    is refused naming the input."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    raise input_error(f"The {what} must be text, got {echo(value)}.")
+
+
 def input_error(message: str) -> gr.Error:
     """A message for the UI (or the API caller); bad input is no server fault, so no traceback in the log."""
     import gradio as gr
@@ -328,7 +338,7 @@ def read_text_upload(path: str | Path | None, what: str, max_bytes: int) -> str:
     """The text of an uploaded file, or an input error that says why not: none uploaded, larger than `max_bytes`,
     binary (it holds NUL bytes, as images, archives, PDFs and UTF-16 text do), or not UTF-8. A leading byte-order
     mark is dropped."""
-    if not path:
+    if not path or not isinstance(path, str | Path):
         raise input_error(f"No {what} uploaded: choose a file first.")
     path = Path(path)
     try:

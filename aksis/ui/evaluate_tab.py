@@ -60,6 +60,7 @@ from aksis.ui.context import (
     on_gpu,
     out_of_time,
     read_text_upload,
+    text_value,
     to_max_new_tokens,
     to_number,
     to_whole,
@@ -302,12 +303,12 @@ def run_evaluate(
 ) -> EvaluateOutput:
     """The `/evaluate` event: check the settings, read the texts (and prompts), then score each model (`progress`:
     Gradio's, which shows the progress bars of scoring and generation)."""
-    chosen = list(scores or [])
-    if not chosen or not set(chosen) <= set(SCORES):
+    chosen = list(scores) if isinstance(scores, list | tuple) else []
+    if not chosen or not all(isinstance(c, str) and c in SCORES for c in chosen):
         raise input_error(f"Choose what to score: {' and/or '.join(SCORES)}.")
     tasks = [PERPLEXITY] if PERPLEXITY in chosen else []
     if BLEU_ROUGE in chosen:
-        if (generate_from or CONTINUATION) not in GENERATE_FROM:
+        if not isinstance(generate_from or CONTINUATION, str) or (generate_from or CONTINUATION) not in GENERATE_FROM:
             raise input_error(f"BLEU / ROUGE score generations from: {' or '.join(GENERATE_FROM)}.")
         tasks.append(GENERATE_FROM[generate_from or CONTINUATION])
     settings = dict(
@@ -326,7 +327,9 @@ def run_evaluate(
     if "prompts" in tasks:
         prompts = read_prompt_pairs(prompts_file)
         what.append(f"{min(len(prompts), settings['num_samples'])} prompt(s) of {os.path.basename(prompts_file or '')}")
-    sources = [s for s in dict.fromkeys([source, compare]) if s and s.strip()]
+    sources = [
+        s for s in dict.fromkeys([text_value(source, "model"), text_value(compare, "model to compare")]) if s.strip()
+    ]
     if not sources:
         raise input_error("No model picked: choose one in the model picker.")
     columns: dict[str, dict[str, float]] = {}

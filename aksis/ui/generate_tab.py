@@ -119,7 +119,7 @@ def generation_config(base: GenerationConfig, sampling: Sampling, limit: int) ->
     `limit`; a blank or negative seed becomes a random one. Bad settings raise gr.Error with what would be
     accepted."""
     sampler = sampling.sampler or SAMPLE
-    if sampler not in SAMPLER_SLIDERS:
+    if not isinstance(sampler, str) or sampler not in SAMPLER_SLIDERS:
         raise input_error(f"unknown sampler {echo(sampler)}: choose one of {', '.join(SAMPLER_CHOICES)}")
     n = to_max_new_tokens(sampling.max_new_tokens, limit)
     given: dict[str, Any] = {}

@@ -1,5 +1,5 @@
-"""The app's numeric inputs: `gr.Slider` and `gr.Number` that refuse a value out of range (or not a number) as a
-visitor's mistake.
+"""The app's inputs that check what an API caller sends: `gr.Slider` and `gr.Number` that refuse a value out of range
+(or not a number) as a visitor's mistake, and a `gr.Textbox` that hands on no text as "" (not None).
 
 Gradio checks a slider's range itself, before the event function runs, with its own `gr.Error`, which it logs with
 a traceback: an API caller sending 1e9 to a slider would fill the server log with stack traces of the app working
@@ -28,6 +28,20 @@ def slider(*args: Any, **kwargs: Any) -> gr.Slider:
 def number(*args: Any, **kwargs: Any) -> gr.Number:
     """`gr.Number(*args, **kwargs)`, refusing a bad value as bad input."""
     return _refusing(gr.Number(*args, **kwargs))
+
+
+def textbox(*args: Any, **kwargs: Any) -> gr.Textbox:
+    """`gr.Textbox(*args, **kwargs)` whose value is always text: an API caller may send null, which would reach the
+    event (or gr.ChatInterface's own wrapper, which fails on it) as None."""
+    component = gr.Textbox(*args, **kwargs)
+    given: Callable[[Any], Any] = component.preprocess
+
+    def preprocess(payload: Any) -> Any:
+        value = given(payload)
+        return "" if value is None else value
+
+    component.preprocess = preprocess  # type: ignore[method-assign]
+    return component
 
 
 def _refusing(component: C) -> C:

@@ -155,6 +155,10 @@ class ModelStore:
     def get(self, source: str | None, progress: Callable[[float, str], None] | None = None) -> LoadedModel:
         """The model named by `source`, loaded on first use, and again when its local weights have changed since
         (a run still training rewrites best/). Raises CheckpointError with what to do."""
+        if source is not None and not isinstance(source, str):  # an API caller may send any JSON value
+            raise CheckpointError(
+                f"a model is named by text (a Hub id or a listed folder), got {type(source).__name__}"
+            )
         source = (source or "").strip()
         if not source:
             raise CheckpointError("no model picked: choose one in the model picker (or train one in the Train tab)")

@@ -103,7 +103,7 @@ def max_new_tokens_slider(tab: str, value: int, limit: int, **args: Any) -> gr.S
 def preset_name(preset: str | None) -> str:
     """The preset chosen ("checkpoint defaults" when none), or a gr.Error that lists the choices."""
     preset = preset or CHECKPOINT_PRESET
-    if preset not in PRESET_CHOICES:
+    if not isinstance(preset, str) or preset not in PRESET_CHOICES:
         raise input_error(f"unknown preset {echo(preset)}: choose one of {', '.join(PRESET_CHOICES)}")
     return preset
 

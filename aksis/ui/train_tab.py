@@ -51,6 +51,7 @@ from aksis.ui.context import (
     input_error,
     read_text_upload,
     spread,
+    text_value,
     to_whole,
     user_errors,
 )
@@ -104,7 +105,7 @@ class TrainingBusy(Exception):
 def check_upload(path: str | Path | None) -> str:
     """The text of an uploaded corpus, or a gr.Error that says what is wrong with it and what to upload: the
     checks of every upload (`read_text_upload`), a .txt name, and enough text for one batch of the recipe."""
-    if path and Path(path).suffix.lower() != ".txt":
+    if path and isinstance(path, str | Path) and Path(path).suffix.lower() != ".txt":
         raise input_error(f"{Path(path).name} is not a .txt file: upload plain text (UTF-8) in a .txt file.")
     text = read_text_upload(path, "text file", MAX_UPLOAD_BYTES)
     chars = len(text.strip())
@@ -158,7 +159,7 @@ def quick_config(
     """The recipe for `steps` steps of `tokenizer` on `dataset` into `output_dir`. Logging, evaluation and warmup
     follow the length of the run (the recipe's own values at its 300 steps), so short runs still draw a curve.
     `overrides` (any TrainConfig field) come last: tests use them for tiny blocks."""
-    if tokenizer not in TOKENIZERS:
+    if not isinstance(tokenizer, str) or tokenizer not in TOKENIZERS:
         raise ValueError(f"tokenizer {echo(tokenizer)}: choose one of {', '.join(TOKENIZERS)}")
     if not 1 <= steps <= MAX_STEPS:
         raise ValueError(f"steps must be between 1 and {MAX_STEPS}, got {steps}")
@@ -379,7 +380,11 @@ def start_run(
     """Check the inputs and start a run for the session `owner`; ValueError or gr.Error (bad input) or
     TrainingBusy otherwise. `loaded`: the sources the app's model store holds, which a run must not overwrite (the
     store would keep serving the old weights). `overrides` go to `quick_config`."""
-    corpus, upload, name, overwrite, tokenizer = run.corpus, run.upload, run.name, run.overwrite, run.tokenizer
+    corpus, upload, overwrite, tokenizer = run.corpus, run.upload, run.overwrite, run.tokenizer
+    name = text_value(run.name, "run name")
+    if overwrite is not None and not isinstance(overwrite, bool):
+        raise input_error(f"Overwrite is ticked or not (true or false), got {echo(overwrite)}.")
+    overwrite = bool(overwrite)
     if corpus not in CORPORA:
         raise ValueError(f"corpus {echo(corpus)}: choose one of {', '.join(CORPORA)}")
     if overwrite and not settings.local_paths:
@@ -496,9 +501,9 @@ def push_run(
     from aksis.checkpoint import find_checkpoint, is_local
     from aksis.hub import is_hub_id, push_checkpoint
 
-    source = (source or "").strip()
-    repo_id = (repo_id or "").strip()
-    token = (token or "").strip() or None
+    source = text_value(source, "picked model").strip()
+    repo_id = text_value(repo_id, "repo id").strip()
+    token = text_value(token, "token").strip() or None
     if not source or not is_local(source):
         raise ValueError(
             "pick a local model (a run trained here, or a folder) to push; the picked one "
