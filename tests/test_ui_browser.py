@@ -190,3 +190,45 @@ def test_the_train_tab_draws_both_loss_curves_as_the_run_goes(browser, tmp_path:
     finally:
         page.close()
         app.demo.close()
+
+
+def test_a_hostile_model_card_is_shown_as_text_and_runs_nothing(browser, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A repo's README.md is the repo owner's HTML: rendered in a visitor's page, it must run nothing (issue 18)."""
+    from conftest import serve_app, write_run
+
+    from aksis.ui import AppSettings
+
+    checkpoints = tmp_path / "checkpoints"
+    run = write_run(checkpoints / "hostile", "gpt2", seed=3)
+    (run / "best" / "README.md").write_text(
+        "# A friendly card\n\n"
+        "<script>window.__pwned = 'script'</script>\n\n"
+        "<img src=x onerror=\"window.__pwned = 'img'\">\n\n"
+        "<a href=\"javascript:void(window.__pwned = 'link')\">click me</a>\n\n"
+        "<iframe srcdoc=\"<script>parent.__pwned = 'iframe'</script>\"></iframe>\n",
+        encoding="utf-8",
+    )
+    settings = AppSettings(
+        model=str(run), checkpoints_dir=checkpoints, feedback_file=tmp_path / "f.jsonl", device="cpu", local_paths=False
+    )
+    app = serve_app(settings)
+    page = browser.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    try:
+        page.goto(app.url, wait_until="load")
+        page.locator("#model-status").get_by_text("parameters").wait_for()
+        open_tab(page, "Model")
+        page.get_by_text("Model card", exact=True).click()  # the accordion
+        card = page.locator("#model-card")
+        card.get_by_text("A friendly card").wait_for()
+        page.wait_for_timeout(500)  # what an injected handler would have run by now
+        assert page.evaluate("window.__pwned") is None
+        page.get_by_text("click me").click()
+        page.wait_for_timeout(200)
+        assert page.evaluate("window.__pwned") is None
+        assert card.locator("script, iframe, [onerror]").count() == 0
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "test_a_hostile_model_card_is_shown_as_text_and_runs_nothing.png"))
+    finally:
+        page.close()
+        app.demo.close()

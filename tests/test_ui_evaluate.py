@@ -124,6 +124,12 @@ def test_an_uploaded_text_file_is_scored_and_bad_files_are_refused(
             evaluate(store, llama, scores=[ev.BLEU_ROUGE], generate_from=ev.PROMPTS, prompts_file=str(path))
     with pytest.raises(gr.Error, match="No text file uploaded"):
         evaluate(store, llama, texts_from=ev.UPLOADED, file=None)
+    nested = tmp_path / "uploads" / "f00d" / "prompts.jsonl"  # where the server keeps an upload
+    nested.parent.mkdir(parents=True)
+    nested.write_text('{"prompt": "a"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(gr.Error) as err:
+        evaluate(store, llama, scores=[ev.BLEU_ROUGE], generate_from=ev.PROMPTS, prompts_file=str(nested))
+    assert "prompts.jsonl, line 1: expected" in err.value.message and str(tmp_path) not in err.value.message
 
 
 def test_a_local_dataset_file_is_read_with_load_corpus(

@@ -63,6 +63,8 @@ CASES = {
     "corrupt": ({"config__json": "{not json"}, "config.json is not valid JSON"),
     "nested": ({"generation_config__json": "[" * 100_000 + "]" * 100_000}, "nested too deeply"),
     "temperature": ({"generation_config__json": {"temperature": 1e-300}}, "temperature must be 0 (greedy) or at"),
+    # a file the app would read (here the model card) larger than it reads: refused before any download
+    "card": ({"README__md": "x" * ((4 << 20) + 1)}, "README.md is 4.0 MiB; this app reads at most 4 MiB of it"),
 }
 
 

@@ -190,8 +190,11 @@ def read_prompt_pairs(path: str | None) -> list[tuple[str, str]]:
     """(prompt, reference) pairs of an uploaded JSONL file, with read_prompts' message when a line is bad."""
     read_text_upload(path, "prompts file", MAX_UPLOAD_BYTES)  # the size, binary and encoding checks
     assert path is not None
-    with user_errors("read the prompts file"):
+    try:
         return read_prompts(path)
+    except ValueError as err:  # named by the file's name: where Gradio keeps uploads is the server's business
+        message = str(err).replace(str(path), os.path.basename(path))
+        raise input_error(f"Could not read the prompts file: {message}") from None
 
 
 # ----- scoring -----

@@ -23,6 +23,11 @@ from pathlib import Path
 import torch
 
 from aksis.checkpoint import (
+    CARD_FILE,
+    CONFIG_FILE,
+    EVAL_RESULTS_FILE,
+    GENERATION_CONFIG_FILE,
+    TOKENIZER_FILE,
     WEIGHTS_FILE,
     CheckpointError,
     find_checkpoint,
@@ -35,11 +40,25 @@ from aksis.config import GenerationConfig
 from aksis.hub import HubError, is_hub_id, list_models
 from aksis.kernels import inference_bytes
 from aksis.model import GPT
+from aksis.runs import METRICS_FILE
+from aksis.tokenizer import MAX_FILE_BYTES as MAX_TOKENIZER_BYTES
 from aksis.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 # A Hub id by its letters alone (user/name, with an optional @revision): no path, glob or "~" can match it.
+# The files of a Hub checkpoint the app reads (loading it, and in the Model tab), and the bound on all but the weights
+# and the tokenizer: far more than any of them holds.
+READ_FILES = (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    TOKENIZER_FILE,
+    GENERATION_CONFIG_FILE,
+    CARD_FILE,
+    METRICS_FILE,
+    EVAL_RESULTS_FILE,
+)
+SIDE_FILE_BYTES = 4 << 20
 HUB_ID = re.compile(r"(?!.*\.\.)[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(@[\w./-]+)?")
 
 
@@ -229,8 +248,10 @@ class ModelStore:
         return entry
 
     def _check_hub_size(self, source: str) -> None:
-        """On a Space, refuse a Hub model whose weights pass the cache's bound before downloading them (visitors
-        may type any id). When the Hub cannot say, loading goes ahead and reports its own errors."""
+        """On a Space, refuse a Hub model before downloading anything when a file the app would read passes its
+        bound (visitors may type any id, and a repo may hold a file of any size): the weights the cache's, the others
+        SIDE_FILE_BYTES (the tokenizer aksis.tokenizer's). A file whose size the Hub does not say is refused too.
+        When the repo cannot be reached, loading goes ahead and reports its own error."""
         from huggingface_hub import HfApi
 
         from aksis.hub import HUB_FAILURES
@@ -240,12 +261,20 @@ class ModelStore:
             info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
         except HUB_FAILURES:
             return
-        size = sum(f.size or 0 for f in info.siblings or [] if f.rfilename.endswith(".safetensors"))
-        if size > self.max_bytes:
-            raise CheckpointError(
-                f"{source} has {size / 2**20:,.0f} MiB of weights; this app loads models of at most "
-                f"{self.max_bytes / 2**20:,.0f} MiB (AKSIS_MODEL_CACHE_MB)"
-            )
+        bounds = {name: SIDE_FILE_BYTES for name in READ_FILES}
+        bounds.update({WEIGHTS_FILE: self.max_bytes, TOKENIZER_FILE: MAX_TOKENIZER_BYTES})
+        for file in info.siblings or []:
+            bound = bounds.get(file.rfilename)
+            if bound is None:
+                continue  # never read by the app
+            if file.size is None:
+                raise CheckpointError(f"the Hub does not say how large {source}'s {file.rfilename} is: not loaded")
+            if file.size > bound:
+                setting = " (AKSIS_MODEL_CACHE_MB)" if file.rfilename == WEIGHTS_FILE else ""
+                raise CheckpointError(
+                    f"{source}'s {file.rfilename} is {file.size / 2**20:,.1f} MiB; this app reads at most "
+                    f"{bound / 2**20:,.0f} MiB of it{setting}"
+                )
 
     def _in_checkpoints_dir(self, source: str) -> bool:
         return Path(source).expanduser().resolve().is_relative_to(self.checkpoints_dir.resolve())
