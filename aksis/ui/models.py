@@ -269,11 +269,15 @@ class ModelStore:
                 continue  # never read by the app
             if file.size is None:
                 raise CheckpointError(f"the Hub does not say how large {source}'s {file.rfilename} is: not loaded")
+            if file.size > bound and file.rfilename == WEIGHTS_FILE:
+                raise CheckpointError(
+                    f"{source} has {file.size / 2**20:,.0f} MiB of weights; this app loads models of at most "
+                    f"{bound / 2**20:,.0f} MiB (AKSIS_MODEL_CACHE_MB)"
+                )
             if file.size > bound:
-                setting = " (AKSIS_MODEL_CACHE_MB)" if file.rfilename == WEIGHTS_FILE else ""
                 raise CheckpointError(
                     f"{source}'s {file.rfilename} is {file.size / 2**20:,.1f} MiB; this app reads at most "
-                    f"{bound / 2**20:,.0f} MiB of it{setting}"
+                    f"{bound / 2**20:,.0f} MiB of it"
                 )
 
     def _in_checkpoints_dir(self, source: str) -> bool:
