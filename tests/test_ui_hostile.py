@@ -193,3 +193,38 @@ def test_every_request_that_runs_a_model_stops_at_the_time_limit_and_says_so(app
     )  # fmt: skip
     with pytest.raises(gr.Error, match="Stopped after 1e-06 s"):
         evaluate_tab.run_evaluate(store, 64, llama, **settings)  # type: ignore[arg-type]
+
+
+def test_one_session_cannot_fill_the_queue(app_checkpoints: Path, tmp_path: Path) -> None:
+    """A client that sends request after request without waiting gets its first few served and the rest refused at
+    once, as a busy server refuses (HTTP 503: they never wait in the queue, which other visitors share); another
+    client is served meanwhile."""
+    from gradio_client.utils import QueueError
+
+    from aksis import ui
+
+    settings = AppSettings(
+        model=str(app_checkpoints / "tiny-llama"),
+        checkpoints_dir=app_checkpoints,
+        feedback_file=tmp_path / "feedback.jsonl",
+        device="cpu",
+        local_paths=False,
+        concurrency=1,
+    )
+    app = serve_app(settings)
+    try:
+        flood = app.client()
+        args = (settings.model, "To be", "greedy", 0, 0, 1.0, 1, 1.0, 256, None)
+        jobs = [flood.submit(*args, api_name="/generate") for _ in range(ui.MAX_PER_SESSION + 4)]
+        other = app.client().predict(settings.model, "Hi", "greedy", 0, 0, 1.0, 1, 1.0, 4, None, api_name="/generate")
+        assert other[0]  # another visitor is served while the flood is refused
+        outcomes = []
+        for job in jobs:
+            try:
+                job.result(timeout=120)
+                outcomes.append("served")
+            except QueueError:
+                outcomes.append("refused")
+        assert outcomes.count("served") >= 1 and outcomes.count("refused") >= 4, outcomes
+    finally:
+        app.demo.close()

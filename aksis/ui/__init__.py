@@ -27,6 +27,8 @@ __all__ = ["AppSettings", "build_app", "main"]
 
 log = logging.getLogger(__name__)
 
+QUEUE_SIZE = 256  # requests waiting, all visitors together
+MAX_PER_SESSION = 16  # requests one session may have waiting or running (a page's own events, at load, are a few)
 INTRO = (
     "# aksis\n"
     "A small GPT, trained from scratch. Pick a model (a local training run, or a Hub id such as `user/name` or "
@@ -128,8 +130,36 @@ def build_app(settings: AppSettings | None = None) -> gr.Blocks:
     for fn in demo.fns.values():
         if fn.concurrency_limit == "default":
             fn.concurrency_id = "aksis"
-    demo.queue(default_concurrency_limit=settings.concurrency, max_size=256)
+    demo.queue(default_concurrency_limit=settings.concurrency, max_size=QUEUE_SIZE)
+    _limit_per_session(demo, MAX_PER_SESSION)
     return demo
+
+
+def _limit_per_session(demo: gr.Blocks, limit: int) -> None:
+    """Refuse a request of a session that already has `limit` requests waiting or running: one client cannot fill the
+    queue (QUEUE_SIZE for everyone) and keep the other visitors out. Gradio has no such setting; its queue's `push`
+    is where a request joins, so it is wrapped."""
+    queue = demo._queue
+    push = queue.push
+
+    async def push_within_limit(body: Any, request: Any, username: str | None) -> Any:
+        session = body.session_hash
+        if session is not None:
+            waiting = sum(
+                e.session_hash == session for q in queue.event_queue_per_concurrency_id.values() for e in q.queue
+            )
+            running = sum(e.session_hash == session for jobs in queue.active_jobs if jobs for e in jobs)
+            if waiting + running >= limit:
+                log.info("refused a request of a session with %d requests waiting or running", waiting + running)
+                return (
+                    False,
+                    f"You have {waiting + running} requests waiting or running, as many as a visitor may: wait for "
+                    "them to finish.",
+                    "queue_full",
+                )
+        return await push(body, request, username)
+
+    queue.push = push_within_limit  # type: ignore[method-assign]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
