@@ -212,10 +212,11 @@ class ServedApp:
 
 
 def serve_app(settings: Any) -> ServedApp:
-    from aksis.ui import build_app
+    from aksis.ui import build_app, launch_options
 
     demo = build_app(settings)
-    demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True)
+    options = launch_options(settings)  # as `python app.py` launches it
+    demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True, **options)
     return ServedApp(demo.local_url, settings, demo)
 
 

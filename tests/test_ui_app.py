@@ -29,6 +29,7 @@ def test_settings_come_from_the_environment() -> None:
     # A request that runs a model is bounded in time on a public Space, unless set otherwise; not in one's own app.
     assert AppSettings().request_limit() is None and AppSettings(local_paths=False).request_limit() == 180
     assert AppSettings.from_env({"AKSIS_REQUEST_SECONDS": "30"}).request_limit() == 30
+    assert AppSettings.from_env({"AKSIS_UPLOAD_MB": "5"}).upload_mb == 5 and AppSettings().upload_mb == 200
     with pytest.raises(ValueError, match="AKSIS_REQUEST_SECONDS must be at least 1"):
         AppSettings.from_env({"AKSIS_REQUEST_SECONDS": "0"})
     with pytest.raises(ValueError, match="AKSIS_CONCURRENCY='many' is not a whole number"):

@@ -228,3 +228,35 @@ def test_one_session_cannot_fill_the_queue(app_checkpoints: Path, tmp_path: Path
         assert outcomes.count("served") >= 1 and outcomes.count("refused") >= 4, outcomes
     finally:
         app.demo.close()
+
+
+def test_a_visitor_uploads_a_bounded_number_of_bytes_an_hour(app_checkpoints: Path, tmp_path: Path) -> None:
+    """Uploads land on the server's disk, and Gradio's upload requests carry no session: a visitor (an address) may
+    upload AKSIS_UPLOAD_MB an hour; past it, and without a length, an upload is refused before it is read."""
+    import httpx
+
+    from aksis.ui import UploadBudget
+
+    settings = AppSettings(
+        checkpoints_dir=app_checkpoints,
+        feedback_file=tmp_path / "f.jsonl",
+        device="cpu",
+        local_paths=False,
+        upload_mb=1,
+    )
+    app = serve_app(settings)
+    try:
+        url = f"{app.url.rstrip('/')}/gradio_api/upload"
+        part = ("part.txt", b"x" * (600 << 10), "text/plain")
+        first = httpx.post(url, files={"files": part}, timeout=30)
+        assert first.status_code == 200 and first.json()[0].endswith("part.txt")
+        second = httpx.post(url, files={"files": part}, timeout=30)
+        assert second.status_code == 429 and "at most 1 MiB an hour from a visitor" in second.text
+        elsewhere = httpx.post(url, files={"files": part}, headers={"X-Forwarded-For": "203.0.113.9"}, timeout=30)
+        assert elsewhere.status_code == 200  # another visitor (as a Space's proxy names them) has a budget of their own
+    finally:
+        app.demo.close()
+    budget = UploadBudget(None, bytes_per_window=100, window_s=60)
+    assert budget.charge("a", None) == (411, "An upload must say its length (Content-Length).")
+    assert budget.charge("a", "80", now=0) is None and budget.charge("a", "80", now=30) is not None
+    assert budget.charge("a", "80", now=61) is None  # an hour (here a minute) later, the budget is back

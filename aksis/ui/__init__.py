@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import threading
+import time
+from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +31,7 @@ __all__ = ["AppSettings", "build_app", "main"]
 log = logging.getLogger(__name__)
 
 QUEUE_SIZE = 256  # requests waiting, all visitors together
+MAX_FILE_MB = 50  # the largest file Gradio accepts as an upload
 MAX_PER_SESSION = 16  # requests one session may have waiting or running (a page's own events, at load, are a few)
 INTRO = (
     "# aksis\n"
@@ -162,6 +166,70 @@ def _limit_per_session(demo: gr.Blocks, limit: int) -> None:
     queue.push = push_within_limit  # type: ignore[method-assign]
 
 
+def launch_options(settings: AppSettings) -> dict[str, Any]:
+    """What `demo.launch` is given besides the address: the largest upload, and a middleware that bounds the bytes
+    each visitor uploads (see UploadBudget)."""
+    from starlette.middleware import Middleware
+
+    budget = Middleware(UploadBudget, bytes_per_window=settings.upload_mb << 20)
+    return {"max_file_size": f"{MAX_FILE_MB}mb", "app_kwargs": {"middleware": [budget]}}
+
+
+class UploadBudget:
+    """ASGI middleware: each visitor may upload at most `bytes_per_window` bytes in `window_s` seconds (uploads land
+    in Gradio's cache on the server's disk, which Gradio empties of day-old files only). Gradio's upload requests
+    carry no session, so a visitor is their address: the last one in X-Forwarded-For (the one a Space's proxy added),
+    else the connection's. An upload that does not say its length is refused, and so is one over the budget (429)."""
+
+    def __init__(self, app: Any, bytes_per_window: int, window_s: float = 3600.0) -> None:
+        self.app, self.budget, self.window = app, bytes_per_window, window_s
+        self.spent: dict[str, deque[tuple[float, int]]] = {}
+        self.lock = threading.Lock()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].endswith("/upload"):
+            headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
+            refusal = self.charge(_visitor(scope, headers), headers.get("content-length"))
+            if refusal is not None:
+                from starlette.responses import PlainTextResponse
+
+                status, message = refusal
+                log.info("refused an upload: %s", message)
+                await PlainTextResponse(message, status_code=status)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def charge(self, visitor: str, length: str | None, now: float | None = None) -> tuple[int, str] | None:
+        """Count an upload of `length` bytes against `visitor`'s budget; (HTTP status, message) when refused."""
+        if length is None or not length.isdigit():
+            return 411, "An upload must say its length (Content-Length)."
+        size, now = int(length), time.monotonic() if now is None else now
+        with self.lock:
+            for key in [k for k, spent in self.spent.items() if spent[-1][0] < now - self.window]:
+                del self.spent[key]  # visitors quiet for a window: forgotten, so the table stays small
+            spent = self.spent.setdefault(visitor, deque())
+            while spent and spent[0][0] < now - self.window:
+                spent.popleft()
+            used = sum(n for _, n in spent)
+            if used + size > self.budget:
+                if not spent:
+                    del self.spent[visitor]
+                return 429, (
+                    f"You have uploaded {used / 2**20:.0f} MiB in the last hour; this app takes at most "
+                    f"{self.budget / 2**20:.0f} MiB an hour from a visitor. Try again later."
+                )
+            spent.append((now, size))
+        return None
+
+
+def _visitor(scope: Any, headers: dict[str, str]) -> str:
+    forwarded = [part.strip() for part in headers.get("x-forwarded-for", "").split(",") if part.strip()]
+    if forwarded:
+        return forwarded[-1]
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Serve the aksis demo (the Hugging Face Space app).")
     parser.add_argument("--model", help="the model shown first: a local folder or a Hub id (default: AKSIS_MODEL)")
@@ -189,4 +257,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         settings.checkpoints_dir = Path(args.checkpoints)
     demo = build_app(settings)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size="50mb")
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_options(settings))

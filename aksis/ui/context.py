@@ -62,6 +62,7 @@ class AppSettings:
     # AKSIS_REQUEST_SECONDS: how long one request may run a model (generation, chat, arena, scoring); by default
     # unbounded in one's own app and REQUEST_SECONDS on a public Space (see `request_limit`).
     request_seconds: int | None = None
+    upload_mb: int = 200  # AKSIS_UPLOAD_MB: what one visitor may upload in an hour (see aksis.ui.UploadBudget)
 
     def request_limit(self) -> int | None:
         """The time bound of a request that runs a model: the setting, else REQUEST_SECONDS on a public Space."""
@@ -107,6 +108,7 @@ class AppSettings:
             run_hours=number("AKSIS_RUN_HOURS", defaults.run_hours),
             space_owner=env.get("SPACE_AUTHOR_NAME") or None,
             request_seconds=number("AKSIS_REQUEST_SECONDS", 0) or None,
+            upload_mb=number("AKSIS_UPLOAD_MB", defaults.upload_mb),
         )
 
 
