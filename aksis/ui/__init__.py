@@ -104,7 +104,7 @@ def build_app(settings: AppSettings | None = None) -> gr.Blocks:
         def refresh(current: str | None) -> Any:
             names = store.choices(settings.model)
             current = current if isinstance(current, str) else None  # an API caller may send any value
-            return gr.Dropdown(choices=names, value=current or (names[0] if names else None))
+            return gr.Dropdown(choices=names, value=current or (names[0] if names else None), allow_custom_value=True)
 
         def open_page(current: str | None) -> tuple[Any, Any, str]:
             """Each page opens on the models there are now (a run trained since the app started included): the
@@ -117,7 +117,11 @@ def build_app(settings: AppSettings | None = None) -> gr.Blocks:
                     text = load(current)
                 except gr.Error as err:  # said in the status line: a page that opens on a broken model still works
                     text = str(err.message)
-            return gr.Dropdown(choices=names, value=current), gr.Column(visible=not names), text
+            return (
+                gr.Dropdown(choices=names, value=current, allow_custom_value=True),
+                gr.Column(visible=not names),
+                text,
+            )
 
         load_button.click(load, picker, status, api_name="load_model")
         picker.input(load, picker, status, api_visibility="private")

@@ -370,7 +370,10 @@ def build(ctx: AppContext) -> None:
         names = ctx.store.choices(ctx.settings.model)
         if not model_1 or not model_2:
             model_1, model_2 = random_pair(names)
-        return gr.Dropdown(choices=names, value=model_1), gr.Dropdown(choices=names, value=model_2)
+        return (
+            gr.Dropdown(choices=names, value=model_1, allow_custom_value=True),
+            gr.Dropdown(choices=names, value=model_2, allow_custom_value=True),
+        )
 
     tab.select(offer_models, [model_1_box, model_2_box], [model_1_box, model_2_box], api_visibility="private")
 

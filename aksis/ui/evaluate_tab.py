@@ -362,7 +362,7 @@ def run_evaluate(
 
 def compare_choices(store: ModelStore, first: str | None, current: str | None) -> gr.Dropdown:
     """The "Compare with" dropdown offering the store's models as they are now, keeping the visitor's choice."""
-    return gr.Dropdown(choices=store.choices(first), value=current)
+    return gr.Dropdown(choices=store.choices(first), value=current, allow_custom_value=True)
 
 
 def build(ctx: AppContext) -> None:

@@ -480,7 +480,9 @@ def run_training(
     source = finished_source(job)
     if source is None:
         return
-    final: list[Any] = [gr.Dropdown(choices=ctx.store.choices(ctx.settings.model), value=source)]
+    final: list[Any] = [
+        gr.Dropdown(choices=ctx.store.choices(ctx.settings.model), value=source, allow_custom_value=True)
+    ]
     if status is not None:
         with user_errors("load the trained model"):
             final.append(ctx.store.get(source).describe())
