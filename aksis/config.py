@@ -53,11 +53,23 @@ class ModelConfig:
     dropout: float = 0.0
     tie_embeddings: bool = True  # share the input embedding with the output projection
     norm_eps: float = 1e-5
-    rope_theta: float = 10_000.0  # llama flavour only
+    # Width of one attention head; 0 means n_embd // n_head. Some families set it apart (n_head * head_dim may
+    # differ from n_embd: the attention's output projection maps n_head * head_dim back to n_embd).
+    head_dim: int = 0
+    # llama flavour only:
+    rope_theta: float = 10_000.0
+    # How RoPE's frequencies are stretched for a longer context: None (as trained) or a transformers-style
+    # {"rope_type": "llama3", "factor": ..., "low_freq_factor": ..., "high_freq_factor": ...,
+    # "original_max_position_embeddings": ...}.
+    rope_scaling: dict[str, Any] | None = None
+    qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2); gpt2 has biases everywhere
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
+        derivable = _is_int(self.n_embd) and _is_int(self.n_head) and self.n_head > 0 and self.n_embd % self.n_head == 0
+        if self.head_dim == 0 and derivable:
+            self.head_dim = self.n_embd // self.n_head
         problems = []
         if self.arch not in ARCHS:
             problems.append(f"arch must be one of {ARCHS}, got {self.arch!r}")
@@ -66,12 +78,20 @@ class ModelConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 problems.append(f"{name} must be a positive integer, got {value!r}")
         if not problems:
-            if self.n_embd % self.n_head:
-                problems.append(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+            if self.head_dim == 0:
+                problems.append(
+                    f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}), or head_dim must be given"
+                )
+            elif not _is_int(self.head_dim) or self.head_dim <= 0:
+                problems.append(f"head_dim must be a positive integer, got {self.head_dim!r}")
+            elif self.arch == "llama" and self.head_dim % 2:
+                problems.append(f"RoPE needs an even head size, got head_dim = {self.head_dim}")
             if self.n_head % self.n_kv_head:
                 problems.append(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
-            if self.arch == "llama" and (self.n_embd // self.n_head) % 2:
-                problems.append(f"RoPE needs an even head size, got n_embd/n_head = {self.n_embd // self.n_head}")
+        for name in ("tie_embeddings", "qkv_bias"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name} must be true or false, got {getattr(self, name)!r}")
+        problems.extend(rope_scaling_problems(self.rope_scaling))
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
         for name in ("norm_eps", "rope_theta"):
@@ -79,10 +99,6 @@ class ModelConfig:
                 problems.append(f"{name} must be a positive number, got {getattr(self, name)!r}")
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
 
     def describe(self) -> str:
         """One line for logs and messages: "gpt2, 6 layers x 512, 8 heads, context 512, vocab 10004"."""
@@ -99,12 +115,42 @@ class ModelConfig:
         return cls(**{**MODEL_PRESETS[name], **overrides})
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields as a dict; the family knobs (head_dim, rope_scaling, qkv_bias) only where they differ from what
+        the rest of the config implies, so a config.json names only what its model uses."""
+        data = dataclasses.asdict(self)
+        if self.head_dim == self.n_embd // self.n_head:
+            del data["head_dim"]
+        for name in ("rope_scaling", "qkv_bias"):
+            if not data[name]:
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Build from a dict, refusing unknown keys (a typo or a newer format should not pass silently)."""
         return cls(**_known_fields(cls, data))
+
+
+ROPE_TYPES = ("default", "llama3")  # rope_scaling types aksis implements (transformers' names)
+_LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def rope_scaling_problems(scaling: Any) -> list[str]:
+    """What is wrong with a `rope_scaling` setting (empty when it is usable)."""
+    if scaling is None:
+        return []
+    if not isinstance(scaling, dict):
+        return [f"rope_scaling must be null or an object, got {scaling!r}"]
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        return [f"rope_scaling type {kind!r} is not supported; aksis implements {', '.join(map(repr, ROPE_TYPES))}"]
+    if kind == "llama3":
+        bad = [k for k in _LLAMA3_ROPE_KEYS if not (_is_finite(scaling.get(k)) and scaling[k] > 0)]
+        if bad:
+            return [f"rope_scaling of type 'llama3' needs positive numbers for {', '.join(bad)}"]
+        if scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+            return ["rope_scaling of type 'llama3' needs high_freq_factor > low_freq_factor"]
+    return []
 
 
 MIN_TEMPERATURE = 1e-3

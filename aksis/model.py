@@ -41,11 +41,25 @@ class RMSNorm(nn.Module):
         return xf.type_as(x) * self.weight
 
 
-def rope_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotation angles, each (block_size, head_dim // 2)."""
+def rope_frequencies(config: ModelConfig) -> torch.Tensor:
+    """The rotation frequency of each pair of a head's dimensions, (head_dim // 2,): theta^(-2i / head_dim), stretched
+    as `config.rope_scaling` says ("llama3": long wavelengths slowed by `factor`, short ones kept, a smooth blend
+    between, as Llama 3.1 was trained)."""
     half = config.head_dim // 2
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(half, dtype=torch.float32) / half))
-    angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), inv_freq)
+    scaling = config.rope_scaling or {}
+    if scaling.get("rope_type", scaling.get("type", "default")) == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        context = scaling["original_max_position_embeddings"]
+        wavelength = 2 * math.pi / inv_freq
+        smooth = ((context / wavelength - low) / (high - low)).clamp(0.0, 1.0)  # 0: long waves, 1: short ones
+        inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return inv_freq
+
+
+def rope_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angles, each (block_size, head_dim // 2)."""
+    angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), rope_frequencies(config))
     return angles.cos(), angles.sin()
 
 
@@ -65,8 +79,9 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         bias = config.arch == "gpt2"
         # One fused projection for queries, keys and values (keys/values are narrower under GQA).
-        self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=bias)
+        qkv_dim = (self.n_head + 2 * self.n_kv_head) * self.head_dim
+        self.c_attn = nn.Linear(config.n_embd, qkv_dim, bias=bias or config.qkv_bias)
+        self.c_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -77,7 +92,7 @@ class CausalSelfAttention(nn.Module):
         kv_cache: KVCache | None,
         input_pos: torch.Tensor | None,
     ) -> torch.Tensor:
-        B, T, C = x.shape
+        B, T, _ = x.shape
         q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         q, k, v = self.c_attn(x).split([q_dim, kv_dim, kv_dim], dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, nh, hd)
@@ -94,7 +109,7 @@ class CausalSelfAttention(nn.Module):
             assert input_pos is not None
             k, v, mask = kv_cache.update(self.layer, input_pos, k, v)  # (B, nkv, S, hd): the S slots to attend over
             y = F.scaled_dot_product_attention(q, k.type_as(q), v.type_as(q), attn_mask=mask, enable_gqa=gqa)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, q_dim)  # (B, T, nh * hd)
         return self.resid_dropout(self.c_proj(y))
 
     def attention_weights(self, x: torch.Tensor, rope: Rope | None) -> torch.Tensor:
@@ -206,6 +221,14 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
+    def reset_rope(self) -> None:
+        """Compute the RoPE tables again, on the device of the weights: for a model built on the meta device (no
+        memory, no initialisation) and then given storage with `to_empty` to receive a checkpoint's weights."""
+        if self.config.arch == "llama":
+            cos, sin = rope_tables(self.config)
+            device = self.transformer.wte.weight.device
+            self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
@@ -303,7 +326,7 @@ class GPT(nn.Module):
 
     def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> int:
         """Estimated FLOPs per token (PaLM, appendix B): 2 per weight in a matmul per token for the forward
-        pass, plus attention scores and values (2 * 2 * n_layer * T * n_embd); training (forward and
+        pass, plus attention scores and values (2 * 2 * n_layer * T * n_head * head_dim); training (forward and
         backward) costs three times the forward pass. Used for MFU."""
         cfg = self.config
         T = cfg.block_size if seq_len is None else seq_len
@@ -312,5 +335,5 @@ class GPT(nn.Module):
         matmul = self.num_params(exclude_embeddings=True)
         if cfg.tie_embeddings:
             matmul += self.lm_head.weight.numel()
-        forward = 2 * matmul + 4 * cfg.n_layer * T * cfg.n_embd
+        forward = 2 * matmul + 4 * cfg.n_layer * T * cfg.n_head * cfg.head_dim
         return 3 * forward if training else forward
