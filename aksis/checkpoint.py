@@ -24,7 +24,7 @@ import re
 import secrets
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,15 @@ from aksis.device import pick_device
 from aksis.kernels import use_cpu_kernels
 from aksis.model import GPT
 from aksis.tokenizer import Tokenizer, TokenizerError
+from aksis.transformers_format import (
+    INDEX_FILE,
+    FormatError,
+    Source,
+    config_from_transformers,
+    ignored,
+    is_transformers_config,
+    weight_sources,
+)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -56,6 +65,10 @@ HUB_OPTIONS = ("revision", "cache_dir", "force_download", "token", "local_files_
 
 class CheckpointError(Exception):
     """A checkpoint could not be read or written; the message names the file and what to do."""
+
+
+class MissingFile(CheckpointError):
+    """The folder or repo exists but lacks the file asked for."""
 
 
 # ----- locating files: a local folder or a Hub repo -----
@@ -102,7 +115,7 @@ def resolve_file(
     if is_local(source):
         path = Path(source).expanduser() / filename
         if not path.is_file():
-            raise CheckpointError(
+            raise MissingFile(
                 f"{path} is missing: a checkpoint folder needs {', '.join(REQUIRED_FILES)}. "
                 "Was the folder written by save_pretrained, and copied completely?"
             )
@@ -135,7 +148,7 @@ def resolve_file(
             "id or path, or log in (`hf auth login` or HF_TOKEN) if the repo is private"
         ) from err
     except hf_errors.RemoteEntryNotFoundError as err:
-        raise CheckpointError(f"the Hub repo {repo} has no {filename}: it is not an aksis checkpoint") from err
+        raise MissingFile(f"the Hub repo {repo} has no {filename}: it is not an aksis checkpoint") from err
     except hf_errors.LocalEntryNotFoundError as err:
         raise CheckpointError(
             f"{filename} of {repo} is not in the local Hub cache and the Hub cannot be reached "
@@ -375,33 +388,150 @@ def load_gpt(
 ) -> GPT:
     """The model of a checkpoint, a local folder or a Hub repo id (`user/name` or `user/name@revision`, through the
     Hub cache), on `device` (in `dtype`, else float32), in eval mode; refused when its weights would take more than
-    `max_bytes`. `hub_options` are resolve_file's (revision, cache_dir, force_download, token, local_files_only)."""
+    `max_bytes`. The checkpoint is aksis's own, or a transformers one of a family aksis reads (transformers_format).
+    `hub_options` are resolve_file's (revision, cache_dir, force_download, token, local_files_only).
+
+    Nothing is allocated before the config has been checked against the weights files' headers (names, shapes and
+    the number of layers): a config that asks for a model larger than its weights is refused first. The model is then
+    built without memory (meta device), given storage once, and filled one tensor at a time, so loading takes the
+    model's memory and one tensor more, not two copies."""
     unknown = sorted(set(hub_options) - set(HUB_OPTIONS))
     if unknown:
         raise TypeError(f"load_gpt got unexpected option(s) {', '.join(unknown)}; it takes {', '.join(HUB_OPTIONS)}")
     # Config first, so every failure (bad path, missing repo, offline, corrupt or invalid config) names the file
-    # before any weights are read. Then the config is checked against the weights file's header, on a model that
-    # holds no memory: a config that asks for a model larger than its weights is refused before it is allocated.
-    config = read_model_config(resolve_file(source, CONFIG_FILE, **hub_options))
-    path = resolve_file(source, WEIGHTS_FILE, **hub_options)
-    header = weights_header(path)
-    layers = {name.split(".")[2] for name in header if name.startswith("transformer.h.")}
+    # before any weights are read.
+    config_path = resolve_file(source, CONFIG_FILE, **hub_options)
+    config, foreign = read_any_config(config_path)
+    files = _weight_files(source, foreign, hub_options)
+    header: dict[str, tuple[int, ...]] = {}
+    where: dict[str, Path] = {}
+    for path in files:
+        for name, shape in weights_header(path).items():
+            header[name], where[name] = shape, path
+    first = files[0]
+    layers = {int(m[1]) for name in header if (m := _LAYER.search(name))}
     if len(layers) != config.n_layer:  # before a model of n_layer blocks is even built on the meta device
         raise CheckpointError(
-            f"{shown(path)} holds {len(layers)} layers but config.json beside it asks for {config.n_layer}: the two "
+            f"{shown(first)} holds {len(layers)} layers but config.json beside it asks for {config.n_layer}: the two "
             "files come from different models"
         )
     with torch.device("meta"):
-        check_weights(GPT(config), header, path)
-    wanted = sum(math.prod(shape) for shape in header.values()) * (dtype or torch.float32).itemsize
+        model = GPT(config)
+    sources = _sources(model, header, first, foreign)
+    wanted = sum(math.prod(header[n]) for src in sources.values() for n in src.names)
+    wanted *= (dtype or torch.float32).itemsize
     if max_bytes is not None and wanted > max_bytes:
         raise CheckpointError(
-            f"{shown(path)} makes a model of {wanted / 2**20:,.0f} MiB, more than the {max_bytes / 2**20:,.0f} MiB "
+            f"{shown(first)} makes a model of {wanted / 2**20:,.0f} MiB, more than the {max_bytes / 2**20:,.0f} MiB "
             "allowed here"
         )
-    model = GPT(config)
-    load_weights(model, path)
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(dtype=dtype or torch.float32).to_empty(device=device)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.transformer.wte.weight
+    params = dict(model.named_parameters())
+    try:
+        with ExitStack() as stack, torch.no_grad():
+            handles = {path: stack.enter_context(safe_open(str(path), "pt")) for path in files}
+            for name, src in sources.items():
+                parts = [handles[where[n]].get_tensor(n) for n in src.names]
+                params[name].copy_(src.make(parts))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(
+            f"{shown(first)} is truncated or corrupt ({err}): save the checkpoint again or re-download it"
+        ) from None
+    model.reset_rope()
+    return model.eval()
+
+
+_LAYER = re.compile(r"(?:^|\.)(?:h|layers)\.(\d+)\.")  # the block a tensor belongs to, in either naming
+
+
+def read_any_config(path: Path) -> tuple[ModelConfig, bool]:
+    """The ModelConfig of a config.json, aksis's own or a transformers one (then True)."""
+    data = read_json(path)
+    if not is_transformers_config(data):
+        return read_model_config(path), False
+    try:
+        return config_from_transformers(data), True
+    except FormatError as err:
+        raise CheckpointError(f"{shown(path)}: {err}") from None
+
+
+def _weight_files(source: str | Path, foreign: bool, hub_options: dict[str, Any]) -> list[Path]:
+    """The safetensors files of a checkpoint: model.safetensors, or for a transformers checkpoint the shards its
+    model.safetensors.index.json lists."""
+    try:
+        return [resolve_file(source, WEIGHTS_FILE, **hub_options)]
+    except MissingFile:
+        if not foreign:
+            raise
+    try:
+        index_path = resolve_file(source, INDEX_FILE, **hub_options)
+    except MissingFile:
+        raise CheckpointError(
+            f"{source} has neither {WEIGHTS_FILE} nor {INDEX_FILE}: aksis reads safetensors weights only, never "
+            "pytorch_model.bin (a pickle, which can run code when loaded). Convert the weights to safetensors "
+            "(transformers: save_pretrained(..., safe_serialization=True)) and try again"
+        ) from None
+    weight_map = read_json(index_path).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{shown(index_path)} has no weight_map: the file is truncated or not an index")
+    shards = sorted(set(weight_map.values()), key=str)
+    bad = [s for s in shards if not (isinstance(s, str) and _SHARD.fullmatch(s))]
+    if bad:
+        raise CheckpointError(f"{shown(index_path)} names weight files aksis does not read: {bad[:3]}")
+    files = []
+    for shard in shards:
+        try:
+            files.append(resolve_file(source, shard, **hub_options))
+        except MissingFile:
+            raise CheckpointError(
+                f"{shown(index_path)} lists {shard}, which {source} lacks: the upload is incomplete"
+            ) from None
+    return files
+
+
+_SHARD = re.compile(r"[\w.-]+\.safetensors")  # a shard is a safetensors file beside the index, never a path
+
+
+def _sources(model: GPT, header: dict[str, tuple[int, ...]], path: Path, foreign: bool) -> dict[str, Source]:
+    """For each of `model`'s parameters (tied ones once), the tensors of the files (`header`: names and shapes) that
+    make it; CheckpointError unless they are exactly the model's, by name and shape."""
+    if not foreign:  # aksis's own files: the model's names, a tied weight under one of its names
+        check_weights(model, header, path)
+        return {name: Source(tuple(n for n in names if n in header)[:1]) for name, names in _aliases(model).items()}
+    sources = weight_sources(model.config, set(header))
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    missing = sorted({n for src in sources.values() for n in src.names if n not in header})
+    used = {n for src in sources.values() for n in src.names}
+    # A tied model's file may hold the output projection as well (transformers ignores it then, and so does aksis).
+    spare = {"lm_head.weight"} if model.config.tie_embeddings else set()
+    unexpected = sorted(n for n in header if n not in used and n not in spare and not ignored(n))
+    mismatched = [
+        f"{', '.join(src.names)} make {src.shape(header)} but the model needs {shapes[name]}"
+        for name, src in sources.items()
+        if not set(src.names) - set(header) and src.shape(header) != shapes[name]
+    ]
+    if missing or unexpected or mismatched:
+        details = []
+        if missing:
+            details.append(f"missing tensors: {', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}")
+        if unexpected:
+            details.append(f"unexpected tensors: {', '.join(unexpected[:8])}{' …' if len(unexpected) > 8 else ''}")
+        details.extend(mismatched[:8])
+        raise CheckpointError(
+            f"{shown(path)} does not match config.json beside it ({'; '.join(details)}): "
+            "the two files come from different models"
+        )
+    return sources
+
+
+def _aliases(model: torch.nn.Module) -> dict[str, list[str]]:
+    """Each parameter's first name, with all its names (a tied weight has several)."""
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    return {names[0]: names for names in groups.values()}
 
 
 def find_checkpoint(source: str | Path) -> str:

@@ -1,0 +1,225 @@
+"""transformers checkpoints (LLaMA, Qwen2, Mistral, GPT-2 families) read by aksis without transformers: the same
+logits with and without the KV cache, the same greedy tokens as transformers' generate, and one-line refusals of what
+aksis cannot read. transformers (a dev dependency) makes the random-weight reference models."""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from aksis.checkpoint import CheckpointError, load_gpt
+from aksis.config import GenerationConfig, ModelConfig
+from aksis.generation import generate
+from aksis.kv_cache import KVCache
+from aksis.tokenizer import Tokenizer
+from aksis.transformers_format import FormatError, config_from_transformers
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 260  # the byte-level tokenizer's size: generation samples only ids a tokenizer can decode
+SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=128)
+
+
+def hf_model(family: str, **overrides: Any) -> Any:
+    """A random-weight transformers model of `family`, tiny, deterministic."""
+    torch.manual_seed(0)
+    if family == "gpt2":
+        config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=128, n_embd=64, n_layer=2, n_head=4, **overrides)
+        return transformers.GPT2LMHeadModel(config).eval()
+    settings: dict[str, Any] = {**SHAPE, "num_attention_heads": 4, "num_key_value_heads": 2, **overrides}
+    cls = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}[family]
+    model = getattr(transformers, f"{cls}ForCausalLM")(getattr(transformers, f"{cls}Config")(**settings))
+    with torch.no_grad():  # transformers initialises biases to zero: make them count
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+CASES = {
+    "llama-gqa-untied": ("llama", {}),
+    "llama-tied": ("llama", {"tie_word_embeddings": True, "num_key_value_heads": 4}),
+    "llama-head-dim": ("llama", {"head_dim": 24}),  # n_head * head_dim != hidden_size
+    "llama3-rope": (
+        "llama",
+        {
+            "rope_theta": 500_000.0,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+        },
+    ),
+    "qwen2-tied": ("qwen2", {"tie_word_embeddings": True, "rope_theta": 1_000_000.0}),
+    "mistral": ("mistral", {"sliding_window": 4096}),
+    "gpt2": ("gpt2", {}),
+}
+
+
+@pytest.fixture(params=list(CASES), scope="module")
+def saved(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
+    family, overrides = CASES[request.param]
+    hf = hf_model(family, **overrides)
+    folder = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(folder)
+    return hf, folder
+
+
+def test_logits_equal_transformers_with_and_without_the_kv_cache(saved: tuple[Any, Path]) -> None:
+    hf, folder = saved
+    model = load_gpt(folder)
+    idx = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        plain, _ = model(idx)
+        cache = KVCache(model.config, batch_size=2, max_len=48)
+        first, _ = model(idx[:, :30], kv_cache=cache, input_pos=torch.arange(30))
+        steps = [model(idx[:, t : t + 1], kv_cache=cache, input_pos=torch.tensor([t]))[0] for t in range(30, 40)]
+    assert (plain - expected).abs().max().item() < 1e-4
+    cached = torch.cat([first, *steps], dim=1)
+    assert (cached - expected).abs().max().item() < 1e-4
+
+
+def test_greedy_generation_equals_transformers_token_for_token(saved: tuple[Any, Path]) -> None:
+    hf, folder = saved
+    model = load_gpt(folder)
+    prompt = [5, 17, 99, 3, 250, 42]
+    with torch.no_grad():
+        expected = hf.generate(
+            torch.tensor([prompt]), max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, len(prompt) :].tolist()
+    ours = generate(
+        model, Tokenizer.byte_level(), prompt, GenerationConfig(max_new_tokens=20, temperature=0.0), stop_ids=set()
+    )
+    assert ours.token_ids == expected
+
+
+def test_sharded_weights_load_from_their_index(tmp_path: Path) -> None:
+    hf = hf_model("qwen2")
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    model = load_gpt(tmp_path)
+    idx = torch.randint(0, VOCAB, (1, 12))
+    with torch.no_grad():
+        assert (model(idx)[0] - hf(idx).logits).abs().max().item() < 1e-4
+
+
+def test_a_mapped_config_has_the_family_knobs() -> None:
+    config = config_from_transformers(
+        {
+            "model_type": "qwen2",
+            "vocab_size": 151_936,
+            "hidden_size": 896,
+            "intermediate_size": 4864,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 14,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 32768,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1_000_000.0,
+            "sliding_window": 32768,
+            "use_sliding_window": False,
+            "tie_word_embeddings": True,
+            "hidden_act": "silu",
+        }
+    )
+    assert config == ModelConfig(
+        arch="llama",
+        vocab_size=151_936,
+        block_size=32768,
+        n_layer=24,
+        n_embd=896,
+        n_head=14,
+        n_kv_head=2,
+        d_ff=4864,
+        norm_eps=1e-6,
+        rope_theta=1_000_000.0,
+        qkv_bias=True,
+        tie_embeddings=True,
+    )
+    mistral = config_from_transformers({**_llama_json(), "model_type": "mistral", "sliding_window": 64})
+    assert mistral.block_size == 64  # the window is the context aksis serves
+
+
+def _llama_json(**overrides: Any) -> dict[str, Any]:
+    return {"model_type": "llama", **SHAPE, "num_attention_heads": 4, "num_key_value_heads": 2, **overrides}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"model_type": "phi3"}, "model_type is 'phi3'; aksis reads the llama, qwen2, mistral, gpt2 families"),
+        ({"hidden_act": "gelu"}, "hidden_act is 'gelu'"),
+        ({"mlp_bias": True}, "biases in the MLP"),
+        ({"attention_bias": True}, "attention_bias"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "RoPE scaling 'yarn' is not supported"),
+        ({"num_attention_heads": 3}, "n_embd \\(64\\) must be divisible by n_head \\(3\\)"),
+        ({"hidden_size": None}, "hidden_size is missing"),
+    ],
+)
+def test_configs_aksis_cannot_run_are_refused_by_name(overrides: dict[str, Any], message: str) -> None:
+    with pytest.raises(FormatError, match=message):
+        config_from_transformers(_llama_json(**overrides))
+
+
+def test_bad_repos_give_one_line_errors_and_write_nothing(tmp_path: Path) -> None:
+    hf = hf_model("llama")
+    good = tmp_path / "good"
+    hf.save_pretrained(good)
+
+    unsupported = tmp_path / "unsupported"
+    unsupported.mkdir()
+    (unsupported / "config.json").write_text(json.dumps(_llama_json(model_type="falcon")))
+    with pytest.raises(CheckpointError, match="config.json: its model_type is 'falcon'; aksis reads the llama"):
+        load_gpt(unsupported)
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((good / "config.json").read_text())
+    torch.save(hf.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="never pytorch_model.bin \\(a pickle, which can run code"):
+        load_gpt(pickled)
+
+    sharded = tmp_path / "sharded"
+    hf.save_pretrained(sharded, max_shard_size="100KB")
+    shard = sorted(sharded.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=f"lists {shard.name}, which .* lacks: the upload is incomplete"):
+        load_gpt(sharded)
+
+    mismatched = tmp_path / "mismatched"
+    hf.save_pretrained(mismatched)
+    (mismatched / "config.json").write_text(
+        json.dumps({**json.loads((good / "config.json").read_text()), "intermediate_size": 64})
+    )
+    with pytest.raises(
+        CheckpointError, match="model.safetensors does not match config.json.*mlp.gate_proj.weight make"
+    ):
+        load_gpt(mismatched)
+
+    escaping = tmp_path / "escaping"
+    escaping.mkdir()
+    (escaping / "config.json").write_text((good / "config.json").read_text())
+    (escaping / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"x": "../good/model.safetensors"}})
+    )
+    with pytest.raises(CheckpointError, match="names weight files aksis does not read"):
+        load_gpt(escaping)
+    assert sorted(p.name for p in pickled.iterdir()) == ["config.json", "pytorch_model.bin"]  # nothing written
+
+
+def test_a_tied_file_may_also_hold_the_output_projection(tmp_path: Path) -> None:
+    hf = hf_model("llama", tie_word_embeddings=True, num_key_value_heads=4)
+    hf.save_pretrained(tmp_path)
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, str(tmp_path / "model.safetensors"))
+    model = load_gpt(tmp_path)
+    assert model.lm_head.weight is model.transformer.wte.weight
