@@ -25,6 +25,7 @@ import secrets
 import shutil
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ import torch
 from huggingface_hub import ModelCardData, hf_hub_download
 from huggingface_hub import errors as hf_errors
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from aksis.config import GenerationConfig, ModelConfig
 from aksis.device import pick_device
@@ -41,7 +42,6 @@ from aksis.model import GPT
 from aksis.tokenizer import Tokenizer, TokenizerError
 from aksis.transformers_format import (
     INDEX_FILE,
-    FormatError,
     Source,
     config_from_transformers,
     ignored,
@@ -184,9 +184,19 @@ def upgrade_config(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_model_config(path: Path) -> ModelConfig:
+    """The ModelConfig of a config.json: aksis's own, or a transformers one of a family aksis reads."""
+    return read_config(path)[0]
+
+
+def read_config(path: Path) -> tuple[ModelConfig, bool]:
+    """The ModelConfig of a config.json, and whether the checkpoint is in the transformers layout (its config.json
+    names a `model_type`, its weights transformers' names)."""
+    data = read_json(path)
     try:
-        return ModelConfig.from_dict(upgrade_config(read_json(path)))
-    except (ValueError, TypeError) as err:
+        if is_transformers_config(data):
+            return config_from_transformers(data), True
+        return ModelConfig.from_dict(upgrade_config(data)), False
+    except (ValueError, TypeError) as err:  # FormatError is a ValueError
         raise CheckpointError(f"{shown(path)}: {err}") from None
 
 
@@ -242,18 +252,6 @@ def check_weights(model: torch.nn.Module, header: dict[str, tuple[int, ...]], pa
             f"{shown(path)} does not match config.json beside it ({'; '.join(details)}): "
             "the two files come from different models"
         )
-
-
-def load_weights(model: torch.nn.Module, path: Path) -> None:
-    """Load a weights file into `model`, checking every tensor name and shape against the model first."""
-    check_weights(model, weights_header(path), path)
-    try:
-        state = load_file(path)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(
-            f"{shown(path)} is truncated or corrupt ({err}): save the checkpoint again or re-download it"
-        ) from None
-    model.load_state_dict(state, strict=False)  # strictness checked above, tied aliases included
 
 
 def load_tokenizer(source: str | Path, **hub_kwargs: Any) -> Tokenizer:
@@ -400,61 +398,89 @@ def load_gpt(
         raise TypeError(f"load_gpt got unexpected option(s) {', '.join(unknown)}; it takes {', '.join(HUB_OPTIONS)}")
     # Config first, so every failure (bad path, missing repo, offline, corrupt or invalid config) names the file
     # before any weights are read.
-    config_path = resolve_file(source, CONFIG_FILE, **hub_options)
-    config, foreign = read_any_config(config_path)
+    config, foreign = read_config(resolve_file(source, CONFIG_FILE, **hub_options))
     files = _weight_files(source, foreign, hub_options)
-    header: dict[str, tuple[int, ...]] = {}
-    where: dict[str, Path] = {}
-    for path in files:
-        for name, shape in weights_header(path).items():
-            header[name], where[name] = shape, path
-    first = files[0]
-    layers = {int(m[1]) for name in header if (m := _LAYER.search(name))}
-    if len(layers) != config.n_layer:  # before a model of n_layer blocks is even built on the meta device
-        raise CheckpointError(
-            f"{shown(first)} holds {len(layers)} layers but config.json beside it asks for {config.n_layer}: the two "
-            "files come from different models"
-        )
-    with torch.device("meta"):
-        model = GPT(config)
-    sources = _sources(model, header, first, foreign)
-    wanted = sum(math.prod(header[n]) for src in sources.values() for n in src.names)
-    wanted *= (dtype or torch.float32).itemsize
+    _check_layers(config, files)
+    with torch.device("meta"):  # names and shapes only, no memory
+        plan = _plan(GPT(config), files, foreign)
+    wanted = plan.nbytes(dtype or torch.float32)
     if max_bytes is not None and wanted > max_bytes:
         raise CheckpointError(
-            f"{shown(first)} makes a model of {wanted / 2**20:,.0f} MiB, more than the {max_bytes / 2**20:,.0f} MiB "
-            "allowed here"
+            f"{shown(files[0])} makes a model of {wanted / 2**20:,.0f} MiB, more than the {max_bytes / 2**20:,.0f} "
+            "MiB allowed here"
         )
-    model = model.to(dtype=dtype or torch.float32).to_empty(device=device)
+    with torch.device("meta"):
+        model = GPT(config).to(dtype=dtype or torch.float32)
+    model.to_empty(device=device)
     if config.tie_embeddings:
         model.lm_head.weight = model.transformer.wte.weight
-    params = dict(model.named_parameters())
-    try:
-        with ExitStack() as stack, torch.no_grad():
-            handles = {path: stack.enter_context(safe_open(str(path), "pt")) for path in files}
-            for name, src in sources.items():
-                parts = [handles[where[n]].get_tensor(n) for n in src.names]
-                params[name].copy_(src.make(parts))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise CheckpointError(
-            f"{shown(first)} is truncated or corrupt ({err}): save the checkpoint again or re-download it"
-        ) from None
+    plan.fill(model)
     model.reset_rope()
     return model.eval()
 
 
+def load_weights(model: GPT, folder: str | Path) -> None:
+    """Load the weights of the checkpoint `folder` (aksis's layout or transformers') into `model`, which must have the
+    checkpoint's shape: every tensor name and shape is checked first."""
+    _, foreign = read_config(resolve_file(folder, CONFIG_FILE))
+    files = _weight_files(folder, foreign, {})
+    _plan(model, files, foreign).fill(model)
+
+
+@dataclass
+class _Plan:
+    """How to fill a model from weights files: for each parameter (tied ones once), its Source, and where each tensor
+    lies."""
+
+    sources: dict[str, Source]
+    where: dict[str, Path]
+    shapes: dict[str, tuple[int, ...]]
+
+    def nbytes(self, dtype: torch.dtype) -> int:
+        return sum(math.prod(self.shapes[n]) for src in self.sources.values() for n in src.names) * dtype.itemsize
+
+    def fill(self, model: torch.nn.Module) -> None:
+        """Copy the tensors into the model's parameters one at a time (no second copy of the model in memory)."""
+        params = dict(model.named_parameters())
+        first = next(iter(self.where.values()))
+        try:
+            with ExitStack() as stack, torch.no_grad():
+                handles = {p: stack.enter_context(safe_open(str(p), "pt")) for p in set(self.where.values())}
+                for name, src in self.sources.items():
+                    params[name].copy_(src.make([handles[self.where[n]].get_tensor(n) for n in src.names]))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise CheckpointError(
+                f"{shown(first)} is truncated or corrupt ({err}): save the checkpoint again or re-download it"
+            ) from None
+
+
+def _headers(files: list[Path]) -> tuple[dict[str, tuple[int, ...]], dict[str, Path]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    where: dict[str, Path] = {}
+    for path in files:
+        for name, shape in weights_header(path).items():
+            shapes[name], where[name] = shape, path
+    return shapes, where
+
+
+def _check_layers(config: ModelConfig, files: list[Path]) -> None:
+    """CheckpointError unless the files hold as many blocks as the config asks for: checked before a model of n_layer
+    blocks is even built on the meta device (a hostile config may ask for a million)."""
+    shapes, _ = _headers(files)
+    layers = {int(m[1]) for name in shapes if (m := _LAYER.search(name))}
+    if len(layers) != config.n_layer:
+        raise CheckpointError(
+            f"{shown(files[0])} holds {len(layers)} layers but config.json beside it asks for {config.n_layer}: the "
+            "two files come from different models"
+        )
+
+
+def _plan(model: GPT, files: list[Path], foreign: bool) -> _Plan:
+    shapes, where = _headers(files)
+    return _Plan(_sources(model, shapes, files[0], foreign), where, shapes)
+
+
 _LAYER = re.compile(r"(?:^|\.)(?:h|layers)\.(\d+)\.")  # the block a tensor belongs to, in either naming
-
-
-def read_any_config(path: Path) -> tuple[ModelConfig, bool]:
-    """The ModelConfig of a config.json, aksis's own or a transformers one (then True)."""
-    data = read_json(path)
-    if not is_transformers_config(data):
-        return read_model_config(path), False
-    try:
-        return config_from_transformers(data), True
-    except FormatError as err:
-        raise CheckpointError(f"{shown(path)}: {err}") from None
 
 
 def _weight_files(source: str | Path, foreign: bool, hub_options: dict[str, Any]) -> list[Path]:

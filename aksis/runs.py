@@ -42,7 +42,6 @@ from aksis.checkpoint import (
     BEST_DIR,
     CONFIG_FILE,
     STEP_PREFIX,
-    WEIGHTS_FILE,
     CheckpointError,
     load_weights,
     read_model_config,
@@ -299,7 +298,7 @@ class RunFolder:
             raise RunError(f"{checkpoint} was saved by a run that was not sharded; resume it without FSDP or DeepSpeed")
         else:
             try:
-                load_weights(acc.unwrap_model(trained.model, keep_torch_compile=False), checkpoint / WEIGHTS_FILE)
+                load_weights(acc.unwrap_model(trained.model, keep_torch_compile=False), checkpoint)
                 training_state.load_optimizer(trained.optimizer, folder)
                 training_state.load_scheduler(trained.scheduler, folder)
                 training_state.load_rng(folder, acc.process_index)
