@@ -44,8 +44,10 @@ from aksis.transformers_format import (
     INDEX_FILE,
     Source,
     config_from_transformers,
+    generation_from_transformers,
     ignored,
     is_transformers_config,
+    is_transformers_generation_config,
     weight_sources,
 )
 
@@ -264,10 +266,19 @@ def load_tokenizer(source: str | Path, **hub_kwargs: Any) -> Tokenizer:
 
 
 def load_generation_config(source: str | Path, **hub_kwargs: Any) -> GenerationConfig:
-    """The default sampling settings of a checkpoint (local folder or Hub repo)."""
-    path = resolve_file(source, GENERATION_CONFIG_FILE, **hub_kwargs)
+    """The default sampling settings of a checkpoint (local folder or Hub repo): aksis's generation_config.json or
+    transformers' (whose vocabulary differs; a transformers checkpoint without one samples with the defaults)."""
     try:
-        return GenerationConfig.from_dict(read_json(path))
+        path = resolve_file(source, GENERATION_CONFIG_FILE, **hub_kwargs)
+    except MissingFile:
+        if not read_config(resolve_file(source, CONFIG_FILE, **hub_kwargs))[1]:
+            raise
+        return GenerationConfig()
+    data = read_json(path)
+    try:
+        if is_transformers_generation_config(data):
+            data = generation_from_transformers(data)
+        return GenerationConfig.from_dict(data)
     except (ValueError, TypeError) as err:
         raise CheckpointError(f"{shown(path)}: {err}") from None
 

@@ -298,3 +298,61 @@ def transformers_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         for name, part in zip(source.names, tensor.split(sizes, dim=0), strict=True):
             state[name] = part.contiguous()
     return state
+
+
+# ----- generation_config.json -----
+
+
+def generation_from_transformers(data: dict[str, Any]) -> dict[str, Any]:
+    """aksis GenerationConfig fields from a transformers generation_config.json: sampling only when `do_sample` says
+    so (else greedy, or beam search with num_beams > 1), transformers' defaults where a setting is absent."""
+    sample = bool(data.get("do_sample", False))
+    fields: dict[str, Any] = {
+        "temperature": data.get("temperature", 1.0) if sample else 0.0,
+        "repetition_penalty": data.get("repetition_penalty", 1.0),
+        "num_beams": data.get("num_beams", 1),
+        "length_penalty": data.get("length_penalty", 1.0),
+    }
+    if sample:  # greedy decoding ignores them: aksis's defaults stand
+        fields.update(top_k=data.get("top_k", 50), top_p=data.get("top_p", 1.0))
+    fields = {k: v for k, v in fields.items() if v is not None}
+    if sample and fields.get("temperature") == 0:
+        fields["temperature"] = 1.0  # transformers refuses 0 with sampling; aksis reads 0 as greedy
+    if data.get("max_new_tokens") is not None:
+        fields["max_new_tokens"] = data["max_new_tokens"]
+    stops = data.get("stop_strings")
+    if stops is not None:
+        fields["stop"] = [stops] if isinstance(stops, str) else stops
+    for key in ("seed", "max_time"):
+        if data.get(key) is not None:
+            fields[key] = data[key]
+    return fields
+
+
+def generation_to_transformers(settings: dict[str, Any], eos_ids: list[int], bos_id: int | None) -> dict[str, Any]:
+    """A generation_config.json that transformers reads as the same sampling defaults (from aksis GenerationConfig
+    fields, `settings`), and `generation_from_transformers` reads back unchanged."""
+    sample = settings["temperature"] > 0
+    data: dict[str, Any] = {
+        "do_sample": sample,
+        "max_new_tokens": settings["max_new_tokens"],
+        "repetition_penalty": settings["repetition_penalty"],
+        "num_beams": settings["num_beams"],
+        "length_penalty": settings["length_penalty"],
+        "eos_token_id": eos_ids[0] if len(eos_ids) == 1 else eos_ids,
+    }
+    if sample:
+        data.update(temperature=settings["temperature"], top_k=settings["top_k"], top_p=settings["top_p"])
+    if bos_id is not None:
+        data["bos_token_id"] = bos_id
+    if settings.get("stop"):
+        data["stop_strings"] = settings["stop"]
+    for key in ("seed", "max_time"):
+        if settings.get(key) is not None:
+            data[key] = settings[key]
+    return data
+
+
+def is_transformers_generation_config(data: dict[str, Any]) -> bool:
+    """A generation_config.json in transformers' vocabulary (aksis's own holds only GenerationConfig's fields)."""
+    return "do_sample" in data or "transformers_version" in data or "eos_token_id" in data

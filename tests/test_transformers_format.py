@@ -10,12 +10,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from aksis.checkpoint import CheckpointError, load_gpt
+from aksis.checkpoint import CheckpointError, load_generation_config, load_gpt
 from aksis.config import GenerationConfig, ModelConfig
 from aksis.generation import generate
 from aksis.kv_cache import KVCache
 from aksis.tokenizer import Tokenizer
-from aksis.transformers_format import FormatError, config_from_transformers
+from aksis.transformers_format import (
+    FormatError,
+    config_from_transformers,
+    generation_from_transformers,
+    generation_to_transformers,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -223,3 +228,24 @@ def test_a_tied_file_may_also_hold_the_output_projection(tmp_path: Path) -> None
     save_file(state, str(tmp_path / "model.safetensors"))
     model = load_gpt(tmp_path)
     assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_sampling_defaults_come_from_transformers_generation_config(tmp_path: Path) -> None:
+    hf = hf_model("llama")
+    hf.save_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").unlink(missing_ok=True)
+    assert load_generation_config(tmp_path) == GenerationConfig()  # none: aksis's defaults
+    transformers.GenerationConfig(do_sample=True, temperature=0.6, top_p=0.9, max_new_tokens=64).save_pretrained(
+        tmp_path
+    )
+    settings = load_generation_config(tmp_path)
+    assert (settings.temperature, settings.top_p, settings.top_k, settings.max_new_tokens) == (0.6, 0.9, 50, 64)
+    transformers.GenerationConfig(bos_token_id=1, eos_token_id=[2, 3]).save_pretrained(tmp_path)
+    assert load_generation_config(tmp_path).temperature == 0.0  # do_sample false: greedy
+
+
+def test_generation_config_round_trips_through_transformers_vocabulary() -> None:
+    for config in (GenerationConfig(), GenerationConfig(temperature=0.0, stop=["\n\n"], seed=3, max_time=5.0)):
+        data = generation_to_transformers(config.to_dict(), eos_ids=[7], bos_id=None)
+        assert GenerationConfig.from_dict(generation_from_transformers(data)) == config
+        assert transformers.GenerationConfig(**data).do_sample == (config.temperature > 0)
