@@ -35,6 +35,18 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # LLaMA flavour of the base size: 4 KV heads (grouped-query attention) and a SwiGLU width of
     # about 2/3 * 4 * n_embd, so the MLP has as many parameters as the GELU one (3 * 512 * 1408 ~ 2 * 512 * 2048).
     "base-llama": dict(arch="llama", n_kv_head=4, d_ff=1408),
+    # The shape of HuggingFaceTB/SmolLM2-135M (its 49,152-token vocabulary, 3 KV heads, tied embeddings).
+    "smollm2-135m": dict(
+        arch="llama",
+        n_layer=30,
+        n_embd=576,
+        n_head=9,
+        n_kv_head=3,
+        d_ff=1536,
+        vocab_size=49_152,
+        block_size=8192,
+        rope_theta=100_000.0,
+    ),
 }
 
 

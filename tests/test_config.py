@@ -46,11 +46,37 @@ def test_from_preset_applies_overrides_and_rejects_unknown_names() -> None:
         (dict(n_layer=0), "n_layer must be a positive integer"),
         (dict(dropout=1.0), "dropout must be in"),
         (dict(arch="llama", n_embd=12, n_head=4), "RoPE needs an even head size"),
+        (dict(arch="llama", head_dim=-4), "head_dim must be a positive integer"),
+        (dict(qkv_bias="yes"), "qkv_bias must be true or false"),
+        (dict(arch="llama", rope_scaling={"rope_type": "yarn"}), "rope_scaling type 'yarn' is not supported"),
+        (dict(arch="llama", rope_scaling={"rope_type": "llama3", "factor": 8.0}), "needs positive numbers for"),
+        (dict(arch="llama", rope_scaling=[1]), "rope_scaling must be null or an object"),
     ],
 )
 def test_invalid_configs_say_what_is_wrong(overrides: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ModelConfig(**overrides)
+
+
+def test_family_knobs_are_written_only_when_a_model_uses_them() -> None:
+    plain = ModelConfig.from_preset("base-llama")
+    assert plain.head_dim == 64 and not {"head_dim", "rope_scaling", "qkv_bias"} & set(plain.to_dict())
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    wide = ModelConfig.from_preset(
+        "base-llama", head_dim=96, qkv_bias=True, rope_scaling={**scaling, "original_max_position_embeddings": 64}
+    )
+    assert {"head_dim", "rope_scaling", "qkv_bias"} <= set(wide.to_dict())
+    assert ModelConfig.from_dict(json.loads(json.dumps(wide.to_dict()))) == wide
+    smol = ModelConfig.from_preset("smollm2-135m")
+    assert (smol.n_layer, smol.n_embd, smol.n_head, smol.n_kv_head, smol.d_ff, smol.vocab_size, smol.head_dim) == (
+        30,
+        576,
+        9,
+        3,
+        1536,
+        49_152,
+        64,
+    )
 
 
 def test_dict_round_trip_and_unknown_fields() -> None:
