@@ -1,6 +1,8 @@
-"""Generation speed: aksis's `generate_batch` vs Hugging Face transformers' `GPT2LMHeadModel.generate`, side by side.
+"""Generation speed: aksis's `generate_batch` vs Hugging Face transformers' `generate`, side by side, on identical
+weights (GPT2LMHeadModel for a gpt2-flavour model, LlamaForCausalLM or Qwen2ForCausalLM for a llama-flavour one).
 
     python benchmarks/bench_generate.py                                  # base preset, CPU fp32, batch 1 and 8
+    python benchmarks/bench_generate.py --preset smollm2-135m --new-tokens 128 --runs 3   # SmolLM2-135M's shape
     python benchmarks/bench_generate.py --text tinyshakespeare.txt --compile --runs 5
     python benchmarks/bench_generate.py --threads 1          # a busy machine: one thread suffers less from others
     python benchmarks/bench_generate.py --preset gpt2 --device cuda --compile   # bf16 on a GPU
@@ -8,10 +10,11 @@
 Both run greedy decoding of the same prompts (`--prompt-tokens` each, cut from `--text`, default the embedded
 Shakespeare plays) for exactly `--new-tokens` tokens (no stop token: aksis gets `stop_ids=set()`, transformers
 `eos_token_id=None`), on identical weights: the aksis model (random weights of `--preset`, or `--checkpoint`) and
-its export through aksis.interop. Without a checkpoint, the tokenizer is a BPE trained on the text to the preset's
-vocabulary size. aksis is timed through `generate_batch`, the call the CLI and the app make (text decoding and stop
-checks included); transformers through `generate` in the settings listed below. Each repetition runs every
-implementation once, starting with a different one each time, so machine noise hits all alike.
+its export through `aksis.interop.to_transformers`. Without a checkpoint, the tokenizer is a BPE trained on the text
+to the preset's vocabulary size (at most 10,004 tokens; both then generate only the tokenizer's ids). aksis is timed
+through `generate_batch`, the call the CLI and the app make (text decoding and stop checks included); transformers
+through `generate` in the settings listed below. Each repetition runs every implementation once, starting with a
+different one each time, so machine noise hits all alike.
 
 Columns: tokens/s = batch x new tokens / wall time (median over runs); time to first token = a separate 1-token
 generation (prefill + first token); ms/token = (total - first token) / (new tokens - 1): the decode step; peak
@@ -46,11 +49,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from aksis.checkpoint import load_model
 from aksis.config import GenerationConfig, ModelConfig
 from aksis.generation import _Session, compile_for_decoding, generate_batch
-from aksis.interop import to_hf_gpt2
+from aksis.interop import to_transformers
 from aksis.kernels import use_cpu_kernels
 from aksis.kv_cache import KVCache
 from aksis.model import GPT
-from aksis.tokenizer import Tokenizer
+from aksis.tokenizer import DEFAULT_VOCAB_SIZE, Tokenizer
 
 
 def sync(device: torch.device) -> None:
@@ -113,7 +116,7 @@ def build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) ->
     model = GPT(config).to(device=device, dtype=dtype).eval()
     if device.type == "cpu":  # as load_model does
         use_cpu_kernels(model)
-    tokenizer = Tokenizer.train([read_text(args.text)], vocab_size=config.vocab_size)
+    tokenizer = Tokenizer.train([read_text(args.text)], vocab_size=min(config.vocab_size, DEFAULT_VOCAB_SIZE))
     return model, tokenizer, f"preset {args.preset} (random weights, seed {args.seed}; BPE trained on the text)"
 
 
@@ -266,8 +269,8 @@ def table(impls: list[Impl], batch: int, new_tokens: int, device: torch.device) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="base", help="model preset (random weights); a gpt2-flavour one")
-    parser.add_argument("--checkpoint", default=None, help="a gpt2-flavour checkpoint folder instead of a preset")
+    parser.add_argument("--preset", default="base", help="model preset (random weights)")
+    parser.add_argument("--checkpoint", default=None, help="a checkpoint folder or Hub id instead of a preset")
     parser.add_argument("--text", default=None, help="text for the prompts (and the BPE); default: embedded plays")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--prompt-tokens", type=int, default=32)
@@ -292,15 +295,13 @@ def main() -> None:
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
     model, tokenizer, source = build(args, device, dtype)
-    if model.config.arch != "gpt2":
-        raise SystemExit("the reference (GPT2LMHeadModel) exists for the gpt2 flavour only; pick a gpt2 preset")
     if model.config.block_size < args.prompt_tokens + args.new_tokens:
         raise SystemExit(f"prompt + new tokens must fit the context ({model.config.block_size})")
-    hf_models: dict[str, Any] = {"eager": to_hf_gpt2(model).to(device=device, dtype=dtype)}
+    hf_models: dict[str, Any] = {"eager": to_transformers(model).to(device=device, dtype=dtype)}
     if args.compile:
         mode = "reduce-overhead" if device.type == "cuda" else None
         hf_models["aksis_compiled"] = compile_for_decoding(model)  # as benchmark-inference --compile does
-        compiled = to_hf_gpt2(model).to(device=device, dtype=dtype)
+        compiled = to_transformers(model).to(device=device, dtype=dtype)
         compiled.forward = torch.compile(compiled.forward, mode=mode, fullgraph=True)
         hf_models["compiled"] = compiled
     for m in hf_models.values():
