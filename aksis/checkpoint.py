@@ -451,18 +451,89 @@ class _Plan:
         return sum(math.prod(self.shapes[n]) for src in self.sources.values() for n in src.names) * dtype.itemsize
 
     def fill(self, model: torch.nn.Module) -> None:
-        """Copy the tensors into the model's parameters one at a time (no second copy of the model in memory)."""
+        """Read the tensors into the model's parameters one at a time. A tensor stored as the parameter holds it (same
+        dtype, no transpose; q, k and v are consecutive rows of c_attn) is read from the file straight into the
+        parameter's memory; others pass through one temporary tensor. So loading holds the model once, plus at most
+        one tensor: not a state dict beside the model, and not the file's pages mapped into memory."""
         params = dict(model.named_parameters())
         first = next(iter(self.where.values()))
         try:
             with ExitStack() as stack, torch.no_grad():
-                handles = {p: stack.enter_context(safe_open(str(p), "pt")) for p in set(self.where.values())}
+                files = {p: stack.enter_context(open(p, "rb")) for p in set(self.where.values())}
+                layouts = {p: _layout(f) for p, f in files.items()}
                 for name, src in self.sources.items():
-                    params[name].copy_(src.make([handles[self.where[n]].get_tensor(n) for n in src.names]))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+                    param = params[name]
+                    stored = [(files[self.where[n]], layouts[self.where[n]][n]) for n in src.names]
+                    direct = param.device.type == "cpu" and not src.transpose and param.is_contiguous()
+                    if direct and all(entry.dtype == param.dtype for _, entry in stored):
+                        flat, at = param.view(-1), 0
+                        for file, entry in stored:
+                            entry.read_into(file, flat[at : at + entry.numel])
+                            at += entry.numel
+                    else:
+                        param.copy_(src.make([entry.read(file) for file, entry in stored]))
+        except (OSError, ValueError, RuntimeError) as err:
             raise CheckpointError(
                 f"{shown(first)} is truncated or corrupt ({err}): save the checkpoint again or re-download it"
             ) from None
+
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """Where a tensor's bytes lie in a safetensors file."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # byte offset in the file
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def read_into(self, file: Any, out: torch.Tensor) -> None:
+        """Read the tensor into `out`, a contiguous CPU tensor of its dtype and size."""
+        file.seek(self.start)
+        if self.nbytes and file.readinto(out.view(torch.uint8).numpy().data) != self.nbytes:
+            raise ValueError("the file ends inside a tensor")
+
+    def read(self, file: Any) -> torch.Tensor:
+        out = torch.empty(self.shape, dtype=self.dtype)
+        self.read_into(file, out.view(-1))
+        return out
+
+
+def _layout(file: Any) -> dict[str, _Stored]:
+    """The tensors of an open safetensors file (already checked by `weights_header`): dtype, shape, byte range."""
+    size = int.from_bytes(file.read(8), "little")
+    header = json.loads(file.read(size))
+    base = 8 + size
+    out = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if entry["dtype"] not in _DTYPES:
+            raise ValueError(f"{name} has the dtype {entry['dtype']}, which aksis does not load")
+        begin, end = entry["data_offsets"]
+        stored = _Stored(_DTYPES[entry["dtype"]], tuple(entry["shape"]), base + begin, end - begin)
+        if stored.numel * stored.dtype.itemsize != stored.nbytes:
+            raise ValueError(f"{name}'s byte range does not match its shape")
+        out[name] = stored
+    return out
 
 
 def _headers(files: list[Path]) -> tuple[dict[str, tuple[int, ...]], dict[str, Path]]:

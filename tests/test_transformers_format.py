@@ -249,3 +249,22 @@ def test_generation_config_round_trips_through_transformers_vocabulary() -> None
         data = generation_to_transformers(config.to_dict(), eos_ids=[7], bos_id=None)
         assert GenerationConfig.from_dict(generation_from_transformers(data)) == config
         assert transformers.GenerationConfig(**data).do_sample == (config.temperature > 0)
+
+
+def test_bf16_weights_load_as_stored_or_widened(tmp_path: Path) -> None:
+    hf = hf_model("qwen2").to(torch.bfloat16)
+    hf.save_pretrained(tmp_path)
+    as_stored = load_gpt(tmp_path, dtype=torch.bfloat16)  # read straight into the parameters
+    widened = load_gpt(tmp_path)  # through a temporary bf16 tensor
+    q = hf.state_dict()["model.layers.1.self_attn.q_proj.weight"]
+    assert torch.equal(as_stored.transformer.h[1].attn.c_attn.weight[: q.size(0)], q)
+    assert widened.transformer.wte.weight.dtype == torch.float32
+    assert torch.equal(widened.transformer.wte.weight, hf.state_dict()["model.embed_tokens.weight"].float())
+
+
+def test_a_truncated_weights_file_is_a_clear_error(tmp_path: Path) -> None:
+    hf_model("llama").save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="model.safetensors is truncated or corrupt"):
+        load_gpt(tmp_path)
