@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 
 from aksis.config import GenerationConfig, ModelConfig
 from aksis.device import pick_device
+from aksis.hf_tokenizer import HFTokenizer, is_hf_tokenizer_file
 from aksis.kernels import use_cpu_kernels
 from aksis.model import GPT
 from aksis.tokenizer import Tokenizer, TokenizerError
@@ -55,6 +56,9 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # Hugging Face tokenizers: special tokens and the chat template
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # a chat template kept apart from tokenizer_config.json
+TOKENIZER_SIDE_FILES = (TOKENIZER_CONFIG_FILE, GENERATION_CONFIG_FILE, CHAT_TEMPLATE_FILE)  # HFTokenizer.from_files
 CARD_FILE = "README.md"
 EVAL_RESULTS_FILE = "eval_results.json"  # written by aksis.metrics.save_results, read into the model card
 REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, GENERATION_CONFIG_FILE)
@@ -257,12 +261,25 @@ def check_weights(model: torch.nn.Module, header: dict[str, tuple[int, ...]], pa
 
 
 def load_tokenizer(source: str | Path, **hub_kwargs: Any) -> Tokenizer:
-    """The tokenizer of a checkpoint (local folder or Hub repo)."""
+    """The tokenizer of a checkpoint (local folder or Hub repo): aksis's own tokenizer.json, or a Hugging Face one
+    (aksis.hf_tokenizer) with its tokenizer_config.json, generation_config.json and chat_template.jinja where the
+    checkpoint has them."""
     path = resolve_file(source, TOKENIZER_FILE, **hub_kwargs)
     try:
-        return Tokenizer.load(path)
+        if not is_hf_tokenizer_file(path):
+            return Tokenizer.load(path)
+        config, generation, template = (_optional_file(source, name, hub_kwargs) for name in TOKENIZER_SIDE_FILES)
+        return HFTokenizer.from_files(path, config, generation, template, name=str(source))
     except TokenizerError as err:
-        raise CheckpointError(str(err).replace(str(path), shown(path))) from None
+        folder = shown(path).removesuffix(TOKENIZER_FILE).rstrip("/") or "."
+        raise CheckpointError(str(err).replace(str(path.parent), folder)) from None
+
+
+def _optional_file(source: str | Path, filename: str, hub_kwargs: dict[str, Any]) -> Path | None:
+    try:
+        return resolve_file(source, filename, **hub_kwargs)
+    except MissingFile:
+        return None
 
 
 def load_generation_config(source: str | Path, **hub_kwargs: Any) -> GenerationConfig:

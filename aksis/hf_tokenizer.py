@@ -70,6 +70,16 @@ BYTE_TO_CHAR = _bytes_to_unicode()
 CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
 
 
+def is_hf_tokenizer_file(path: Path) -> bool:
+    """True for a Hugging Face tokenizer.json (it names a `model`), False for aksis's own (it holds `ranks`) and for
+    a file that is neither (aksis's reader then says what is wrong with it)."""
+    try:
+        data = _read_object(_read_text(path), path)
+    except TokenizerError:
+        return False
+    return "model" in data and "ranks" not in data
+
+
 class HFTokenizer(Tokenizer):
     """A Hugging Face `tokenizer.json` served by the `tokenizers` library, with aksis's `Tokenizer` surface (a subclass
     that overrides every method: it holds no tiktoken encoding).

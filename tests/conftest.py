@@ -266,3 +266,55 @@ CHATS = [
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+# A SmolLM2-Instruct-like chat template (ChatML with a default system prompt), as Hub repos carry it.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CHATML_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def write_hf_repo(folder: Path, texts: list[str], family: str = "llama", **overrides: Any) -> Any:
+    """A transformers checkpoint folder as a Hub repo holds it: a tiny random-weight model of `family` saved with
+    save_pretrained (safetensors), a byte-level BPE trained by the tokenizers library on `texts` with ChatML special
+    tokens, tokenizer_config.json with the chat template, generation_config.json. Returns the transformers model."""
+    import tokenizers
+    import transformers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=CHATML_SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>", pad_token="<|endoftext|>"
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    torch.manual_seed(0)
+    vocab = tok.get_vocab_size()
+    shape: dict[str, Any] = dict(
+        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=256
+    )
+    if family == "gpt2":
+        config = transformers.GPT2Config(vocab_size=vocab, n_positions=256, n_embd=64, n_layer=2, n_head=4)
+        model = transformers.GPT2LMHeadModel(config)
+    else:
+        cls = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}[family]
+        settings = {**shape, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True}
+        model = getattr(transformers, f"{cls}ForCausalLM")(
+            getattr(transformers, f"{cls}Config")(**settings, **overrides)
+        )
+    eos = tok.token_to_id("<|im_end|>")
+    model.generation_config = transformers.GenerationConfig(
+        bos_token_id=tok.token_to_id("<|im_start|>"), eos_token_id=eos, do_sample=True, temperature=0.7, top_p=0.9
+    )
+    model.eval().save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return model
