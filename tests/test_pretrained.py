@@ -74,3 +74,29 @@ def test_generate_text_and_evaluate_from_the_cli(smol: tuple[Any, Path], tmp_pat
     )
     assert out.returncode == 0, out.stderr
     assert "perplexity" in out.stdout
+
+
+def test_a_space_serves_a_transformers_repo_and_bounds_its_shards_together(
+    smol: tuple[Any, Path], hub: Hub, tmp_path: Path
+) -> None:
+    from huggingface_hub import HfApi
+
+    from aksis.checkpoint import CheckpointError
+    from aksis.ui.models import ModelStore
+
+    hf, _ = smol
+    sharded = tmp_path / "sharded"
+    hf.save_pretrained(sharded, max_shard_size="100KB")
+    transformers.AutoTokenizer.from_pretrained(smol[1]).save_pretrained(sharded)
+    api = HfApi(endpoint=hub.endpoint, token=hub.write_token)
+    repo_id = api.create_repo(hub.fresh_repo_id("smol-sharded")).repo_id
+    api.upload_folder(folder_path=sharded, repo_id=repo_id)
+    shards = sorted(sharded.glob("*.safetensors"))
+    assert len(shards) > 1
+    total = sum(p.stat().st_size for p in shards)
+    space = ModelStore(tmp_path / "none", device=torch.device("cpu"), max_bytes=total - 1, local_paths=False)
+    with pytest.raises(CheckpointError, match="MiB of weights; this app loads models of at most"):
+        space.get(repo_id)  # each shard is under the bound; together they are not
+    roomy = ModelStore(tmp_path / "none", device=torch.device("cpu"), max_bytes=4 * total, local_paths=False)
+    entry = roomy.get(repo_id)
+    assert isinstance(entry.tokenizer, HFTokenizer) and entry.model.config.n_layer == 2

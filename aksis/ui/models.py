@@ -24,9 +24,11 @@ import torch
 
 from aksis.checkpoint import (
     CARD_FILE,
+    CHAT_TEMPLATE_FILE,
     CONFIG_FILE,
     EVAL_RESULTS_FILE,
     GENERATION_CONFIG_FILE,
+    TOKENIZER_CONFIG_FILE,
     TOKENIZER_FILE,
     WEIGHTS_FILE,
     CheckpointError,
@@ -43,6 +45,7 @@ from aksis.model import GPT
 from aksis.runs import METRICS_FILE
 from aksis.tokenizer import MAX_FILE_BYTES as MAX_TOKENIZER_BYTES
 from aksis.tokenizer import Tokenizer
+from aksis.transformers_format import INDEX_FILE
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,9 @@ READ_FILES = (
     WEIGHTS_FILE,
     TOKENIZER_FILE,
     GENERATION_CONFIG_FILE,
+    TOKENIZER_CONFIG_FILE,
+    CHAT_TEMPLATE_FILE,
+    INDEX_FILE,
     CARD_FILE,
     METRICS_FILE,
     EVAL_RESULTS_FILE,
@@ -262,16 +268,19 @@ class ModelStore:
         except HUB_FAILURES:
             return
         bounds = {name: SIDE_FILE_BYTES for name in READ_FILES}
-        bounds.update({WEIGHTS_FILE: self.max_bytes, TOKENIZER_FILE: MAX_TOKENIZER_BYTES})
+        bounds.update({TOKENIZER_FILE: MAX_TOKENIZER_BYTES})
+        weights = 0  # model.safetensors, or the shards of a sharded transformers checkpoint: all count
         for file in info.siblings or []:
-            bound = bounds.get(file.rfilename)
+            is_weights = file.rfilename.endswith(".safetensors") and "/" not in file.rfilename
+            bound = self.max_bytes if is_weights else bounds.get(file.rfilename)
             if bound is None:
                 continue  # never read by the app
             if file.size is None:
                 raise CheckpointError(f"the Hub does not say how large {source}'s {file.rfilename} is: not loaded")
-            if file.size > bound and file.rfilename == WEIGHTS_FILE:
+            weights += file.size if is_weights else 0
+            if is_weights and weights > bound:
                 raise CheckpointError(
-                    f"{source} has {file.size / 2**20:,.0f} MiB of weights; this app loads models of at most "
+                    f"{source} has at least {weights / 2**20:,.0f} MiB of weights; this app loads models of at most "
                     f"{bound / 2**20:,.0f} MiB (AKSIS_MODEL_CACHE_MB)"
                 )
             if file.size > bound:
