@@ -254,6 +254,8 @@ class _Session:
 
 def _prompt_ids(model: GPT, tokenizer: Tokenizer, prompt: str | Sequence[int]) -> list[int]:
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if ids and isinstance(prompt, str) and tokenizer.add_bos and tokenizer.bos_id is not None:
+        ids = [tokenizer.bos_id, *ids]  # as the model's own tokenizer begins a text
     if not ids:
         raise GenerationError("the prompt is empty: give some text for the model to continue")
     limit = model.config.block_size

@@ -97,7 +97,7 @@ def perplexity(
     device = next(model.parameters()).device
     jobs: list[tuple[list[int], int]] = []  # (window ids, how many of its last targets to score)
     for text in texts:
-        ids = [tokenizer.eot_id, *tokenizer.encode(text)]
+        ids = [tokenizer.document_start, *tokenizer.encode(text)]
         jobs += [(ids[begin:stop], keep) for begin, stop, keep in _windows(len(ids), context, stride)]
     total_nll, total_tokens = 0.0, 0
     batches = range(0, len(jobs), batch_size)

@@ -62,6 +62,10 @@ class Tokenizer:
     """A `tiktoken.Encoding` plus aksis's special tokens. Build one with `from_name`, `train`, `byte_level`
     or `load`."""
 
+    # A pretrained model's tokenizer may start every text with a BOS token (aksis.hf_tokenizer); aksis's own do not.
+    bos_id: int | None = None
+    add_bos = False
+
     def __init__(self, encoding: tiktoken.Encoding, kind: str, name: str) -> None:
         missing = [t for t in SPECIAL_TOKENS if t not in encoding._special_tokens]
         if missing:
@@ -143,6 +147,12 @@ class Tokenizer:
     @property
     def eot_id(self) -> int:
         return self.encoding._special_tokens[ENDOFTEXT]
+
+    @property
+    def document_start(self) -> int:
+        """The token a text is read after when it is scored or continued from its start: the BOS where the tokenizer
+        adds one (its model was trained so), else the end of the previous text."""
+        return self.bos_id if self.add_bos and self.bos_id is not None else self.eot_id
 
     @property
     def special_ids(self) -> set[int]:

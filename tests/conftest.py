@@ -278,13 +278,16 @@ CHATML_TEMPLATE = (
 CHATML_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def write_hf_repo(folder: Path, texts: list[str], family: str = "llama", **overrides: Any) -> Any:
+def write_hf_repo(
+    folder: Path, texts: list[str], family: str = "llama", *, add_bos: bool = False, **overrides: Any
+) -> Any:
     """A transformers checkpoint folder as a Hub repo holds it: a tiny random-weight model of `family` saved with
     save_pretrained (safetensors), a byte-level BPE trained by the tokenizers library on `texts` with ChatML special
-    tokens, tokenizer_config.json with the chat template, generation_config.json. Returns the transformers model."""
+    tokens (with `add_bos`, a post-processor that starts every text with the BOS, as Llama 3's does),
+    tokenizer_config.json with the chat template, generation_config.json. Returns the transformers model."""
     import tokenizers
     import transformers
-    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -293,6 +296,9 @@ def write_hf_repo(folder: Path, texts: list[str], family: str = "llama", **overr
         vocab_size=400, special_tokens=CHATML_SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(texts, trainer)
+    if add_bos:
+        bos = ("<|im_start|>", tok.token_to_id("<|im_start|>"))
+        tok.post_processor = processors.TemplateProcessing(single="<|im_start|> $A", special_tokens=[bos])
     fast = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>", pad_token="<|endoftext|>"
     )

@@ -100,3 +100,21 @@ def test_a_space_serves_a_transformers_repo_and_bounds_its_shards_together(
     roomy = ModelStore(tmp_path / "none", device=torch.device("cpu"), max_bytes=4 * total, local_paths=False)
     entry = roomy.get(repo_id)
     assert isinstance(entry.tokenizer, HFTokenizer) and entry.model.config.n_layer == 2
+
+
+def test_a_tokenizer_that_adds_a_bos_gets_it_before_a_prompt_and_a_scored_text(
+    shakespeare_texts: list[str], tmp_path: Path
+) -> None:
+    hf = write_hf_repo(tmp_path, shakespeare_texts[:100], add_bos=True)
+    model, tokenizer, _ = load_model(tmp_path, device="cpu")
+    assert tokenizer.add_bos and tokenizer.document_start == tokenizer.bos_id
+    fast = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ids = fast("HAMLET: To be", return_tensors="pt").input_ids
+    assert ids[0, 0].item() == tokenizer.bos_id
+    with torch.no_grad():
+        expected = hf.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    ours = generate(
+        model, tokenizer, "HAMLET: To be", GenerationConfig(max_new_tokens=6, temperature=0.0), stop_ids=set()
+    )
+    assert ours.prompt_tokens == ids.size(1)
+    assert ours.token_ids == expected[0, ids.size(1) :].tolist()
