@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 import torch
 from datasets.distributed import split_dataset_by_node
 
-from aksis.chat_template import ChatError, Message, messages_from_records, render
+from aksis.chat_template import ChatError, Message, messages_from_records
 from aksis.config import DATA_FORMATS, IGNORE_INDEX
 from aksis.corpora import (
     DEFAULT_CORPUS,
@@ -45,6 +45,7 @@ from aksis.corpora import (
     load_conversations,
     load_corpus,
 )
+from aksis.jinja_template import render_chat
 from aksis.tokenizer import DEFAULT_VOCAB_SIZE, Tokenizer, TokenizerError
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,9 @@ class _Encode:
 
     def __call__(self, batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
         eot = self.tokenizer.eot_id
-        return {"ids": [[*ids, eot] for ids in self.tokenizer.encode_batch(batch[TEXT_COLUMN])]}
+        # A model whose tokenizer starts texts with a BOS (Llama 3's) reads each document after one, as it was trained.
+        bos = [self.tokenizer.bos_id] if self.tokenizer.add_bos and self.tokenizer.bos_id is not None else []
+        return {"ids": [[*bos, *ids, eot] for ids in self.tokenizer.encode_batch(batch[TEXT_COLUMN])]}
 
 
 class _EncodeChat:
@@ -143,7 +146,7 @@ class _EncodeChat:
         out: dict[str, list[list[int]]] = {"ids": [], "labels": []}
         for row, records in zip(indices, batch[MESSAGES_COLUMN], strict=True):
             try:
-                ids, trained = render(self.tokenizer, messages_from_records(records or []))
+                ids, trained = render_chat(self.tokenizer, messages_from_records(records or []))
             except ChatError as err:  # load_conversations checks every row; this is for data built elsewhere
                 raise DataError(f"conversation {row}: {err}. Expected: {EXPECTED_MESSAGES}") from err
             out["ids"].append(ids)
@@ -169,7 +172,7 @@ def tokenize_chat(
     The cache key also holds the format and the template's rendering of a probe conversation, so a change of
     template is a new cache entry, never a stale hit."""
     probe = [Message("system", "s"), Message("user", "u"), Message("assistant", "a")]
-    key = _short_hash(ds._fingerprint, tokenizer_hash(tokenizer), "chat", json.dumps(render(tokenizer, probe)))
+    key = _short_hash(ds._fingerprint, tokenizer_hash(tokenizer), "chat", json.dumps(render_chat(tokenizer, probe)))
     column = datasets.List(datasets.Value("int32"))
     features = datasets.Features({"ids": column, "labels": column})
     return _cached_map(

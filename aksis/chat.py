@@ -1,7 +1,8 @@
 """Conversations: the messages so far, token-budget truncation, JSON persistence, and streamed replies.
 
-The messages are rendered with the chat template of aksis.chat_template. When a conversation outgrows the token
-budget, whole exchanges are dropped oldest first; the system prompt and the newest user message are always kept.
+The messages are rendered with the tokenizer's chat format (aksis.jinja_template.render_chat: aksis's own template,
+or a pretrained model's Jinja one). When a conversation outgrows the token budget, whole exchanges are dropped oldest
+first; the system prompt and the newest user message are always kept.
 
 `reply` streams the model's answer to the newest user message and adds it to the conversation. Its prompt
 may use the budget (default: the model's context) less the room kept for the reply:
@@ -22,9 +23,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from aksis.chat_template import ChatError, Message, render, stop_token_ids
+from aksis.chat_template import ChatError, Message, render
 from aksis.config import GenerationConfig
 from aksis.generation import Completion, stream
+from aksis.jinja_template import chat_stop_ids, model_chat, render_chat
 from aksis.model import GPT
 from aksis.tokenizer import Tokenizer
 
@@ -66,6 +68,8 @@ class Conversation:
 
         Each message is rendered once (the template renders messages one after another), and exchanges are dropped by
         subtracting their lengths: linear in the length of the conversation, however long a loaded chat file is."""
+        if model_chat(tokenizer) is not None:
+            return self._window_by_search(tokenizer, budget)
         system = self.all_messages()[: 1 if self.system_prompt else 0]
         head, _ = render(tokenizer, system)
         pieces = [render(tokenizer, [m])[0] for m in self.messages]
@@ -83,6 +87,33 @@ class Conversation:
                 "can give a prompt: write a shorter message (or system prompt)"
             )
         return first, head + [token for piece in pieces[first:] for token in piece] + tail
+
+    def _window_by_search(self, tokenizer: Tokenizer, budget: int) -> tuple[int, list[int]]:
+        """`_window` for a pretrained model's Jinja template, which renders a conversation as a whole (a default
+        system prompt, say), not message by message: a binary search over where the kept messages start, rendering
+        the conversation O(log n) times."""
+        system = self.all_messages()[: 1 if self.system_prompt else 0]
+        starts = [0, *[i for i, m in enumerate(self.messages) if m.role == "user"][1:]]
+
+        def prompt(start: int) -> list[int]:
+            return render_chat(tokenizer, system + self.messages[start:], add_generation_prompt=True)[0]
+
+        low, high = 0, len(starts) - 1  # the answer is the first start whose prompt fits
+        newest = prompt(starts[high])
+        if len(newest) > budget:
+            raise ChatError(
+                f"the system prompt and your message take {len(newest)} tokens, more than the {budget} this chat "
+                "can give a prompt: write a shorter message (or system prompt)"
+            )
+        best = (starts[high], newest)
+        while low < high:
+            mid = (low + high) // 2
+            ids = prompt(starts[mid])
+            if len(ids) <= budget:
+                best, high = (starts[mid], ids), mid
+            else:
+                low = mid + 1
+        return best
 
     # ----- persistence -----
 
@@ -170,7 +201,7 @@ def reply(
     if config.seed is not None:  # reproducible, yet not the same random draws at every turn
         config = replace(config, seed=config.seed + len(conversation.messages))
     prompt = conversation.prompt_ids(tokenizer, prompt_budget(model, config, budget))
-    text_stream = stream(model, tokenizer, prompt, config, stop_ids=stop_token_ids(tokenizer))
+    text_stream = stream(model, tokenizer, prompt, config, stop_ids=chat_stop_ids(tokenizer))
     yield from text_stream
     assert text_stream.completion is not None
     conversation.add("assistant", text_stream.completion.text.strip())

@@ -285,7 +285,12 @@ class HFTokenizer(Tokenizer):
     def encode_with_specials(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Token ids of `text` in which special-token spellings ARE the special tokens, and each token's (start, end)
         characters: for text that code wrote (a rendered chat template), never for a user's text."""
-        encoding = self._template_backend.encode(text, add_special_tokens=False)
+        return self.encode_with_offsets(text, specials=True)
+
+    def encode_with_offsets(self, text: str, *, specials: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+        """`encode` (or with `specials`, `encode_with_specials`) with each token's (start, end) characters."""
+        backend = self._template_backend if specials else self._backend
+        encoding = backend.encode(text, add_special_tokens=False)
         return encoding.ids, encoding.offsets
 
     def encode_batch(self, texts: Sequence[str], num_threads: int = 8) -> list[list[int]]:
@@ -341,6 +346,10 @@ class HFTokenizer(Tokenizer):
         if token is None:
             raise KeyError(f"{token_id} is not a token id of {self.name} (vocab_size {self._vocab_size})")
         return token
+
+    def __getstate__(self) -> dict[str, Any]:
+        """For pickling (datasets.map workers): without the compiled chat template kept on it, built again on use."""
+        return {k: v for k, v in self.__dict__.items() if k != "_model_chat"}
 
     def __repr__(self) -> str:
         return f"HFTokenizer(kind={self.kind!r}, name={self.name!r}, vocab_size={self.vocab_size})"

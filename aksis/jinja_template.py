@@ -53,7 +53,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
 from jinja2.visitor import NodeTransformer
 
-from aksis.chat_template import ChatError, Message
+from aksis.chat_template import ChatError, Message, render, stop_token_ids
+from aksis.hf_tokenizer import HFTokenizer
+from aksis.tokenizer import Tokenizer
 
 MAX_RENDER_CHARS = 1_000_000
 MAX_RENDER_SECONDS = 2.0
@@ -708,3 +710,110 @@ def end_of_turn(
         if token not in found:
             found.append(token)
         pos += len(token)
+
+
+# ----- a tokenizer's chat format: aksis's own template, or the model's Jinja one -----
+
+
+@dataclass(frozen=True)
+class ModelChat:
+    """What a pretrained model's tokenizer says about chat: its compiled template, the texts of its BOS and EOS (the
+    template's `bos_token` and `eos_token`), and the ids that end a reply."""
+
+    template: JinjaTemplate
+    bos_token: str
+    eos_token: str
+    stop_ids: frozenset[int]
+
+
+def model_chat(tokenizer: Tokenizer) -> ModelChat | None:
+    """The chat format of a pretrained model's tokenizer (compiled once, kept on the tokenizer), or None for
+    aksis's own tokenizers, which use aksis.chat_template. ChatError when the model has no chat template (a base
+    model) or its template fails to compile."""
+    if not isinstance(tokenizer, HFTokenizer):
+        return None
+    cached = getattr(tokenizer, "_model_chat", None)
+    if isinstance(cached, ModelChat):
+        return cached
+    if not tokenizer.chat_template:
+        raise ChatError(
+            f"{tokenizer.name} has no chat template (tokenizer_config.json's chat_template): it is a base model, "
+            "made to continue text. Use generate-text, or an instruct version of the model for chat"
+        )
+    template = JinjaTemplate(tokenizer.chat_template)
+    specials = {tokenizer.decode([i]): i for i in tokenizer.special_ids}
+    bos = tokenizer.decode([tokenizer.bos_id]) if tokenizer.bos_id is not None else ""
+    eos = tokenizer.decode([tokenizer.eot_id])
+    turn_ends = end_of_turn(template, specials, bos_token=bos, eos_token=eos)
+    chat = ModelChat(template, bos, eos, frozenset({*tokenizer.eos_ids, *(specials[t] for t in turn_ends)}))
+    tokenizer._model_chat = chat  # type: ignore[attr-defined]
+    return chat
+
+
+def chat_stop_ids(tokenizer: Tokenizer) -> set[int]:
+    """The tokens that end a reply: the model template's end of turn and EOS, or aksis's own (aksis.chat_template)."""
+    chat = model_chat(tokenizer)
+    return set(chat.stop_ids) if chat else stop_token_ids(tokenizer)
+
+
+def render_chat(
+    tokenizer: Tokenizer, messages: Sequence[Message], *, add_generation_prompt: bool = False
+) -> tuple[list[int], list[bool]]:
+    """Token ids of `messages` in the tokenizer's chat format, and for each whether it is the assistant's output (what
+    chat fine-tuning trains on: its replies and the end-of-turn text after each). aksis's own tokenizers render
+    aksis.chat_template's format; a pretrained model's renders its Jinja template, as transformers'
+    `apply_chat_template(..., tokenize=True)` would. One difference, on purpose: a special token's spelling inside a
+    message stays text (transformers reads it as the token, so a user could close a turn or open a system one)."""
+    chat = model_chat(tokenizer)
+    if chat is None:
+        return render(tokenizer, messages, add_generation_prompt=add_generation_prompt)
+    assert isinstance(tokenizer, HFTokenizer)
+    variables = {"bos_token": chat.bos_token, "eos_token": chat.eos_token}
+    spans: list[tuple[int, int]] = []
+    if add_generation_prompt:
+        text = chat.template.render(messages, add_generation_prompt=True, **variables)
+    else:
+        text, spans = chat.template.assistant_spans(messages, **variables)
+    ids, offsets = _encode_rendered(tokenizer, text, [m.content for m in messages])
+    trained = [any(start <= a < end for start, end in spans) for a, _ in offsets]
+    return ids, trained
+
+
+def _encode_rendered(
+    tokenizer: HFTokenizer, text: str, contents: Sequence[str]
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids and character offsets of a rendered conversation: the template's text with its special tokens read as
+    such, the messages' text as ordinary text. When no message spells a special token the two agree, and the whole
+    text is encoded at once (exactly transformers' ids); otherwise each message's text is found in the rendered text
+    and encoded on its own."""
+    spellings = [tokenizer.decode([i]) for i in tokenizer.special_ids]
+    if not any(s and s in c for c in contents for s in spellings):
+        return tokenizer.encode_with_specials(text)
+    regions: list[tuple[int, int]] = []  # the messages' text in `text`, in order
+    at = 0
+    for content in contents:
+        if not content:
+            continue
+        start = text.find(content, at)
+        if start < 0 and content.strip():
+            content = content.strip()
+            start = text.find(content, at)
+        if start < 0:
+            raise ChatError(
+                "a message spells one of the model's special tokens, and its chat template changes message text so "
+                "that aksis cannot keep the spelling as text: remove the special token from the message"
+            )
+        regions.append((start, start + len(content)))
+        at = start + len(content)
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    edges = [0, *[x for region in regions for x in region], len(text)]
+    for k in range(len(edges) - 1):
+        begin, end = edges[k], edges[k + 1]
+        if begin == end:
+            continue
+        piece = text[begin:end]
+        part_ids, part_offsets = tokenizer.encode_with_offsets(piece, specials=k % 2 == 0)
+        ids += part_ids
+        offsets += [(begin + a, begin + b) for a, b in part_offsets]
+    return ids, offsets
