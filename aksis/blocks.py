@@ -45,6 +45,7 @@ from aksis.corpora import (
     load_conversations,
     load_corpus,
 )
+from aksis.hf_tokenizer import tokenizer_from_name
 from aksis.jinja_template import render_chat
 from aksis.tokenizer import DEFAULT_VOCAB_SIZE, Tokenizer, TokenizerError
 
@@ -76,7 +77,7 @@ def corpus_tokenizer(
     trains it on the contents of their messages."""
     if spec != "bpe":
         try:
-            return Tokenizer.from_name(spec)
+            return tokenizer_from_name(spec)
         except TokenizerError as err:
             raise DataError(str(err)) from err
     key = corpus_key or getattr(train, "_fingerprint", None)

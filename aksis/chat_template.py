@@ -41,6 +41,14 @@ class Message:
         return {"role": self.role, "content": self.content}
 
 
+# The same template in Jinja, for tokenizer_config.json: transformers' apply_chat_template then renders aksis's
+# conversations as `render` does.
+JINJA = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|endoftext|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
 def role_token(role: str) -> str:
     return f"<|{role}|>"
 

@@ -17,6 +17,7 @@ else its newest step-N/). No pickle is ever loaded, and old config formats are u
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -30,25 +31,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import ModelCardData, hf_hub_download
+from huggingface_hub import ModelCardData, hf_hub_download, try_to_load_from_cache
 from huggingface_hub import errors as hf_errors
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from aksis.chat_template import JINJA as CHAT_JINJA
 from aksis.config import GenerationConfig, ModelConfig
 from aksis.device import pick_device
-from aksis.hf_tokenizer import HFTokenizer, is_hf_tokenizer_file
+from aksis.hf_tokenizer import HFTokenizer, aksis_tokenizer_config, is_hf_tokenizer_file, to_hf_json
 from aksis.kernels import use_cpu_kernels
 from aksis.model import GPT
-from aksis.tokenizer import Tokenizer, TokenizerError
+from aksis.tokenizer import AKSIS_MARKER, Tokenizer, TokenizerError, tokenizer_from_hf
 from aksis.transformers_format import (
     INDEX_FILE,
     Source,
     config_from_transformers,
+    config_to_transformers,
+    expressible_family,
     generation_from_transformers,
+    generation_to_transformers,
     ignored,
     is_transformers_config,
     is_transformers_generation_config,
+    transformers_state,
     weight_sources,
 )
 
@@ -63,6 +69,7 @@ CARD_FILE = "README.md"
 EVAL_RESULTS_FILE = "eval_results.json"  # written by aksis.metrics.save_results, read into the model card
 REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, GENERATION_CONFIG_FILE)
 FORMAT_VERSION = 1
+LAYOUTS = ("transformers", "aksis")  # of a checkpoint folder aksis writes (save_checkpoint)
 # Where a training run keeps its checkpoints (aksis.runs writes them): the best so far, and step-000500/ and so on.
 BEST_DIR = "best"
 STEP_PREFIX = "step-"
@@ -156,6 +163,9 @@ def resolve_file(
     except hf_errors.RemoteEntryNotFoundError as err:
         raise MissingFile(f"the Hub repo {repo} has no {filename}: it is not an aksis checkpoint") from err
     except hf_errors.LocalEntryNotFoundError as err:
+        known = try_to_load_from_cache(str(source), filename, cache_dir=cache_dir, revision=revision)
+        if known is not None and not isinstance(known, str):  # the cache remembers that the repo lacks the file
+            raise MissingFile(f"the Hub repo {repo} has no {filename} (as the local Hub cache remembers)") from err
         raise CheckpointError(
             f"{filename} of {repo} is not in the local Hub cache and the Hub cannot be reached "
             f"(offline, or HF_HUB_OFFLINE is set) {not_local}: connect once to download it, or check the path"
@@ -200,7 +210,11 @@ def read_config(path: Path) -> tuple[ModelConfig, bool]:
     data = read_json(path)
     try:
         if is_transformers_config(data):
-            return config_from_transformers(data), True
+            config = config_from_transformers(data)
+            aksis = data.get("aksis", {})  # what aksis adds to a transformers config.json it writes
+            if not isinstance(aksis, dict):
+                raise ValueError(f'its "aksis" entry should be an object, got {aksis!r}')
+            return dataclasses.replace(config, dropout=aksis.get("dropout", 0.0)), True
         return ModelConfig.from_dict(upgrade_config(data)), False
     except (ValueError, TypeError) as err:  # FormatError is a ValueError
         raise CheckpointError(f"{shown(path)}: {err}") from None
@@ -269,6 +283,9 @@ def load_tokenizer(source: str | Path, **hub_kwargs: Any) -> Tokenizer:
         if not is_hf_tokenizer_file(path):
             return Tokenizer.load(path)
         config, generation, template = (_optional_file(source, name, hub_kwargs) for name in TOKENIZER_SIDE_FILES)
+        marker = read_json(config).get(AKSIS_MARKER) if config is not None else None
+        if marker is not None:  # aksis's own tokenizer, written so that transformers reads it too
+            return tokenizer_from_hf(path, marker)
         return HFTokenizer.from_files(path, config, generation, template, name=str(source))
     except TokenizerError as err:
         folder = shown(path).removesuffix(TOKENIZER_FILE).rstrip("/") or "."
@@ -341,27 +358,40 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _card(config: ModelConfig) -> str:
+def _card(config: ModelConfig, family: str | None = None, base_model: str | None = None) -> str:
     """The model card of a checkpoint saved here: the Hub's metadata and how to load it. A push replaces it with
     the full card of aksis.hub (training, evaluation, samples)."""
-    data = ModelCardData(library_name="aksis", pipeline_tag="text-generation", tags=["aksis", "text-generation"])
-    return "\n".join(
-        [
-            "---",
-            data.to_yaml(),
-            "---",
-            "",
-            f"An aksis checkpoint: a {config.arch}-style decoder-only transformer, {config.n_layer} layers x "
-            f"{config.n_embd}, context {config.block_size} tokens, vocabulary {config.vocab_size:,}.",
+    tags = ["aksis", "text-generation", *(["transformers", family] if family else [])]
+    data = ModelCardData(library_name="aksis", pipeline_tag="text-generation", tags=tags, base_model=base_model)
+    lines = [
+        "---",
+        data.to_yaml(),
+        "---",
+        "",
+        f"An aksis checkpoint: a {config.arch}-style decoder-only transformer, {config.n_layer} layers x "
+        f"{config.n_embd}, context {config.block_size} tokens, vocabulary {config.vocab_size:,}."
+        + (f" Fine-tuned from {base_model}." if base_model else ""),
+        "",
+        "```python",
+        "from aksis.checkpoint import load_model",
+        "",
+        'model, tokenizer, settings = load_model("path/or/user-name")',
+        "```",
+        "",
+    ]
+    if family:
+        lines += [
+            f"The folder is also a transformers checkpoint ({family} family):",
             "",
             "```python",
-            "from aksis.checkpoint import load_model",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
             "",
-            'model, tokenizer, settings = load_model("path/or/user-name")',
+            'model = AutoModelForCausalLM.from_pretrained("path/or/user-name")',
+            'tokenizer = AutoTokenizer.from_pretrained("path/or/user-name")',
             "```",
             "",
         ]
-    )
+    return "\n".join(lines)
 
 
 def stored_once(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -383,25 +413,60 @@ def save_checkpoint(
     *,
     tokenizer: Tokenizer | None = None,
     generation_config: GenerationConfig | None = None,
+    base_model: str | None = None,
+    layout: str = "transformers",
 ) -> None:
     """Write `model` as a checkpoint folder, atomically. Pass the `tokenizer` so the folder is complete (generation
-    needs it); `generation_config` defaults to `GenerationConfig()`."""
+    needs it); `generation_config` defaults to `GenerationConfig()`; `base_model` is the model it was fine-tuned from
+    (a Hub id), remembered in config.json and the card.
+
+    Where a transformers family expresses the model (every llama-flavour model; a gpt2-flavour one without grouped-
+    query attention), the folder is in transformers' layout, which aksis reads as well: config.json with that family's
+    fields (and aksis's own under "aksis"), transformers' weight names, tokenizer.json in the tokenizers library's
+    format with tokenizer_config.json, and generation_config.json in transformers' vocabulary. Then
+    `AutoModelForCausalLM` and `AutoTokenizer` load it as they are. Otherwise, or with `layout="aksis"`, it is in
+    aksis's own layout (format 1, what aksis wrote before it read transformers checkpoints; it still loads)."""
     config = model.config
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
         raise CheckpointError(
             f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size} "
             "embeddings: build the model with vocab_size >= tokenizer.vocab_size"
         )
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    family = expressible_family(config) if layout == "transformers" else None
+    generation = generation_config or GenerationConfig()
     with atomic_folder(folder) as tmp:
-        data = {"format_version": FORMAT_VERSION, **config.to_dict()}
+        if family is None:
+            data = {"format_version": FORMAT_VERSION, **config.to_dict()}
+            tensors = stored_once(model)
+        else:
+            aksis: dict[str, Any] = {"format_version": FORMAT_VERSION, "dropout": config.dropout}
+            data = {**config_to_transformers(config, family), "aksis": aksis}
+            if base_model:
+                aksis["base_model"] = base_model
+            tensors = transformers_state(model)
         (tmp / CONFIG_FILE).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         # One metadata entry: safetensors writes its metadata in no fixed order (the aliases save_model adds for tied
         # weights made two saves of the same model differ), and a checkpoint must be the same bytes every time.
-        save_file(stored_once(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save(tmp / TOKENIZER_FILE)
-        (generation_config or GenerationConfig()).save(tmp / GENERATION_CONFIG_FILE)
-        (tmp / CARD_FILE).write_text(_card(config), encoding="utf-8")
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        if family is None:
+            if tokenizer is not None:
+                tokenizer.save(tmp / TOKENIZER_FILE)
+            generation.save(tmp / GENERATION_CONFIG_FILE)
+        else:
+            eos_ids = [tokenizer.eot_id] if tokenizer is not None else []
+            if isinstance(tokenizer, HFTokenizer):
+                tokenizer.save_files(tmp)
+                eos_ids = tokenizer.eos_ids
+            elif tokenizer is not None:
+                (tmp / TOKENIZER_FILE).write_text(to_hf_json(tokenizer), encoding="utf-8")
+                tokenizer_config = aksis_tokenizer_config(tokenizer, CHAT_JINJA, config.block_size)
+                (tmp / TOKENIZER_CONFIG_FILE).write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+            bos = tokenizer.bos_id if tokenizer is not None else None
+            settings = generation_to_transformers(generation.to_dict(), eos_ids, bos)
+            (tmp / GENERATION_CONFIG_FILE).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+        (tmp / CARD_FILE).write_text(_card(config, family, base_model), encoding="utf-8")
 
 
 def load_gpt(
@@ -633,7 +698,8 @@ def _sources(model: GPT, header: dict[str, tuple[int, ...]], path: Path, foreign
     spare = {"lm_head.weight"} if model.config.tie_embeddings else set()
     unexpected = sorted(n for n in header if n not in used and n not in spare and not ignored(n))
     mismatched = [
-        f"{', '.join(src.names)} make {src.shape(header)} but the model needs {shapes[name]}"
+        f"{', '.join(src.names)} {'is' if len(src.names) == 1 else 'make'} {src.shape(header)} in the file but "
+        f"{shapes[name]} in the model"
         for name, src in sources.items()
         if not set(src.names) - set(header) and src.shape(header) != shapes[name]
     ]
@@ -657,6 +723,17 @@ def _aliases(model: torch.nn.Module) -> dict[str, list[str]]:
     for name, param in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(param), []).append(name)
     return {names[0]: names for names in groups.values()}
+
+
+def base_model_of(source: str | Path) -> str | None:
+    """The Hub model a checkpoint was fine-tuned from, or is: a Hub id itself (without its @revision), or what a
+    local folder's config.json remembers (never a local path: a push would publish it)."""
+    if not is_local(source):
+        return split_revision(source)[0]
+    path = Path(find_checkpoint(source)) / CONFIG_FILE
+    aksis = read_json(path).get("aksis") if path.is_file() else None
+    base = aksis.get("base_model") if isinstance(aksis, dict) else None
+    return base if isinstance(base, str) else None
 
 
 def find_checkpoint(source: str | Path) -> str:

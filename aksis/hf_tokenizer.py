@@ -40,7 +40,16 @@ from typing import Any
 
 import tokenizers
 
-from aksis.tokenizer import MAX_FILE_BYTES, Tokenizer, TokenizerError, check_split_pattern
+from aksis.tokenizer import (
+    AKSIS_MARKER,
+    BYTE_TO_CHAR,
+    CHAR_TO_BYTE,
+    MAX_FILE_BYTES,
+    Tokenizer,
+    TokenizerError,
+    check_split_pattern,
+    tokenizer_from_hf,
+)
 
 MAX_VOCAB_SIZE = 1 << 21  # a file whose ids reach past this is refused (the largest real vocabularies hold ~260k)
 # Texts every loaded tokenizer must encode and decode without failing (a hostile file can make the library panic).
@@ -54,20 +63,6 @@ _POSSESSIVE_INTERVAL = re.compile(
     r"(\\[pP]\{\w+\}|\\[pP]\w|\\.|\[(?:\\.|[^\]\\])*\]|[^\\()\[\]{}|])(\{\d+(?:,\d*)?\})\+"
 )
 _POSSESSIVE_INTERVAL_LEFT = re.compile(r"(?<!\\)\{\d+(?:,\d*)?\}\+")
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte-level alphabet: each byte as a printable character (printable Latin-1 bytes stand for
-    themselves, the others take the characters from U+0100 on), so that a BPE over bytes can store tokens as text."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    alphabet = {b: chr(b) for b in printable}
-    for n, b in enumerate(b for b in range(256) if b not in alphabet):
-        alphabet[b] = chr(256 + n)
-    return alphabet
-
-
-BYTE_TO_CHAR = _bytes_to_unicode()
-CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
 
 
 def is_hf_tokenizer_file(path: Path) -> bool:
@@ -119,6 +114,7 @@ class HFTokenizer(Tokenizer):
         self._eot_id = self.eos_ids[0] if eot_id is None else eot_id
         self.bos_id = bos_id
         self.chat_template = chat_template
+        self.config_data: dict[str, Any] = {}  # the tokenizer_config.json it came with, written again by save_files
         # encode_batch_fast (newer library versions) skips the offsets: 1.1-1.6x faster than encode, even for one text.
         self._encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
         self._bytes: dict[int, bytes] = {}  # token_bytes, as tokens are met
@@ -236,7 +232,7 @@ class HFTokenizer(Tokenizer):
         if chat_template_file:
             template = _read_text(Path(chat_template_file))
         try:
-            return cls(
+            tokenizer = cls(
                 backend,
                 spec,
                 name=name or path.parent.name or "hf",
@@ -248,6 +244,8 @@ class HFTokenizer(Tokenizer):
             )
         except TokenizerError as err:
             raise TokenizerError(f"{path}: {err}") from None
+        tokenizer.config_data = config
+        return tokenizer
 
     # ----- encoding -----
 
@@ -264,6 +262,11 @@ class HFTokenizer(Tokenizer):
     def special_ids(self) -> set[int]:
         """Ids of the added tokens marked special, and of every eos (generation stops at any of them)."""
         return {*self._special.values(), *self.eos_ids}
+
+    @property
+    def specials(self) -> dict[str, int]:
+        """The added tokens marked special, by their text."""
+        return dict(self._special)
 
     def special_id(self, token: str) -> int:
         """Id of an added token such as "<|im_start|>"; only code should insert these."""
@@ -346,6 +349,18 @@ class HFTokenizer(Tokenizer):
         if token is None:
             raise KeyError(f"{token_id} is not a token id of {self.name} (vocab_size {self._vocab_size})")
         return token
+
+    def save_files(self, folder: Path) -> None:
+        """Write tokenizer.json and tokenizer_config.json (the one it came with, its chat template in it) into
+        `folder`: what this class and transformers' AutoTokenizer read back as this tokenizer."""
+        self.save(folder / "tokenizer.json")
+        config = {**self.config_data, "chat_template": self.chat_template}
+        if not config["chat_template"]:
+            del config["chat_template"]
+        config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+        if "eos_token" not in config:
+            config["eos_token"] = self.decode([self.eot_id])
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
     def __getstate__(self) -> dict[str, Any]:
         """For pickling (datasets.map workers): without the compiled chat template kept on it, built again on use."""
@@ -527,3 +542,33 @@ def _chat_template(config: dict[str, Any], config_name: str) -> str | None:
     if template is not None and not isinstance(template, str):
         raise TokenizerError(f"{config_name}: chat_template must be a string or a list of named templates")
     return template
+
+
+# ----- aksis's own tokenizers in a checkpoint that transformers reads -----
+
+
+def aksis_tokenizer_config(tokenizer: Tokenizer, chat_template: str, model_max_length: int) -> dict[str, Any]:
+    """The tokenizer_config.json beside `to_hf_json(tokenizer)`: what transformers' AutoTokenizer needs (the class,
+    the EOS, the chat template) and what aksis needs to serve it through tiktoken again (`tokenizer_from_hf`)."""
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": tokenizer.decode([tokenizer.eot_id]),
+        "model_max_length": model_max_length,
+        "clean_up_tokenization_spaces": False,
+        "chat_template": chat_template,
+        AKSIS_MARKER: {"kind": tokenizer.kind, "name": tokenizer.name, "pattern": tokenizer.encoding._pat_str},
+    }
+
+
+def tokenizer_from_name(name: str) -> Tokenizer:
+    """`Tokenizer.from_name`, and also a checkpoint folder (or its tokenizer.json) in transformers' layout: aksis's own
+    tokenizer written there (served by tiktoken again), or a pretrained model's (an HFTokenizer)."""
+    path = Path(name).expanduser()
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not (file.is_file() and is_hf_tokenizer_file(file)):
+        return Tokenizer.from_name(name)
+    config_path = file.parent / "tokenizer_config.json"
+    config = _read_object(_read_text(config_path), config_path) if config_path.is_file() else {}
+    if AKSIS_MARKER in config:
+        return tokenizer_from_hf(file, config[AKSIS_MARKER])
+    return HFTokenizer.from_folder(file.parent)

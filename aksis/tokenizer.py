@@ -159,6 +159,11 @@ class Tokenizer:
         """Ids of every special token (generation stops at any of them: none is ever printed)."""
         return set(self.encoding._special_tokens.values())
 
+    @property
+    def specials(self) -> dict[str, int]:
+        """Every special token, by its text."""
+        return dict(self.encoding._special_tokens)
+
     def special_id(self, token: str) -> int:
         """Id of a special token such as "<|user|>"; only code should insert these."""
         try:
@@ -207,6 +212,11 @@ class Tokenizer:
     def from_dict(cls, data: dict[str, Any]) -> Tokenizer:
         if not isinstance(data, dict):
             raise TokenizerError(f"tokenizer data must be a JSON object, got {type(data).__name__}")
+        if "model" in data and "ranks" not in data:
+            raise TokenizerError(
+                "it is a Hugging Face tokenizer.json: read it with aksis.hf_tokenizer.tokenizer_from_name, or the "
+                "checkpoint's with aksis.checkpoint.load_tokenizer"
+            )
         version = data.get("format_version")
         if version != FORMAT_VERSION:
             raise TokenizerError(
@@ -244,10 +254,75 @@ class Tokenizer:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise TokenizerError(f"{path} is not valid JSON ({err}); the file is truncated or corrupt") from err
+        beside = path.with_name("tokenizer_config.json")
+        if isinstance(data, dict) and "model" in data and "ranks" not in data and beside.is_file():
+            marker = _read_json_object(beside).get(AKSIS_MARKER)
+            if marker is not None:  # aksis's own tokenizer in a checkpoint that transformers reads too
+                return tokenizer_from_hf(path, marker)
         try:
             return cls.from_dict(data)
         except TokenizerError as err:
             raise TokenizerError(f"{path}: {err}") from err
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: each byte as a printable character (printable Latin-1 bytes stand for
+    themselves, the others take the characters from U+0100 on), so that a BPE over bytes can store tokens as text."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    alphabet = {b: chr(b) for b in printable}
+    for n, b in enumerate(b for b in range(256) if b not in alphabet):
+        alphabet[b] = chr(256 + n)
+    return alphabet
+
+
+BYTE_TO_CHAR = _bytes_to_unicode()
+CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
+
+
+AKSIS_MARKER = "aksis_tokenizer"  # the tokenizer_config.json key that says the tokenizer.json is aksis's own
+
+
+def tokenizer_from_hf(path: Path, marker: Any) -> Tokenizer:
+    """aksis's own tokenizer again, from the tokenizer.json that `to_hf_json` wrote (a vocabulary whose ids are
+    tiktoken's ranks) and the marker `aksis_tokenizer_config` put beside it."""
+    if not (isinstance(marker, dict) and all(isinstance(marker.get(k), str) for k in ("kind", "name", "pattern"))):
+        raise TokenizerError(f"its {AKSIS_MARKER} entry should name the kind, name and split pattern; got {marker!r}")
+    spec = _read_json_object(path)
+    model = spec.get("model")
+    added = spec.get("added_tokens")
+    if not (isinstance(model, dict) and isinstance(model.get("vocab"), dict) and isinstance(added, list)):
+        raise TokenizerError(f"{path} has no BPE vocabulary or added tokens: it was not written by aksis")
+    try:
+        specials = {str(t["content"]): int(t["id"]) for t in added}
+        ranks = {
+            bytes(CHAR_TO_BYTE[c] for c in token): int(rank)
+            for token, rank in model["vocab"].items()
+            if token not in specials
+        }
+    except (KeyError, TypeError, ValueError) as err:
+        raise TokenizerError(f"{path}: a token is not in the byte alphabet aksis writes ({err})") from None
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise TokenizerError(f"{path}: its ordinary tokens' ids are not 0..{len(ranks) - 1}, as aksis writes them")
+    check_split_pattern(marker["pattern"])
+    try:
+        encoding = tiktoken.Encoding(
+            name=f"aksis-{marker['name']}", pat_str=marker["pattern"], mergeable_ranks=ranks, special_tokens=specials
+        )
+    except ValueError as err:
+        raise TokenizerError(f"{path}: {err}") from None
+    return Tokenizer(encoding, marker["kind"], marker["name"])
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise TokenizerError(f"{path} is {path.stat().st_size >> 20} MiB, more than a tokenizer takes")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise TokenizerError(f"{path} is not valid JSON ({err}); the file is truncated or corrupt") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path} should hold a JSON object, found {type(data).__name__}")
+    return data
 
 
 def check_split_pattern(pattern: Any) -> None:

@@ -26,9 +26,13 @@ from aksis.tokenizer import Tokenizer
 
 @pytest.fixture
 def saved(tmp_path: Path) -> tuple[GPT, Path]:
+    """A checkpoint in aksis's own layout (format 1), as every folder was written before aksis wrote transformers'
+    layout; the tests of the transformers layout are in test_transformers_format.py."""
     model = GPT(tiny_config("llama", vocab_size=260)).eval()
     folder = tmp_path / "ckpt"
-    save_checkpoint(model, folder, tokenizer=Tokenizer.byte_level(), generation_config=GenerationConfig(top_k=7))
+    save_checkpoint(
+        model, folder, tokenizer=Tokenizer.byte_level(), generation_config=GenerationConfig(top_k=7), layout="aksis"
+    )
     return model, folder
 
 
@@ -43,9 +47,18 @@ def test_folder_has_the_documented_files(saved: tuple[GPT, Path]) -> None:
     assert not any(name.startswith(".") for name in os.listdir(folder.parent))  # no temp folders left behind
 
 
-def test_round_trip_gives_identical_outputs(arch: str, tmp_path: Path) -> None:
-    model = GPT(tiny_config(arch, vocab_size=260)).eval()
+def test_a_model_no_transformers_family_expresses_is_written_in_aksis_layout(tmp_path: Path) -> None:
+    model = GPT(tiny_config(vocab_size=260, n_kv_head=2)).eval()  # gpt2 flavour with grouped-query attention
     save_checkpoint(model, tmp_path / "m", tokenizer=Tokenizer.byte_level())
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["format_version"] == 1 and "model_type" not in config
+    assert load_gpt(tmp_path / "m").config == model.config
+
+
+@pytest.mark.parametrize("layout", ["transformers", "aksis"])
+def test_round_trip_gives_identical_outputs(arch: str, layout: str, tmp_path: Path) -> None:
+    model = GPT(tiny_config(arch, vocab_size=260, dropout=0.1)).eval()
+    save_checkpoint(model, tmp_path / "m", tokenizer=Tokenizer.byte_level(), layout=layout)
     loaded = load_gpt(tmp_path / "m")
     assert isinstance(loaded, GPT) and not loaded.training
     assert loaded.config == model.config

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from aksis.chat_template import Message
-from aksis.checkpoint import BEST_DIR, load_gpt
+from aksis.checkpoint import BEST_DIR, load_gpt, load_tokenizer
 from aksis.config import IGNORE_INDEX, TRAIN_HELP, TrainConfig
 from aksis.runs import TRAINER_STATE_FILE, TRAINING_STATE_DIR, step_checkpoints
 from aksis.runs import read_metrics as metrics
@@ -144,7 +144,7 @@ def test_a_tiny_model_learns_and_its_best_checkpoint_loads_and_generates(tmp_pat
     assert result.best_val_loss == min(r["val_loss"] for r in records if "val_loss" in r)
 
     model = load_gpt(run / BEST_DIR)
-    tokenizer = Tokenizer.from_name(str(run / BEST_DIR))
+    tokenizer = load_tokenizer(run / BEST_DIR)
     ids = torch.tensor([tokenizer.encode("ROMEO:\n")])
     with torch.no_grad():
         for _ in range(20):  # greedy continuation

@@ -205,7 +205,7 @@ def test_bad_repos_give_one_line_errors_and_write_nothing(tmp_path: Path) -> Non
         json.dumps({**json.loads((good / "config.json").read_text()), "intermediate_size": 64})
     )
     with pytest.raises(
-        CheckpointError, match="model.safetensors does not match config.json.*mlp.gate_proj.weight make"
+        CheckpointError, match="model.safetensors does not match config.json.*mlp.gate_proj.weight is \\(96, 64\\) in the file but \\(64, 64\\)"
     ):
         load_gpt(mismatched)
 
@@ -267,4 +267,92 @@ def test_a_truncated_weights_file_is_a_clear_error(tmp_path: Path) -> None:
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(CheckpointError, match="model.safetensors is truncated or corrupt"):
+        load_gpt(tmp_path)
+
+
+# ----- aksis checkpoints in transformers' layout -----
+
+
+@pytest.fixture(scope="module")
+def bpe(shakespeare_texts: list[str]) -> Tokenizer:
+    return Tokenizer.train(shakespeare_texts[:300], vocab_size=400)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_an_aksis_checkpoint_loads_in_transformers_and_generates_the_same_ids(
+    arch: str, bpe: Tokenizer, tmp_path: Path
+) -> None:
+    from conftest import tiny_config
+
+    from aksis.chat_template import Message, render
+    from aksis.checkpoint import load_model, save_checkpoint
+    from aksis.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(tiny_config(arch, vocab_size=400, qkv_bias=arch == "llama")).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_()
+    save_checkpoint(model, tmp_path, tokenizer=bpe, base_model="someone/base")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    fast = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert type(hf).__name__ == ("Qwen2ForCausalLM" if arch == "llama" else "GPT2LMHeadModel")
+    text = "ROMEO: But soft! what light through yonder window breaks? 1234  spaces\n\ttabs <|endoftext|> 🙂"
+    # transformers reads a special's spelling in text as the token unless told not to; aksis always keeps it text
+    assert fast(text, split_special_tokens=True).input_ids == bpe.encode(text)
+    loaded, tokenizer, _ = load_model(tmp_path, device="cpu")
+    assert tokenizer.kind == "bpe" and tokenizer.encoding._mergeable_ranks == bpe.encoding._mergeable_ranks
+    prompt = bpe.encode("JULIET: Romeo,")
+    ours = generate(loaded, tokenizer, prompt, GenerationConfig(max_new_tokens=16, temperature=0.0), stop_ids=set())
+    with torch.no_grad():
+        theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=None)
+    assert ours.token_ids == theirs[0, len(prompt) :].tolist()
+    messages = [Message("system", "Be brief."), Message("user", "Hi"), Message("assistant", "Hello.")]
+    chat = fast.apply_chat_template([m.to_dict() for m in messages], add_generation_prompt=True, return_dict=False)
+    assert list(chat) == render(bpe, messages, add_generation_prompt=True)[0]
+    saved_config = json.loads((tmp_path / "config.json").read_text())
+    assert saved_config["aksis"]["base_model"] == "someone/base"
+    assert "base_model: someone/base" in (tmp_path / "README.md").read_text()
+
+
+def test_a_pretrained_models_tokenizer_files_are_written_back_as_they_came(
+    shakespeare_texts: list[str], tmp_path: Path
+) -> None:
+    from conftest import write_hf_repo
+
+    from aksis.checkpoint import load_model, save_checkpoint
+
+    write_hf_repo(tmp_path / "hf", shakespeare_texts[:100])
+    model, tokenizer, settings = load_model(tmp_path / "hf", device="cpu")
+    save_checkpoint(model, tmp_path / "again", tokenizer=tokenizer, generation_config=settings)
+    again = transformers.AutoTokenizer.from_pretrained(tmp_path / "again")
+    original = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    messages = [{"role": "user", "content": "Good den"}]
+    assert again.apply_chat_template(messages, add_generation_prompt=True) == original.apply_chat_template(
+        messages, add_generation_prompt=True
+    )
+    assert again.eos_token == "<|im_end|>"
+    _, reloaded, reloaded_settings = load_model(tmp_path / "again", device="cpu")
+    assert reloaded.eos_ids == tokenizer.eos_ids and reloaded.chat_template == tokenizer.chat_template
+    assert reloaded_settings == settings
+
+
+def test_a_mismatched_transformers_layout_config_is_refused_before_allocating(bpe: Tokenizer, tmp_path: Path) -> None:
+    from conftest import tiny_config
+
+    from aksis.checkpoint import save_checkpoint
+    from aksis.model import GPT
+
+    save_checkpoint(GPT(tiny_config("llama", vocab_size=400)), tmp_path, tokenizer=bpe)
+    path = tmp_path / "config.json"
+    good = json.loads(path.read_text())
+    path.write_text(json.dumps({**good, "vocab_size": 2**40}))
+    with pytest.raises(CheckpointError, match=r"model.embed_tokens.weight is \(400, 64\) in the file but \(1099511627776, 64\)"):
+        load_gpt(tmp_path)
+    path.write_text(json.dumps({**good, "num_hidden_layers": 20_000}))
+    with pytest.raises(CheckpointError, match="holds 2 layers but config.json beside it asks for 20000"):
+        load_gpt(tmp_path)
+    path.write_text(json.dumps({**good, "aksis": [1]}))
+    with pytest.raises(CheckpointError, match='its "aksis" entry should be an object'):
         load_gpt(tmp_path)

@@ -13,18 +13,23 @@ from conftest import Hub, ServedApp, serve_app, tiny_config
 from huggingface_hub import HfApi
 
 from aksis.checkpoint import save_checkpoint
+from aksis.hf_tokenizer import to_hf_json
 from aksis.model import GPT
 from aksis.tokenizer import Tokenizer
 from aksis.ui import AppSettings
 
 
-def hostile_repo(hub: Hub, folder: Path, name: str, **changes: object) -> str:
-    """A repo holding a tiny, valid checkpoint with `changes` made to its files: {file name: new content (a dict is
-    written as JSON; a dict under config.json is merged into the config)}."""
+def hostile_repo(hub: Hub, folder: Path, name: str, layout: str, **changes: object) -> str:
+    """A repo holding a tiny, valid checkpoint (in aksis's own layout or transformers') with `changes` made to its
+    files: {file name: new content (a dict is written as JSON; a dict under config.json is merged into the config;
+    None deletes the file)}."""
     torch.manual_seed(0)
-    save_checkpoint(GPT(tiny_config(vocab_size=260)), folder, tokenizer=Tokenizer.byte_level())
+    save_checkpoint(GPT(tiny_config(vocab_size=260)), folder, tokenizer=Tokenizer.byte_level(), layout=layout)
     for file, content in changes.items():
         path = folder / file.replace("__", ".")
+        if content is None:
+            path.unlink()
+            continue
         if file == "config__json" and isinstance(content, dict):
             content = {**json.loads(path.read_text()), **content}
         path.write_text(json.dumps(content) if isinstance(content, dict | list) else str(content))
@@ -51,6 +56,9 @@ def space(app_checkpoints: Path, tmp_path_factory: pytest.TempPathFactory) -> It
 
 
 TOKENIZER = Tokenizer.byte_level().to_dict()
+HF_TOKENIZER = json.loads(to_hf_json(Tokenizer.byte_level()))
+SPLIT = HF_TOKENIZER["pre_tokenizer"]["pretokenizers"][0]
+# Repos in aksis's own layout (format 1, how aksis saved every model before it wrote transformers' layout).
 CASES = {
     # config.json asks for far more than the weights hold
     "vocab": ({"config__json": {"vocab_size": 2_000_000}}, "transformer.wte.weight is (260, 64) in the file but"),
@@ -66,16 +74,41 @@ CASES = {
     # a file the app would read (here the model card) larger than it reads: refused before any download
     "card": ({"README__md": "x" * ((4 << 20) + 1)}, "README.md is 4.0 MiB; this app reads at most 4 MiB of it"),
 }
+# Repos in transformers' layout (how aksis saves now, and how pretrained models come).
+HF_CASES = {
+    "hf-vocab": ({"config__json": {"vocab_size": 2**40}}, "transformer.wte.weight is (260, 64) in the file but"),
+    "hf-layers": ({"config__json": {"n_layer": 20_000}}, "holds 2 layers but config.json beside it asks for 20000"),
+    "hf-width": ({"config__json": {"n_inner": 10**9}}, "in the file but (1000000000, 64) in the model"),
+    "hf-family": ({"config__json": {"model_type": "rwkv"}}, "its model_type is 'rwkv'; aksis reads the llama"),
+    "hf-rope": (
+        {"config__json": {"model_type": "llama", "max_position_embeddings": 64, "rope_scaling": {"rope_type": "yarn"}}},
+        "RoPE scaling 'yarn' is not supported",
+    ),
+    "hf-pickle": ({"model__safetensors": None, "pytorch_model__bin": "not really a pickle"}, "never pytorch_model.bin"),
+    "hf-shards": (
+        {"model__safetensors": None, "model__safetensors__index__json": {"weight_map": {"w": "../../etc/passwd"}}},
+        "names weight files aksis does not read",
+    ),
+    "hf-hang": (
+        {
+            "tokenizer__json": {**HF_TOKENIZER, "pre_tokenizer": {**SPLIT, "pattern": {"Regex": r"\s*|\S"}}},
+            "tokenizer_config__json": {"eos_token": "<|endoftext|>"},
+        },
+        "can match the empty string",
+    ),
+}
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", sorted(CASES) + sorted(HF_CASES))
 def test_a_hostile_repo_gets_a_clear_message_fast_and_the_space_serves_on(
     case: str, space: ServedApp, hub: Hub, tmp_path: Path
 ) -> None:
     from gradio_client.exceptions import AppError
 
-    changes, expected = CASES[case]
-    repo_id = hostile_repo(hub, tmp_path / case, case, **changes)
+    layout = "transformers" if case in HF_CASES else "aksis"
+    changes, expected = {**CASES, **HF_CASES}[case]
+    repo_id = hostile_repo(hub, tmp_path / case, case, layout, **changes)
+    client = space.client()
     client = space.client()
     start = time.perf_counter()
     with pytest.raises(AppError, match="Could not load the model") as err:
@@ -260,3 +293,20 @@ def test_a_visitor_uploads_a_bounded_number_of_bytes_an_hour(app_checkpoints: Pa
     assert budget.charge("a", None) == (411, "An upload must say its length (Content-Length).")
     assert budget.charge("a", "80", now=0) is None and budget.charge("a", "80", now=30) is not None
     assert budget.charge("a", "80", now=61) is None  # an hour (here a minute) later, the budget is back
+
+
+def test_a_hostile_chat_template_fails_its_chat_fast_with_a_message(hub: Hub, tmp_path: Path) -> None:
+    """A chat template is code from the repo: it runs sandboxed, bounded in output and time."""
+    from aksis.chat_template import ChatError, Message
+    from aksis.checkpoint import load_model
+    from aksis.jinja_template import render_chat
+
+    template = {"eos_token": "<|endoftext|>", "chat_template": "{{ 'a' * 10**10 }}"}
+    changes = {"tokenizer_config__json": template, "generation_config__json": {"eos_token_id": 256}}
+    tokenizer = {**HF_TOKENIZER}
+    repo_id = hostile_repo(hub, tmp_path, "template", "transformers", tokenizer__json=tokenizer, **changes)
+    _, loaded, _ = load_model(repo_id, device="cpu")
+    start = time.perf_counter()
+    with pytest.raises(ChatError, match="chat template"):
+        render_chat(loaded, [Message("user", "hi")], add_generation_prompt=True)
+    assert time.perf_counter() - start < 5

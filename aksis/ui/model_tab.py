@@ -32,7 +32,6 @@ from matplotlib.figure import Figure
 from aksis.checkpoint import CARD_FILE
 from aksis.plots import Curves, loss_curves, loss_figure
 from aksis.runs import METRICS_FILE, read_metrics
-from aksis.tokenizer import SPECIAL_TOKENS, TokenizerError
 from aksis.ui.context import AppContext, check_prompt, input_error, on_gpu, quietly_get, to_whole, user_errors
 from aksis.ui.inputs import slider
 from aksis.ui.models import LoadedModel, ModelStore
@@ -56,12 +55,10 @@ def config_dict(entry: LoadedModel) -> dict[str, Any]:
 def summary(entry: LoadedModel) -> str:
     """Parameters, shape and tokenizer of a model, as a Markdown table (its first row, the flavour, as header)."""
     cfg, tok, model = entry.model.config, entry.tokenizer, entry.model
-    specials = []
-    for token in SPECIAL_TOKENS:
-        try:
-            specials.append(f"`{token}` {tok.special_id(token)}")
-        except TokenizerError:
-            continue  # a tokenizer saved without the chat tokens
+    ordered = sorted(tok.specials.items(), key=lambda item: item[1])
+    specials = [f"`{token}` {token_id}" for token, token_id in ordered[:12]]
+    if len(ordered) > 12:
+        specials.append(f"and {len(ordered) - 12:,} more")
     total, body = model.num_params(), model.num_params(exclude_embeddings=True)
     dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
     rows = [
