@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from huggingface_hub import EvalResult, ModelCardData
 
-from aksis.checkpoint import CONFIG_FILE, EVAL_RESULTS_FILE, load_model, read_json, read_model_config
+from aksis.checkpoint import CONFIG_FILE, EVAL_RESULTS_FILE, base_model_of, load_model, read_config, read_json
 from aksis.config import ModelConfig
 from aksis.corpora import HUB_CORPORA
 from aksis.generation import generate
@@ -38,6 +38,7 @@ from aksis.runs import (
     public_value,
     read_metrics,
 )
+from aksis.transformers_format import expressible_family
 
 LOSS_CURVE_FILE = "loss_curve.png"
 SAMPLE_PROMPTS = ("The ", "Once upon a time", "ROMEO:")
@@ -125,14 +126,19 @@ def card_metadata(
     train_config: dict[str, Any] | None = None,
     license: str | None = None,
     results: Sequence[EvalResult] = (),
+    family: str | None = None,
+    base_model: str | None = None,
 ) -> ModelCardData:
     """The card's YAML metadata: what the Hub validates (a license it knows, datasets, model-index). `arch`: the
-    model's flavour, a tag (None when not known yet)."""
+    model's flavour, a tag (None when not known yet); `family`: the transformers family its files are in, if any;
+    `base_model`: the Hub model it was fine-tuned from (the Hub links the two)."""
     dataset = hub_dataset((train_config or {}).get("dataset"))
+    family_tags = ["transformers", family] if family else []
     return ModelCardData(
         library_name="aksis",
         pipeline_tag="text-generation",
-        tags=["aksis", "text-generation", *([f"{arch}-style"] if arch else [])],
+        tags=["aksis", "text-generation", *([f"{arch}-style"] if arch else []), *family_tags],
+        base_model=base_model,
         license=license,
         datasets=[dataset] if dataset else None,
         model_name=repo_id.split("/")[-1],
@@ -159,11 +165,15 @@ def model_card(
     """The README.md of a checkpoint folder's Hub repo. `train_config` is the run's settings (TrainConfig's);
     only their public form is written."""
     folder = Path(folder)
-    config = read_model_config(folder / CONFIG_FILE)
+    config, in_transformers_layout = read_config(folder / CONFIG_FILE)
+    family = expressible_family(config) if in_transformers_layout else None
+    base = base_model_of(folder)
     train = public_settings(train_config or {})
     records = read_metrics(folder)
     evaluation, results = eval_results(folder)
-    data = card_metadata(repo_id, arch=config.arch, train_config=train, license=license, results=results)
+    data = card_metadata(
+        repo_id, arch=config.arch, train_config=train, license=license, results=results, family=family, base_model=base
+    )
     n_params = _parameter_count(config)
     lines = [
         "---",
@@ -173,7 +183,8 @@ def model_card(
         f"# {repo_id.split('/')[-1]}",
         "",
         f"A {n_params / 1e6:.1f}M-parameter decoder-only transformer language model, trained with "
-        "[aksis](https://pypi.org/project/aksis/).",
+        "[aksis](https://pypi.org/project/aksis/)"
+        + (f", fine-tuned from [{base}](https://huggingface.co/{base})." if base else "."),
         "",
         "## Architecture",
         "",
@@ -249,6 +260,18 @@ def model_card(
         "```",
         "",
     ]
+    if family:
+        lines += [
+            f"The repo is also a transformers checkpoint ({family} family), so transformers loads it as it is:",
+            "",
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
+            "```",
+            "",
+        ]
     return "\n".join(lines)
 
 

@@ -149,6 +149,7 @@ class RunFolder:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path).expanduser()
+        self.base_model: str | None = None  # the Hub model the run fine-tunes, written into its checkpoints
         self.metrics = self.path / METRICS_FILE
         self.best = self.path / BEST_DIR
 
@@ -228,7 +229,7 @@ class RunFolder:
         else:
             plain = acc.unwrap_model(model, keep_torch_compile=False)
         if acc.is_main_process:
-            save_checkpoint(plain, target, tokenizer=tokenizer)
+            save_checkpoint(plain, target, tokenizer=tokenizer, base_model=self.base_model)
             shutil.copy(self.metrics, target / METRICS_FILE)
         acc.wait_for_everyone()
 

@@ -52,7 +52,15 @@ from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from aksis.blocks import EpochSampler, PackedBlocks, StreamingBlocks, TrainData, build_data
-from aksis.checkpoint import CONFIG_FILE, CheckpointError, load_gpt, load_tokenizer, read_model_config, resolve_file
+from aksis.checkpoint import (
+    CONFIG_FILE,
+    CheckpointError,
+    base_model_of,
+    load_gpt,
+    load_tokenizer,
+    read_model_config,
+    resolve_file,
+)
 from aksis.config import ModelConfig, TrainConfig
 from aksis.corpora import DataError
 from aksis.device import DeviceError, pick_device
@@ -117,6 +125,7 @@ class Trainer:
 
         set_seed(config.seed)
         start = _starting_point(config, self.resume_from)
+        self.run.base_model = start.base_model
         self.block_size = start.block_size
         with acc.main_process_first():  # the main process tokenizes and caches; the others read its cache
             self.data: TrainData = _data(config, start.block_size, start.tokenizer)
@@ -600,6 +609,7 @@ class _Start:
     tokenizer: Tokenizer | None  # None: a new model, whose tokenizer is still to be built from the corpus
     weights: GPT | None  # the initial weights of a fine-tune
     block_size: int  # the training context
+    base_model: str | None = None  # the Hub model it was fine-tuned from, remembered in its checkpoints
 
 
 def _starting_point(config: TrainConfig, resume_from: Path | None) -> _Start:
@@ -627,7 +637,8 @@ def _starting_point(config: TrainConfig, resume_from: Path | None) -> _Start:
     except CheckpointError as err:
         raise TrainingError(f"cannot start from {name}: {err}") from err
     if resume_from is not None:
-        return _Start(model_config, tokenizer, None, int(read_trainer_state(resume_from)["block_size"]))
+        block_size = int(read_trainer_state(resume_from)["block_size"])
+        return _Start(model_config, tokenizer, None, block_size, base_model_of(name))
     # Fine-tuning keeps the model's shape (its context included); training blocks may be shorter.
     block_size = config.block_size or model_config.block_size
     if block_size > model_config.block_size:
@@ -636,7 +647,9 @@ def _starting_point(config: TrainConfig, resume_from: Path | None) -> _Start:
             f"tokens); use --block-size {model_config.block_size} or less"
         )
     dropout = model_config.dropout if config.dropout is None else config.dropout
-    return _Start(dataclasses.replace(model_config, dropout=dropout), tokenizer, weights, block_size)
+    return _Start(
+        dataclasses.replace(model_config, dropout=dropout), tokenizer, weights, block_size, base_model_of(name)
+    )
 
 
 def _data(config: TrainConfig, block_size: int, tokenizer: Tokenizer | None) -> TrainData:

@@ -141,3 +141,19 @@ def test_a_staged_checkpoint_s_settings_files_name_no_place(tmp_path: Path) -> N
         "num_samples": 8,
     }
     assert str(tmp_path) in state.read_text()  # the run's own files are untouched: the staged ones were replaced
+
+
+def test_a_fine_tuned_models_card_names_its_base_and_shows_transformers(tmp_path: Path) -> None:
+    base = "HuggingFaceTB/SmolLM2-135M"
+    save_checkpoint(
+        GPT(tiny_config("llama", vocab_size=260)), tmp_path, tokenizer=Tokenizer.byte_level(), base_model=base
+    )
+    card = model_card(tmp_path, "alice/smol-mine")
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert metadata["base_model"] == base and {"transformers", "llama"} <= set(metadata["tags"])
+    assert f"fine-tuned from [{base}](https://huggingface.co/{base})" in card
+    assert 'AutoModelForCausalLM.from_pretrained("alice/smol-mine")' in card
+    old = tmp_path / "old"
+    save_checkpoint(GPT(tiny_config("llama", vocab_size=260)), old, tokenizer=Tokenizer.byte_level(), layout="aksis")
+    old_card = model_card(old, "alice/old")
+    assert "base_model" not in old_card and "AutoModelForCausalLM" not in old_card  # transformers cannot read it
