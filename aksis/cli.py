@@ -18,7 +18,8 @@ class CLIError(Exception):
 
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
-    from aksis.tokenizer import Tokenizer, TokenizerError
+    from aksis.hf_tokenizer import tokenizer_from_name
+    from aksis.tokenizer import TokenizerError
 
     if args.file is not None:
         try:
@@ -28,7 +29,7 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
     else:
         text = args.text
     try:
-        tokenizer = Tokenizer.from_name(args.tokenizer)
+        tokenizer = tokenizer_from_name(args.tokenizer)
     except TokenizerError as err:
         raise CLIError(str(err)) from err
     ids = tokenizer.encode(text)
@@ -148,6 +149,45 @@ def cmd_push(args: argparse.Namespace) -> None:
         raise CLIError(str(err)) from err
     tagged = f", tagged {args.tag}" if args.tag else ""
     print(f"pushed {folder} to {args.repo_id}@{args.revision or 'main'} (commit {commit[:12]}{tagged})")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from aksis.checkpoint import (
+        CheckpointError,
+        base_model_of,
+        find_checkpoint,
+        load_generation_config,
+        load_gpt,
+        load_tokenizer,
+        save_checkpoint,
+    )
+    from aksis.transformers_format import expressible_family
+
+    output = Path(args.output_dir).expanduser()
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
+        raise CLIError(f"--output-dir {output} exists and is not empty: choose another folder, or add --overwrite")
+    try:
+        source = find_checkpoint(args.checkpoint_path)
+        model, tokenizer = load_gpt(source), load_tokenizer(source)
+        settings = load_generation_config(source)
+    except CheckpointError as err:
+        raise CLIError(f"{err}; nothing written") from err
+    family = expressible_family(model.config)
+    if family is None:
+        raise CLIError(
+            f"no transformers family expresses {source} ({model.config.describe()}, {model.config.n_kv_head} key/value "
+            "heads: transformers' GPT-2 has one per query head); nothing written"
+        )
+    try:
+        save_checkpoint(
+            model, output, tokenizer=tokenizer, generation_config=settings, base_model=base_model_of(source)
+        )
+    except CheckpointError as err:
+        raise CLIError(f"{err}; nothing written") from err
+    print(
+        f"wrote {output}: a transformers checkpoint ({family} family) that aksis reads too; in Python: "
+        f"AutoModelForCausalLM.from_pretrained({str(output)!r}), AutoTokenizer.from_pretrained({str(output)!r})"
+    )
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -704,6 +744,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--with-training-state", action="store_true", help="also push training_state/ (for --resume from the Hub)"
     )
     push.set_defaults(func=cmd_push)
+
+    export = commands.add_parser(
+        "export",
+        help="write a checkpoint in another format (transformers: loads with AutoModelForCausalLM)",
+        description="Write a checkpoint in another format. transformers: a folder that transformers' "
+        "AutoModelForCausalLM and AutoTokenizer load, and aksis too (aksis saves in this format already; this "
+        "converts a folder saved before it did, or a run's best checkpoint to share elsewhere).",
+    )
+    export.add_argument(
+        "--checkpoint-path", required=True, help="a checkpoint folder, a training run's folder, or a Hub repo id"
+    )
+    export.add_argument("--format", required=True, choices=("transformers",), help="the format to write")
+    export.add_argument("--output-dir", required=True, help="the folder to write (new or empty)")
+    export.add_argument("--overwrite", action="store_true", help="replace --output-dir when it is a checkpoint")
+    export.set_defaults(func=cmd_export)
 
     train = commands.add_parser(
         "train-model",

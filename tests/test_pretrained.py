@@ -1,6 +1,7 @@
 """Pretrained transformers models (a SmolLM2-like repo: LLaMA family, byte-level BPE, ChatML template) everywhere a
 checkpoint is accepted: load_model from a folder and from the Hub, the CLI's commands."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,9 @@ def test_generate_text_and_evaluate_from_the_cli(smol: tuple[Any, Path], tmp_pat
     )
     assert out.returncode == 0, out.stderr
     assert "perplexity" in out.stdout
+    out = cli("benchmark-inference", "--checkpoint-path", str(folder), "--max-new-tokens", "4", "--num-runs", "1")
+    assert out.returncode == 0, out.stderr
+    assert "tokens/s" in out.stdout
 
 
 def test_a_space_serves_a_transformers_repo_and_bounds_its_shards_together(
@@ -207,3 +211,119 @@ def test_chat_with_model_from_the_cli(smol: tuple[Any, Path], tmp_path: Path) ->
     )
     assert out.returncode == 0, out.stderr
     assert [m.role for m in Conversation.load(chat_file).messages] == ["user", "assistant"]
+
+
+def train_command(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        *("-m", "aksis.cli", "train-model", "--max-steps", "2", "--eval-every", "2", "--eval-batches", "1"),
+        *("--batch-size", "2", "--block-size", "32", "--no-progress", "--device", "cpu"),
+        *("--data-cache", str(tmp_path / "cache"), *extra),
+    ]
+
+
+@pytest.mark.parametrize("data_format", ["text", "chat"])
+def test_fine_tuning_a_hub_model_writes_a_checkpoint_that_remembers_it(
+    data_format: str, smol: tuple[Any, Path], hub: Hub, tmp_path: Path
+) -> None:
+    from huggingface_hub import HfApi
+
+    _, folder = smol
+    api = HfApi(endpoint=hub.endpoint, token=hub.write_token)
+    repo_id = api.create_repo(hub.fresh_repo_id("smol-base")).repo_id
+    api.upload_folder(folder_path=folder, repo_id=repo_id)
+    if data_format == "text":
+        data = tmp_path / "notes.txt"
+        data.write_text("".join(f"A note of mine, number {i}, on the weather.\n" for i in range(200)))
+    else:
+        data = tmp_path / "chats.jsonl"
+        chat = {"messages": [{"role": "user", "content": "Hail!"}, {"role": "assistant", "content": "Well met."}]}
+        data.write_text((json.dumps(chat) + "\n") * 100)
+    run = tmp_path / "run"
+    command = train_command(tmp_path, "--init-from", repo_id, "--dataset", str(data), "--data-format", data_format)
+    out = subprocess.run(
+        [*command, "--output-dir", str(run)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=hub.subprocess_env(tmp_path),
+    )
+    assert out.returncode == 0, out.stderr
+    best = run / "best"
+    assert json.loads((best / "config.json").read_text())["aksis"]["base_model"] == repo_id
+    assert f"base_model: {repo_id}" in (best / "README.md").read_text()
+    model, tokenizer, _ = load_model(best, device="cpu")
+    assert isinstance(tokenizer, HFTokenizer) and tokenizer.chat_template == load_model(folder)[1].chat_template
+    hf = transformers.AutoModelForCausalLM.from_pretrained(best).eval()
+    ids = torch.tensor([tokenizer.encode("A note of mine")])
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)[0]).abs().max().item() < 1e-4
+
+
+def test_export_writes_an_old_folder_in_transformers_layout(tmp_path: Path) -> None:
+    from conftest import tiny_config
+
+    from aksis.checkpoint import save_checkpoint
+    from aksis.model import GPT
+    from aksis.tokenizer import Tokenizer
+
+    model = GPT(tiny_config("gpt2", vocab_size=260)).eval()
+    save_checkpoint(model, tmp_path / "old", tokenizer=Tokenizer.byte_level(), layout="aksis")
+    out = cli(
+        "export",
+        "--checkpoint-path",
+        str(tmp_path / "old"),
+        "--format",
+        "transformers",
+        "--output-dir",
+        str(tmp_path / "new"),
+    )
+    assert out.returncode == 0, out.stderr
+    assert "a transformers checkpoint (gpt2 family)" in out.stdout
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "new").eval()
+    ids = torch.randint(0, 260, (1, 10))
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)[0]).abs().max().item() < 1e-4
+    again = cli(
+        "export",
+        "--checkpoint-path",
+        str(tmp_path / "old"),
+        "--format",
+        "transformers",
+        "--output-dir",
+        str(tmp_path / "new"),
+    )
+    assert again.returncode == 2 and "exists and is not empty" in again.stderr
+
+    gqa = GPT(tiny_config("gpt2", vocab_size=260, n_kv_head=2))
+    save_checkpoint(gqa, tmp_path / "gqa", tokenizer=Tokenizer.byte_level())
+    refused = cli(
+        "export",
+        "--checkpoint-path",
+        str(tmp_path / "gqa"),
+        "--format",
+        "transformers",
+        "--output-dir",
+        str(tmp_path / "x"),
+    )
+    assert refused.returncode == 2 and "no transformers family expresses" in refused.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_arena_sets_a_fine_tuned_model_against_its_base(smol: tuple[Any, Path], tmp_path: Path) -> None:
+    from aksis.checkpoint import save_checkpoint
+    from aksis.ui.arena_tab import arena_config, new_battle, run_battle
+    from aksis.ui.models import ModelStore
+    from aksis.ui.sampling import Sampling
+
+    _, folder = smol
+    model, tokenizer, settings = load_model(folder, device="cpu")
+    with torch.no_grad():  # a "fine-tune": the same model, nudged
+        model.transformer.ln_f.weight.mul_(1.5)
+    save_checkpoint(model, tmp_path / "tuned", tokenizer=tokenizer, generation_config=settings)
+    store = ModelStore(tmp_path / "none", device=torch.device("cpu"))
+    config = arena_config(Sampling(preset="balanced", max_new_tokens=8, seed=3), limit=64)
+    battle = new_battle("Who goes there?", str(folder), str(tmp_path / "tuned"), "chat", config, swap=False)
+    *_, done = run_battle(store, battle)
+    assert done.complete and all(isinstance(a, str) for a in done.answers)
+    assert {type(store.get(s).tokenizer) for s in battle.models} == {HFTokenizer}
