@@ -13,6 +13,7 @@ The `hub` fixture (session scope) is a `Hub`:
     hub.user, hub.write_token      "alice" and her write token
     hub.org                        "aksis-org", an organisation alice may write to
     hub.other_user, hub.other_token  "bob" and his read-only token (403 on alice's namespace, and on his own)
+    hub.publisher, hub.publisher_token  "HuggingFaceTB", under whose ids tests put stand-ins of pretrained models
     hub.storage                    the server's folder (objects/<sha256> holds every file content)
     hub.requests                   every request the server received, as `RecordedRequest`s (method, path,
                                    headers, body, status); `hub.requests[n:]` for those after a point
@@ -55,10 +56,16 @@ from aksis.config import ModelConfig  # none of these imports huggingface_hub
 USER, WRITE_TOKEN = "alice", "hf_aksisTestWriteTokenOfAlice0123456789"
 OTHER_USER, OTHER_TOKEN = "bob", "hf_aksisTestReadTokenOfBob0123456789ab"
 ORG = "aksis-org"
+# The publisher of the pretrained models the README names: the tests upload tiny stand-ins under its ids.
+PUBLISHER, PUBLISHER_TOKEN = "HuggingFaceTB", "hf_aksisTestTokenOfThePublisher01234567"
 
 # huggingface_hub (and datasets) read these when imported: nothing may have imported them yet.
 assert "huggingface_hub" not in sys.modules, "huggingface_hub was imported before conftest.py could configure it"
-HUB_SERVER = HubServer({WRITE_TOKEN: USER, OTHER_TOKEN: OTHER_USER}, read_only={OTHER_TOKEN}, orgs={ORG: {USER}})
+HUB_SERVER = HubServer(
+    {WRITE_TOKEN: USER, OTHER_TOKEN: OTHER_USER, PUBLISHER_TOKEN: PUBLISHER},
+    read_only={OTHER_TOKEN},
+    orgs={ORG: {USER}},
+)
 HUB_SERVER.start()
 os.environ.update(
     HF_ENDPOINT=HUB_SERVER.endpoint,
@@ -92,6 +99,8 @@ class Hub:
     org: str = ORG
     other_user: str = OTHER_USER
     other_token: str = OTHER_TOKEN
+    publisher: str = PUBLISHER
+    publisher_token: str = PUBLISHER_TOKEN
     _ids: itertools.count[int] = field(default_factory=itertools.count)
 
     @property
@@ -324,3 +333,18 @@ def write_hf_repo(
     model.eval().save_pretrained(folder)
     fast.save_pretrained(folder)
     return model
+
+
+def publish_stand_in(hub: Hub, repo_id: str, texts: list[str], folder: Path, **settings: Any) -> str:
+    """A tiny stand-in (write_hf_repo) for a pretrained model of the real Hub, uploaded under its id to the local Hub
+    by its publisher, once per session: what `aksis ... --checkpoint-path HuggingFaceTB/SmolLM2-135M-Instruct`
+    downloads in the tests."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub.endpoint, token=hub.publisher_token)
+    if api.repo_exists(repo_id):
+        return repo_id
+    write_hf_repo(folder, texts, **settings)
+    api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(folder_path=folder, repo_id=repo_id)
+    return repo_id

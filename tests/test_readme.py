@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import Hub
+from conftest import Hub, publish_stand_in
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -57,6 +57,10 @@ def test_commands_run_in_order(tmp_path: Path, hub: Hub) -> None:
 
     for i, play in enumerate(shakespeare_plays()[:2]):
         (tmp_path / "my_texts" / f"play{i}.txt").write_text(play)
+    # The pretrained models the README names, as tiny stand-ins on the local Hub (the real ones are far from here).
+    named = set(re.findall(r"HuggingFaceTB/SmolLM2[\w.-]*", README.read_text(encoding="utf-8")))
+    for i, repo_id in enumerate(sorted(named)):
+        publish_stand_in(hub, repo_id, shakespeare_plays()[:2], tmp_path / f"stand-in-{i}")
     env = {**os.environ, "HF_TOKEN": hub.write_token}  # as after `hf auth login`
     steps = 0
     for command in COMMANDS:
