@@ -278,7 +278,16 @@ def load_tokenizer(source: str | Path, **hub_kwargs: Any) -> Tokenizer:
     """The tokenizer of a checkpoint (local folder or Hub repo): aksis's own tokenizer.json, or a Hugging Face one
     (aksis.hf_tokenizer) with its tokenizer_config.json, generation_config.json and chat_template.jinja where the
     checkpoint has them."""
-    path = resolve_file(source, TOKENIZER_FILE, **hub_kwargs)
+    try:
+        path = resolve_file(source, TOKENIZER_FILE, **hub_kwargs)
+    except MissingFile as err:
+        if not read_config(resolve_file(source, CONFIG_FILE, **hub_kwargs))[1]:
+            raise
+        raise CheckpointError(
+            f"{source} has no {TOKENIZER_FILE}: aksis reads a pretrained model's tokenizer in the Hugging Face "
+            "tokenizer.json format (a repo with only a SentencePiece tokenizer.model needs one written, e.g. by "
+            "transformers: AutoTokenizer.from_pretrained(...).save_pretrained(folder))"
+        ) from err
     try:
         if not is_hf_tokenizer_file(path):
             return Tokenizer.load(path)

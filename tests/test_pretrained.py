@@ -327,3 +327,16 @@ def test_the_arena_sets_a_fine_tuned_model_against_its_base(smol: tuple[Any, Pat
     *_, done = run_battle(store, battle)
     assert done.complete and all(isinstance(a, str) for a in done.answers)
     assert {type(store.get(s).tokenizer) for s in battle.models} == {HFTokenizer}
+
+
+def test_a_transformers_repo_without_tokenizer_json_says_what_to_do(smol: tuple[Any, Path], tmp_path: Path) -> None:
+    import shutil
+
+    from aksis.checkpoint import CheckpointError
+
+    _, folder = smol
+    copy = tmp_path / "no-tokenizer"
+    shutil.copytree(folder, copy)
+    (copy / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match="has no tokenizer.json: aksis reads a pretrained model's tokenizer"):
+        load_model(copy, device="cpu")
