@@ -161,17 +161,25 @@ def cmd_export(args: argparse.Namespace) -> None:
         load_tokenizer,
         save_checkpoint,
     )
+    from aksis.gguf_format import GGUFError, export_gguf
     from aksis.transformers_format import expressible_family
 
-    output = Path(args.output_dir).expanduser()
+    output = Path(args.output).expanduser()
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
-        raise CLIError(f"--output-dir {output} exists and is not empty: choose another folder, or add --overwrite")
+        raise CLIError(f"--output {output} exists: choose another path, or add --overwrite")
     try:
         source = find_checkpoint(args.checkpoint_path)
         model, tokenizer = load_gpt(source), load_tokenizer(source)
         settings = load_generation_config(source)
     except CheckpointError as err:
         raise CLIError(f"{err}; nothing written") from err
+    if args.format == "gguf":
+        try:
+            export_gguf(model, tokenizer, output, outtype=args.outtype, name=Path(str(source)).name)
+        except (GGUFError, OSError) as err:
+            raise CLIError(f"{err}; nothing written") from err
+        print(f"wrote {output}: GGUF ({args.outtype}) for llama.cpp, Ollama and LM Studio")
+        return
     family = expressible_family(model.config)
     if family is None:
         raise CLIError(
@@ -179,9 +187,8 @@ def cmd_export(args: argparse.Namespace) -> None:
             "heads: transformers' GPT-2 has one per query head); nothing written"
         )
     try:
-        save_checkpoint(
-            model, output, tokenizer=tokenizer, generation_config=settings, base_model=base_model_of(source)
-        )
+        base = base_model_of(source)
+        save_checkpoint(model, output, tokenizer=tokenizer, generation_config=settings, base_model=base)
     except CheckpointError as err:
         raise CLIError(f"{err}; nothing written") from err
     print(
@@ -609,7 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tok.set_defaults(func=cmd_tokenize)
 
-    from aksis.config import TRAIN_CHOICES, TRAIN_HELP, TrainConfig  # plain dataclasses: cheap to import
+    from aksis.config import GGUF_OUT_TYPES, TRAIN_CHOICES, TRAIN_HELP, TrainConfig  # plain dataclasses: cheap
 
     load = commands.add_parser(
         "load-data", help="load, tokenize and pack a corpus; print its statistics and a decoded sample batch"
@@ -747,17 +754,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser(
         "export",
-        help="write a checkpoint in another format (transformers: loads with AutoModelForCausalLM)",
+        help="write a checkpoint in another format (transformers folder, GGUF file for llama.cpp)",
         description="Write a checkpoint in another format. transformers: a folder that transformers' "
         "AutoModelForCausalLM and AutoTokenizer load, and aksis too (aksis saves in this format already; this "
-        "converts a folder saved before it did, or a run's best checkpoint to share elsewhere).",
+        "converts a folder saved before it did). gguf: one file that llama.cpp, Ollama and LM Studio load.",
     )
     export.add_argument(
         "--checkpoint-path", required=True, help="a checkpoint folder, a training run's folder, or a Hub repo id"
     )
-    export.add_argument("--format", required=True, choices=("transformers",), help="the format to write")
-    export.add_argument("--output-dir", required=True, help="the folder to write (new or empty)")
-    export.add_argument("--overwrite", action="store_true", help="replace --output-dir when it is a checkpoint")
+    export.add_argument("--format", required=True, choices=("transformers", "gguf"), help="the format to write")
+    export.add_argument(
+        "--output", "--output-dir", required=True, help="the folder (transformers) or .gguf file (gguf) to write"
+    )
+    export.add_argument(
+        "--outtype", default="f32", choices=GGUF_OUT_TYPES, help="gguf: the weights' type (norms and biases stay f32)"
+    )
+    export.add_argument("--overwrite", action="store_true", help="replace --output when it exists")
     export.set_defaults(func=cmd_export)
 
     train = commands.add_parser(

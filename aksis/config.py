@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 ARCHS = ("gpt2", "llama")
+GGUF_OUT_TYPES = ("f32", "f16", "q8_0", "q4_0")  # weight types of a GGUF export (aksis.gguf_format)
 IGNORE_INDEX = -100  # a target with this value carries no loss (padding, a prompt token of a chat fine-tune)
 
 # Overrides of the `ModelConfig` defaults (which are the `base` preset). A preset names only what differs.

@@ -30,6 +30,7 @@ ORDER = [
     "aksis.transformers_format",
     "aksis.checkpoint",
     "aksis.interop",
+    "aksis.gguf_format",
     "aksis.training_state",
     "aksis.runs",
     "aksis.generation",

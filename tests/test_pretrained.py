@@ -293,7 +293,7 @@ def test_export_writes_an_old_folder_in_transformers_layout(tmp_path: Path) -> N
         "--output-dir",
         str(tmp_path / "new"),
     )
-    assert again.returncode == 2 and "exists and is not empty" in again.stderr
+    assert again.returncode == 2 and "exists: choose another path, or add --overwrite" in again.stderr
 
     gqa = GPT(tiny_config("gpt2", vocab_size=260, n_kv_head=2))
     save_checkpoint(gqa, tmp_path / "gqa", tokenizer=Tokenizer.byte_level())
