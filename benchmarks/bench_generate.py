@@ -3,6 +3,7 @@ weights (GPT2LMHeadModel for a gpt2-flavour model, LlamaForCausalLM or Qwen2ForC
 
     python benchmarks/bench_generate.py                                  # base preset, CPU fp32, batch 1 and 8
     python benchmarks/bench_generate.py --preset smollm2-135m --new-tokens 128 --runs 3   # SmolLM2-135M's shape
+    python benchmarks/bench_generate.py --llama-cpp --batch-sizes 1   # + llama.cpp f32/f16/q8_0/q4_0 rows
     python benchmarks/bench_generate.py --text tinyshakespeare.txt --compile --runs 5
     python benchmarks/bench_generate.py --threads 1          # a busy machine: one thread suffers less from others
     python benchmarks/bench_generate.py --preset gpt2 --device cuda --compile   # bf16 on a GPU
@@ -36,6 +37,7 @@ import argparse
 import contextlib
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,7 +49,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aksis.checkpoint import load_model
-from aksis.config import GenerationConfig, ModelConfig
+from aksis.config import GGUF_OUT_TYPES, GenerationConfig, ModelConfig
 from aksis.generation import _Session, compile_for_decoding, generate_batch
 from aksis.interop import to_transformers
 from aksis.kernels import use_cpu_kernels
@@ -216,6 +218,8 @@ def bench_batch(
         impls.append(
             Impl("transformers, static cache + compile", hf(hf_models["compiled"], cache_implementation="static"))
         )
+    for outtype, llm in hf_models.get("llama_cpp", {}).items():
+        impls.append(Impl(f"llama.cpp {outtype}", llama_cpp_run(llm, prompts)))
     for impl in impls:  # warm-up: allocation, kernel choice, compilation
         start = time.perf_counter()
         for _ in range(args.warmup):
@@ -240,6 +244,42 @@ def bench_batch(
             flush=True,
         )
     return impls
+
+
+def llama_cpp_models(model: GPT, tokenizer: Tokenizer, outtypes: list[str], folder: Path) -> dict[str, Any]:
+    """llama.cpp (llama-cpp-python) models of the same weights: aksis's GGUF export in each out type."""
+    import llama_cpp
+
+    from aksis.gguf_format import export_gguf
+
+    models = {}
+    for outtype in outtypes:
+        path = export_gguf(model, tokenizer, folder / f"model-{outtype}.gguf", outtype=outtype)
+        models[outtype] = llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=model.config.block_size,
+            n_threads=torch.get_num_threads(),
+            n_threads_batch=torch.get_num_threads(),
+            verbose=False,
+        )
+    return models
+
+
+def llama_cpp_run(llm: Any, prompts: list[list[int]]) -> Callable[[int], list[list[int]]]:
+    """Greedy decoding in llama.cpp, one prompt after another (its Python API decodes one sequence at a time)."""
+
+    def run(n: int) -> list[list[int]]:
+        out = []
+        for prompt in prompts:
+            ids: list[int] = []
+            for token in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+                ids.append(int(token))
+                if len(ids) == n:
+                    break
+            out.append(ids)
+        return out
+
+    return run
 
 
 def table(impls: list[Impl], batch: int, new_tokens: int, device: torch.device) -> str:
@@ -282,7 +322,17 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="add torch.compile'd aksis and transformers rows")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads; default: torch's choice")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--llama-cpp",
+        nargs="*",
+        choices=GGUF_OUT_TYPES,
+        default=None,
+        help="add llama.cpp rows (llama-cpp-python) on aksis's GGUF export of the same weights, in these out types "
+        "(default with no value: all); llama.cpp decodes the prompts of a batch one after another",
+    )
     args = parser.parse_args()
+    if args.llama_cpp == []:
+        args.llama_cpp = list(GGUF_OUT_TYPES)
     if args.new_tokens < 2 or args.prompt_tokens < 1 or args.runs < 1:
         raise SystemExit("--new-tokens must be at least 2, --prompt-tokens and --runs at least 1")
     import transformers
@@ -304,6 +354,13 @@ def main() -> None:
         compiled = to_transformers(model).to(device=device, dtype=dtype)
         compiled.forward = torch.compile(compiled.forward, mode=mode, fullgraph=True)
         hf_models["compiled"] = compiled
+    if args.llama_cpp:
+        if device.type != "cpu":
+            raise SystemExit("--llama-cpp compares on the CPU")
+        try:
+            hf_models["llama_cpp"] = llama_cpp_models(model, tokenizer, args.llama_cpp, Path(tempfile.mkdtemp()))
+        except ImportError:
+            raise SystemExit("--llama-cpp needs llama.cpp's Python package: pip install llama-cpp-python") from None
     for m in hf_models.values():
         if hasattr(m, "generation_config"):
             m.generation_config.disable_compile = True  # the compiled row is the explicit one
