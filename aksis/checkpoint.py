@@ -250,28 +250,32 @@ def weights_header(path: Path) -> dict[str, tuple[int, ...]]:
 def check_weights(model: torch.nn.Module, header: dict[str, tuple[int, ...]], path: Path) -> None:
     """CheckpointError unless the file's tensors (`header`: names and shapes) are exactly the model's. A tied weight
     is stored under one of its names. `model` may be on the meta device: only names and shapes are compared."""
-    groups: dict[int, list[str]] = {}  # one entry per parameter, with all its names
-    for name, param in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(param), []).append(name)
+    aliases = _aliases(model)  # one entry per parameter, with all its names
     shapes = {name: tuple(param.shape) for name, param in model.named_parameters(remove_duplicate=False)}
-    missing = sorted(names[0] for names in groups.values() if not set(names) & set(header))
+    missing = sorted(first for first, names in aliases.items() if not set(names) & set(header))
     unexpected = sorted(set(header) - set(shapes))
     mismatched = [
         f"{k} is {shape} in the file but {shapes[k]} in the model"
         for k, shape in header.items()
         if k in shapes and shape != shapes[k]
     ]
-    if missing or unexpected or mismatched:
-        details = []
-        if missing:
-            details.append(f"missing tensors: {', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}")
-        if unexpected:
-            details.append(f"unexpected tensors: {', '.join(unexpected[:8])}{' …' if len(unexpected) > 8 else ''}")
-        details.extend(mismatched[:8])
-        raise CheckpointError(
-            f"{shown(path)} does not match config.json beside it ({'; '.join(details)}): "
-            "the two files come from different models"
-        )
+    _refuse_mismatch(path, missing, unexpected, mismatched)
+
+
+def _refuse_mismatch(path: Path, missing: list[str], unexpected: list[str], mismatched: list[str]) -> None:
+    """CheckpointError listing what a weights file lacks, holds in excess or holds in another shape (if anything)."""
+    if not (missing or unexpected or mismatched):
+        return
+    details = []
+    if missing:
+        details.append(f"missing tensors: {', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}")
+    if unexpected:
+        details.append(f"unexpected tensors: {', '.join(unexpected[:8])}{' …' if len(unexpected) > 8 else ''}")
+    details.extend(mismatched[:8])
+    raise CheckpointError(
+        f"{shown(path)} does not match config.json beside it ({'; '.join(details)}): "
+        "the two files come from different models"
+    )
 
 
 def load_tokenizer(source: str | Path, **hub_kwargs: Any) -> Tokenizer:
@@ -502,9 +506,10 @@ def load_gpt(
     # before any weights are read.
     config, foreign = read_config(resolve_file(source, CONFIG_FILE, **hub_options))
     files = _weight_files(source, foreign, hub_options)
-    _check_layers(config, files)
+    headers = _headers(files)  # read once: the checks below and the plan share them
+    _check_layers(config, headers[0], files[0])
     with torch.device("meta"):  # names and shapes only, no memory
-        plan = _plan(GPT(config), files, foreign)
+        plan = _plan(GPT(config), files, foreign, headers)
     wanted = plan.nbytes(dtype or torch.float32)
     if max_bytes is not None and wanted > max_bytes:
         raise CheckpointError(
@@ -627,7 +632,10 @@ def _layout(file: Any) -> dict[str, _Stored]:
     return out
 
 
-def _headers(files: list[Path]) -> tuple[dict[str, tuple[int, ...]], dict[str, Path]]:
+Headers = tuple[dict[str, tuple[int, ...]], dict[str, Path]]  # every tensor's shape, and the file it is in
+
+
+def _headers(files: list[Path]) -> Headers:
     shapes: dict[str, tuple[int, ...]] = {}
     where: dict[str, Path] = {}
     for path in files:
@@ -636,20 +644,19 @@ def _headers(files: list[Path]) -> tuple[dict[str, tuple[int, ...]], dict[str, P
     return shapes, where
 
 
-def _check_layers(config: ModelConfig, files: list[Path]) -> None:
-    """CheckpointError unless the files hold as many blocks as the config asks for: checked before a model of n_layer
-    blocks is even built on the meta device (a hostile config may ask for a million)."""
-    shapes, _ = _headers(files)
+def _check_layers(config: ModelConfig, shapes: dict[str, tuple[int, ...]], path: Path) -> None:
+    """CheckpointError unless the files' tensors (`shapes`) hold as many blocks as the config asks for: checked before
+    a model of n_layer blocks is even built on the meta device (a hostile config may ask for a million)."""
     layers = {int(m[1]) for name in shapes if (m := _LAYER.search(name))}
     if len(layers) != config.n_layer:
         raise CheckpointError(
-            f"{shown(files[0])} holds {len(layers)} layers but config.json beside it asks for {config.n_layer}: the "
+            f"{shown(path)} holds {len(layers)} layers but config.json beside it asks for {config.n_layer}: the "
             "two files come from different models"
         )
 
 
-def _plan(model: GPT, files: list[Path], foreign: bool) -> _Plan:
-    shapes, where = _headers(files)
+def _plan(model: GPT, files: list[Path], foreign: bool, headers: Headers | None = None) -> _Plan:
+    shapes, where = headers or _headers(files)
     return _Plan(_sources(model, shapes, files[0], foreign), where, shapes)
 
 
@@ -712,17 +719,7 @@ def _sources(model: GPT, header: dict[str, tuple[int, ...]], path: Path, foreign
         for name, src in sources.items()
         if not set(src.names) - set(header) and src.shape(header) != shapes[name]
     ]
-    if missing or unexpected or mismatched:
-        details = []
-        if missing:
-            details.append(f"missing tensors: {', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}")
-        if unexpected:
-            details.append(f"unexpected tensors: {', '.join(unexpected[:8])}{' …' if len(unexpected) > 8 else ''}")
-        details.extend(mismatched[:8])
-        raise CheckpointError(
-            f"{shown(path)} does not match config.json beside it ({'; '.join(details)}): "
-            "the two files come from different models"
-        )
+    _refuse_mismatch(path, missing, unexpected, mismatched)
     return sources
 
 

@@ -164,6 +164,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     from aksis.gguf_format import GGUFError, export_gguf
     from aksis.transformers_format import expressible_family
 
+    if args.outtype is not None and args.format != "gguf":
+        raise CLIError("--outtype applies to --format gguf; a transformers checkpoint keeps the model's weights")
     output = Path(args.output).expanduser()
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
         raise CLIError(f"--output {output} exists: choose another path, or add --overwrite")
@@ -175,10 +177,10 @@ def cmd_export(args: argparse.Namespace) -> None:
         raise CLIError(f"{err}; nothing written") from err
     if args.format == "gguf":
         try:
-            export_gguf(model, tokenizer, output, outtype=args.outtype, name=Path(str(source)).name)
+            export_gguf(model, tokenizer, output, outtype=args.outtype or "f32", name=Path(str(source)).name)
         except (GGUFError, OSError) as err:
             raise CLIError(f"{err}; nothing written") from err
-        print(f"wrote {output}: GGUF ({args.outtype}) for llama.cpp, Ollama and LM Studio")
+        print(f"wrote {output}: GGUF ({args.outtype or 'f32'}) for llama.cpp, Ollama and LM Studio")
         return
     family = expressible_family(model.config)
     if family is None:
@@ -767,7 +769,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", "--output-dir", required=True, help="the folder (transformers) or .gguf file (gguf) to write"
     )
     export.add_argument(
-        "--outtype", default="f32", choices=GGUF_OUT_TYPES, help="gguf: the weights' type (norms and biases stay f32)"
+        "--outtype", choices=GGUF_OUT_TYPES, help="gguf: the weights' type, default f32 (norms and biases stay f32)"
     )
     export.add_argument("--overwrite", action="store_true", help="replace --output when it exists")
     export.set_defaults(func=cmd_export)

@@ -22,7 +22,7 @@ checkpoint, which llama.cpp's `convert_hf_to_gguf.py` converts.
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import os
 from pathlib import Path
 
@@ -31,7 +31,7 @@ import numpy as np
 from aksis.chat_template import JINJA as CHAT_JINJA
 from aksis.config import GGUF_OUT_TYPES, ModelConfig
 from aksis.hf_tokenizer import HFTokenizer
-from aksis.model import GPT
+from aksis.model import GPT, rope_frequencies
 from aksis.tokenizer import BYTE_TO_CHAR, SPLIT_PATTERN, Tokenizer
 
 OUT_TYPES = GGUF_OUT_TYPES
@@ -42,20 +42,24 @@ class GGUFError(ValueError):
     """A model or tokenizer that cannot be written as GGUF; the message says why and what to do."""
 
 
-def _pre_tokenizer(tokenizer: Tokenizer) -> str:
-    """llama.cpp's name for the split rule of `tokenizer` (it has its own code for each known rule)."""
-    import tiktoken
+# llama.cpp's split rules (`tokenizer.ggml.pre`) equal to the patterns of tiktoken's named encodings
+_PRE_TOKENIZERS = {
+    "cl100k_base": "llama-bpe",
+    "gpt2": "gpt-2",
+    "r50k_base": "gpt-2",
+    "p50k_base": "gpt-2",
+    "o200k_base": "gpt-4o",
+}
 
-    pattern = tokenizer.encoding._pat_str
-    if pattern == SPLIT_PATTERN:
+
+def _pre_tokenizer(tokenizer: Tokenizer) -> str:
+    """llama.cpp's name for the split rule of `tokenizer` (it has its own code for each known rule): aksis's own
+    pattern (GPT-4's) is Llama 3's rule; a named encoding's is looked up by its name."""
+    if tokenizer.encoding._pat_str == SPLIT_PATTERN:
         return "llama-bpe"
-    for name, rule in (("cl100k_base", "llama-bpe"), ("gpt2", "gpt-2"), ("o200k_base", "gpt-4o")):
-        try:
-            if pattern == tiktoken.get_encoding(name)._pat_str:
-                return rule
-        except Exception:
-            continue
-    raise GGUFError(f"llama.cpp has no split rule equal to the tokenizer's pattern {pattern[:60]!r}…")
+    if tokenizer.kind == "tiktoken" and tokenizer.name in _PRE_TOKENIZERS:
+        return _PRE_TOKENIZERS[tokenizer.name]
+    raise GGUFError(f"llama.cpp has no split rule equal to the pattern of the tokenizer {tokenizer.name!r}")
 
 
 def _vocabulary(tokenizer: Tokenizer, n_vocab: int) -> tuple[list[str], list[int], list[str]]:
@@ -93,17 +97,9 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def _rope_factors(config: ModelConfig) -> np.ndarray:
-    """llama3 RoPE scaling as llama.cpp takes it: a divisor of each frequency (head_dim / 2 of them)."""
-    scaling = config.rope_scaling or {}
-    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-    context = scaling["original_max_position_embeddings"]
-    half = config.head_dim // 2
-    out = []
-    for i in range(half):
-        wavelength = 2 * math.pi * config.rope_theta ** (i / half)
-        smooth = min(max((context / wavelength - low) / (high - low), 0.0), 1.0)
-        out.append(1 / ((1 - smooth) / factor + smooth))
-    return np.array(out, dtype=np.float32)
+    """llama3 RoPE scaling as llama.cpp takes it: what each of the head_dim / 2 frequencies is divided by."""
+    plain = rope_frequencies(dataclasses.replace(config, rope_scaling=None))
+    return (plain / rope_frequencies(config)).numpy().astype(np.float32)
 
 
 def export_gguf(model: GPT, tokenizer: Tokenizer, path: str | Path, outtype: str = "f32", name: str = "aksis") -> Path:

@@ -104,6 +104,27 @@ def test_lower_precision_files_hold_the_weights_within_their_precision(
     assert norm.tensor_type.name == "F32"  # norms stay full precision
 
 
+def test_the_split_rule_is_named_as_llama_cpp_knows_it(bpe: Tokenizer) -> None:
+    from aksis.gguf_format import _pre_tokenizer
+
+    assert _pre_tokenizer(bpe) == _pre_tokenizer(Tokenizer.byte_level()) == "llama-bpe"
+    assert _pre_tokenizer(Tokenizer.from_name("cl100k_base")) == "llama-bpe"  # bundled offline
+    import tiktoken
+
+    odd = Tokenizer(
+        tiktoken.Encoding(
+            "odd",
+            pat_str=r"\S+|\s+",
+            mergeable_ranks={bytes([i]): i for i in range(256)},
+            special_tokens=dict(Tokenizer.byte_level().specials),
+        ),
+        "bpe",
+        "odd",
+    )
+    with pytest.raises(GGUFError, match="llama.cpp has no split rule equal to the pattern of the tokenizer 'odd'"):
+        _pre_tokenizer(odd)
+
+
 def test_what_cannot_be_written_is_a_clear_error(bpe: Tokenizer, tmp_path: Path) -> None:
     model = model_of("gpt2")
     with pytest.raises(GGUFError, match="unknown GGUF out type 'q2_k'; choose one of f32, f16, q8_0, q4_0"):
@@ -148,3 +169,6 @@ def test_export_from_the_cli(bpe: Tokenizer, tmp_path: Path) -> None:
     assert fields(gguf.GGUFReader(str(tmp_path / "m.gguf")))["general.architecture"] == "llama"
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "exists: choose another path, or add --overwrite" in again.stderr
+    wrong = [*command[:-6], "--format", "transformers", "--outtype", "q8_0", "--output", str(tmp_path / "x")]
+    refused = subprocess.run(wrong, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--outtype applies to --format gguf" in refused.stderr

@@ -269,30 +269,15 @@ def test_export_writes_an_old_folder_in_transformers_layout(tmp_path: Path) -> N
 
     model = GPT(tiny_config("gpt2", vocab_size=260)).eval()
     save_checkpoint(model, tmp_path / "old", tokenizer=Tokenizer.byte_level(), layout="aksis")
-    out = cli(
-        "export",
-        "--checkpoint-path",
-        str(tmp_path / "old"),
-        "--format",
-        "transformers",
-        "--output-dir",
-        str(tmp_path / "new"),
-    )
+    export = ("export", "--checkpoint-path", str(tmp_path / "old"), "--format", "transformers")
+    out = cli(*export, "--output-dir", str(tmp_path / "new"))
     assert out.returncode == 0, out.stderr
     assert "a transformers checkpoint (gpt2 family)" in out.stdout
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "new").eval()
     ids = torch.randint(0, 260, (1, 10))
     with torch.no_grad():
         assert (hf(ids).logits - model(ids)[0]).abs().max().item() < 1e-4
-    again = cli(
-        "export",
-        "--checkpoint-path",
-        str(tmp_path / "old"),
-        "--format",
-        "transformers",
-        "--output-dir",
-        str(tmp_path / "new"),
-    )
+    again = cli(*export, "--output-dir", str(tmp_path / "new"))
     assert again.returncode == 2 and "exists: choose another path, or add --overwrite" in again.stderr
 
     gqa = GPT(tiny_config("gpt2", vocab_size=260, n_kv_head=2))
