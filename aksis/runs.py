@@ -120,12 +120,13 @@ def step_checkpoints(run: str | Path) -> list[Path]:
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl, given as the file or the run or checkpoint folder holding it ([] when there is
     none). A line that is not a JSON record of a step is skipped: the trainer may be writing the last line as it is
-    read, and a run killed mid-write leaves a cut one."""
+    read, and a run killed mid-write leaves a cut one. A path is taken for the file by its .jsonl name, not by what is
+    on disk: a run folder a trainer creates between a check and the read must not be read as the file."""
     path = Path(path)
-    path = path / METRICS_FILE if path.is_dir() else path
+    path = path if path.suffix == ".jsonl" else path / METRICS_FILE
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return []
     records = []
     for line in lines:

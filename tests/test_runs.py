@@ -35,6 +35,8 @@ def test_read_metrics_skips_a_line_being_written(tmp_path: Path) -> None:
     assert read_metrics(tmp_path) == [{"step": 1, "loss": 5.0}]  # a folder or the file itself
     assert read_metrics(tmp_path / METRICS_FILE) == [{"step": 1, "loss": 5.0}]
     assert read_metrics(tmp_path / "missing") == []
+    (tmp_path / "run").mkdir()  # a run folder the trainer has made but not written to yet
+    assert read_metrics(tmp_path / "run") == []
 
 
 def test_commit_renames_the_staged_step_into_place_and_keeps_the_newest(tmp_path: Path) -> None:
