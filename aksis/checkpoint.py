@@ -13,6 +13,11 @@ through huggingface_hub's download and cache, from a repo id `user/name[@revisio
 with its tokenizer and sampling defaults, from a checkpoint or from a training run's folder (its best/ checkpoint,
 else its newest step-N/). No pickle is ever loaded, and old config formats are upgraded in one place,
 `upgrade_config`.
+
+A model quantized for inference (aksis.quantize) is saved in aksis's layout with format_version 2 and
+`"quantization": {"scheme": "int8" | "int4", ...}` in config.json: its linear layers' int8 or packed 4-bit weights
+with their scales, the embeddings and norms as they were. It loads as it is (`load_model(folder)`), without
+quantizing again, and older aksis versions refuse it by its format version instead of misreading it.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from aksis.device import pick_device
 from aksis.hf_tokenizer import HFTokenizer, aksis_tokenizer_config, is_hf_tokenizer_file, to_hf_json
 from aksis.kernels import use_cpu_kernels
 from aksis.model import GPT
+from aksis.quantize import INT4_GROUP_SIZE, QuantizationError, check_scheme, quantization_of, quantize, quantized_shell
 from aksis.tokenizer import AKSIS_MARKER, Tokenizer, TokenizerError, tokenizer_from_hf
 from aksis.transformers_format import (
     INDEX_FILE,
@@ -68,7 +74,8 @@ TOKENIZER_SIDE_FILES = (TOKENIZER_CONFIG_FILE, GENERATION_CONFIG_FILE, CHAT_TEMP
 CARD_FILE = "README.md"
 EVAL_RESULTS_FILE = "eval_results.json"  # written by aksis.metrics.save_results, read into the model card
 REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, GENERATION_CONFIG_FILE)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest config.json format this aksis reads; a checkpoint states the oldest that reads it
+QUANTIZED_FORMAT_VERSION = 2  # format 2 added "quantization": a checkpoint of quantized weights
 LAYOUTS = ("transformers", "aksis")  # of a checkpoint folder aksis writes (save_checkpoint)
 # Where a training run keeps its checkpoints (aksis.runs writes them): the best so far, and step-000500/ and so on.
 BEST_DIR = "best"
@@ -195,8 +202,27 @@ def upgrade_config(data: dict[str, Any]) -> dict[str, Any]:
         raise CheckpointError(
             f"format_version {version!r} is newer than this aksis understands ({FORMAT_VERSION}): upgrade aksis"
         )
-    # Version 1 is the first format; upgrades of later formats go here, oldest first.
+    # Version 1 is the first format; 2 adds "quantization", which is not a ModelConfig field (stored_quantization).
+    data.pop("quantization", None)
     return data
+
+
+def stored_quantization(path: Path) -> str:
+    """The quantization scheme a checkpoint's weights are stored in ("none" unless its config.json says one)."""
+    data = read_json(path).get("quantization")
+    if data is None:
+        return "none"
+    scheme = data.get("scheme") if isinstance(data, dict) else None
+    group_size = data.get("group_size", INT4_GROUP_SIZE) if isinstance(data, dict) else None
+    if not isinstance(scheme, str) or scheme == "none" or group_size != INT4_GROUP_SIZE:
+        raise CheckpointError(
+            f"{shown(path)}: its quantization entry {str(data)[:80]!r} is not one this aksis reads "
+            f"(int8, or int4 in groups of {INT4_GROUP_SIZE}): upgrade aksis or re-save the checkpoint"
+        )
+    try:
+        return check_scheme(scheme)
+    except QuantizationError as err:
+        raise CheckpointError(f"{shown(path)}: {err}") from None
 
 
 def read_model_config(path: Path) -> ModelConfig:
@@ -371,7 +397,7 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _card(config: ModelConfig, family: str | None = None, base_model: str | None = None) -> str:
+def _card(config: ModelConfig, family: str | None = None, base_model: str | None = None, scheme: str = "none") -> str:
     """The model card of a checkpoint saved here: the Hub's metadata and how to load it. A push replaces it with
     the full card of aksis.hub (training, evaluation, samples)."""
     tags = ["aksis", "text-generation", *(["transformers", family] if family else [])]
@@ -383,7 +409,8 @@ def _card(config: ModelConfig, family: str | None = None, base_model: str | None
         "",
         f"An aksis checkpoint: a {config.arch}-style decoder-only transformer, {config.n_layer} layers x "
         f"{config.n_embd}, context {config.block_size} tokens, vocabulary {config.vocab_size:,}."
-        + (f" Fine-tuned from {base_model}." if base_model else ""),
+        + (f" Fine-tuned from {base_model}." if base_model else "")
+        + (f" Its linear layers are quantized to {scheme} for CPU inference." if scheme != "none" else ""),
         "",
         "```python",
         "from aksis.checkpoint import load_model",
@@ -447,14 +474,19 @@ def save_checkpoint(
         )
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    family = expressible_family(config) if layout == "transformers" else None
+    scheme = quantization_of(model)  # quantized weights have no transformers layout: aksis's own, format 2
+    family = expressible_family(config) if layout == "transformers" and scheme == "none" else None
     generation = generation_config or GenerationConfig()
     with atomic_folder(folder) as tmp:
-        if family is None:
-            data = {"format_version": FORMAT_VERSION, **config.to_dict()}
+        if family is None and scheme != "none":
+            quantization = {"scheme": scheme, **({"group_size": INT4_GROUP_SIZE} if scheme == "int4" else {})}
+            data = {"format_version": QUANTIZED_FORMAT_VERSION, **config.to_dict(), "quantization": quantization}
+            tensors = stored_once(model)
+        elif family is None:
+            data = {"format_version": 1, **config.to_dict()}
             tensors = stored_once(model)
         else:
-            aksis: dict[str, Any] = {"format_version": FORMAT_VERSION, "dropout": config.dropout}
+            aksis: dict[str, Any] = {"format_version": 1, "dropout": config.dropout}
             data = {**config_to_transformers(config, family), "aksis": aksis}
             if base_model:
                 aksis["base_model"] = base_model
@@ -479,7 +511,7 @@ def save_checkpoint(
             bos = tokenizer.bos_id if tokenizer is not None else None
             settings = generation_to_transformers(generation.to_dict(), eos_ids, bos)
             (tmp / GENERATION_CONFIG_FILE).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
-        (tmp / CARD_FILE).write_text(_card(config, family, base_model), encoding="utf-8")
+        (tmp / CARD_FILE).write_text(_card(config, family, base_model, scheme), encoding="utf-8")
 
 
 def load_gpt(
@@ -504,22 +536,27 @@ def load_gpt(
         raise TypeError(f"load_gpt got unexpected option(s) {', '.join(unknown)}; it takes {', '.join(HUB_OPTIONS)}")
     # Config first, so every failure (bad path, missing repo, offline, corrupt or invalid config) names the file
     # before any weights are read.
-    config, foreign = read_config(resolve_file(source, CONFIG_FILE, **hub_options))
+    config_path = resolve_file(source, CONFIG_FILE, **hub_options)
+    config, foreign = read_config(config_path)
+    scheme = stored_quantization(config_path)
     files = _weight_files(source, foreign, hub_options)
     headers = _headers(files)  # read once: the checks below and the plan share them
     _check_layers(config, headers[0], files[0])
     with torch.device("meta"):  # names and shapes only, no memory
-        plan = _plan(GPT(config), files, foreign, headers)
-    wanted = plan.nbytes(dtype or torch.float32)
+        model = GPT(config).to(dtype=dtype or torch.float32)
+        try:
+            quantized_shell(model, scheme)  # the stored form of a quantized checkpoint's layers
+        except QuantizationError as err:
+            raise CheckpointError(f"{shown(config_path)}: {err}") from None
+        plan = _plan(model, files, foreign, headers)
+    wanted = sum(p.numel() * p.element_size() for p in model.parameters())
     if max_bytes is not None and wanted > max_bytes:
         raise CheckpointError(
             f"{shown(files[0])} makes a model of {wanted / 2**20:,.0f} MiB, more than the {max_bytes / 2**20:,.0f} "
             "MiB allowed here"
         )
-    with torch.device("meta"):
-        model = GPT(config).to(dtype=dtype or torch.float32)
     model.to_empty(device=device)
-    if config.tie_embeddings:
+    if config.tie_embeddings and scheme == "none":  # a quantized lm_head has its own copy of the embedding
         model.lm_head.weight = model.transformer.wte.weight
     plan.fill(model)
     model.reset_rope()
@@ -543,9 +580,6 @@ class _Plan:
     where: dict[str, Path]
     shapes: dict[str, tuple[int, ...]]
 
-    def nbytes(self, dtype: torch.dtype) -> int:
-        return sum(math.prod(self.shapes[n]) for src in self.sources.values() for n in src.names) * dtype.itemsize
-
     def fill(self, model: torch.nn.Module) -> None:
         """Read the tensors into the model's parameters one at a time. A tensor stored as the parameter holds it (same
         dtype, no transpose; q, k and v are consecutive rows of c_attn) is read from the file straight into the
@@ -560,6 +594,8 @@ class _Plan:
                 for name, src in self.sources.items():
                     param = params[name]
                     stored = [(files[self.where[n]], layouts[self.where[n]][n]) for n in src.names]
+                    if not param.is_floating_point() and any(entry.dtype != param.dtype for _, entry in stored):
+                        raise ValueError(f"{name} is stored as {stored[0][1].dtype}, not {param.dtype}")
                     direct = param.device.type == "cpu" and not src.transpose and param.is_contiguous()
                     if direct and all(entry.dtype == param.dtype for _, entry in stored):
                         flat, at = param.view(-1), 0
@@ -764,12 +800,30 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     max_bytes: int | None = None,
+    quantize_to: str | None = None,
+    quantized_as_stored: bool = False,
 ) -> tuple[GPT, Tokenizer, GenerationConfig]:
     """A model ready to run (eval mode, on `device`: by default the best there is), with its tokenizer and default
     sampling settings, from a checkpoint folder, a training run's folder or a Hub repo id; refused when its weights
-    would take more than `max_bytes`. On a CPU its linear layers are aksis.kernels' faster ones for inference."""
+    would take more than `max_bytes` (as loaded: quantizing comes after). `dtype` is the compute dtype (default
+    float32); `quantize_to` ("int8", "int4"; None or "none": as stored) quantizes the linear layers at load time
+    (aksis.quantize). A quantized checkpoint runs at its own precision only: asking it for another is an error, or
+    with `quantized_as_stored` (the app's setting, applied to whatever a visitor names) it runs as stored. On a CPU
+    the remaining float linear layers are aksis.kernels' faster ones for inference."""
     name = find_checkpoint(source)
+    wanted = check_scheme(quantize_to or "none")  # before any download or read
     model = load_gpt(name, device=pick_device(device), dtype=dtype, max_bytes=max_bytes)
+    stored = quantization_of(model)
+    if wanted not in ("none", stored) and not (quantized_as_stored and stored != "none"):
+        if stored != "none":
+            raise CheckpointError(
+                f"{name} holds {stored} weights and runs only as {stored}: load the full-precision checkpoint it was "
+                f"made from to run it as {wanted}"
+            )
+        try:
+            quantize(model, wanted)
+        except QuantizationError as err:
+            raise CheckpointError(str(err)) from None
     if next(model.parameters()).device.type == "cpu":
         use_cpu_kernels(model)
     return model, load_tokenizer(name), load_generation_config(name)

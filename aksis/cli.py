@@ -162,6 +162,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         save_checkpoint,
     )
     from aksis.gguf_format import GGUFError, export_gguf
+    from aksis.quantize import quantization_of
     from aksis.transformers_format import expressible_family
 
     if args.outtype is not None and args.format != "gguf":
@@ -175,6 +176,11 @@ def cmd_export(args: argparse.Namespace) -> None:
         settings = load_generation_config(source)
     except CheckpointError as err:
         raise CLIError(f"{err}; nothing written") from err
+    if (scheme := quantization_of(model)) != "none":
+        raise CLIError(
+            f"{source} holds {scheme} weights, which exports do not carry: export the full-precision checkpoint it "
+            "was made from (for llama.cpp, --outtype q8_0 or q4_0 quantizes in its own formats); nothing written"
+        )
     if args.format == "gguf":
         try:
             export_gguf(model, tokenizer, output, outtype=args.outtype or "f32", name=Path(str(source)).name)
@@ -286,26 +292,25 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def _device_and_dtype(args: argparse.Namespace) -> tuple[Any, Any]:
-    """--device (auto: CUDA, MPS, else CPU) and the dtype --mixed-precision asks for (bf16, else the stored one)."""
-    import torch
-
+    """--device (auto: CUDA, MPS, else CPU) and the compute dtype --dtype asks for (--mixed-precision: bf16)."""
     from aksis.device import DeviceError, pick_device
+    from aksis.quantize import compute_dtype
 
     try:
         device = pick_device(args.device)
     except DeviceError as err:
         raise CLIError(f"--device: {err}") from err
-    return device, torch.bfloat16 if args.mixed_precision else None
+    return device, compute_dtype("bf16" if args.mixed_precision else args.dtype)
 
 
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    """(model, tokenizer, generation config) of --checkpoint-path on --device, in bf16 with --mixed-precision."""
+    """(model, tokenizer, generation config) of --checkpoint-path on --device, at --dtype and --quantize."""
 
     from aksis.checkpoint import CheckpointError, load_model
 
     device, dtype = _device_and_dtype(args)
     try:
-        return load_model(args.checkpoint_path, device=device, dtype=dtype)
+        return load_model(args.checkpoint_path, device=device, dtype=dtype, quantize_to=args.quantize)
     except CheckpointError as err:
         raise CLIError(str(err)) from err
 
@@ -342,7 +347,23 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to run (default: auto)"
     )
-    parser.add_argument("--mixed-precision", action="store_true", help="run in bfloat16 (half the memory)")
+    _add_precision_arguments(parser)
+
+
+def _add_precision_arguments(parser: argparse.ArgumentParser) -> None:
+    from aksis.quantize import DTYPES, SCHEMES
+
+    parser.add_argument(
+        "--dtype", default="fp32", choices=list(DTYPES), help="compute dtype: fp32 (default) or bf16 (half the memory)"
+    )
+    parser.add_argument(
+        "--quantize",
+        default="none",
+        choices=list(SCHEMES),
+        help="quantize the linear layers at load time: int8 or int4 weights (fast on a CPU; default: none, or what "
+        "a quantized checkpoint holds)",
+    )
+    parser.add_argument("--mixed-precision", action="store_true", help="the same as --dtype bf16")
 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens_help: str) -> None:
@@ -511,6 +532,7 @@ def cmd_benchmark_inference(args: argparse.Namespace) -> None:
     from aksis.generation import compile_for_decoding, time_decoding
     from aksis.kernels import use_cpu_kernels
     from aksis.model import GPT
+    from aksis.quantize import QuantizationError, quantization_of, quantize
     from aksis.tokenizer import Tokenizer
 
     for name in ("max_new_tokens", "num_runs", "batch_size"):
@@ -526,6 +548,10 @@ def cmd_benchmark_inference(args: argparse.Namespace) -> None:
             raise CLIError(str(err)) from err
         device, dtype = _device_and_dtype(args)
         model = GPT(config).to(device=device, dtype=dtype).eval()
+        try:
+            quantize(model, args.quantize)
+        except QuantizationError as err:
+            raise CLIError(str(err)) from err
         if device.type == "cpu":  # as load_model does for a checkpoint
             use_cpu_kernels(model)
         tokenizer, source = Tokenizer.byte_level(), f"preset {args.preset} (random weights)"
@@ -573,6 +599,7 @@ def cmd_benchmark_inference(args: argparse.Namespace) -> None:
         "parameters": sum(p.numel() for p in model.parameters()),
         "device": str(device),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "quantization": quantization_of(model),
         "compiled": args.compile,
         "batch_size": args.batch_size,
         "prompt_tokens": len(prompt),
@@ -587,7 +614,8 @@ def cmd_benchmark_inference(args: argparse.Namespace) -> None:
         return
     print(
         f"{report['model']}: {report['parameters'] / 1e6:.2f}M parameters on {report['device']} ({report['dtype']}"
-        f"{', compiled' if args.compile else ''}); batch {args.batch_size}, {len(prompt)} prompt tokens, "
+        + (f", {report['quantization']} weights" if report["quantization"] != "none" else "")
+        + f"{', compiled' if args.compile else ''}); batch {args.batch_size}, {len(prompt)} prompt tokens, "
         f"{args.max_new_tokens} new tokens, median of {args.num_runs} runs (min-max)"
     )
     labels = {"tokens_per_s": "tokens/s", "ttft_ms": "time to first token (ms)", "ms_per_token": "ms per token"}
@@ -683,7 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--num-runs", type=int, default=5, help="timed runs (default: 5)")
     bench.add_argument("--batch-size", type=int, default=1, help="copies of the prompt decoded together (default: 1)")
     bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="(default: auto)")
-    bench.add_argument("--mixed-precision", action="store_true", help="run in bfloat16")
+    _add_precision_arguments(bench)
     bench.add_argument(
         "--compile", action="store_true", help="torch.compile the model first (with CUDA graphs on a GPU)"
     )

@@ -32,6 +32,7 @@ from aksis.chat_template import JINJA as CHAT_JINJA
 from aksis.config import GGUF_OUT_TYPES, ModelConfig
 from aksis.hf_tokenizer import HFTokenizer
 from aksis.model import GPT, rope_frequencies
+from aksis.quantize import quantization_of
 from aksis.tokenizer import BYTE_TO_CHAR, SPLIT_PATTERN, Tokenizer
 
 OUT_TYPES = GGUF_OUT_TYPES
@@ -110,6 +111,11 @@ def export_gguf(model: GPT, tokenizer: Tokenizer, path: str | Path, outtype: str
 
     if outtype not in OUT_TYPES:
         raise GGUFError(f"unknown GGUF out type {outtype!r}; choose one of {', '.join(OUT_TYPES)}")
+    if quantization_of(model) != "none":
+        raise GGUFError(
+            f"the model holds {quantization_of(model)} weights: export its full-precision checkpoint (--outtype q8_0 "
+            "or q4_0 quantizes for llama.cpp)"
+        )
     if isinstance(tokenizer, HFTokenizer):
         raise GGUFError(
             "aksis writes its own tokenizers to GGUF, not a pretrained model's yet: this checkpoint is in "

@@ -316,8 +316,14 @@ class GPT(nn.Module):
         return block.attn.attention_weights(block.ln_1(x), rope)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
-        """Parameter count (tied weights counted once); optionally without token and position embeddings."""
-        n = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
+        """Parameter count (tied weights counted once); optionally without token and position embeddings. A model
+        whose linear layers were quantized (aksis.quantize: packed integers, scales, an untied output copy) counts the
+        parameters of its architecture, those of the same model unquantized."""
+        params = list(self.parameters())  # parameters() yields a shared tensor once
+        if not all(p.is_floating_point() for p in params):
+            with torch.device("meta"):
+                return GPT(self.config).num_params(exclude_embeddings)
+        n = sum(p.numel() for p in params)
         if exclude_embeddings:
             n -= self.transformer.wte.weight.numel()
             if self.transformer.wpe is not None:

@@ -4,6 +4,7 @@ weights (GPT2LMHeadModel for a gpt2-flavour model, LlamaForCausalLM or Qwen2ForC
     python benchmarks/bench_generate.py                                  # base preset, CPU fp32, batch 1 and 8
     python benchmarks/bench_generate.py --preset smollm2-135m --new-tokens 128 --runs 3   # SmolLM2-135M's shape
     python benchmarks/bench_generate.py --llama-cpp --batch-sizes 1   # + llama.cpp f32/f16/q8_0/q4_0 rows
+    python benchmarks/bench_generate.py --aksis-precisions bf16 int8 int4 --llama-cpp   # low precision, side by side
     python benchmarks/bench_generate.py --text tinyshakespeare.txt --compile --runs 5
     python benchmarks/bench_generate.py --threads 1          # a busy machine: one thread suffers less from others
     python benchmarks/bench_generate.py --preset gpt2 --device cuda --compile   # bf16 on a GPU
@@ -29,12 +30,19 @@ copy of the model with `forward = torch.compile(forward)` (mode "reduce-overhead
 transformers docs recommend. aksis "compiled" (with --compile) is `compile_for_decoding(model)` (the same mode)
 passed to generation, as `aksis benchmark-inference --compile` does. Compilation happens in the warm-up and is not
 timed.
+
+Low precision (CPU): `--aksis-precisions bf16 int8 int4` adds aksis rows for the same weights loaded as
+`--dtype bf16` and `--quantize int8` / `int4` do (aksis.quantize); `--llama-cpp` adds llama.cpp rows on aksis's GGUF
+export of the same weights in f32 / f16 / q8_0 / q4_0. With both, the "vs llama.cpp" column compares each aksis row
+with llama.cpp at the same bits (fp32 with f32, bf16 with f16, int8 with q8_0, int4 with q4_0). The "same ids" of a
+low-precision row is expected to end somewhere (rounding changes a near tie), so it says how many tokens matched.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import statistics
 import sys
 import tempfile
@@ -55,7 +63,15 @@ from aksis.interop import to_transformers
 from aksis.kernels import use_cpu_kernels
 from aksis.kv_cache import KVCache
 from aksis.model import GPT
+from aksis.quantize import quantize
 from aksis.tokenizer import DEFAULT_VOCAB_SIZE, Tokenizer
+
+PEERS = {  # each aksis row and the llama.cpp row at the same bits
+    "aksis": "llama.cpp f32",
+    "aksis bf16": "llama.cpp f16",
+    "aksis int8": "llama.cpp q8_0",
+    "aksis int4": "llama.cpp q4_0",
+}
 
 
 def sync(device: torch.device) -> None:
@@ -162,11 +178,19 @@ def kv_cache_check(model: GPT, prompt_tokens: int, new_tokens: int) -> str:
 
 
 def first_difference(a: list[list[int]], b: list[list[int]]) -> str:
-    for row, (x, y) in enumerate(zip(a, b, strict=True)):
-        for i, (s, t) in enumerate(zip(x, y, strict=True)):
-            if s != t:
-                return f"no (row {row}, token {i})"
-    return "yes"
+    """ "yes", or how far the rows agree: the shortest common prefix over the rows, in tokens."""
+    matched = []
+    for x, y in zip(a, b, strict=True):
+        matched.append(next((i for i, (s, t) in enumerate(zip(x, y, strict=True)) if s != t), len(x)))
+    return "yes" if all(m == len(x) for m, x in zip(matched, a, strict=True)) else f"first {min(matched)}"
+
+
+def precision_copy(model: GPT, precision: str) -> GPT:
+    """The model as `load_model(..., dtype=, quantize_to=)` makes it: bf16 compute, or int8 / int4 linear layers."""
+    m = copy.deepcopy(model)
+    if precision == "bf16":
+        return m.to(torch.bfloat16)
+    return quantize(m, precision)  # type: ignore[return-value]
 
 
 def bench_batch(
@@ -210,6 +234,8 @@ def bench_batch(
         return run
 
     impls = [Impl("aksis", aksis(model))]
+    for precision, m in hf_models.get("aksis_precisions", {}).items():
+        impls.append(Impl(f"aksis {precision}", aksis(m)))
     if "aksis_compiled" in hf_models:
         impls.append(Impl("aksis compiled", aksis(hf_models["aksis_compiled"])))
     impls.append(Impl("transformers, dynamic cache", hf(hf_models["eager"])))
@@ -288,9 +314,11 @@ def table(impls: list[Impl], batch: int, new_tokens: int, device: torch.device) 
     best_tps = batch * new_tokens / statistics.median(best.totals)
     assert impls[0].ids is not None
     memory_label = "peak GPU MiB" if device.type == "cuda" else "peak RSS MiB"
+    by_name = {i.name: i for i in impls}
+    peers = any(name in by_name for name in PEERS.values())
     header = (
         f"| batch | {'implementation':<36} | tokens/s | first token ms | ms/token | {memory_label} | same ids |"
-        " vs transformers |"
+        " vs transformers |" + (" vs llama.cpp |" if peers else "")
     )
     lines = [header, "|" + "|".join("-" * len(cell) for cell in header.split("|")[1:-1]) + "|"]
     for impl in impls:
@@ -299,9 +327,12 @@ def table(impls: list[Impl], batch: int, new_tokens: int, device: torch.device) 
         tps = batch * new_tokens / total
         ms = 1000 * (total - ttft) / max(new_tokens - 1, 1)
         same = "-" if impl is impls[0] else first_difference(impls[0].ids, impl.ids)
+        peer = by_name.get(PEERS.get(impl.name, ""))
+        vs_peer = f"{statistics.median(peer.totals) / total:.2f}x" if peer else "-"
         lines.append(
             f"| {batch:>5} | {impl.name:<36} | {tps:>8,.0f} | {1000 * ttft:>14.1f} | {ms:>8.2f} | "
             f"{impl.peak / 2**20:>{len(memory_label)},.0f} | {same:>8} | {tps / best_tps:>14.2f}x |"
+            + (f" {vs_peer:>12} |" if peers else "")
         )
     lines.append(f"(fastest transformers setting at batch {batch}: {best.name})")
     return "\n".join(lines)
@@ -330,7 +361,16 @@ def main() -> None:
         help="add llama.cpp rows (llama-cpp-python) on aksis's GGUF export of the same weights, in these out types "
         "(default with no value: all); llama.cpp decodes the prompts of a batch one after another",
     )
+    parser.add_argument(
+        "--aksis-precisions",
+        nargs="*",
+        choices=("bf16", "int8", "int4"),
+        default=[],
+        help="add aksis rows at these precisions (CPU; default with no value: all three)",
+    )
     args = parser.parse_args()
+    if args.aksis_precisions == [] and "--aksis-precisions" in sys.argv:
+        args.aksis_precisions = ["bf16", "int8", "int4"]
     if args.llama_cpp == []:
         args.llama_cpp = list(GGUF_OUT_TYPES)
     if args.new_tokens < 2 or args.prompt_tokens < 1 or args.runs < 1:
@@ -354,6 +394,10 @@ def main() -> None:
         compiled = to_transformers(model).to(device=device, dtype=dtype)
         compiled.forward = torch.compile(compiled.forward, mode=mode, fullgraph=True)
         hf_models["compiled"] = compiled
+    if args.aksis_precisions:
+        if device.type != "cpu" or dtype != torch.float32:
+            raise SystemExit("--aksis-precisions compares with the fp32 model on the CPU")
+        hf_models["aksis_precisions"] = {p: precision_copy(model, p) for p in args.aksis_precisions}
     if args.llama_cpp:
         if device.type != "cpu":
             raise SystemExit("--llama-cpp compares on the CPU")

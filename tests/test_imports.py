@@ -16,6 +16,7 @@ ORDER = [
     "aksis.tokenizer",
     "aksis.hf_tokenizer",
     "aksis.kernels",
+    "aksis.quantize",
     "aksis.scores",
     "aksis.plots",
     # on the configs and the tokenizer

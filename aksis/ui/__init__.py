@@ -6,7 +6,8 @@ what the tabs share. Every action a visitor takes (generate, chat, score, train,
 the app is an API too (`gradio_client.Client`); events that only update the page are private.
 
 Requests wait in a queue and at most `AKSIS_CONCURRENCY` run at once, all endpoints together. The device is chosen
-once, when the app is built (CUDA > MPS > CPU, bf16 on a GPU that supports it).
+once, when the app is built (CUDA > MPS > CPU, bf16 on a GPU that supports it; AKSIS_DTYPE and AKSIS_QUANTIZE choose
+the compute dtype and int8 / int4 weights).
 """
 
 from __future__ import annotations
@@ -47,8 +48,11 @@ NO_MODEL = (
 
 def _device(settings: AppSettings) -> tuple[torch.device, torch.dtype | None]:
     from aksis.device import pick_device, supports_bf16
+    from aksis.quantize import compute_dtype
 
     device = pick_device(settings.device)
+    if settings.dtype:
+        return device, compute_dtype(settings.dtype)
     return device, (torch.bfloat16 if supports_bf16(device) else None)
 
 
@@ -65,6 +69,7 @@ def build_app(settings: AppSettings | None = None) -> gr.Blocks:
         settings.checkpoints_dir,
         device=device,
         dtype=dtype,
+        quantize=settings.quantize,
         max_bytes=settings.cache_mb << 20,
         hub_author=settings.hub_author,
         local_paths=settings.local_paths,

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 
+from aksis.quantize import DTYPES, SCHEMES
+
 if TYPE_CHECKING:
     import gradio as gr
 
@@ -52,6 +54,11 @@ class AppSettings:
     concurrency: int = 4  # AKSIS_CONCURRENCY: requests served at once (the rest wait in the queue)
     max_new_tokens: int = APP_MAX_NEW_TOKENS
     device: str | None = None  # AKSIS_DEVICE: cpu, cuda, mps; default: the best there is
+    # AKSIS_DTYPE: the compute dtype, fp32 or bf16; default: bf16 on a GPU that supports it, else fp32.
+    dtype: str | None = None
+    # AKSIS_QUANTIZE: none, int8 or int4: full-precision models are quantized to it at load time (aksis.quantize; a
+    # free CPU Space runs int8 about twice as fast as fp32); a quantized checkpoint runs as it is stored.
+    quantize: str = "none"
     # AKSIS_LOCAL_PATHS=0/1: whether visitors may name files and folders of this machine (a dataset to score, a
     # model outside the checkpoints folder). Off by default on a Space (SPACE_ID is set), where visitors are strangers.
     local_paths: bool = True
@@ -87,6 +94,14 @@ class AppSettings:
                 raise ValueError(f"{name} must be at least 1, got {value}")
             return value
 
+        def choice(name: str, options: tuple[str, ...], default: str | None) -> str | None:
+            text = env.get(name, "").strip().lower()
+            if not text:
+                return default
+            if text not in options:
+                raise ValueError(f"{name}={env[name][:40]!r}: use one of {', '.join(options)}")
+            return text
+
         def flag(name: str, default: bool) -> bool:
             text = env.get(name, "").strip().lower()
             if not text:
@@ -104,6 +119,8 @@ class AppSettings:
             cache_mb=number("AKSIS_MODEL_CACHE_MB", defaults.cache_mb),
             concurrency=number("AKSIS_CONCURRENCY", defaults.concurrency),
             device=env.get("AKSIS_DEVICE") or None,
+            dtype=choice("AKSIS_DTYPE", tuple(DTYPES), None),
+            quantize=choice("AKSIS_QUANTIZE", SCHEMES, defaults.quantize) or defaults.quantize,
             local_paths=flag("AKSIS_LOCAL_PATHS", default="SPACE_ID" not in env),
             run_hours=number("AKSIS_RUN_HOURS", defaults.run_hours),
             space_owner=env.get("SPACE_AUTHOR_NAME") or None,

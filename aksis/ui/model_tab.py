@@ -31,6 +31,7 @@ from matplotlib.figure import Figure
 
 from aksis.checkpoint import CARD_FILE
 from aksis.plots import Curves, loss_curves, loss_figure
+from aksis.quantize import quantization_of
 from aksis.runs import METRICS_FILE, read_metrics
 from aksis.ui.context import AppContext, check_prompt, input_error, on_gpu, quietly_get, to_whole, user_errors
 from aksis.ui.inputs import slider
@@ -60,7 +61,9 @@ def summary(entry: LoadedModel) -> str:
     if len(ordered) > 12:
         specials.append(f"and {len(ordered) - 12:,} more")
     total, body = model.num_params(), model.num_params(exclude_embeddings=True)
-    dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
+    dtype = str(model.transformer.wte.weight.dtype).removeprefix("torch.")
+    if (scheme := quantization_of(model)) != "none":
+        dtype += f", linear layers {scheme}"
     rows = [
         ("flavour", FLAVOURS.get(cfg.arch, cfg.arch)),
         ("parameters", f"{total:,} ({total / 1e6:.2f}M; {body:,} without embeddings)"),

@@ -42,6 +42,7 @@ from aksis.config import GenerationConfig
 from aksis.hub import HubError, is_hub_id, list_models
 from aksis.kernels import inference_bytes
 from aksis.model import GPT
+from aksis.quantize import check_scheme, quantization_of
 from aksis.runs import METRICS_FILE
 from aksis.tokenizer import MAX_FILE_BYTES as MAX_TOKENIZER_BYTES
 from aksis.tokenizer import Tokenizer
@@ -89,6 +90,7 @@ class LoadedModel:
             f"**{self.source}**: {cfg.arch}, {cfg.n_layer} layers × {cfg.n_embd}, "
             f"{self.model.num_params() / 1e6:.2f}M parameters, context {cfg.block_size}, "
             f"tokenizer {self.tokenizer.name} ({self.tokenizer.vocab_size} tokens), on {self.device}"
+            + (f", {scheme} weights" if (scheme := quantization_of(self.model)) != "none" else "")
         )
 
     def file(self, name: str) -> Path | None:
@@ -113,15 +115,19 @@ class ModelStore:
         *,
         device: torch.device,
         dtype: torch.dtype | None = None,
+        quantize: str = "none",
         max_bytes: int = 2 << 30,
         hub_author: str | None = None,
         local_paths: bool = True,
         request_seconds: float | None = None,
     ) -> None:
-        """`request_seconds`: how long one request may run a model (see AppSettings.request_limit); None: no bound."""
+        """`request_seconds`: how long one request may run a model (see AppSettings.request_limit); None: no bound.
+        `quantize`: the scheme full-precision models are quantized to at load (a quantized checkpoint stays as it is);
+        the cache's bound counts what each model then takes (kernels.inference_bytes)."""
         self.checkpoints_dir = Path(checkpoints_dir)
         self.device = device
         self.dtype = dtype
+        self.quantize = check_scheme(quantize)
         self.max_bytes = max_bytes
         self.hub_author = hub_author
         self.local_paths = local_paths  # False: local models only from checkpoints_dir (see AppSettings.local_paths)
@@ -248,7 +254,14 @@ class ModelStore:
         # On a Space a model is refused before it is allocated when its weights pass the cache's bound (a repo's
         # config can ask for any size; the weights file's header says what loading it would take).
         bound = None if self.local_paths else self.max_bytes
-        model, tokenizer, generation = load_model(checkpoint, device=self.device, dtype=self.dtype, max_bytes=bound)
+        model, tokenizer, generation = load_model(
+            checkpoint,
+            device=self.device,
+            dtype=self.dtype,
+            max_bytes=bound,
+            quantize_to=self.quantize,
+            quantized_as_stored=True,
+        )
         entry = LoadedModel(source, checkpoint, model, tokenizer, generation, inference_bytes(model))
         log.info("loaded %s (%.1f MB of weights) on %s", source, entry.nbytes / 1e6, self.device)
         return entry

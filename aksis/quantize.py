@@ -1,0 +1,342 @@
+"""Low-precision inference: bf16 compute and int8 / int4 weights, put in place when a model is loaded to run.
+
+`aksis.model` builds its projections from plain `nn.Linear`. `quantize(model, "int8" | "int4")` swaps each of them
+for a layer that keeps its weight in 8 or 4 bits, the way gpt-fast's quantize.py does at load time; the embeddings,
+norms and biases stay in the model's compute dtype (fp32, or bf16 with `--dtype bf16`), and so does the KV cache.
+`aksis.checkpoint.load_model(..., quantize=...)` calls it, and a quantized model saves as a checkpoint folder of its
+own that loads without quantizing again (`checkpoint.save_checkpoint`; config.json says `"quantization"`).
+
+The schemes, and the kernels they run on, were chosen by measurement on a 2-core AVX-512 CPU (README, Performance):
+
+- **int8**: symmetric int8 weights, one scale per output row; activations quantized per call to 8 bits (dynamic
+  quantization) and multiplied by FBGEMM (`quantized::linear_dynamic`, the kernel behind `torch.ao`'s dynamic
+  quantization). For 40 layers of 2048 x 512 and one row it took 1.0 ms against fp32's 3.5 ms; the weight-only
+  alternative `aten._weight_int8pack_mm` took 14 ms on float32 rows (1.5 ms on bf16 ones), `torch._int_mm` 1.8 ms,
+  oneDNN's `qlinear_pointwise` 1.5 ms. torchao's CPU paths call these same ATen kernels (or need `torch.compile`),
+  so aksis calls them itself rather than take another dependency.
+- **int4**: asymmetric 4-bit weights in groups of `INT4_GROUP_SIZE` inputs, a bf16 scale and zero per group,
+  multiplied by `aten._weight_int4pack_mm_for_cpu` on bf16 rows (0.8 ms for the 40 layers; on float32 rows the
+  same kernel takes 31 ms, so rows are converted). The output layer (`lm_head`), whose errors every token's
+  distribution feels, stays at int8, as llama.cpp's q4_0 keeps it at 6 or 8 bits.
+- **bf16**: the model in bfloat16, its linear layers through oneDNN on a packed copy of the weight (`kernels.py`).
+
+Where those kernels are missing (not an x86 CPU, a GPU), a quantized layer dequantizes its weight to the compute
+dtype for each call: the same numbers, correct everywhere, but fast only on the CPU. The stored form is portable (a
+plain int8 matrix; int4 as two 4-bit values a byte, low nibble first): the kernels' packed copies are made at the
+first call, as `kernels.CPULinear` does, and counted by `kernels.inference_bytes`.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+import warnings
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from aksis.kernels import CPULinear
+
+SCHEMES = ("none", "int8", "int4")  # --quantize
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --dtype: the compute dtype
+INT4_GROUP_SIZE = 32  # inputs sharing one scale and zero (the CPU kernel takes 32, 64, 128 or 256)
+INT4_KEEP_INT8 = ("lm_head",)  # layers that stay at int8 under the int4 scheme
+
+
+class QuantizationError(ValueError):
+    """A precision that is not known, or a layer the scheme cannot hold (say which, and what to use instead)."""
+
+
+def compute_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a --dtype name (fp32, bf16)."""
+    if name not in DTYPES:
+        raise QuantizationError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def check_scheme(scheme: str) -> str:
+    if scheme not in SCHEMES:
+        raise QuantizationError(f"unknown quantization {scheme!r}: use one of {', '.join(SCHEMES)}")
+    return scheme
+
+
+@functools.cache
+def _x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def fbgemm_available() -> bool:
+    """Whether int8 layers can run through FBGEMM: an x86-64 CPU and a PyTorch built with it."""
+    return _x86() and "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def int4_kernel_available() -> bool:
+    """Whether int4 layers can run through ATen's CPU int4 kernel (x86-64, where it was measured)."""
+    return _x86() and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+class _QuantizedLinear(nn.Module):
+    """What the int8 and int4 layers share: the bias in the compute dtype, a packed copy for the CPU kernel (made at
+    the first call, made again when a stored tensor changes), and copies and pickles that leave that copy behind."""
+
+    in_features: int
+    out_features: int
+    _packed: tuple[tuple[int, ...], Any] | None = None  # (the stored tensors' pointers and versions, packed copy)
+
+    def _init_bias(self, bias: bool, out_features: int, device: Any, dtype: torch.dtype | None) -> None:
+        self.bias = _frozen(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+
+    def _key(self) -> tuple[int, ...]:
+        tensors = [t for t in (*self.stored(), self.bias) if t is not None]
+        # A tensor made under inference_mode has no version counter: it is told apart by its storage alone.
+        return tuple(x for t in tensors for x in (t.data_ptr(), 0 if t.is_inference() else t._version))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> _QuantizedLinear:
+        """The layer quantized from `linear`'s weight (and its bias, kept as it is)."""
+        raise NotImplementedError
+
+    def stored(self) -> tuple[torch.Tensor, ...]:
+        """The tensors the weight is held in (what a change of must repack)."""
+        raise NotImplementedError
+
+    def packed(self) -> Any:
+        key = self._key()
+        if self._packed is None or self._packed[0] != key:
+            self._packed = (key, self._pack())
+        return self._packed[1]
+
+    def _pack(self) -> Any:
+        raise NotImplementedError
+
+    def packed_bytes(self) -> int:
+        """Memory of the kernel's packed copy (once made; an estimate of it before)."""
+        return 0
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight (out_features, in_features) in `dtype`: what the layer multiplies by."""
+        raise NotImplementedError
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The product by the dequantized weight in x's dtype: the path off the CPU kernels; the tests' reference."""
+        return F.linear(x, self.dequantized(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+    def __getstate__(self) -> dict[str, object]:
+        return {k: v for k, v in self.__dict__.items() if k != "_packed"}
+
+
+class Int8Linear(_QuantizedLinear):
+    """A linear layer with int8 weights: W ≈ scale[:, None] * weight, one float32 scale per output row (symmetric,
+    so zero stays exactly zero). On an x86 CPU the input is quantized per call (one scale for the whole call, so rows
+    of a batch share it) and FBGEMM multiplies in integers."""
+
+    scheme = "int8"
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, device: Any = None, dtype: Any = None
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = _frozen(torch.empty(out_features, in_features, device=device, dtype=torch.int8))
+        self.scale = _frozen(torch.empty(out_features, device=device, dtype=torch.float32))
+        self._init_bias(bias, out_features, device, dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        w = linear.weight.detach().float()
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, w.device, linear.weight.dtype)
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)  # a zero row stays zero
+        with torch.no_grad():
+            layer.weight.copy_(torch.round(w / scale[:, None]).clamp(-127, 127))
+            layer.scale.copy_(scale)
+            if layer.bias is not None:
+                layer.bias.copy_(linear.bias.detach())
+        return layer
+
+    def stored(self) -> tuple[torch.Tensor, ...]:
+        return self.weight, self.scale
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self.weight.float() * self.scale[:, None]).to(dtype)
+
+    def _pack(self) -> Any:
+        zero_points = torch.zeros(self.out_features, dtype=torch.long)
+        with warnings.catch_warnings():  # quantized tensors are deprecated; FBGEMM's prepack still takes only them
+            warnings.simplefilter("ignore", UserWarning)
+            q = torch._make_per_channel_quantized_tensor(self.weight, self.scale.double(), zero_points, 0)
+        bias = None if self.bias is None else self.bias.float()
+        return torch.ops.quantized.linear_prepack(q, bias)
+
+    def packed_bytes(self) -> int:
+        return self.weight.nbytes if fbgemm_available() else 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or not fbgemm_available() or torch.compiler.is_compiling():
+            return self.reference(x)
+        # reduce_range=True: activations in 7 bits, so AVX2's 16-bit pairwise sums cannot saturate (torch.ao's
+        # default on x86 too); it measured no worse in bits per byte than 8 bits (README, Performance).
+        y = torch.ops.quantized.linear_dynamic(x.float(), self.packed(), True)
+        return y.to(x.dtype)
+
+
+class Int4Linear(_QuantizedLinear):
+    """A linear layer with 4-bit weights in groups of `group_size` inputs: W ≈ (q - 8) * scale + zero, q in 0..15,
+    with a bf16 scale and zero per group (asymmetric: each group's range is used whole). `weight` holds two values a
+    byte (uint8, (out_features, in_features / 2), the even input in the low nibble); `scale` and `zero` are
+    (out_features, in_features / group_size)."""
+
+    scheme = "int4"
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        group_size: int = INT4_GROUP_SIZE,
+    ) -> None:
+        super().__init__()
+        if in_features % group_size:
+            raise QuantizationError(
+                f"int4 packs groups of {group_size} inputs, and a layer here has {in_features}: use --quantize int8"
+            )
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = in_features // group_size
+        self.weight = _frozen(torch.empty(out_features, in_features // 2, device=device, dtype=torch.uint8))
+        self.scale = _frozen(torch.empty(out_features, groups, device=device, dtype=torch.bfloat16))
+        self.zero = _frozen(torch.empty(out_features, groups, device=device, dtype=torch.bfloat16))
+        self._init_bias(bias, out_features, device, dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = INT4_GROUP_SIZE) -> Int4Linear:
+        w = linear.weight.detach().float()
+        layer = cls(
+            linear.in_features, linear.out_features, linear.bias is not None, w.device, linear.weight.dtype, group_size
+        )
+        wg = w.view(linear.out_features, -1, group_size)  # (out, groups, group_size)
+        low, high = wg.amin(dim=-1), wg.amax(dim=-1)
+        # Scale and zero are rounded to bf16 first and the codes chosen against the rounded values, so the stored
+        # numbers are the ones the codes were fitted to.
+        scale = ((high - low) / 15).clamp(min=1e-12).bfloat16()
+        zero = (low + 8 * scale.float()).bfloat16()
+        q = torch.round((wg - zero.float()[..., None]) / scale.float()[..., None] + 8).clamp(0, 15).to(torch.uint8)
+        q = q.view(linear.out_features, -1)
+        with torch.no_grad():
+            layer.weight.copy_(q[:, 0::2] | (q[:, 1::2] << 4))
+            layer.scale.copy_(scale)
+            layer.zero.copy_(zero)
+            if layer.bias is not None:
+                layer.bias.copy_(linear.bias.detach())
+        return layer
+
+    def stored(self) -> tuple[torch.Tensor, ...]:
+        return self.weight, self.scale, self.zero
+
+    def codes(self) -> torch.Tensor:
+        """The 4-bit values, one a byte: (out_features, in_features), 0..15."""
+        w = self.weight
+        return torch.stack([w & 15, w >> 4], dim=-1).view(self.out_features, self.in_features)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        q = self.codes().float().view(self.out_features, -1, self.group_size)
+        w = (q - 8) * self.scale.float()[..., None] + self.zero.float()[..., None]
+        return w.view(self.out_features, self.in_features).to(dtype)
+
+    def _padded_rows(self) -> int:
+        return -self.out_features % 16  # the kernel packs output rows in sixteens
+
+    def _pack(self) -> tuple[torch.Tensor, torch.Tensor]:
+        pad = self._padded_rows()
+        codes = F.pad(self.codes().to(torch.int32), (0, 0, 0, pad))
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        scales_zeros = torch.stack([self.scale, self.zero], dim=-1)  # (out, groups, 2)
+        scales_zeros = F.pad(scales_zeros, (0, 0, 0, 0, 0, pad)).transpose(0, 1).contiguous()  # (groups, out+pad, 2)
+        return packed, scales_zeros
+
+    def packed_bytes(self) -> int:
+        if not int4_kernel_available():
+            return 0
+        rows = self.out_features + self._padded_rows()
+        return rows * self.in_features // 2 + rows * (self.in_features // self.group_size) * 4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or not int4_kernel_available() or torch.compiler.is_compiling():
+            return self.reference(x)
+        packed, scales_zeros = self.packed()
+        rows = x.reshape(-1, self.in_features).bfloat16()  # the kernel is vectorised for bf16 rows only
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, packed, self.group_size, scales_zeros)
+        y = y[:, : self.out_features].to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+
+QUANTIZED_LAYERS: dict[str, type[_QuantizedLinear]] = {"int8": Int8Linear, "int4": Int4Linear}
+
+
+def _layer_scheme(scheme: str, name: str) -> str:
+    return "int8" if scheme == "int4" and name in INT4_KEEP_INT8 else scheme
+
+
+def _linears(model: nn.Module) -> list[tuple[nn.Module, str, str, nn.Linear]]:
+    """(parent, attribute, full name, layer) of every linear layer of `model` (plain or CPULinear)."""
+    found = []
+    for parent_name, parent in model.named_modules():
+        for name, child in parent.named_children():
+            if type(child) in (nn.Linear, CPULinear):
+                found.append((parent, name, f"{parent_name}.{name}".lstrip("."), child))
+    return found
+
+
+def check_quantizable(model: nn.Module, scheme: str) -> None:
+    """QuantizationError, before anything changes, unless every linear layer of `model` can be held by `scheme`."""
+    if check_scheme(scheme) != "int4":
+        return
+    for _, _, full, layer in _linears(model):
+        if _layer_scheme(scheme, full) == "int4" and layer.in_features % INT4_GROUP_SIZE:
+            raise QuantizationError(
+                f"int4 packs groups of {INT4_GROUP_SIZE} inputs, and {full} has {layer.in_features} (the model's "
+                "width must be a multiple of it): use --quantize int8 for this model"
+            )
+
+
+def quantize(model: nn.Module, scheme: str) -> nn.Module:
+    """Replace every linear layer of `model` by its `scheme` counterpart, in place, one layer at a time (so the
+    full-precision weights are freed as it goes); returns the model. A tied output layer (lm_head sharing the
+    embedding's weight) gets a quantized copy and the embedding keeps its own. Run it on a model to infer with, not
+    to train."""
+    check_quantizable(model, scheme)
+    if scheme == "none":
+        return model
+    with torch.no_grad():
+        for parent, name, full, layer in _linears(model):
+            setattr(parent, name, QUANTIZED_LAYERS[_layer_scheme(scheme, full)].from_linear(layer))
+    model.quantization = scheme  # type: ignore[assignment]
+    return model
+
+
+def quantized_shell(model: nn.Module, scheme: str) -> nn.Module:
+    """Swap `model`'s linear layers for empty `scheme` layers of the same shapes (no quantizing): the form a
+    quantized checkpoint is read into. Meant for a model on the meta device."""
+    check_quantizable(model, scheme)
+    if scheme == "none":
+        return model
+    for parent, name, full, layer in _linears(model):
+        cls = QUANTIZED_LAYERS[_layer_scheme(scheme, full)]
+        w, bias = layer.weight, layer.bias is not None
+        setattr(parent, name, cls(layer.in_features, layer.out_features, bias, w.device, w.dtype))
+    model.quantization = scheme  # type: ignore[assignment]
+    return model
+
+
+def quantization_of(model: nn.Module) -> str:
+    """The scheme a model's weights are held in: "none", "int8" or "int4"."""
+    return str(getattr(model, "quantization", "none"))
