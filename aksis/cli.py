@@ -559,6 +559,7 @@ def cmd_benchmark_inference(args: argparse.Namespace) -> None:
     if not prompt:
         raise CLIError("the prompt is empty: give --prompt some text")
     device = next(model.parameters()).device
+    n_params = model.num_params()  # the architecture's count, however its layers are stored
     if args.compile:
         model = compile_for_decoding(model)
         if device.type == "cpu":
@@ -596,7 +597,7 @@ def cmd_benchmark_inference(args: argparse.Namespace) -> None:
         peak, peak_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process resident memory"
     report = {
         "model": source,
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": n_params,
         "device": str(device),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "quantization": quantization_of(model),

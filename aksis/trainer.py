@@ -68,6 +68,7 @@ from aksis.hub import HubError, PushSchedule, download_checkpoint, is_hub_id
 from aksis.losses import NonFiniteLoss, StepLosses, batch_loss, inputs_and_targets, target_loss_sums
 from aksis.model import GPT
 from aksis.optim import lr_factor, make_optimizer
+from aksis.quantize import quantization_of
 from aksis.runs import RunError, RunFolder, Trained, read_trainer_state, step_checkpoints
 from aksis.tokenizer import Tokenizer
 
@@ -636,6 +637,11 @@ def _starting_point(config: TrainConfig, resume_from: Path | None) -> _Start:
         weights = None if resume_from is not None else load_gpt(name)
     except CheckpointError as err:
         raise TrainingError(f"cannot start from {name}: {err}") from err
+    if weights is not None and (scheme := quantization_of(weights)) != "none":
+        raise TrainingError(
+            f"cannot start from {name}: it holds {scheme} weights, made for inference; fine-tune from the "
+            "full-precision checkpoint it was made from"
+        )
     if resume_from is not None:
         block_size = int(read_trainer_state(resume_from)["block_size"])
         return _Start(model_config, tokenizer, None, block_size, base_model_of(name))

@@ -13,7 +13,7 @@ from conftest import tiny_config
 
 from aksis.checkpoint import CheckpointError, load_model, save_checkpoint
 from aksis.cli import main
-from aksis.config import GenerationConfig
+from aksis.config import GenerationConfig, ModelConfig
 from aksis.generation import _Session, beam_search, generate, generate_batch, stream, token_probabilities
 from aksis.kernels import inference_bytes
 from aksis.model import GPT
@@ -302,3 +302,23 @@ def test_exports_refuse_a_quantized_checkpoint_and_write_nothing(
         assert main(args) == 2
         assert "holds int4 weights, which exports do not carry" in capsys.readouterr().err
         assert not (tmp_path / out).exists()
+
+
+def test_training_refuses_to_start_from_a_quantized_checkpoint(tmp_path: Path) -> None:
+    from aksis.config import TrainConfig
+    from aksis.trainer import Trainer, TrainingError
+
+    save_checkpoint(model_at("gpt2", "fp32", "int8"), tmp_path / "q", tokenizer=Tokenizer.byte_level())
+    config = TrainConfig(init_from=str(tmp_path / "q"), output_dir=str(tmp_path / "run"), device="cpu", progress=False)
+    with pytest.raises(TrainingError, match="holds int8 weights, made for inference; fine-tune from the full"):
+        Trainer(config)
+    assert not (tmp_path / "run").exists()
+
+
+def test_benchmark_counts_the_parameters_of_the_architecture(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["benchmark-inference", "--preset", "tiny", "--max-new-tokens", "2", "--num-runs", "1", "--device", "cpu"]
+    counts = []
+    for scheme in ("none", "int4"):
+        assert main([*args, "--json", "--quantize", scheme]) == 0
+        counts.append(json.loads(capsys.readouterr().out)["parameters"])
+    assert counts[0] == counts[1] == GPT(ModelConfig.from_preset("tiny")).num_params()
