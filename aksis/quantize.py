@@ -62,16 +62,17 @@ def check_scheme(scheme: str) -> str:
     return scheme
 
 
-@functools.cache
 def _x86() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64")
 
 
+@functools.cache
 def fbgemm_available() -> bool:
     """Whether int8 layers can run through FBGEMM: an x86-64 CPU and a PyTorch built with it."""
     return _x86() and "fbgemm" in torch.backends.quantized.supported_engines
 
 
+@functools.cache
 def int4_kernel_available() -> bool:
     """Whether int4 layers can run through ATen's CPU int4 kernel (x86-64, where it was measured)."""
     return _x86() and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
