@@ -164,11 +164,11 @@ def kv_cache_check(model: GPT, prompt_tokens: int, new_tokens: int) -> str:
     with torch.inference_mode():
         session = _Session(model, [[1] * prompt_tokens], new_tokens, cfg.vocab_size)
         cache: KVCache = session.cache
-        pointers = (cache.k.data_ptr(), cache.v.data_ptr())
+        pointers = cache.data_ptrs()
         tokens = session.prefill().argmax(dim=-1)
         for _ in range(min(new_tokens, 16) - 1):
             tokens = session.step(tokens).argmax(dim=-1)
-        kept = pointers == (cache.k.data_ptr(), cache.v.data_ptr())
+        kept = pointers == cache.data_ptrs()
     return (
         f"KV cache, batch 1: 2 (k, v) x {cfg.n_layer} layers x {cfg.n_kv_head} KV heads x {cfg.head_dim} head dim x "
         f"{max_len} slots x {param.element_size()} bytes = {expected:,} bytes; allocated {cache.nbytes:,} bytes "

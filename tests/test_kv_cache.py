@@ -42,11 +42,15 @@ def test_prefill_in_chunks_equals_one_prefill(arch: str) -> None:
 def test_cache_is_preallocated_with_the_requested_shape_dtype_and_device() -> None:
     cfg = tiny_config("llama")
     cache = KVCache(cfg, batch_size=2, max_len=32, dtype=torch.bfloat16, device="cpu")
-    assert cache.k.shape == (cfg.n_layer, 2, 2, 32, cfg.head_dim) == cache.v.shape
-    assert cache.k.dtype == torch.bfloat16 and cache.k.device.type == "cpu"
-    cache.k.fill_(1.0)
+    assert len(cache.k) == len(cache.v) == cfg.n_layer  # one tensor per layer: compiled steps write each in place
+    assert {t.shape for t in (*cache.k, *cache.v)} == {(2, 2, 32, cfg.head_dim)}
+    assert {(t.dtype, t.device.type) for t in (*cache.k, *cache.v)} == {
+        (torch.bfloat16, "cpu")
+    } and cache.dtype == torch.bfloat16
+    for t in cache.k:
+        t.fill_(1.0)
     cache.reset()
-    assert torch.count_nonzero(cache.k) == 0
+    assert torch.count_nonzero(torch.stack(cache.k)) == 0
 
 
 def test_bad_cache_use_is_a_clear_error() -> None:
@@ -94,9 +98,10 @@ def test_reorder_permutes_the_cached_rows() -> None:
     cache.set_padding(torch.tensor([0, 2, 1]))
     model(idx, kv_cache=cache, input_pos=torch.arange(6))
     rows = torch.tensor([2, 2, 0])
-    k, pad = cache.k.clone(), cache.pad
+    k, v, pad = torch.stack(cache.k), torch.stack(cache.v), cache.pad
     cache.reorder(rows)
-    assert torch.equal(cache.k, k[:, rows]) and pad is not None and cache.pad is not None
+    assert torch.equal(torch.stack(cache.k), k[:, rows]) and torch.equal(torch.stack(cache.v), v[:, rows])
+    assert pad is not None and cache.pad is not None
     assert cache.pad.tolist() == [1, 1, 0]
     with pytest.raises(ValueError, match="one entry per row"):
         cache.set_padding(torch.tensor([1, 2]))
@@ -109,7 +114,7 @@ def test_the_base_preset_cache_is_the_size_the_arithmetic_says() -> None:
         assert cfg.n_kv_head is not None
         expected = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * max_len * dtype.itemsize  # k and v
         assert cache.nbytes == expected
-        assert cache.k.untyped_storage().nbytes() + cache.v.untyped_storage().nbytes() == expected
+        assert sum(t.untyped_storage().nbytes() for t in (*cache.k, *cache.v)) == expected
 
 
 def test_decoding_writes_into_the_cache_it_allocated_once(arch: str) -> None:
@@ -118,15 +123,15 @@ def test_decoding_writes_into_the_cache_it_allocated_once(arch: str) -> None:
     with torch.inference_mode():
         session = _Session(model, [[1, 2, 3], [4, 5, 6, 7, 8]], max_new_tokens=30, vocab=300)
         cache = session.cache
-        pointers = (cache.k.data_ptr(), cache.v.data_ptr())
-        before = cache.k.clone()
+        pointers = cache.data_ptrs()
+        before = torch.stack(cache.k)
         tokens = session.prefill().argmax(dim=-1)
         for _ in range(20):  # 5 + 20 tokens in a context of 16: the window slides once
             tokens = session.step(tokens).argmax(dim=-1)
         session.reorder(torch.tensor([1, 1]))
         session.step(tokens[[1, 1]])
-    assert session.cache is cache and (cache.k.data_ptr(), cache.v.data_ptr()) == pointers
-    assert not torch.equal(cache.k, before)  # it was written to
+    assert session.cache is cache and cache.data_ptrs() == pointers
+    assert not torch.equal(torch.stack(cache.k), before)  # it was written to
 
 
 @torch.no_grad()
