@@ -40,6 +40,7 @@ import torch
 from aksis.config import GenerationConfig
 from aksis.kv_cache import KVCache
 from aksis.model import GPT
+from aksis.quantize import pack_all
 from aksis.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -608,6 +609,7 @@ def compile_for_decoding(model: GPT) -> GPT:
     static KV cache keeps every shape and address fixed, as graphs need. Elsewhere it compiles with the default
     mode; on the CPUs measured so far that decodes slower than eager (README, Performance)."""
     on_gpu = next(model.parameters()).device.type == "cuda"
+    pack_all(model)  # int4 layers' packed weights made before compiling (aksis.quantize)
     return torch.compile(model, mode="reduce-overhead" if on_gpu else None)  # type: ignore[return-value]
 
 

@@ -34,7 +34,8 @@ timed.
 Low precision (CPU): `--aksis-precisions bf16 int8 int4` adds aksis rows for the same weights loaded as
 `--dtype bf16` and `--quantize int8` / `int4` do (aksis.quantize); `--llama-cpp` adds llama.cpp rows on aksis's GGUF
 export of the same weights in f32 / f16 / q8_0 / q4_0. With both, the "vs llama.cpp" column compares each aksis row
-with llama.cpp at the same bits (fp32 with f32, bf16 with f16, int8 with q8_0, int4 with q4_0). The "same ids" of a
+with llama.cpp at the same bits (fp32 with f32, bf16 with f16, int8 with q8_0, int4 with q4_0). With --compile too,
+each precision also gets a compiled row (`compile_for_decoding`). The "same ids" of a
 low-precision row is expected to end somewhere (rounding changes a near tie), so it says how many tokens matched.
 """
 
@@ -71,6 +72,10 @@ PEERS = {  # each aksis row and the llama.cpp row at the same bits
     "aksis bf16": "llama.cpp f16",
     "aksis int8": "llama.cpp q8_0",
     "aksis int4": "llama.cpp q4_0",
+    "aksis compiled": "llama.cpp f32",
+    "aksis bf16 compiled": "llama.cpp f16",
+    "aksis int8 compiled": "llama.cpp q8_0",
+    "aksis int4 compiled": "llama.cpp q4_0",
 }
 
 
@@ -236,6 +241,8 @@ def bench_batch(
     impls = [Impl("aksis", aksis(model))]
     for precision, m in hf_models.get("aksis_precisions", {}).items():
         impls.append(Impl(f"aksis {precision}", aksis(m)))
+    for precision, m in hf_models.get("aksis_precisions_compiled", {}).items():
+        impls.append(Impl(f"aksis {precision} compiled", aksis(m)))
     if "aksis_compiled" in hf_models:
         impls.append(Impl("aksis compiled", aksis(hf_models["aksis_compiled"])))
     impls.append(Impl("transformers, dynamic cache", hf(hf_models["eager"])))
@@ -398,6 +405,9 @@ def main() -> None:
         if device.type != "cpu" or dtype != torch.float32:
             raise SystemExit("--aksis-precisions compares with the fp32 model on the CPU")
         hf_models["aksis_precisions"] = {p: precision_copy(model, p) for p in args.aksis_precisions}
+        if args.compile:
+            copies = {p: precision_copy(model, p) for p in args.aksis_precisions}
+            hf_models["aksis_precisions_compiled"] = {p: compile_for_decoding(m) for p, m in copies.items()}
     if args.llama_cpp:
         if device.type != "cpu":
             raise SystemExit("--llama-cpp compares on the CPU")

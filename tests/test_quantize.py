@@ -322,3 +322,21 @@ def test_benchmark_counts_the_parameters_of_the_architecture(capsys: pytest.Capt
         assert main([*args, "--json", "--quantize", scheme]) == 0
         counts.append(json.loads(capsys.readouterr().out)["parameters"])
     assert counts[0] == counts[1] == GPT(ModelConfig.from_preset("tiny")).num_params()
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_compiled_quantized_model_decodes_what_the_eager_one_does(scheme: str) -> None:
+    from aksis.generation import compile_for_decoding
+
+    model = model_at("llama", "fp32", scheme)
+    compiled = compile_for_decoding(model)  # packs the int4 weights first: the compiled step runs the kernels
+    assert (
+        all(m._packed is not None for m in model.modules() if isinstance(m, Int4Linear)) or not int4_kernel_available()
+    )
+    with torch.inference_mode():
+        eager, fast = _Session(model, [[1, 2, 3]], 4, 260), _Session(compiled, [[1, 2, 3]], 4, 260)
+        a, b = eager.prefill(), fast.prefill()
+        for _ in range(3):
+            torch.testing.assert_close(b, a, atol=0.03 * float(a.abs().max()), rtol=0)
+            token = a.argmax(dim=-1)
+            a, b = eager.step(token), fast.step(token)
