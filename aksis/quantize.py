@@ -23,14 +23,19 @@ The schemes, and the kernels they run on, were chosen by measurement on a 2-core
 Where those kernels are missing (not an x86 CPU, a GPU), a quantized layer dequantizes its weight to the compute
 dtype for each call: the same numbers, correct everywhere, but fast only on the CPU. The stored form is portable (a
 plain int8 matrix; int4 as two 4-bit values a byte, low nibble first): the kernels' packed copies are made at the
-first call, as `kernels.CPULinear` does, and counted by `kernels.inference_bytes`.
+first call, as `kernels.CPULinear` does, and counted by `kernels.inference_bytes`. A compiled step
+(`generation.compile_for_decoding`) takes copies packed before compiling (`pack_all`): the int4 kernel is an ATen op
+a graph holds as it is, and FBGEMM, whose packed weight is an opaque object no graph takes, is called through the
+`aksis::int8_linear` op by the layer's handle.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import platform
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -134,7 +139,7 @@ class _QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
     def __getstate__(self) -> dict[str, object]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_packed", "_scale_bf16")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_packed", "_handle")}
 
 
 class Int8Linear(_QuantizedLinear):
@@ -143,7 +148,7 @@ class Int8Linear(_QuantizedLinear):
     of a batch share it) and FBGEMM multiplies in integers."""
 
     scheme = "int8"
-    _scale_bf16: torch.Tensor | None = None  # for compiled steps (pack_all)
+    _handle: int | None = None  # its number among the layers compiled steps call (pack_all)
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool = True, device: Any = None, dtype: Any = None
@@ -187,15 +192,11 @@ class Int8Linear(_QuantizedLinear):
         if x.device.type != "cpu" or not fbgemm_available():
             return self.reference(x)
         if torch.compiler.is_compiling():
-            # FBGEMM's packed weight is an opaque object a compiled graph cannot take: ATen's weight-only int8 kernel
-            # on bf16 rows instead (1.5 ms for the 40 layers measured above, against FBGEMM's 1.0), with the bf16
-            # scales `pack_all` made (inductor takes the kernel's inputs as stored tensors only).
-            if self._scale_bf16 is None:
+            # FBGEMM's packed weight is an opaque object a compiled graph cannot take: the graph calls the layer by
+            # its handle instead (an aksis::int8_linear op, which `pack_all` registered), as an opaque call.
+            if self._handle is None:
                 return self.reference(x)
-            rows = x.reshape(-1, self.in_features).bfloat16()
-            y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self._scale_bf16)
-            y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias.to(x.dtype)
+            return torch.ops.aksis.int8_linear(x, self._handle, self.out_features)
         # reduce_range=True: activations in 7 bits, so the 16-bit pairwise sums of CPUs without VNNI cannot saturate
         # (torch.ao's default on x86 too). It cost little: 2.246 validation bits per byte against 2.243 with 8 bits
         # and 2.242 in fp32 (the cpu-2min model, README Performance).
@@ -354,6 +355,23 @@ def quantized_shell(model: nn.Module, scheme: str) -> nn.Module:
     return model
 
 
+# The int8 layers a compiled step calls, by handle: weakly, so a model that is dropped frees its layers.
+_COMPILED_INT8: weakref.WeakValueDictionary[int, Int8Linear] = weakref.WeakValueDictionary()
+_handles = itertools.count()
+
+
+@torch.library.custom_op("aksis::int8_linear", mutates_args=())
+def _int8_linear(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    """The int8 layer `handle` applied to x, through FBGEMM: one opaque call in a compiled graph."""
+    layer = _COMPILED_INT8[handle]
+    return torch.ops.quantized.linear_dynamic(x.float(), layer.packed(), True).to(x.dtype)
+
+
+@_int8_linear.register_fake
+def _(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
 def pack_all(model: nn.Module) -> nn.Module:
     """Make every quantized layer's packed copy now, as compiling wants: a compiled step uses the copies as they are
     (it does not check for weights changed since). Returns the model."""
@@ -361,8 +379,11 @@ def pack_all(model: nn.Module) -> nn.Module:
         for m in model.modules():
             if isinstance(m, Int4Linear) and m.weight.device.type == "cpu" and int4_kernel_available():
                 m.packed()
-            elif isinstance(m, Int8Linear):
-                m._scale_bf16 = m.scale.detach().bfloat16()
+            elif isinstance(m, Int8Linear) and m.weight.device.type == "cpu" and fbgemm_available():
+                m.packed()
+                if m._handle is None:
+                    m._handle = next(_handles)
+                    _COMPILED_INT8[m._handle] = m
     return model
 
 
