@@ -31,6 +31,7 @@ a graph holds as it is, and FBGEMM, whose packed weight is an opaque object no g
 
 from __future__ import annotations
 
+import abc
 import functools
 import itertools
 import platform
@@ -87,7 +88,7 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
 
-class _QuantizedLinear(nn.Module):
+class _QuantizedLinear(nn.Module, abc.ABC):
     """What the int8 and int4 layers share: the bias in the compute dtype, a packed copy for the CPU kernel (made at
     the first call, made again when a stored tensor changes), and copies and pickles that leave that copy behind."""
 
@@ -104,13 +105,13 @@ class _QuantizedLinear(nn.Module):
         return tuple(x for t in tensors for x in (t.data_ptr(), 0 if t.is_inference() else t._version))
 
     @classmethod
+    @abc.abstractmethod
     def from_linear(cls, linear: nn.Linear) -> _QuantizedLinear:
         """The layer quantized from `linear`'s weight (and its bias, kept as it is)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def stored(self) -> tuple[torch.Tensor, ...]:
         """The tensors the weight is held in (what a change of must repack)."""
-        raise NotImplementedError
 
     def packed(self) -> Any:
         if torch.compiler.is_compiling() and self._packed is not None:
@@ -120,16 +121,17 @@ class _QuantizedLinear(nn.Module):
             self._packed = (key, self._pack())
         return self._packed[1]
 
+    @abc.abstractmethod
     def _pack(self) -> Any:
-        raise NotImplementedError
+        """The kernel's packed copy of the stored tensors."""
 
     def packed_bytes(self) -> int:
         """Memory of the kernel's packed copy (once made; an estimate of it before)."""
         return 0
 
+    @abc.abstractmethod
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight (out_features, in_features) in `dtype`: what the layer multiplies by."""
-        raise NotImplementedError
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """The product by the dequantized weight in x's dtype: the path off the CPU kernels; the tests' reference."""

@@ -4,6 +4,7 @@ where llama.cpp is installed (the llama-cpp-python package), it computes the mod
 import os
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -12,8 +13,6 @@ from conftest import tiny_config
 from aksis.gguf_format import GGUFError, export_gguf
 from aksis.model import GPT
 from aksis.tokenizer import Tokenizer
-
-gguf = pytest.importorskip("gguf")
 
 PROMPT = "ROMEO: But soft, what light through yonder window breaks? 1234 🙂"
 
