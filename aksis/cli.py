@@ -565,8 +565,8 @@ def cmd_benchmark_inference(args: argparse.Namespace) -> None:
         model = compile_for_decoding(model)
         if device.type == "cpu" and scheme != "int4":
             print(
-                "note: on the CPUs measured so far a compiled model decodes slower than eager, except with int4 "
-                "weights (README, Performance); --compile pays on a GPU",
+                "note: on the CPUs measured so far a compiled model decodes slower than eager at fp32 and bf16, and "
+                "about as fast at int8; it pays with int4 weights (README, Performance) and on a GPU",
                 file=sys.stderr,
             )
 

@@ -32,7 +32,6 @@ a graph holds as it is, and FBGEMM, whose packed weight is an opaque object no g
 from __future__ import annotations
 
 import abc
-import functools
 import itertools
 import platform
 import warnings
@@ -72,16 +71,19 @@ def _x86() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64")
 
 
-@functools.cache
+# Known once, at import: plain constants, which a compiled step reads without tracing a cached function.
+_FBGEMM = _x86() and "fbgemm" in torch.backends.quantized.supported_engines
+_INT4_KERNEL = _x86() and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
 def fbgemm_available() -> bool:
     """Whether int8 layers can run through FBGEMM: an x86-64 CPU and a PyTorch built with it."""
-    return _x86() and "fbgemm" in torch.backends.quantized.supported_engines
+    return _FBGEMM
 
 
-@functools.cache
 def int4_kernel_available() -> bool:
     """Whether int4 layers can run through ATen's CPU int4 kernel (x86-64, where it was measured)."""
-    return _x86() and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+    return _INT4_KERNEL
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:

@@ -396,6 +396,10 @@ def main() -> None:
         raise SystemExit(f"prompt + new tokens must fit the context ({model.config.block_size})")
     hf_models: dict[str, Any] = {"eager": to_transformers(model).to(device=device, dtype=dtype)}
     if args.compile:
+        # Dynamo keeps its compiled variants per function (GPT.forward), up to recompile_limit (8) in all: each model
+        # compiled here takes two or three (prefill lengths, the decode step), and past the limit a model would run
+        # eager under a "compiled" name. So the limit makes room for every compiled model of this run.
+        torch._dynamo.config.recompile_limit = 64
         mode = "reduce-overhead" if device.type == "cuda" else None
         hf_models["aksis_compiled"] = compile_for_decoding(model)  # as benchmark-inference --compile does
         compiled = to_transformers(model).to(device=device, dtype=dtype)
