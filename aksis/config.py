@@ -291,6 +291,9 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     momentum: float = 0.9
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
     grad_clip: float = 1.0
     mixed_precision: str = "no"
     compile: bool = False
@@ -353,16 +356,29 @@ class TrainConfig:
             problems.append("log_every and keep_last must be at least 1")
         if not 0.0 < self.val_fraction < 1.0:
             problems.append(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
-        floats = ("learning_rate", "min_lr_ratio", "weight_decay", "beta1", "beta2", "momentum", "grad_clip")
+        floats = (
+            "learning_rate",
+            "min_lr_ratio",
+            "weight_decay",
+            "beta1",
+            "beta2",
+            "momentum",
+            "muon_lr",
+            "muon_momentum",
+            "muon_weight_decay",
+            "grad_clip",
+        )
         bad = [f"{name} {getattr(self, name)!r}" for name in floats if not _is_finite(getattr(self, name))]
         if bad or (self.dropout is not None and not _is_finite(self.dropout)):
             problems.append(f"these settings must be finite numbers: {', '.join(bad) or f'dropout {self.dropout!r}'}")
-        elif self.learning_rate <= 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
-            problems.append("learning_rate must be positive and min_lr_ratio in [0, 1]")
-        elif self.weight_decay < 0 or self.grad_clip < 0:
-            problems.append("weight_decay and grad_clip must be >= 0 (grad_clip 0 disables clipping)")
-        elif not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0 and 0.0 <= self.momentum < 1.0):
-            problems.append("beta1, beta2 and momentum must be in [0, 1)")
+        elif self.learning_rate <= 0 or self.muon_lr <= 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
+            problems.append("learning_rate and muon_lr must be positive and min_lr_ratio in [0, 1]")
+        elif min(self.weight_decay, self.muon_weight_decay, self.grad_clip) < 0:
+            problems.append(
+                "weight_decay, muon_weight_decay and grad_clip must be >= 0 (grad_clip 0 disables clipping)"
+            )
+        elif not all(0.0 <= getattr(self, name) < 1.0 for name in ("beta1", "beta2", "momentum", "muon_momentum")):
+            problems.append("beta1, beta2, momentum and muon_momentum must be in [0, 1)")
         if self.warmup_steps < 0:
             problems.append(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if not _is_int(self.seed) or not 0 <= self.seed < 2**32:  # numpy's seeds, which accelerate's set_seed sets
@@ -472,7 +488,7 @@ BOOKKEEPING = (
     "push_every",
     "push_training_state",
 )
-OPTIMIZERS = ("adamw", "adam", "sgd")
+OPTIMIZERS = ("adamw", "adam", "sgd", "muon")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 REPORTERS = ("none", "tensorboard", "wandb", "trackio")
@@ -525,7 +541,8 @@ TRAIN_HELP = {
     "cosine then follows the share of it spent (a resumed run counts the time already spent)",
     "batch_size": "blocks per batch, per process",
     "grad_accum_steps": "batches accumulated per optimizer step",
-    "optimizer": "AdamW (weight decay on matrices only), Adam, or SGD with momentum",
+    "optimizer": "AdamW (weight decay on matrices only), Adam, SGD with momentum, or Muon (orthogonalised momentum "
+    "on the blocks' weight matrices, AdamW with --learning-rate on embeddings, output layer, norms and biases)",
     "learning_rate": "peak learning rate",
     "min_lr_ratio": "the cosine decay ends at learning_rate x this",
     "warmup_steps": "steps of linear warmup",
@@ -533,6 +550,9 @@ TRAIN_HELP = {
     "beta1": "Adam beta1",
     "beta2": "Adam beta2",
     "momentum": "SGD momentum",
+    "muon_lr": "Muon's peak learning rate (its matrices; scaled by sqrt(rows / columns) for tall ones)",
+    "muon_momentum": "Muon's momentum (Nesterov)",
+    "muon_weight_decay": "Muon's decoupled weight decay, times its learning rate each step",
     "grad_clip": "clip the gradient norm to this (0: no clipping)",
     "mixed_precision": "autocast precision",
     "compile": "compile the model with torch.compile",

@@ -11,9 +11,9 @@ and schedule (aksis.optim), pushes to the Hub (aksis.hub.PushSchedule). Notable 
   process with a fused optimizer (AdamW, Adam: the default on CPU and CUDA) the step's loss stays on the device,
   which skips the update of a non-finite loss by itself (the optimizer's `found_inf`, as a gradient scaler uses
   it); the host reads the losses only when it needs them (at log steps, before an evaluation or a save, at the
-  end), so a GPU step waits for nothing. Otherwise (SGD, fp16, DeepSpeed, several processes) every step reads
-  its loss before the update. Several processes also reduce the loss, a stop flag and the clock at every step, so
-  that all agree on when to stop.
+  end), so a GPU step waits for nothing. Otherwise (SGD, Muon, fp16, DeepSpeed, several processes) every step
+  reads its loss before the update. Several processes also reduce the loss, a stop flag and the clock at every
+  step, so that all agree on when to stop.
 - Only the main process writes files.
 - The LR scheduler is stepped here, once per optimizer step (not through `accelerator.prepare`, which would
   step it once per process). Step checkpoints hold the optimizer, schedule and RNG state in safetensors and JSON
@@ -151,7 +151,10 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, config, fused=self._fused)
         # Where the optimizer itself can skip a non-finite step, the loss need not reach the host every step.
         self._skips_on_device = (
-            self._fused and acc.distributed_type == DistributedType.NO and config.mixed_precision != "fp16"
+            self._fused
+            and config.optimizer != "muon"  # its matrices' update takes no `found_inf`; the AdamW part would
+            and acc.distributed_type == DistributedType.NO
+            and config.mixed_precision != "fp16"
         )
         if config.compile:
             self.model = torch.compile(self.model)  # type: ignore[assignment]
