@@ -672,6 +672,7 @@ def _data(config: TrainConfig, block_size: int, tokenizer: Tokenizer | None) -> 
             text_column=config.text_column,
             streaming=config.streaming or None,
             val_fraction=config.val_fraction,
+            val_split=config.val_split,
             seed=config.seed,
             num_proc=config.num_proc,
             cache_dir=Path(config.data_cache).expanduser() if config.data_cache else None,
