@@ -1,10 +1,19 @@
-"""Quality at a fixed wall-clock budget: train on Tiny Shakespeare for `--budget` seconds, then validation
+"""Quality at a fixed wall-clock budget: train on Tiny Shakespeare for a budget of seconds, then validation
 bits per byte, beside nanoGPT's published CPU recipe.
 
     python benchmarks/bench_quality.py PATH/input.txt                     # the cpu-2min recipe, 120 s
     python benchmarks/bench_quality.py PATH/input.txt --reference         # and nanoGPT's recipe, same run
-    python benchmarks/bench_quality.py PATH/input.txt --reference --repeats 3 --budget 120
+    python benchmarks/bench_quality.py PATH/input.txt --recipe cpu-2min --recipe cpu-10min --reference --repeats 3
+    python benchmarks/bench_quality.py PATH/input.txt --recipe cpu-2min --recipe "cpu-2min optimizer=adamw \
+        learning_rate=2e-3" --repeats 3                                   # a search: recipes side by side
     python benchmarks/bench_quality.py PATH/input.txt --config my.yaml --n-layer 6   # any recipe, any flag
+
+A recipe (`--recipe`, repeatable) is a config file, or the name of one in training/configs/, followed by any
+key=value overrides of its settings. Each trains for its own `max_time` (cpu-2min: 120 s, cpu-10min: 600 s), or
+for `--budget` seconds if given; flags of the trainer given here (`--vocab-size 300`, `--data-cache DIR`) apply to
+every recipe. `--reference` trains nanoGPT's recipe at each budget of the plan. With `--repeats N` every run
+happens N times, the runs alternating (reference, recipe, other recipe, reference, ...) so that load from other
+processes hits all alike, and the table shows the median bits per byte and the spread (lowest to highest).
 
 PATH/input.txt is a copy of the classic Tiny Shakespeare (karpathy/char-rnn's input.txt, 1,115,394
 characters). As nanoGPT does, its first 90% of characters train and its last 10% validate (`--val-split tail`).
@@ -24,8 +33,8 @@ per byte (2000 such steps take about 2 minutes on a 2-core CPU like the one this
 that recipe itself through aksis (byte tokens = characters for ASCII text; gpt2 flavour; learning rate 1e-3
 to 1e-4 with 100 warmup steps, AdamW betas 0.9/0.99, weight decay 0.1, clipping 1.0) under the same budget in
 the same process, so the comparison is on the same machine at the same time. The runs alternate (reference,
-recipe, reference, ...) so that load from other processes hits both; with `--repeats N` the table shows
-medians. Lower bits per byte is better; the ratios are run / published and run / reference.
+recipe, reference, ...). Lower bits per byte is better; the ratios are run / published and run / the reference
+at the same budget.
 """
 
 from __future__ import annotations
@@ -40,19 +49,24 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aksis.checkpoint import load_model
-from aksis.config import TrainConfig
+from aksis.config import TrainConfig, read_settings
 from aksis.corpora import load_corpus
 from aksis.metrics import perplexity
 from aksis.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_RECIPE = ROOT / "training" / "configs" / "cpu-2min.yaml"
+CONFIGS = ROOT / "training" / "configs"
+DEFAULT_RECIPE = CONFIGS / "cpu-2min.yaml"
+DEFAULT_BUDGET = 120.0  # seconds, for the reference alone
+REFERENCE_LABEL = "nanoGPT CPU recipe, through aksis"
 PUBLISHED_NATS = 1.88  # nanoGPT README, CPU recipe: val loss after 2000 iterations
 PUBLISHED_BPB = PUBLISHED_NATS / math.log(2)
 VAL_FRACTION = 0.1  # nanoGPT: the last 10% of the characters validate
@@ -138,11 +152,58 @@ def train_and_score(name: str, config: TrainConfig, val_text: str) -> Run:
     return run
 
 
+def recipe_settings(spec: str) -> dict[str, Any]:
+    """The settings of a recipe spec: a YAML/JSON file or the name of one in training/configs/, then any
+    key=value overrides (values read as YAML: 0.02, true, none), e.g. "cpu-2min optimizer=adamw learning_rate=3e-3"."""
+    name, *pairs = spec.split()
+    path = Path(name)
+    if path.suffix not in (".yaml", ".yml", ".json"):
+        path = CONFIGS / f"{name}.yaml"
+    try:
+        settings = {k.replace("-", "_"): v for k, v in read_settings(path).items()}
+    except ValueError as err:
+        raise SystemExit(f"recipe {spec!r}: {err}") from None
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"recipe {spec!r}: {pair!r} is not key=value")
+        settings[key.replace("-", "_")] = _value(value)
+    return settings
+
+
+def _value(text: str) -> Any:
+    """A value as YAML reads it, and numbers YAML 1.1 leaves as text (4e-3, which it wants as 4.0e-3)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def recipe_label(spec: str) -> str:
+    name, *pairs = spec.split()
+    return " ".join(["aksis " + (Path(name).stem if Path(name).suffix else name), *pairs])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", help="Tiny Shakespeare's input.txt")
-    parser.add_argument("--budget", type=float, default=120.0, help="seconds of training per run (default: 120)")
-    parser.add_argument("--reference", action="store_true", help="also train nanoGPT's CPU recipe through aksis")
+    parser.add_argument(
+        "--recipe",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="a recipe: a config file or the name of one in training/configs/, then any key=value overrides, "
+        'e.g. --recipe "cpu-2min optimizer=adamw"; repeat to compare (default: cpu-2min)',
+    )
+    parser.add_argument(
+        "--budget", type=float, default=None, help="seconds of training per run (default: each recipe's max_time)"
+    )
+    parser.add_argument(
+        "--reference", action="store_true", help="also train nanoGPT's CPU recipe through aksis, at each budget"
+    )
     parser.add_argument(
         "--reference-steps",
         type=int,
@@ -151,22 +212,39 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=1, help="runs of each (alternating); the table shows medians")
     parser.add_argument("--no-recipe", action="store_true", help="train only the reference")
-    TrainConfig.add_arguments(parser)  # the recipe: --config FILE (default: cpu-2min.yaml), then any flag
+    TrainConfig.add_arguments(parser)  # --config FILE: one more recipe; any other flag applies to every recipe
     args = parser.parse_args()
-    if args.config is None:
-        args.config = str(DEFAULT_RECIPE)
     if not Path(args.path).is_file():
         raise SystemExit(f"{args.path} is not a file: give the path of Tiny Shakespeare's input.txt")
     if args.no_recipe and not args.reference:
         raise SystemExit("--no-recipe leaves nothing to train: add --reference")
-    recipe = TrainConfig.from_args(args)
-    reference = TrainConfig(
-        **REFERENCE,
-        max_steps=args.reference_steps,
-        device=recipe.device,
-        seed=recipe.seed,
-        data_cache=recipe.data_cache,
-    )
+    if args.repeats < 1 or (args.budget is not None and args.budget <= 0):
+        raise SystemExit("--repeats must be at least 1 and --budget positive")
+    specs = [*args.recipe, *([args.config] if args.config else [])] or [str(DEFAULT_RECIPE)]
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    flags = {k: v for k, v in vars(args).items() if k in names}  # the flags given: over every recipe
+    plan: list[tuple[str, TrainConfig, float]] = []  # (label, config, budget)
+    if not args.no_recipe:
+        for spec in specs:
+            try:
+                config = TrainConfig.from_dict({**recipe_settings(spec), **flags})
+            except (ValueError, TypeError) as err:
+                raise SystemExit(f"recipe {spec!r}: {err}") from None
+            budget = args.budget or config.max_time
+            if budget is None:
+                raise SystemExit(f"recipe {spec!r} has no max_time: give --budget")
+            plan.append((recipe_label(spec), config, budget))
+    budgets = sorted({b for _, _, b in plan} or {args.budget or DEFAULT_BUDGET})
+    if args.reference:
+        reference = TrainConfig(
+            **REFERENCE,
+            max_steps=args.reference_steps,
+            device=flags.get("device", "auto"),
+            seed=flags.get("seed", 1337),
+            data_cache=flags.get("data_cache"),
+        )
+        plan = [(REFERENCE_LABEL, reference, b) for b in budgets] + plan
+    plan.sort(key=lambda item: item[2])  # shorter budgets first (a stable sort: the reference first in each)
 
     text = Path(args.path).read_text(encoding="utf-8")
     val_text = load_corpus(args.path, val_fraction=VAL_FRACTION, val_split="tail")["validation"]["text"][0]
@@ -175,57 +253,63 @@ def main() -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"Tiny Shakespeare: {len(text):,} characters, the last {len(val_text.encode()):,} bytes validate; "
-        f"budget {args.budget:g} s per run; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}); load average {load:.2f}",
+        f"budgets {', '.join(f'{b:g} s' for b in budgets)}; torch {torch.__version__}, {torch.get_num_threads()} "
+        f"threads, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}); load average {load:.2f}",
         flush=True,
     )
 
-    plan = [("reference", reference)] if args.reference else []
-    plan += [] if args.no_recipe else [("recipe", recipe)]
-    runs: dict[str, list[Run]] = {name: [] for name, _ in plan}
+    runs: dict[tuple[str, float], list[Run]] = {(label, budget): [] for label, _, budget in plan}
     with tempfile.TemporaryDirectory() as out:
-        for i in range(args.repeats):
-            for name, config in plan:
-                run_dir = str(Path(out) / f"{name}-{i}")
-                runs[name].append(
-                    train_and_score(name, bench_config(config, args.path, args.budget, run_dir), val_text)
-                )
+        for i in range(args.repeats):  # each repeat runs every recipe once: load from elsewhere hits all alike
+            for n, (label, config, budget) in enumerate(plan):
+                run_dir = str(Path(out) / f"{n}-{i}")
+                run = train_and_score(label, bench_config(config, args.path, budget, run_dir), val_text)
+                runs[(label, budget)].append(run)
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-
-    labels = {
-        "reference": "nanoGPT CPU recipe, through aksis",
-        "recipe": f"aksis {Path(args.config).stem}" if args.config else "aksis",
-    }
     print(
-        f"\nvalidation bits per byte after {args.budget:g} s of training on this machine"
-        + (f" (median of {args.repeats} runs each)" if args.repeats > 1 else "")
+        "\nvalidation bits per byte after each budget of training on this machine"
+        + (f" (median of {args.repeats} runs each; spread: lowest to highest)" if args.repeats > 1 else "")
         + f"; load average {load:.2f} before, {load_after:.2f} after; lower is better"
     )
-    has_reference = "reference" in runs
-    header = (
-        f"| {'run':<34} | {'steps':>6} | {'tokens':>9} | {'tokens/s':>8} | {'val bpb':>7} | "
-        f"{'vs nanoGPT published':>20} |" + (f" {'vs reference':>12} |" if has_reference else "")
-    )
-    print(header)
-    print("|" + "|".join("-" * len(cell) for cell in header.split("|")[1:-1]) + "|")
-    row = f"| {'nanoGPT CPU recipe, published':<34} | {2000:>6,} | {2000 * 12 * 64:>9,} | {'':>8} | "
-    row += f"{PUBLISHED_BPB:>7.3f} | {1.0:>19.2f}x |" + (f" {'':>12} |" if has_reference else "")
-    print(row)
-    reference_bpb = statistics.median(r.bpb for r in runs["reference"]) if has_reference else None
-    for name, samples in runs.items():
+    print(table(runs, args.reference))
+    for (label, budget), samples in runs.items():
+        each = ", ".join(f"{r.bpb:.3f}" for r in samples)
+        print(f"{label} ({budget:g} s): {samples[0].description}; bpb of each run: {each}")
+
+
+def table(runs: dict[tuple[str, float], list[Run]], has_reference: bool) -> str:
+    columns = ["run", "budget s", "steps", "tokens", "tokens/s", "val bpb", "spread", "vs nanoGPT published"]
+    columns += ["vs reference"] if has_reference else []
+    published = ["nanoGPT CPU recipe, published", "", "2,000", f"{2000 * 12 * 64:,}", "", f"{PUBLISHED_BPB:.3f}"]
+    rows = [published + ["", "1.00x"] + ([""] if has_reference else [])]
+    for (label, budget), samples in runs.items():
         bpb = statistics.median(r.bpb for r in samples)
-        steps = statistics.median(r.steps for r in samples)
-        tokens = statistics.median(r.tokens for r in samples)
-        speed = statistics.median(r.tokens / r.seconds for r in samples)
-        row = f"| {labels[name]:<34} | {steps:>6,.0f} | {tokens:>9,.0f} | {speed:>8,.0f} | {bpb:>7.3f} | "
-        row += f"{bpb / PUBLISHED_BPB:>19.2f}x |"
-        if reference_bpb is not None:
-            row += f" {bpb / reference_bpb:>11.2f}x |"
-        print(row)
-    for name, samples in runs.items():
-        print(
-            f"{labels[name]}: {samples[0].description}; bpb of each run: {', '.join(f'{r.bpb:.3f}' for r in samples)}"
+        row = [
+            label,
+            f"{budget:g}",
+            f"{statistics.median(r.steps for r in samples):,.0f}",
+            f"{statistics.median(r.tokens for r in samples):,.0f}",
+            f"{statistics.median(r.tokens / r.seconds for r in samples):,.0f}",
+            f"{bpb:.3f}",
+            f"{min(r.bpb for r in samples):.3f}-{max(r.bpb for r in samples):.3f}" if len(samples) > 1 else "",
+            f"{bpb / PUBLISHED_BPB:.2f}x",
+        ]
+        if has_reference:
+            reference = runs.get((REFERENCE_LABEL, budget))
+            row.append(f"{bpb / statistics.median(r.bpb for r in reference):.2f}x" if reference else "")
+        rows.append(row)
+    widths = [max(len(columns[i]), *(len(r[i]) for r in rows)) for i in range(len(columns))]
+
+    def line(cells: list[str]) -> str:
+        return (
+            "| "
+            + " | ".join(
+                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            )
+            + " |"
         )
+
+    return "\n".join([line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
 if __name__ == "__main__":
