@@ -60,6 +60,18 @@ METRICS_FILE = "metrics.jsonl"
 TRAINING_STATE_DIR = "training_state"
 TRAINER_STATE_FILE = "trainer_state.json"
 STEP_DIR = re.compile(rf"^{STEP_PREFIX}(\d+)$")
+# What an interrupted save, push or clean-up leaves in a run folder when the process is killed at the wrong moment:
+# the temporary folders of save_checkpoint (best/ and a step being assembled), a step being assembled, a push's
+# snapshot (hub.stage_checkpoint) and an old step being deleted (keep_last). Those named after a process (its pid)
+# are left alone while that process lives: it may still be writing them.
+LEFTOVER = re.compile(
+    r"^\.(?:"
+    rf"(?:{BEST_DIR}|{STEP_PREFIX}\d+|\.{STEP_PREFIX}\d+\.tmp)\.(?:tmp|old)-(?P<saving>\d+)-[0-9a-f]+"
+    rf"|{STEP_PREFIX}\d+\.tmp"
+    rf"|(?:{BEST_DIR}|{STEP_PREFIX}\d+)\.push-(?P<pushing>\d+)-\d+"
+    rf"|{STEP_PREFIX}\d+\.deleting-(?P<deleting>\d+)"
+    r")$"
+)
 # Settings that say where things are on the machine that trained, not how it trained: never pushed.
 PLACES = ("output_dir", "data_cache", "resume")
 
@@ -198,6 +210,25 @@ class RunFolder:
             shutil.rmtree(path)
         self.metrics.unlink(missing_ok=True)
 
+    def remove_leftovers(self) -> list[str]:
+        """Remove what interrupted saves, pushes and clean-ups of earlier runs left in this folder (LEFTOVER: only
+        those kinds, never anything else); the names removed."""
+        if not self.path.is_dir():
+            return []
+        removed = []
+        for path in sorted(self.path.iterdir()):
+            match = LEFTOVER.match(path.name)
+            if match is None or not path.is_dir() or path.is_symlink():
+                continue
+            pid = next((int(p) for p in match.groups() if p is not None), None)
+            if pid is not None and _alive(pid):
+                continue  # a save or push in progress (this process's own included: a push thread may be at it)
+            shutil.rmtree(path)
+            removed.append(path.name)
+        if removed:
+            log.warning("removed what interrupted saves left in %s: %s", self.path, ", ".join(removed))
+        return removed
+
     # ----- the metrics log -----
 
     def log(self, record: dict[str, Any]) -> None:
@@ -332,11 +363,32 @@ class RunFolder:
         (staged / TRAINING_STATE_DIR / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
         final = self.step_dir(step)
         if final.exists():
-            shutil.rmtree(final)
+            _delete(final)
         os.rename(staged, final)
         for old in step_checkpoints(self.path)[:-keep_last]:
-            shutil.rmtree(old)
+            _delete(old)
         return final
+
+
+def _delete(folder: Path) -> None:
+    """Delete a step checkpoint: renamed out of the way first, so that a kill during the deletion leaves a leftover
+    the next run removes (LEFTOVER), never a half-deleted step-N that looks like a checkpoint."""
+    trash = folder.with_name(f".{folder.name}.deleting-{os.getpid()}")
+    os.rename(folder, trash)
+    shutil.rmtree(trash)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (on POSIX; elsewhere, where signal 0 is not a question, it is taken as ended)."""
+    if os.name != "posix":
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 @dataclass

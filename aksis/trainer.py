@@ -119,6 +119,8 @@ class Trainer:
         self.accelerator = acc = _accelerator(config)
         if not acc.is_main_process:
             logging.getLogger("aksis").setLevel(logging.WARNING)
+        if acc.is_main_process:  # what saves and pushes of a killed run left in this folder
+            self.run.remove_leftovers()
         self.resume_from = _resume_point(config, self.run, acc)
         # Only the main process writes files and pushes.
         self.pushes = _check_destinations(config, self.run, self.resume_from) if acc.is_main_process else None

@@ -1,11 +1,15 @@
 """aksis.runs: a run folder's metrics log, its step checkpoints, and the checks before a run starts."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from conftest import tiny_config
 
+from aksis import runs
 from aksis.checkpoint import save_checkpoint
 from aksis.model import GPT
 from aksis.runs import (
@@ -91,3 +95,67 @@ def test_a_resumed_log_drops_what_came_after_its_checkpoint_and_one_from_elsewhe
     elsewhere.continue_log(run.path, step=3)  # resumed from a checkpoint that carries its log
     assert [r["step"] for r in read_metrics(elsewhere.path)] == [1, 2, 3]
     assert json.loads(elsewhere.metrics.read_text().splitlines()[0]) == {"step": 1, "loss": 1.0}
+
+
+# ----- what a killed run leaves behind -----
+
+
+def ended_pid() -> int:
+    """The pid of a process that has ended."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_keep_last_renames_an_old_step_out_of_the_way_before_deleting_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = RunFolder(tmp_path)
+    for step in (1, 2):
+        (run.step_dir(step) / TRAINING_STATE_DIR).mkdir(parents=True)
+        (run.step_dir(step) / "model.safetensors").write_bytes(b"0" * 10)
+
+    def killed(path: Path) -> None:  # the process dies while it deletes
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(runs.shutil, "rmtree", killed)
+    with pytest.raises(SystemExit):
+        runs._delete(run.step_dir(1))
+    monkeypatch.undo()
+    # No half-deleted step-000001 that looks like a checkpoint: the folder is out of the way under a leftover's name.
+    assert step_checkpoints(tmp_path) == [run.step_dir(2)]
+    trash = tmp_path / f".step-000001.deleting-{os.getpid()}"
+    assert trash.is_dir()
+    assert run.remove_leftovers() == []  # this process lives: it may still be at it
+    dead = tmp_path / f".step-000001.deleting-{ended_pid()}"
+    trash.rename(dead)
+    assert run.remove_leftovers() == [dead.name] and not dead.exists()
+
+
+def test_leftovers_are_only_the_kinds_a_run_leaves(tmp_path: Path) -> None:
+    run = RunFolder(tmp_path)
+    dead = ended_pid()
+    leftovers = [
+        f".best.tmp-{dead}-0a1b2c3d",  # save_checkpoint of best/
+        f".best.old-{dead}-0a1b2c3d",
+        ".step-000004.tmp",  # a step being assembled
+        f"..step-000004.tmp.tmp-{dead}-0a1b2c3d",  # save_checkpoint inside it
+        f".step-000004.push-{dead}-123456789",  # a push's snapshot
+        f".best.push-{dead}-123456789",
+        f".step-000002.deleting-{dead}",  # keep_last's deletion
+    ]
+    kept = [
+        "best",
+        "step-000004",
+        ".cache",
+        ".step-000004.tmp.bak",
+        ".best.tmp-notapid-0a1b2c3d",
+        f".best.tmp-{os.getpid()}-0a1b2c3d",  # this process's own save, maybe in progress
+        "my.best.tmp-1-2",
+    ]
+    for name in leftovers + kept:
+        (tmp_path / name).mkdir()
+    (tmp_path / ".step-000009.tmp-file").write_text("a file, not a folder a run makes")
+    assert sorted(run.remove_leftovers()) == sorted(leftovers)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, ".step-000009.tmp-file"])
+    assert RunFolder(tmp_path / "missing").remove_leftovers() == []
