@@ -228,6 +228,23 @@ def test_gradient_accumulation_equals_a_bigger_batch(tmp_path: Path, optimizer: 
 TOLERANCE = {"adamw": 1e-5, "muon": 2e-4}
 
 
+def test_val_split_reaches_the_data_split(tmp_path: Path) -> None:
+    """--val-split tail holds out exactly the last val_fraction of the text (nanoGPT's split of one file); auto cuts
+    at the line break before that point."""
+    from aksis.corpora import load_corpus
+
+    path = tmp_path / "one.txt"
+    path.write_text("".join(f"line {i}: some words\n" for i in range(300)))  # 6,190 characters
+    train_tokens = {
+        split: Trainer(run_config(tmp_path / split, dataset=str(path), val_fraction=0.1, val_split=split)).data
+        for split in ("auto", "tail")
+    }
+    tail = load_corpus(str(path), val_fraction=0.1, val_split="tail")["train"]["text"][0]
+    assert len(tail) == 6190 - 619
+    assert train_tokens["tail"].train_tokens == len(tail) + 1  # byte tokens and the end-of-text token
+    assert train_tokens["auto"].train_tokens < train_tokens["tail"].train_tokens
+
+
 def test_epochs_limit_and_token_limit(tmp_path: Path) -> None:
     (tmp_path / "small.txt").write_text("".join(f"line {i} of a small corpus\n" for i in range(400)))
     result = train(run_config(tmp_path, dataset=str(tmp_path / "small.txt"), max_steps=None, epochs=2, batch_size=8))
@@ -539,17 +556,67 @@ def test_sigint_saves_a_resumable_checkpoint_and_exits_cleanly(tmp_path: Path) -
     assert [r["step"] for r in metrics(tmp_path / "run") if "loss" in r][-3:] == [steps, steps + 1, steps + 2]
 
 
-def test_the_quality_benchmark_trains_both_recipes_and_reports_bits_per_byte(tmp_path: Path) -> None:
+# A training run whose os.rename hangs at the `nth` rename of a folder whose name starts with `prefix`: a save made
+# slow on purpose, in the middle, for the test to kill it there. It touches `marker` when it hangs.
+HANGING_RUN = """
+import os, runpy, sys, time
+prefix, nth, marker, script = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+rename, seen = os.rename, 0
+def slow_rename(src, dst):
+    global seen
+    if os.path.basename(src).startswith(prefix):
+        seen += 1
+        if seen == nth:
+            open(marker, "w").close()
+            time.sleep(600)
+    return rename(src, dst)
+os.rename = slow_rename
+sys.argv = sys.argv[4:]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def test_a_run_killed_during_a_save_leaves_nothing_behind_once_resumed(tmp_path: Path) -> None:
+    settings = ("--batch-size", "4", "--max-steps", "8", "--eval-every", "2", "--save-every", "2", "--keep-last", "2")
+    straight = subprocess.run(_train_command(tmp_path / "straight", *settings), env=_env(), capture_output=True)
+    assert straight.returncode == 0, straight.stderr
+    expected = losses(tmp_path / "straight" / "run")
+    # A kill while step 6 is assembled (its staged folder complete, not yet renamed into place), and one while the
+    # best model of step 4 is written (its temporary folder complete, the older best/ still in place).
+    for prefix, nth, leftover in [(".step-", 3, ".step-000006.tmp"), (".best.tmp-", 2, ".best.tmp-")]:
+        out, marker = tmp_path / prefix.strip("."), tmp_path / f"{prefix}hanging"
+        command = _train_command(out, *settings)
+        hanging = [sys.executable, "-c", HANGING_RUN, prefix, str(nth), str(marker), *command[1:]]
+        proc = subprocess.Popen(hanging, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while not marker.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert marker.exists(), f"the run never reached the {prefix} save"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        run = out / "run"
+        assert any(p.name.startswith(leftover) for p in run.iterdir())  # what the kill left
+
+        resumed = subprocess.run([*command, "--resume"], env=_env(), capture_output=True, text=True, timeout=300)
+        assert resumed.returncode == 0, resumed.stderr
+        assert "removed what interrupted saves left" in resumed.stderr
+        assert sorted(p.name for p in run.iterdir()) == ["best", "metrics.jsonl", "step-000006", "step-000008"]
+        assert losses(run) == expected, prefix  # the same losses as the uninterrupted run
+
+
+def test_the_quality_benchmark_trains_recipes_side_by_side_and_reports_bits_per_byte(tmp_path: Path) -> None:
     text = "".join(
         f"{'ROMEO' if i % 2 else 'JULIET'}:\nline {i} of a small play, spoken softly.\n\n" for i in range(600)
     )
     (tmp_path / "input.txt").write_text(text)
+    (tmp_path / "short.yaml").write_text("preset: tiny\nn_layer: 1\ntokenizer: byte\nblock_size: 32\nmax_time: 2\n")
     done = subprocess.run(
         [
             sys.executable,
             str(ROOT / "benchmarks" / "bench_quality.py"),
             str(tmp_path / "input.txt"),
-            *("--budget", "1", "--reference", "--vocab-size", "300", "--data-cache", str(tmp_path / "cache")),
+            *("--recipe", "cpu-2min max_time=1", "--recipe", f"{tmp_path / 'short.yaml'} optimizer=muon"),
+            *("--reference", "--repeats", "2", "--vocab-size", "300", "--data-cache", str(tmp_path / "cache")),
         ],
         env={**_env(), "AKSIS_CACHE": str(tmp_path / "cache")},
         capture_output=True,
@@ -557,16 +624,32 @@ def test_the_quality_benchmark_trains_both_recipes_and_reports_bits_per_byte(tmp
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in done.stdout.splitlines() if "|" in line}
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert rows[0][:6] == ["run", "budget s", "steps", "tokens", "tokens/s", "val bpb"]
     published = 1.88 / math.log(2)
-    assert float(rows["nanoGPT CPU recipe, published"][3]) == pytest.approx(published, abs=1e-3)
-    reference, recipe = rows["nanoGPT CPU recipe, through aksis"], rows["aksis cpu-2min"]
-    for row in (reference, recipe):
-        steps, bpb = int(row[0].replace(",", "")), float(row[3])
-        assert steps >= 1 and 0 < bpb < 10
-        assert float(row[4].strip().rstrip("x")) == pytest.approx(bpb / published, abs=0.006)
-    assert float(recipe[5].strip().rstrip("x")) == pytest.approx(float(recipe[3]) / float(reference[3]), abs=0.006)
+    assert rows[1][0] == "nanoGPT CPU recipe, published" and float(rows[1][5]) == pytest.approx(published, abs=1e-3)
+    # The reference at each budget, then the recipes of that budget, shortest budget first.
+    names = [(row[0], row[1]) for row in rows[2:]]
+    assert names == [
+        ("nanoGPT CPU recipe, through aksis", "1"),
+        ("aksis cpu-2min max_time=1", "1"),
+        ("nanoGPT CPU recipe, through aksis", "2"),
+        ("aksis short optimizer=muon", "2"),
+    ]
+    by_name = {name: row for name, row in zip(names, rows[2:], strict=True)}
+    for (_, budget), row in by_name.items():
+        steps, bpb, spread = int(row[2].replace(",", "")), float(row[5]), row[6]
+        low, high = (float(x) for x in spread.split("-"))
+        assert steps >= 1 and 0 < low <= bpb <= high < 10  # the median of two runs lies in their spread
+        assert float(row[7].rstrip("x")) == pytest.approx(bpb / published, abs=0.006)
+        reference = by_name[("nanoGPT CPU recipe, through aksis", budget)]
+        assert float(row[8].rstrip("x")) == pytest.approx(bpb / float(reference[5]), abs=0.006)
     assert "bpe (300 tokens)" in done.stdout and "byte (260 tokens)" in done.stdout
+    bench = [sys.executable, str(ROOT / "benchmarks" / "bench_quality.py"), str(tmp_path / "input.txt")]
+    for spec, message in [("no-such-recipe", "cannot read the config file"), ("cpu-2min lr", "'lr' is not key=value")]:
+        bad = subprocess.run([*bench, "--recipe", spec], env=_env(), capture_output=True, text=True)
+        assert bad.returncode != 0 and f"recipe {spec!r}" in bad.stderr and message in bad.stderr
+        assert "Traceback" not in bad.stderr
 
 
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:
