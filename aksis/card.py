@@ -22,7 +22,15 @@ from typing import Any
 import torch
 from huggingface_hub import EvalResult, ModelCardData
 
-from aksis.checkpoint import CONFIG_FILE, EVAL_RESULTS_FILE, base_model_of, load_model, read_config, read_json
+from aksis.checkpoint import (
+    CONFIG_FILE,
+    EVAL_RESULTS_FILE,
+    base_model_of,
+    load_model,
+    read_config,
+    read_json,
+    written_by,
+)
 from aksis.config import ModelConfig
 from aksis.corpora import HUB_CORPORA
 from aksis.generation import generate
@@ -175,6 +183,7 @@ def model_card(
         repo_id, arch=config.arch, train_config=train, license=license, results=results, family=family, base_model=base
     )
     n_params = _parameter_count(config)
+    version = written_by(folder)
     lines = [
         "---",
         data.to_yaml(),
@@ -182,8 +191,8 @@ def model_card(
         "",
         f"# {repo_id.split('/')[-1]}",
         "",
-        f"A {n_params / 1e6:.1f}M-parameter decoder-only transformer language model, trained with "
-        "[aksis](https://pypi.org/project/aksis/)"
+        f"A {n_params / 1e6:.1f}M-parameter decoder-only transformer language model, trained with aksis"
+        + (f" {version}" if version else "")
         + (f", fine-tuned from [{base}](https://huggingface.co/{base})." if base else "."),
         "",
         "## Architecture",
@@ -241,10 +250,13 @@ def model_card(
         lines += ["## Samples", "", "Default sampling settings, seed 0, 48 new tokens:", ""]
         for prompt, text in samples:
             lines += ["```text", (prompt + text).replace("```", "'''"), "```", ""]
+    wheel = f"aksis-{version}-py3-none-any.whl" if version else "aksis-VERSION-py3-none-any.whl"
     lines += [
         "## Use it",
         "",
-        "With aksis installed:",
+        f"With aksis{f' {version}' if version else ''} installed: from a release, `pip install {wheel}` (the wheel "
+        "of that release), or from a clone of aksis's source repository, `pip install .` (install PyTorch first, "
+        "e.g. `pip install torch`).",
         "",
         "```bash",
         f'aksis generate-text --checkpoint-path {repo_id} --prompt "Once upon a time" --stream',

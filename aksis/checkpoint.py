@@ -1,6 +1,6 @@
 """The checkpoint folder: one format, written atomically, read back with clear errors; and loading a model to run.
 
-    config.json              ModelConfig + format_version
+    config.json              ModelConfig + format_version + aksis_version (the aksis that wrote it)
     model.safetensors        weights (tied weights stored once)
     tokenizer.json           aksis.tokenizer.Tokenizer (ranks, pattern, specials)
     generation_config.json   default sampling settings (GenerationConfig)
@@ -41,6 +41,7 @@ from huggingface_hub import errors as hf_errors
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from aksis import __version__
 from aksis.chat_template import JINJA as CHAT_JINJA
 from aksis.config import GenerationConfig, ModelConfig
 from aksis.device import pick_device
@@ -203,8 +204,20 @@ def upgrade_config(data: dict[str, Any]) -> dict[str, Any]:
             f"format_version {version!r} is newer than this aksis understands ({FORMAT_VERSION}): upgrade aksis"
         )
     # Version 1 is the first format; 2 adds "quantization", which is not a ModelConfig field (stored_quantization).
+    # "aksis_version" names the aksis that wrote the folder (written_by), in any format.
     data.pop("quantization", None)
+    data.pop("aksis_version", None)
     return data
+
+
+def written_by(folder: str | Path) -> str | None:
+    """The version of aksis that wrote a checkpoint folder (None for a folder that does not say: written before
+    aksis recorded it, or by another tool)."""
+    path = Path(folder) / CONFIG_FILE
+    data = read_json(path) if path.is_file() else {}
+    entry = data.get("aksis")
+    version = entry.get("version") if isinstance(entry, dict) else data.get("aksis_version")
+    return version if isinstance(version, str) and len(version) <= 40 else None
 
 
 def stored_quantization(path: Path) -> str:
@@ -481,12 +494,13 @@ def save_checkpoint(
         if family is None and scheme != "none":
             quantization = {"scheme": scheme, **({"group_size": INT4_GROUP_SIZE} if scheme == "int4" else {})}
             data = {"format_version": QUANTIZED_FORMAT_VERSION, **config.to_dict(), "quantization": quantization}
+            data["aksis_version"] = __version__
             tensors = stored_once(model)
         elif family is None:
-            data = {"format_version": 1, **config.to_dict()}
+            data = {"format_version": 1, **config.to_dict(), "aksis_version": __version__}
             tensors = stored_once(model)
         else:
-            aksis: dict[str, Any] = {"format_version": 1, "dropout": config.dropout}
+            aksis: dict[str, Any] = {"format_version": 1, "version": __version__, "dropout": config.dropout}
             data = {**config_to_transformers(config, family), "aksis": aksis}
             if base_model:
                 aksis["base_model"] = base_model

@@ -6,8 +6,10 @@ from typing import Any
 
 import torch
 import yaml
-from conftest import tiny_config
+from conftest import Hub, tiny_config
+from huggingface_hub import ModelCard
 
+import aksis
 from aksis.card import model_card, plot_loss_curve, public_files
 from aksis.checkpoint import save_checkpoint
 from aksis.config import TrainConfig
@@ -70,8 +72,40 @@ def test_the_model_card_carries_metadata_architecture_training_results_and_usage
         'load_model("alice/tiny")',
         "| perplexity | 41.5 |",
         "4,096 tokens, 9,000 bytes scored",
+        f"trained with aksis {aksis.__version__}.",  # the version that wrote the checkpoint
+        f"`pip install aksis-{aksis.__version__}-py3-none-any.whl`",
+        "`pip install .`",
+        'AutoModelForCausalLM.from_pretrained("alice/tiny")',  # a llama-family checkpoint loads in transformers
     ):
         assert text in card, text
+    assert "pypi.org" not in card  # aksis has no PyPI page to link to
+
+
+def test_the_card_passes_the_hub_s_model_card_checks(tmp_path: Path, hub: Hub) -> None:
+    """huggingface_hub's ModelCard reads the card's metadata back (model-index as EvalResults) and the Hub (the test
+    server, as the Hub validates YAML) accepts it."""
+    save_tiny(tmp_path, "llama")
+    (tmp_path / "eval_results.json").write_text(
+        json.dumps({"dataset": "karpathy/tiny_shakespeare", "split": "test", "metrics": {"perplexity": 41.5}})
+    )
+    train = TrainConfig(dataset="tiny_shakespeare").to_dict()
+    card = ModelCard(model_card(tmp_path, "alice/tiny", train_config=train, license="apache-2.0"))
+    card.validate()
+    assert card.data.library_name == "aksis" and card.data.license == "apache-2.0"
+    assert card.data.datasets == ["karpathy/tiny_shakespeare"] and card.data.model_name == "tiny"
+    [result] = card.data.eval_results
+    assert (result.metric_type, result.metric_value, result.dataset_type) == (
+        "perplexity",
+        41.5,
+        "karpathy/tiny_shakespeare",
+    )
+    # A folder that does not say which aksis wrote it (an older one) gets a card that does not guess.
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["aksis"].pop("version")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    plain = model_card(tmp_path, "alice/tiny")
+    assert "trained with aksis." in plain and "aksis-VERSION-py3-none-any.whl" in plain
+    ModelCard(plain).validate()
 
 
 def test_the_loss_curve_is_a_png_drawn_from_metrics(tmp_path: Path) -> None:
