@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import functools
 import inspect
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -171,3 +172,36 @@ def test_a_refusal_is_the_app_s_own_error_and_not_a_crash(space: gr.Blocks, app_
         call(event.fn, [source, "To be", "sample", 0.7, 40, 0.9, 1, 1.0, 10**9, 1])
     outputs = call(event.fn, [source, "To be", "greedy", 0, 0, 1.0, 1, 1.0, 4, None])
     assert outputs[-1][0]  # an answer
+
+
+HUGE = "x" * 100_000
+
+
+@pytest.mark.parametrize("api_name", ENDPOINTS)
+def test_a_huge_value_is_never_echoed_in_a_refusal_or_the_log(
+    api_name: str, space: gr.Blocks, app_checkpoints: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A visitor may send 100,000 characters where a word is expected (a vote, a run name, a repo id, a path, a
+    setting): a refusal quotes a short prefix at most, and the server's log does not carry the value either. (An
+    answer may hold it: a chat shows the message it answers.)"""
+    event = endpoints(space)[api_name]
+    fn = function(event, app_checkpoints)
+    names = [p for p in inspect.signature(fn).parameters if p not in ("request", "progress")]
+    values = plausible(app_checkpoints)
+    valid: dict[str, Any] = {}
+    for name, component in zip(names, event.inputs, strict=True):
+        if isinstance(component, gr.State):
+            initial = component.value
+            valid[name] = initial() if callable(initial) else initial
+        else:
+            valid[name] = [] if name == "history" else values.get(name, [None])[0]
+    visitor = [n for n, c in zip(names, event.inputs, strict=True) if not isinstance(c, gr.State) and n != "history"]
+    caplog.set_level(logging.DEBUG)
+    for name in visitor:
+        caplog.clear()
+        try:
+            call(fn, [HUGE if n == name else valid[n] for n in names])
+        except gr.Error as err:
+            assert len(str(err.message)) < 1_000, (api_name, name, str(err.message)[:200])
+        logged = sum(len(r.getMessage()) + len(r.exc_text or "") for r in caplog.records)
+        assert logged < 5_000, (api_name, name, [r.getMessage()[:200] for r in caplog.records])

@@ -14,6 +14,7 @@ import functools
 import inspect
 import math
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
@@ -162,7 +163,7 @@ def user_errors(action: str) -> Iterator[None]:
     except gr.Error:
         raise
     except (ValueError, CheckpointError, GenerationError, HubError, ChatError, OSError) as err:
-        raise gr.Error(f"Could not {action}: {err}", print_exception=False) from err
+        raise gr.Error(bounded(f"Could not {action}: {err}"), print_exception=False) from err
 
 
 # ----- numbers from the inputs -----
@@ -189,7 +190,19 @@ def input_error(message: str) -> gr.Error:
     """A message for the UI (or the API caller); bad input is no server fault, so no traceback in the log."""
     import gradio as gr
 
-    return gr.Error(message, print_exception=False)
+    return gr.Error(bounded(message), print_exception=False)
+
+
+WORD_LIMIT = 80  # characters of a message's longest run without a space (a path, an id, a value sent as one)
+MESSAGE_LIMIT = 1_000  # characters of a whole message a visitor gets
+
+
+def bounded(message: str) -> str:
+    """A message as a visitor gets it, whatever the values it quotes: an error of the library may name what the
+    visitor sent (a path, a repo id) at any length, so every run of more than WORD_LIMIT characters without a space
+    is cut to its start, and the whole message to MESSAGE_LIMIT characters."""
+    message = re.sub(rf"\S{{{WORD_LIMIT + 1},}}", lambda m: m.group()[: WORD_LIMIT - 1] + "…", message)
+    return message if len(message) <= MESSAGE_LIMIT else message[: MESSAGE_LIMIT - 1] + "…"
 
 
 def _show(bound: float) -> str:
