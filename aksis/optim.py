@@ -151,12 +151,12 @@ def muon_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
     params = [p for p in model.parameters() if p.requires_grad]
     matrices = [p for p in params if id(p) in hidden]
     rest = [p for p in params if id(p) not in hidden]
-    adamw = {"muon": False, "lr": config.learning_rate, "betas": (config.beta1, config.beta2)}
+    adam = {"muon": False, "lr": config.learning_rate, "betas": (config.beta1, config.beta2)}
     return [
         {"params": matrices, "muon": True, "lr": config.muon_lr, "momentum": config.muon_momentum,
          "weight_decay": config.muon_weight_decay},
-        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": config.weight_decay, **adamw},
-        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, **adamw},
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": config.weight_decay, **adam},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, **adam},
     ]  # fmt: skip
 
 

@@ -154,7 +154,7 @@ class Trainer:
         # Where the optimizer itself can skip a non-finite step, the loss need not reach the host every step.
         self._skips_on_device = (
             self._fused
-            and config.optimizer != "muon"  # its matrices' update takes no `found_inf`; the AdamW part would
+            and config.optimizer != "muon"  # Muon's update of the matrices does not skip on `found_inf`
             and acc.distributed_type == DistributedType.NO
             and config.mixed_precision != "fp16"
         )
