@@ -29,6 +29,7 @@ import logging
 import os
 import pickle
 import re
+import secrets
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -69,7 +70,7 @@ LEFTOVER = re.compile(
     rf"(?:{BEST_DIR}|{STEP_PREFIX}\d+|\.{STEP_PREFIX}\d+\.tmp)\.(?:tmp|old)-(?P<saving>\d+)-[0-9a-f]+"
     rf"|{STEP_PREFIX}\d+\.tmp"
     rf"|(?:{BEST_DIR}|{STEP_PREFIX}\d+)\.push-(?P<pushing>\d+)-\d+"
-    rf"|{STEP_PREFIX}\d+\.deleting-(?P<deleting>\d+)"
+    rf"|{STEP_PREFIX}\d+\.deleting-(?P<deleting>\d+)-[0-9a-f]+"
     r")$"
 )
 # Settings that say where things are on the machine that trained, not how it trained: never pushed.
@@ -223,7 +224,11 @@ class RunFolder:
             pid = next((int(p) for p in match.groups() if p is not None), None)
             if pid is not None and _alive(pid):
                 continue  # a save or push in progress (this process's own included: a push thread may be at it)
-            shutil.rmtree(path)
+            try:
+                shutil.rmtree(path)
+            except OSError as err:  # a leftover that cannot go is no reason to stop a run
+                log.warning("could not remove %s, left by an interrupted save: %s", path, err)
+                continue
             removed.append(path.name)
         if removed:
             log.warning("removed what interrupted saves left in %s: %s", self.path, ", ".join(removed))
@@ -373,7 +378,7 @@ class RunFolder:
 def _delete(folder: Path) -> None:
     """Delete a step checkpoint: renamed out of the way first, so that a kill during the deletion leaves a leftover
     the next run removes (LEFTOVER), never a half-deleted step-N that looks like a checkpoint."""
-    trash = folder.with_name(f".{folder.name}.deleting-{os.getpid()}")
+    trash = folder.with_name(f".{folder.name}.deleting-{os.getpid()}-{secrets.token_hex(4)}")
     os.rename(folder, trash)
     shutil.rmtree(trash)
 

@@ -155,6 +155,8 @@ def train_and_score(name: str, config: TrainConfig, val_text: str) -> Run:
 def recipe_settings(spec: str) -> dict[str, Any]:
     """The settings of a recipe spec: a YAML/JSON file or the name of one in training/configs/, then any
     key=value overrides (values read as YAML: 0.02, true, none), e.g. "cpu-2min optimizer=adamw learning_rate=3e-3"."""
+    if not spec.split():
+        raise SystemExit("a --recipe is empty: give a config file or the name of one in training/configs/")
     name, *pairs = spec.split()
     path = Path(name)
     if path.suffix not in (".yaml", ".yml", ".json"):
@@ -167,7 +169,10 @@ def recipe_settings(spec: str) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep:
             raise SystemExit(f"recipe {spec!r}: {pair!r} is not key=value")
-        settings[key.replace("-", "_")] = _value(value)
+        try:
+            settings[key.replace("-", "_")] = _value(value)
+        except yaml.YAMLError:
+            raise SystemExit(f"recipe {spec!r}: the value of {key!r} is not a YAML value") from None
     return settings
 
 

@@ -124,10 +124,10 @@ def test_keep_last_renames_an_old_step_out_of_the_way_before_deleting_it(
     monkeypatch.undo()
     # No half-deleted step-000001 that looks like a checkpoint: the folder is out of the way under a leftover's name.
     assert step_checkpoints(tmp_path) == [run.step_dir(2)]
-    trash = tmp_path / f".step-000001.deleting-{os.getpid()}"
+    [trash] = tmp_path.glob(f".step-000001.deleting-{os.getpid()}-*")
     assert trash.is_dir()
     assert run.remove_leftovers() == []  # this process lives: it may still be at it
-    dead = tmp_path / f".step-000001.deleting-{ended_pid()}"
+    dead = tmp_path / f".step-000001.deleting-{ended_pid()}-0a1b2c3d"
     trash.rename(dead)
     assert run.remove_leftovers() == [dead.name] and not dead.exists()
 
@@ -142,7 +142,7 @@ def test_leftovers_are_only_the_kinds_a_run_leaves(tmp_path: Path) -> None:
         f"..step-000004.tmp.tmp-{dead}-0a1b2c3d",  # save_checkpoint inside it
         f".step-000004.push-{dead}-123456789",  # a push's snapshot
         f".best.push-{dead}-123456789",
-        f".step-000002.deleting-{dead}",  # keep_last's deletion
+        f".step-000002.deleting-{dead}-0a1b2c3d",  # keep_last's deletion
     ]
     kept = [
         "best",
