@@ -26,8 +26,9 @@ column is tokens/s relative to the fastest transformers setting.
 
 transformers settings: "dynamic cache" is the default (DynamicCache); "static cache" is
 `cache_implementation="static"` with auto-compilation off; "static cache + compile" (with --compile) is a second
-copy of the model with `forward = torch.compile(forward)` (mode "reduce-overhead", CUDA graphs, on a GPU) as the
-transformers docs recommend. aksis "compiled" (with --compile) is `compile_for_decoding(model)` (the same mode)
+copy of the model, compiled as transformers users get it: on a CPU `forward = torch.compile(forward)`, on a GPU
+the static cache with transformers' own automatic compilation of the decode step (mode "reduce-overhead", CUDA
+graphs). aksis "compiled" (with --compile) is `compile_for_decoding(model)` (the same mode)
 passed to generation, as `aksis benchmark-inference --compile` does. Compilation happens in the warm-up and is not
 timed.
 
@@ -400,10 +401,14 @@ def main() -> None:
         # compiled here takes two or three (prefill lengths, the decode step), and past the limit a model would run
         # eager under a "compiled" name. So the limit makes room for every compiled model of this run.
         torch._dynamo.config.recompile_limit = 64
-        mode = "reduce-overhead" if device.type == "cuda" else None
         hf_models["aksis_compiled"] = compile_for_decoding(model)  # as benchmark-inference --compile does
         compiled = to_transformers(model).to(device=device, dtype=dtype)
-        compiled.forward = torch.compile(compiled.forward, mode=mode, fullgraph=True)
+        if device.type == "cpu":
+            compiled.forward = torch.compile(compiled.forward, fullgraph=True)
+        # On a GPU, transformers' generate compiles the decode step itself when the cache is static (CUDA graphs,
+        # "reduce-overhead"), marking each step so that a graph's outputs are read before the next replay: the
+        # way its users compile. A forward compiled from outside fails there ("accessing tensor output of
+        # CUDAGraphs that has been overwritten by a subsequent run").
         hf_models["compiled"] = compiled
     if args.aksis_precisions:
         if device.type != "cpu" or dtype != torch.float32:
@@ -419,9 +424,9 @@ def main() -> None:
             hf_models["llama_cpp"] = llama_cpp_models(model, tokenizer, args.llama_cpp, Path(tempfile.mkdtemp()))
         except ImportError:
             raise SystemExit("--llama-cpp needs llama.cpp's Python package: pip install llama-cpp-python") from None
-    for m in hf_models.values():
-        if hasattr(m, "generation_config"):
-            m.generation_config.disable_compile = True  # the compiled row is the explicit one
+    for key, m in hf_models.items():
+        if hasattr(m, "generation_config"):  # only the compiled row compiles (on a GPU, transformers would too)
+            m.generation_config.disable_compile = not (key == "compiled" and device.type == "cuda")
 
     text = read_text(args.text)
     gpu = f" {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
