@@ -41,20 +41,17 @@ NS_STEPS = 5
 
 def orthogonalize(g: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
     """Approximately U V^T for g = U S V^T: `steps` Newton-Schulz iterations in bfloat16 (as the reference
-    implementations run them), on the wide orientation of g (fewer rows than columns), whose Gram matrix is smaller.
-    g is one matrix, or a stack of matrices (batch, rows, columns) orthogonalised each on its own in one batched
-    multiply per product (a step of many small matrices then costs a few large calls instead of many small ones)."""
+    implementations run them), on the wide orientation of g (fewer rows than columns), whose Gram matrix is smaller."""
     a, b, c = NS_COEFFICIENTS
     x = g.bfloat16()
-    tall = x.size(-2) > x.size(-1)
+    tall = x.size(0) > x.size(1)
     if tall:
-        x = x.mT
-    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-7)  # singular values at most 1: the iteration's basin
-    mul_add = torch.baddbmm if x.dim() == 3 else torch.addmm
-    for _ in range(steps):  # x <- a x + (b A + c A^2) x, A = x x^T; each product sums in float32 before rounding
-        gram = x @ x.mT
-        x = mul_add(x, mul_add(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return (x.mT if tall else x).to(g.dtype)
+        x = x.T
+    x = x / x.norm().clamp(min=1e-7)  # every singular value at most 1: inside the iteration's basin
+    for _ in range(steps):  # x <- a x + (b A + c A^2) x, A = x x^T; each addmm sums in float32 before rounding
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return (x.T if tall else x).to(g.dtype)
 
 
 class Muon(torch.optim.Optimizer):
@@ -104,27 +101,14 @@ class Muon(torch.optim.Optimizer):
     def _muon_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
         for p in params:
-            if "momentum_buffer" not in self.state[p]:
-                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-        grads = [p.grad for p in params]
-        bufs = [self.state[p]["momentum_buffer"] for p in params]
-        torch._foreach_lerp_(bufs, grads, 1 - momentum)  # type: ignore[arg-type]
-        nesterov = torch._foreach_lerp(grads, bufs, momentum)  # type: ignore[arg-type]
-        # Matrices of one shape (a tall one counted as its transpose) are orthogonalised together, as one stack.
-        alike: dict[tuple[Any, ...], list[int]] = {}
-        for i, u in enumerate(nesterov):
-            alike.setdefault((min(u.shape), max(u.shape), u.dtype, u.device), []).append(i)
-        updates: list[torch.Tensor] = [torch.empty(0)] * len(params)
-        for indices in alike.values():
-            if len(indices) == 1:
-                updates[indices[0]] = orthogonalize(nesterov[indices[0]])
-                continue
-            wide = [nesterov[i].mT if nesterov[i].size(0) > nesterov[i].size(1) else nesterov[i] for i in indices]
-            for i, o in zip(indices, orthogonalize(torch.stack(wide)).unbind(), strict=True):
-                updates[i] = o.mT if nesterov[i].size(0) > nesterov[i].size(1) else o
-        if decay:
-            torch._foreach_mul_(params, 1 - lr * decay)
-        for p, update in zip(params, updates, strict=True):
+            grad, state = p.grad, self.state[p]
+            assert grad is not None  # params are those with a gradient
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buf = state["momentum_buffer"]
+            buf.lerp_(grad, 1 - momentum)
+            update = orthogonalize(grad.lerp(buf, momentum))
+            p.mul_(1 - lr * decay)
             p.add_(update, alpha=-lr * math.sqrt(max(1.0, p.size(0) / p.size(1))))
 
     def _adamw_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
