@@ -138,6 +138,8 @@ def train_and_score(name: str, config: TrainConfig, val_text: str) -> Run:
     )
     print(f"[{name}] {description}: training for {config.max_time:g} s ...", flush=True)
     result = trainer.train()
+    if result.stopped == "interrupted":  # Ctrl-C or SIGTERM: the trainer saved and returned; so does the benchmark
+        raise SystemExit(f"[{name}] interrupted after {result.steps:,} steps: the benchmark stops, without a table")
     seconds = trainer.state.clock
     assert result.last_checkpoint is not None
     model, tokenizer, _ = load_model(result.last_checkpoint, device="cpu")

@@ -652,6 +652,32 @@ def test_the_quality_benchmark_trains_recipes_side_by_side_and_reports_bits_per_
         assert "Traceback" not in bad.stderr
 
 
+def test_an_interrupted_quality_benchmark_stops_instead_of_scoring_a_cut_run(tmp_path: Path) -> None:
+    # The trainer turns Ctrl-C (and SIGTERM) into a clean stop with a checkpoint; the benchmark must then stop too,
+    # not go on to its next run and report the cut one as if it had trained for its budget.
+    (tmp_path / "input.txt").write_text("ROMEO:\nA line of a small play, spoken softly.\n\n" * 400)
+    (tmp_path / "long.yaml").write_text("preset: tiny\nn_layer: 1\ntokenizer: byte\nblock_size: 32\nmax_time: 60\n")
+    bench = subprocess.Popen(
+        [
+            *(sys.executable, str(ROOT / "benchmarks" / "bench_quality.py"), str(tmp_path / "input.txt")),
+            *("--recipe", str(tmp_path / "long.yaml"), "--repeats", "2", "--data-cache", str(tmp_path / "cache")),
+        ],
+        env={**_env(), "AKSIS_CACHE": str(tmp_path / "cache")},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert bench.stdout is not None
+    for line in bench.stdout:  # printed just before the run starts, and with it the trainer's signal handler
+        if "training for 60 s" in line:
+            break
+    time.sleep(2)
+    bench.send_signal(signal.SIGINT)
+    out, err = bench.communicate(timeout=60)
+    assert bench.returncode == 1 and "interrupted after" in err and "without a table" in err
+    assert "Traceback" not in err and "| run" not in out and "training for" not in out  # no second run, no table
+
+
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     done = subprocess.run(
         _train_command(tmp_path, "--dataset", "no_such_corpus"), env=_env(), capture_output=True, text=True
