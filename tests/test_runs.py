@@ -132,6 +132,26 @@ def test_keep_last_renames_an_old_step_out_of_the_way_before_deleting_it(
     assert run.remove_leftovers() == [dead.name] and not dead.exists()
 
 
+def test_a_leftover_that_cannot_be_removed_is_logged_and_the_run_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = RunFolder(tmp_path)
+    stuck, gone = (tmp_path / f".step-00000{i}.deleting-{ended_pid()}-0a1b2c3d" for i in (1, 2))
+    stuck.mkdir(), gone.mkdir()
+    rmtree = runs.shutil.rmtree
+
+    def refuse(path: Path) -> None:  # as a folder on a read-only mount, or one another user owns
+        if Path(path) == stuck:
+            raise PermissionError(13, "Permission denied", str(path))
+        rmtree(path)
+
+    monkeypatch.setattr(runs.shutil, "rmtree", refuse)
+    with caplog.at_level("WARNING", logger=runs.log.name):
+        assert run.remove_leftovers() == [gone.name]
+    assert stuck.is_dir() and not gone.exists()
+    assert f"could not remove {stuck}" in caplog.text and "Permission denied" in caplog.text
+
+
 def test_leftovers_are_only_the_kinds_a_run_leaves(tmp_path: Path) -> None:
     run = RunFolder(tmp_path)
     dead = ended_pid()

@@ -650,6 +650,9 @@ def test_the_quality_benchmark_trains_recipes_side_by_side_and_reports_bits_per_
         bad = subprocess.run([*bench, "--recipe", spec], env=_env(), capture_output=True, text=True)
         assert bad.returncode != 0 and f"recipe {spec!r}" in bad.stderr and message in bad.stderr
         assert "Traceback" not in bad.stderr
+    for spec, message in [("  ", "a --recipe is empty"), ("cpu-2min lr=[", "the value of 'lr' is not a YAML value")]:
+        bad = subprocess.run([*bench, "--recipe", spec], env=_env(), capture_output=True, text=True)
+        assert bad.returncode != 0 and message in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_an_interrupted_quality_benchmark_stops_instead_of_scoring_a_cut_run(tmp_path: Path) -> None:
