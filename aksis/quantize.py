@@ -9,11 +9,15 @@ own that loads without quantizing again (`checkpoint.save_checkpoint`; config.js
 The schemes, and the kernels they run on, were chosen by measurement on a 2-core AVX-512 CPU (README, Performance):
 
 - **int8**: symmetric int8 weights, one scale per output row; activations quantized per call to 8 bits (dynamic
-  quantization) and multiplied by FBGEMM (`quantized::linear_dynamic`, the kernel behind `torch.ao`'s dynamic
-  quantization). For 40 layers of 2048 x 512 and one row it took 1.0 ms against fp32's 3.5 ms; the weight-only
-  alternative `aten._weight_int8pack_mm` took 14 ms on float32 rows (1.5 ms on bf16 ones), `torch._int_mm` 1.8 ms,
-  oneDNN's `qlinear_pointwise` 1.5 ms. torchao's CPU paths call these same ATen kernels (or need `torch.compile`),
-  so aksis calls them itself rather than take another dependency.
+  quantization) and multiplied in integers by FBGEMM. On a CPU with AVX-512 VNNI, through FBGEMM's fused call
+  (`aten.fbgemm_linear_int8_weight`: the input quantized and multiplied in one pass, the row scales applied after):
+  for 40 layers of 2048 x 512 and one row, 0.78 ms against 1.08 ms for `quantized::linear_dynamic` (the kernel
+  behind `torch.ao`'s dynamic quantization) and fp32's 3.5 ms. Elsewhere through `quantized::linear_dynamic` with
+  activations in 7 bits, because without VNNI the CPU sums pairs of 8-bit products in 16 bits, which the fused call's
+  full 8 bits can overflow. The weight-only alternative `aten._weight_int8pack_mm` took 14 ms on float32 rows (1.5
+  ms on bf16 ones), `torch._int_mm` 1.8 ms, oneDNN's `qlinear_pointwise` 1.5 ms. torchao's CPU paths call these same
+  ATen kernels (or need `torch.compile`), so aksis calls them itself rather than take another dependency. PyTorch
+  marks both FBGEMM calls deprecated; they are still its fastest int8 kernels on a CPU.
 - **int4**: asymmetric 4-bit weights in groups of `INT4_GROUP_SIZE` inputs, a bf16 scale and zero per group,
   multiplied by `aten._weight_int4pack_mm_for_cpu` on bf16 rows (0.8 ms for the 40 layers; on float32 rows the
   same kernel takes 31 ms, so rows are converted). The output layer (`lm_head`), whose errors every token's
@@ -71,8 +75,14 @@ def _x86() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64")
 
 
+def _vnni() -> bool:
+    capabilities = getattr(torch.cpu, "get_capabilities", None)  # older PyTorch lacks it: no VNNI known
+    return bool(capabilities and capabilities().get("avx512_vnni", False))
+
+
 # Known once, at import: plain constants, which a compiled step reads without tracing a cached function.
 _FBGEMM = _x86() and "fbgemm" in torch.backends.quantized.supported_engines
+_FUSED_INT8 = _FBGEMM and hasattr(torch, "fbgemm_linear_int8_weight") and _vnni()  # see the module's docstring
 _INT4_KERNEL = _x86() and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 
 
@@ -182,15 +192,37 @@ class Int8Linear(_QuantizedLinear):
         return (self.weight.float() * self.scale[:, None]).to(dtype)
 
     def _pack(self) -> Any:
-        zero_points = torch.zeros(self.out_features, dtype=torch.long)
-        with warnings.catch_warnings():  # quantized tensors are deprecated; FBGEMM's prepack still takes only them
-            warnings.simplefilter("ignore", UserWarning)
-            q = torch._make_per_channel_quantized_tensor(self.weight, self.scale.double(), zero_points, 0)
         bias = None if self.bias is None else self.bias.float()
-        return torch.ops.quantized.linear_prepack(q, bias)
+        with warnings.catch_warnings():  # PyTorch deprecates both FBGEMM paths (module docstring)
+            warnings.simplefilter("ignore", UserWarning)
+            if _FUSED_INT8:
+                # The fused call takes one weight scale: it multiplies by the integers (scale 1, zero point 0, no
+                # bias), and `_fbgemm` applies the row scales and the bias. col_offsets: each row's sum, which
+                # corrects for the input's zero point.
+                zeros = torch.zeros(self.out_features)
+                packed = (torch.fbgemm_pack_quantized_matrix(self.weight), self.weight.sum(1, dtype=torch.int32))
+                torch.fbgemm_linear_int8_weight(
+                    zeros.new_zeros(1, self.in_features), self.weight, *packed, 1.0, 0, zeros
+                )
+                return (*packed, zeros, bias)  # that call spent PyTorch's one deprecation warning, here, silenced
+            zero_points = torch.zeros(self.out_features, dtype=torch.long)
+            q = torch._make_per_channel_quantized_tensor(self.weight, self.scale.double(), zero_points, 0)
+            return torch.ops.quantized.linear_prepack(q, bias)
+
+    def _fbgemm(self, x: torch.Tensor, packed: Any) -> torch.Tensor:
+        """x (float32) times the weight, plus the bias, through FBGEMM with the packed copy `packed`."""
+        if not _FUSED_INT8:
+            # reduce_range=True: activations in 7 bits, so the 16-bit pairwise sums of CPUs without VNNI cannot
+            # saturate (torch.ao's default on x86 too).
+            return torch.ops.quantized.linear_dynamic(x, packed, True)
+        matrix, col_offsets, zeros, bias = packed
+        y = torch.fbgemm_linear_int8_weight(x, self.weight, matrix, col_offsets, 1.0, 0, zeros)
+        return y.mul_(self.scale) if bias is None else torch.addcmul(bias, y, self.scale)
 
     def packed_bytes(self) -> int:
-        return self.weight.nbytes if fbgemm_available() else 0
+        if not fbgemm_available():
+            return 0
+        return self.weight.nbytes + (12 * self.out_features if _FUSED_INT8 else 0)  # + row sums, zeros and bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or not fbgemm_available():
@@ -201,11 +233,7 @@ class Int8Linear(_QuantizedLinear):
             if self._handle is None:
                 return self.reference(x)
             return torch.ops.aksis.int8_linear(x, self._handle, self.out_features)
-        # reduce_range=True: activations in 7 bits, so the 16-bit pairwise sums of CPUs without VNNI cannot saturate
-        # (torch.ao's default on x86 too). It cost little: 2.246 validation bits per byte against 2.243 with 8 bits
-        # and 2.242 in fp32 (the cpu-2min model, README Performance).
-        y = torch.ops.quantized.linear_dynamic(x.float(), self.packed(), True)
-        return y.to(x.dtype)
+        return self._fbgemm(x.float(), self.packed()).to(x.dtype)
 
 
 class Int4Linear(_QuantizedLinear):
@@ -364,14 +392,24 @@ _COMPILED_INT8: weakref.WeakValueDictionary[int, Int8Linear] = weakref.WeakValue
 _handles = itertools.count()
 
 
-@torch.library.custom_op("aksis::int8_linear", mutates_args=())
+# The op is defined with `torch.library.Library` rather than the `custom_op` decorator: a call then goes from the
+# dispatcher straight to the function, where the decorator's wrappers cost 3-4 microseconds a call (measured),
+# which a decode step pays for every int8 layer.
+_OPS = torch.library.Library("aksis", "DEF")
+_OPS.define("int8_linear(Tensor x, int handle, int out_features) -> Tensor")
+
+
 def _int8_linear(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
     """The int8 layer `handle` applied to x, through FBGEMM: one opaque call in a compiled graph."""
     layer = _COMPILED_INT8[handle]
-    return torch.ops.quantized.linear_dynamic(x.float(), layer.packed(), True).to(x.dtype)
+    assert layer._packed is not None  # packed by `pack_all`, and used as it is, as a compiled step does
+    return layer._fbgemm(x.float(), layer._packed[1]).to(x.dtype)
 
 
-@_int8_linear.register_fake
+_OPS.impl("int8_linear", _int8_linear, "CPU")
+
+
+@torch.library.register_fake("aksis::int8_linear")
 def _(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], out_features)
 

@@ -4,6 +4,8 @@ int4) through generation, checkpoints, the command line and the app."""
 import json
 import pickle
 import platform
+import subprocess
+import sys
 from copy import deepcopy
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import torch
 import torch.nn as nn
 from conftest import tiny_config
 
+import aksis.quantize
 from aksis.checkpoint import CheckpointError, load_model, save_checkpoint
 from aksis.cli import main
 from aksis.config import GenerationConfig, ModelConfig
@@ -77,9 +80,35 @@ def test_the_cpu_kernels_compute_what_the_stored_weights_say(cls: type, shape: t
     with torch.inference_mode():
         y, reference = layer(x), layer.reference(x)
     assert y.shape == (*shape[:-1], 300) and y.dtype == torch.float32
-    # int8: the kernel rounds the activations to 8 bits as well (7 used, see Int8Linear); int4: it multiplies bf16 rows.
+    # int8: the kernel rounds the activations to 8 bits as well (see Int8Linear); int4: it multiplies bf16 rows.
     tolerance = 0.02 * float(reference.abs().max())
     torch.testing.assert_close(y, reference, atol=tolerance, rtol=0)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_both_fbgemm_paths_compute_the_int8_product(monkeypatch: pytest.MonkeyPatch, fused: bool, bias: bool) -> None:
+    if not fbgemm_available() or (fused and not aksis.quantize._FUSED_INT8):
+        pytest.skip("FBGEMM's fused int8 call runs only on an x86 CPU with AVX-512 VNNI")
+    monkeypatch.setattr(aksis.quantize, "_FUSED_INT8", fused)  # which of the two real kernels `Int8Linear` calls
+    layer = Int8Linear.from_linear(linear(bias=bias))
+    x = torch.randn(2, 9, 64)
+    with torch.inference_mode():
+        y, reference = layer(x), layer.reference(x)
+    # The activations are rounded to 8 bits by the fused call, to 7 by the other (CPUs without VNNI).
+    error = float((y - reference).abs().max() / reference.abs().max())
+    assert error < (0.01 if fused else 0.02)
+    assert layer.packed_bytes() >= layer.weight.nbytes
+
+
+def test_the_deprecated_fbgemm_calls_warn_no_one() -> None:
+    code = (
+        "import torch, torch.nn as nn; from aksis.quantize import Int8Linear; "
+        "layer = Int8Linear.from_linear(nn.Linear(64, 32)); layer(torch.randn(1, 64)); layer(torch.randn(3, 64))"
+    )
+    run = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "deprecated" not in run.stderr
 
 
 def test_the_kernels_run_on_an_x86_cpu_and_the_reference_elsewhere() -> None:
