@@ -44,6 +44,26 @@ def test_linear_takes_the_batched_halves_for_one_row_and_packs_its_weight_for_mo
         assert (layer._packed is not None) == onednn_available() and len(bmm_calls) <= 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_a_compiled_layer_sums_one_row_itself_and_leaves_more_to_f_linear(rows: int, dtype: torch.dtype) -> None:
+    layer = CPULinear(64, 300).to(dtype)
+    graphs: list[torch.fx.GraphModule] = []
+
+    def keep(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]):  # type: ignore[no-untyped-def]
+        graphs.append(graph)
+        return graph.forward
+
+    x = torch.randn(rows, 1, 64, dtype=dtype)
+    with torch.inference_mode():
+        y = torch.compile(layer, backend=keep, fullgraph=True)(x)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias), atol=tolerance, rtol=tolerance)
+    [graph] = graphs
+    called = {getattr(node.target, "__name__", str(node.target)) for node in graph.graph.nodes}
+    assert ("linear" in called) == (rows > 1) and ("sum" in called) == (rows == 1)
+
+
 def test_linear_packs_its_weight_once_and_again_after_it_changes() -> None:
     layer = CPULinear(64, 300)
     x = torch.randn(4, 64)
