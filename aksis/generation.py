@@ -608,8 +608,8 @@ def compile_for_decoding(model: GPT) -> GPT:
     is one token per row, so launching its kernels one by one would take longer than running them, and the
     static KV cache keeps every shape and address fixed, as graphs need. On a CPU the compiled step is run by
     generated C++ (inductor's `cpp_wrapper`) instead of Python, which cuts the cost of launching each of its many
-    small kernels. On the CPUs measured so far that pays with int4 weights; at int8 compiled and eager are even, and
-    at fp32 and bf16 eager is faster (README, Performance)."""
+    small kernels. On the CPU measured so far (README, Performance) that pays at batch 1 in fp32, int8 and int4, and
+    loses a little in bf16, where eager runs oneDNN on packed weights."""
     on_gpu = next(model.parameters()).device.type == "cuda"
     pack_all(model)  # int4 layers' packed weights made before compiling (aksis.quantize)
     if on_gpu:

@@ -38,6 +38,13 @@ export of the same weights in f32 / f16 / q8_0 / q4_0. With both, the "vs llama.
 with llama.cpp at the same bits (fp32 with f32, bf16 with f16, int8 with q8_0, int4 with q4_0). With --compile too,
 each precision also gets a compiled row (`compile_for_decoding`). The "same ids" of a
 low-precision row is expected to end somewhere (rounding changes a near tie), so it says how many tokens matched.
+
+`--profile` adds, after the tables, where an aksis decode step's time goes: `torch.profiler` over `--profile-steps`
+decode steps of each aksis row (after a prefill and a few unprofiled steps), per step, with each op's own time
+(not its callees') summed by kind: the matrix multiplies (every op named for mm or linear, FBGEMM's and the int4
+kernel included), attention, the kernels inductor generated for a compiled step, Dynamo's work around a compiled
+call (its guards above all), the Python of aksis's int8 op, every other op, and what no op accounts for (Python
+between the ops). The profiler adds a little to each op, so a profiled step is slower than the table's.
 """
 
 from __future__ import annotations
@@ -316,6 +323,56 @@ def llama_cpp_run(llm: Any, prompts: list[list[int]]) -> Callable[[int], list[li
     return run
 
 
+PROFILE_KINDS = ("multiplies", "attention", "compiled kernels", "Dynamo", "int8 op Python", "other ops", "untracked")
+
+
+def kind_of(op: str) -> str:
+    """The kind (PROFILE_KINDS) of a profiler event by its name."""
+    if op.startswith("aksis::"):
+        return "int8 op Python"  # the op's own time: the Python that calls FBGEMM (counted as a multiply)
+    if "scaled_dot_product" in op or "attention" in op:
+        return "attention"
+    if "mm" in op.split("::")[-1] or "linear" in op:
+        return "multiplies"
+    if op.startswith("## Call CompiledFxGraph"):
+        return "compiled kernels"
+    if op.startswith(("TorchDynamo", "Torch-Compiled Region", "Pregraph bytecode", "AOTDispatcher")):
+        return "Dynamo"
+    return "other ops"
+
+
+def profile_decoding(model: GPT, prompts: list[list[int]], vocab: int, steps: int) -> dict[str, float]:
+    """Milliseconds per decode step of each kind (PROFILE_KINDS), and "step": the profiled step's wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        session = _Session(model, prompts, steps + 8, vocab)
+        tokens = session.prefill().argmax(dim=-1)
+        for _ in range(5):  # settle: the first steps allocate and choose kernels
+            tokens = session.step(tokens).argmax(dim=-1)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            for _ in range(steps):
+                tokens = session.step(tokens).argmax(dim=-1)
+            wall = time.perf_counter() - start
+    ms = dict.fromkeys(PROFILE_KINDS, 0.0)
+    for event in prof.key_averages():
+        ms[kind_of(event.key)] += event.self_cpu_time_total / 1000 / steps
+    ms["untracked"] = max(1000 * wall / steps - sum(ms.values()), 0.0)
+    ms["step"] = 1000 * wall / steps
+    return ms
+
+
+def profile_table(rows: dict[str, dict[str, float]], batch: int, steps: int) -> str:
+    header = f"| batch | {'implementation':<24} | step ms | " + " | ".join(PROFILE_KINDS) + " |"
+    lines = [header, "|" + "|".join("-" * len(cell) for cell in header.split("|")[1:-1]) + "|"]
+    for name, ms in rows.items():
+        cells = " | ".join(f"{ms[kind]:>{len(kind)}.2f}" for kind in PROFILE_KINDS)
+        lines.append(f"| {batch:>5} | {name:<24} | {ms['step']:>7.2f} | {cells} |")
+    lines.append(f"(torch.profiler, {steps} decode steps, ms per step, each op's own time summed by kind)")
+    return "\n".join(lines)
+
+
 def table(impls: list[Impl], batch: int, new_tokens: int, device: torch.device) -> str:
     reference = [i for i in impls if i.name.startswith("transformers")]
     best = min(reference, key=lambda i: statistics.median(i.totals))
@@ -361,6 +418,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="add torch.compile'd aksis and transformers rows")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads; default: torch's choice")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", action="store_true", help="add where each aksis row's decode step time goes")
+    parser.add_argument("--profile-steps", type=int, default=20, help="decode steps profiled per row")
     parser.add_argument(
         "--llama-cpp",
         nargs="*",
@@ -381,8 +440,8 @@ def main() -> None:
         args.aksis_precisions = ["bf16", "int8", "int4"]
     if args.llama_cpp == []:
         args.llama_cpp = list(GGUF_OUT_TYPES)
-    if args.new_tokens < 2 or args.prompt_tokens < 1 or args.runs < 1:
-        raise SystemExit("--new-tokens must be at least 2, --prompt-tokens and --runs at least 1")
+    if args.new_tokens < 2 or args.prompt_tokens < 1 or args.runs < 1 or args.profile_steps < 1:
+        raise SystemExit("--new-tokens must be at least 2, --prompt-tokens, --runs and --profile-steps at least 1")
     import transformers
 
     transformers.logging.set_verbosity_error()  # config notes about GPT-2's own token ids do not apply here
@@ -393,8 +452,12 @@ def main() -> None:
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
     model, tokenizer, source = build(args, device, dtype)
-    if model.config.block_size < args.prompt_tokens + args.new_tokens:
-        raise SystemExit(f"prompt + new tokens must fit the context ({model.config.block_size})")
+    if model.config.block_size < args.prompt_tokens + max(
+        args.new_tokens, args.profile_steps + 8 if args.profile else 0
+    ):
+        raise SystemExit(
+            f"prompt + new tokens (or profiled steps + 8) must fit the context ({model.config.block_size})"
+        )
     hf_models: dict[str, Any] = {"eager": to_transformers(model).to(device=device, dtype=dtype)}
     if args.compile:
         # Dynamo keeps its compiled variants per function (GPT.forward), up to recompile_limit (8) in all: each model
@@ -440,6 +503,18 @@ def main() -> None:
     for batch in args.batch_sizes:
         impls = bench_batch(args, model, tokenizer, hf_models, device, batch, text)
         tables.append(table(impls, batch, args.new_tokens, device))
+    if args.profile:
+        aksis_models = {"aksis": model, **{f"aksis {p}": m for p, m in hf_models.get("aksis_precisions", {}).items()}}
+        aksis_models.update(
+            {f"aksis {p} compiled": m for p, m in hf_models.get("aksis_precisions_compiled", {}).items()}
+        )
+        if "aksis_compiled" in hf_models:
+            aksis_models["aksis compiled"] = hf_models["aksis_compiled"]
+        for batch in args.batch_sizes:
+            prompts = prompts_from(tokenizer, text, batch, args.prompt_tokens)
+            vocab = tokenizer.vocab_size
+            rows = {name: profile_decoding(m, prompts, vocab, args.profile_steps) for name, m in aksis_models.items()}
+            tables.append(profile_table(rows, batch, args.profile_steps))
     print()
     print("\n\n".join(tables))
 
