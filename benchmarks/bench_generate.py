@@ -329,7 +329,7 @@ PROFILE_KINDS = ("multiplies", "attention", "compiled kernels", "Dynamo", "int8 
 def kind_of(op: str) -> str:
     """The kind (PROFILE_KINDS) of a profiler event by its name."""
     if op.startswith("aksis::"):
-        return "int8 op Python"  # the op's own time: the Python that calls FBGEMM (counted as a multiply)
+        return "int8 op Python"  # its own time: the Python around the FBGEMM call (recorded as a multiply)
     if "scaled_dot_product" in op or "attention" in op:
         return "attention"
     if "mm" in op.split("::")[-1] or "linear" in op:
