@@ -328,16 +328,16 @@ PROFILE_KINDS = ("multiplies", "attention", "compiled kernels", "Dynamo", "int8 
 
 def kind_of(op: str) -> str:
     """The kind (PROFILE_KINDS) of a profiler event by its name."""
+    if op.startswith("## Call CompiledFxGraph"):  # first: the graph's name ends in a hash, which may hold "mm"
+        return "compiled kernels"
+    if op.startswith(("TorchDynamo", "Torch-Compiled Region", "Pregraph bytecode", "AOTDispatcher")):
+        return "Dynamo"
     if op.startswith("aksis::"):
         return "int8 op Python"  # its own time: the Python around the FBGEMM call (recorded as a multiply)
     if "scaled_dot_product" in op or "attention" in op:
         return "attention"
     if "mm" in op.split("::")[-1] or "linear" in op:
         return "multiplies"
-    if op.startswith("## Call CompiledFxGraph"):
-        return "compiled kernels"
-    if op.startswith(("TorchDynamo", "Torch-Compiled Region", "Pregraph bytecode", "AOTDispatcher")):
-        return "Dynamo"
     return "other ops"
 
 
