@@ -9,27 +9,35 @@ own that loads without quantizing again (`checkpoint.save_checkpoint`; config.js
 The schemes, and the kernels they run on, were chosen by measurement on a 2-core AVX-512 CPU (README, Performance):
 
 - **int8**: symmetric int8 weights, one scale per output row; activations quantized per call to 8 bits (dynamic
-  quantization) and multiplied in integers by FBGEMM. On a CPU with AVX-512 VNNI, through FBGEMM's fused call
-  (`aten.fbgemm_linear_int8_weight`: the input quantized and multiplied in one pass, the row scales applied after):
-  for 40 layers of 2048 x 512 and one row, 0.78 ms against 1.08 ms for `quantized::linear_dynamic` (the kernel
-  behind `torch.ao`'s dynamic quantization) and fp32's 3.5 ms. Elsewhere through `quantized::linear_dynamic` with
-  activations in 7 bits, because without VNNI the CPU sums pairs of 8-bit products in 16 bits, which the fused call's
-  full 8 bits can overflow. The weight-only alternative `aten._weight_int8pack_mm` took 14 ms on float32 rows (1.5
-  ms on bf16 ones), `torch._int_mm` 1.8 ms, oneDNN's `qlinear_pointwise` 1.5 ms. torchao's CPU paths call these same
-  ATen kernels (or need `torch.compile`), so aksis calls them itself rather than take another dependency. PyTorch
-  marks both FBGEMM calls deprecated; they are still its fastest int8 kernels on a CPU.
-- **int4**: asymmetric 4-bit weights in groups of `INT4_GROUP_SIZE` inputs, a bf16 scale and zero per group,
-  multiplied by `aten._weight_int4pack_mm_for_cpu` on bf16 rows (0.8 ms for the 40 layers; on float32 rows the
-  same kernel takes 31 ms, so rows are converted). The output layer (`lm_head`), whose errors every token's
-  distribution feels, stays at int8, as llama.cpp's q4_0 keeps it at 6 or 8 bits.
+  quantization) and multiplied in integers.
+- **int4**: asymmetric 4-bit weights in groups of `INT4_GROUP_SIZE` inputs, a bf16 scale and zero per group. The
+  output layer (`lm_head`), whose errors every token's distribution feels, stays at int8, as llama.cpp's q4_0 keeps
+  it at 6 or 8 bits.
 - **bf16**: the model in bfloat16, its linear layers through oneDNN on a packed copy of the weight (`kernels.py`).
 
-Where those kernels are missing (not an x86 CPU, a GPU), a quantized layer dequantizes its weight to the compute
-dtype for each call: the same numbers, correct everywhere, but fast only on the CPU. The stored form is portable (a
-plain int8 matrix; int4 as two 4-bit values a byte, low nibble first): the kernels' packed copies are made at the
-first call, as `kernels.CPULinear` does, and counted by `kernels.inference_bytes`. A compiled step
-(`generation.compile_for_decoding`) takes copies packed before compiling (`pack_all`): the int4 kernel is an ATen op
-a graph holds as it is, and FBGEMM, whose packed weight is an opaque object no graph takes, is called through the
+Kernels, in order of preference:
+
+1. **aksis's own** (`aksis.native`: C++ with AVX-512 VNNI, built at the first use on a CPU that has it). They read
+   the stored tensors as they are, with no packed copy, quantize the input to 8 bits (per row for int8, per group of
+   32 for int4, as llama.cpp does for q8_0 and q4_0) and multiply in integers. For 40 layers of 2048 x 512 and one
+   row: int8 0.64-0.80 ms, int4 0.46-0.60 ms, against FBGEMM's 1.07-1.13 and ATen's int4 1.16-1.25.
+2. **PyTorch's**, where aksis's cannot be built or the CPU lacks VNNI. int8 through FBGEMM: on a CPU with VNNI its
+   fused call (`aten.fbgemm_linear_int8_weight`: the input quantized and multiplied in one pass, the row scales
+   applied after), elsewhere `quantized::linear_dynamic` (the kernel behind `torch.ao`'s dynamic quantization) with
+   activations in 7 bits, because without VNNI the CPU sums pairs of 8-bit products in 16 bits, which 8 bits can
+   overflow. int4 through `aten._weight_int4pack_mm_for_cpu` on bf16 rows (on float32 rows it took 31 ms for the
+   40 layers, so rows are converted). The weight-only alternative `aten._weight_int8pack_mm` took 14 ms on float32
+   rows (1.5 ms on bf16 ones), `torch._int_mm` 1.8 ms, oneDNN's `qlinear_pointwise` 1.5 ms. torchao's CPU paths call
+   these same ATen kernels (or need `torch.compile`), so aksis calls them itself rather than take another
+   dependency. PyTorch marks both FBGEMM calls deprecated.
+3. Off the CPU (a GPU), or on a CPU without either: the layer dequantizes its weight to the compute dtype for each
+   call: the same numbers, correct everywhere, but fast only on the CPU.
+
+The stored form is portable (a plain int8 matrix; int4 as two 4-bit values a byte, low nibble first). PyTorch's
+kernels take packed copies, made at the first call, as `kernels.CPULinear` does, and counted by
+`kernels.inference_bytes`. A compiled step (`generation.compile_for_decoding`) calls aksis's ops like any other;
+with PyTorch's kernels it takes copies packed before compiling (`pack_all`): the int4 kernel is an ATen op a graph
+holds as it is, and FBGEMM, whose packed weight is an opaque object no graph takes, is called through the
 `aksis::int8_linear` op by the layer's handle.
 """
 
@@ -46,6 +54,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from aksis import native
 from aksis.kernels import CPULinear
 
 SCHEMES = ("none", "int8", "int4")  # --quantize
@@ -96,6 +105,12 @@ def int4_kernel_available() -> bool:
     return _INT4_KERNEL
 
 
+def _native(t: torch.Tensor) -> bool:
+    """Whether a layer whose weight is `t` runs aksis's own kernels (aksis.native): on a CPU that has them, loaded
+    (built at the first call)."""
+    return t.device.type == "cpu" and (native.available() if native.loaded is None else native.loaded)
+
+
 def _frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
@@ -107,6 +122,7 @@ class _QuantizedLinear(nn.Module, abc.ABC):
 
     in_features: int
     out_features: int
+    weight: nn.Parameter
     _packed: tuple[tuple[int, ...], Any] | None = None  # (the parameters' pointers and versions, packed copy)
 
     def _init_bias(self, bias: bool, out_features: int, device: Any, dtype: torch.dtype | None) -> None:
@@ -121,6 +137,10 @@ class _QuantizedLinear(nn.Module, abc.ABC):
             if t is not None:
                 key += (t.data_ptr(), 0 if t.is_inference() else t._version)
         return tuple(key)
+
+    def _runs_native(self) -> bool:
+        """Whether the layer runs aksis's own kernel (aksis.native), which reads the stored tensors as they are."""
+        return _native(self.weight)
 
     @classmethod
     @abc.abstractmethod
@@ -221,12 +241,16 @@ class Int8Linear(_QuantizedLinear):
         return y.mul_(scale) if bias is None else torch.addcmul(bias, y, scale)
 
     def packed_bytes(self) -> int:
-        if not fbgemm_available():
+        if self._runs_native() or not fbgemm_available():
             return 0
         return self.weight.nbytes + (12 * self.out_features if _FUSED_INT8 else 0)  # + row sums, zeros and bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or not fbgemm_available():
+        if x.device.type != "cpu":
+            return self.reference(x)
+        if self._runs_native():  # the stored tensors as they are, in a compiled graph too
+            return torch.ops.aksis_cpu.int8_linear(x, self.weight, self.scale, self.bias)
+        if not fbgemm_available():
             return self.reference(x)
         if torch.compiler.is_compiling():
             # FBGEMM's packed weight is an opaque object a compiled graph cannot take: the graph calls the layer by
@@ -309,14 +333,21 @@ class Int4Linear(_QuantizedLinear):
         scales_zeros = F.pad(scales_zeros, (0, 0, 0, 0, 0, pad)).transpose(0, 1).contiguous()  # (groups, out+pad, 2)
         return packed, scales_zeros, self.bias  # the bias along, so that a decode step reads no module attribute
 
+    def _runs_native(self) -> bool:
+        return self.group_size == native.INT4_GROUP_SIZE and _native(self.weight)
+
     def packed_bytes(self) -> int:
-        if not int4_kernel_available():
+        if self._runs_native() or not int4_kernel_available():
             return 0
         rows = self.out_features + self._padded_rows()
         return rows * self.in_features // 2 + rows * (self.in_features // self.group_size) * 4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or not int4_kernel_available():
+        if x.device.type != "cpu":
+            return self.reference(x)
+        if self._runs_native():
+            return torch.ops.aksis_cpu.int4_linear(x, self.weight, self.scale, self.zero, self.bias)
+        if not int4_kernel_available():
             return self.reference(x)
         if torch.compiler.is_compiling() and self._packed is None:  # not packed before compiling: no kernel
             return self.reference(x)
@@ -419,9 +450,11 @@ def pack_all(model: nn.Module) -> nn.Module:
     (it does not check for weights changed since). Returns the model."""
     with torch.inference_mode():
         for m in model.modules():
-            if isinstance(m, Int4Linear) and m.weight.device.type == "cpu" and int4_kernel_available():
+            if not isinstance(m, _QuantizedLinear) or m.weight.device.type != "cpu" or m._runs_native():
+                continue  # aksis's own kernels read the stored tensors: nothing to pack
+            if isinstance(m, Int4Linear) and int4_kernel_available():
                 m.packed()
-            elif isinstance(m, Int8Linear) and m.weight.device.type == "cpu" and fbgemm_available():
+            elif isinstance(m, Int8Linear) and fbgemm_available():
                 m.packed()
                 if m._handle is None:
                     m._handle = next(_handles)

@@ -15,6 +15,7 @@ import torch.nn as nn
 from conftest import tiny_config
 
 import aksis.quantize
+from aksis import native
 from aksis.checkpoint import CheckpointError, load_model, save_checkpoint
 from aksis.cli import main
 from aksis.config import GenerationConfig, ModelConfig
@@ -37,6 +38,17 @@ from aksis.ui.context import AppSettings
 from aksis.ui.models import ModelStore
 
 PRECISIONS = [("fp32", "none"), ("bf16", "none"), ("fp32", "int8"), ("fp32", "int4"), ("bf16", "int8")]
+
+
+@pytest.fixture(params=["aksis", "pytorch"])
+def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Which real kernels the quantized layers run: aksis's own (aksis.native, where the CPU takes them) or
+    PyTorch's (FBGEMM, ATen's int4 kernel), as on a CPU without AVX-512 VNNI or without a compiler."""
+    if request.param == "aksis" and not native.available():
+        pytest.skip("aksis's kernels need AVX-512 VNNI (tests/test_native.py checks they build where it is)")
+    if request.param == "pytorch":
+        monkeypatch.setattr(native, "loaded", False)
+    return str(request.param)
 
 
 def linear(in_features: int = 64, out_features: int = 300, bias: bool = True) -> nn.Linear:
@@ -74,13 +86,13 @@ def test_int4_codes_fit_each_group_within_half_a_step() -> None:
 
 @pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
 @pytest.mark.parametrize("shape", [(1, 64), (1, 1, 64), (3, 1, 64), (2, 9, 64)])  # decode to prefill
-def test_the_cpu_kernels_compute_what_the_stored_weights_say(cls: type, shape: tuple[int, ...]) -> None:
+def test_the_cpu_kernels_compute_what_the_stored_weights_say(cls: type, shape: tuple[int, ...], kernels: str) -> None:
     layer = cls.from_linear(linear())
     x = torch.randn(shape)
     with torch.inference_mode():
         y, reference = layer(x), layer.reference(x)
     assert y.shape == (*shape[:-1], 300) and y.dtype == torch.float32
-    # int8: the kernel rounds the activations to 8 bits as well (see Int8Linear); int4: it multiplies bf16 rows.
+    # The kernels round the activations to 8 bits (PyTorch's int4 kernel: to bf16).
     tolerance = 0.02 * float(reference.abs().max())
     torch.testing.assert_close(y, reference, atol=tolerance, rtol=0)
 
@@ -88,7 +100,9 @@ def test_the_cpu_kernels_compute_what_the_stored_weights_say(cls: type, shape: t
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
 def test_both_fbgemm_paths_compute_the_int8_product(monkeypatch: pytest.MonkeyPatch, fused: bool, bias: bool) -> None:
-    # Each x86 CPU runs both FBGEMM calls; `Int8Linear` picks the fused one where AVX-512 VNNI sums without overflow.
+    # Each x86 CPU runs both FBGEMM calls; without aksis's own kernels, `Int8Linear` picks the fused one where AVX-512
+    # VNNI sums without overflow.
+    monkeypatch.setattr(native, "loaded", False)
     assert aksis.quantize._FUSED_INT8 == (fbgemm_available() and aksis.quantize._vnni())
     monkeypatch.setattr(aksis.quantize, "_FUSED_INT8", fused)  # which of the two real kernels `Int8Linear` calls
     layer = Int8Linear.from_linear(linear(bias=bias))
@@ -108,7 +122,8 @@ def test_both_fbgemm_paths_compute_the_int8_product(monkeypatch: pytest.MonkeyPa
 
 def test_the_deprecated_fbgemm_calls_warn_no_one() -> None:
     code = (
-        "import torch, torch.nn as nn; from aksis.quantize import Int8Linear; "
+        "import torch, torch.nn as nn, aksis.native; from aksis.quantize import Int8Linear; "
+        "aksis.native.loaded = False; "  # FBGEMM's calls, not aksis's kernels
         "layer = Int8Linear.from_linear(nn.Linear(64, 32)); layer(torch.randn(1, 64)); layer(torch.randn(3, 64))"
     )
     run = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True)
@@ -116,17 +131,18 @@ def test_the_deprecated_fbgemm_calls_warn_no_one() -> None:
     assert "deprecated" not in run.stderr
 
 
-def test_the_kernels_run_on_an_x86_cpu_and_the_reference_elsewhere() -> None:
+def test_the_kernels_run_on_an_x86_cpu_and_the_reference_elsewhere(kernels: str) -> None:
     x86 = platform.machine().lower() in ("x86_64", "amd64")  # where the kernels were measured (CI's machine)
     assert fbgemm_available() == int4_kernel_available() == x86
     layers = [Int8Linear.from_linear(linear()), Int4Linear.from_linear(linear())]
     with torch.inference_mode():
         for layer in layers:
             layer(torch.randn(1, 64))
-    assert all((layer._packed is not None) == x86 for layer in layers)  # packed only when a kernel ran
+    # PyTorch's kernels want packed copies, made when one ran; aksis's read the stored tensors.
+    assert all((layer._packed is not None) == (x86 and kernels == "pytorch") for layer in layers)
 
 
-def test_a_changed_weight_is_packed_again() -> None:
+def test_a_changed_weight_is_packed_again(kernels: str) -> None:
     layer = Int4Linear.from_linear(linear())
     x = torch.randn(2, 64)
     with torch.inference_mode():
@@ -138,7 +154,7 @@ def test_a_changed_weight_is_packed_again() -> None:
     torch.testing.assert_close(after - before, x.sum(dim=1, keepdim=True).expand(-1, 300), atol=0.1, rtol=0.02)
 
 
-def test_copies_and_pickles_leave_the_packed_copy_behind() -> None:
+def test_copies_and_pickles_leave_the_packed_copy_behind(kernels: str) -> None:
     model = quantize(GPT(tiny_config("llama")).eval(), "int8")
     with torch.inference_mode():
         expected = model(torch.tensor([[1, 2, 3]]))[0]
@@ -360,15 +376,18 @@ def test_benchmark_counts_the_parameters_of_the_architecture(capsys: pytest.Capt
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_a_compiled_quantized_model_decodes_what_the_eager_one_does(scheme: str) -> None:
+def test_a_compiled_quantized_model_decodes_what_the_eager_one_does(scheme: str, kernels: str) -> None:
     from aksis.generation import compile_for_decoding
 
     model = model_at("llama", "fp32", scheme)
     compiled = compile_for_decoding(model)  # packs the weights first: the compiled step runs the kernels
     int4_layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
     int8_layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
-    assert all(m._packed is not None for m in int4_layers) or not int4_kernel_available()
-    assert all(m._handle is not None for m in int8_layers) or not fbgemm_available()  # FBGEMM in the graph
+    if kernels == "pytorch":
+        assert all(m._packed is not None for m in int4_layers) or not int4_kernel_available()
+        assert all(m._handle is not None for m in int8_layers) or not fbgemm_available()  # FBGEMM in the graph
+    else:  # aksis's ops take the stored tensors: nothing packed, no handles
+        assert all(m._packed is None and m._handle is None for m in int8_layers)
     with torch.inference_mode():
         eager, fast = _Session(model, [[1, 2, 3]], 4, 260), _Session(compiled, [[1, 2, 3]], 4, 260)
         a, b = eager.prefill(), fast.prefill()

@@ -1,0 +1,431 @@
+// aksis's own int8 and int4 matrix-vector kernels for x86 CPUs with AVX-512 VNNI, built at first use by
+// aksis/native.py (torch.utils.cpp_extension) and registered as the ops aksis_cpu::int8_linear and
+// aksis_cpu::int4_linear.
+//
+// Both read the weights exactly as aksis.quantize stores them (no packed copy) and quantize the input per call to
+// 8 bits, then multiply in integers with VNNI's vpdpbusd (64 products of an unsigned and a signed byte, summed in
+// fours into 32-bit lanes), as llama.cpp multiplies its q8_0 and q4_0 weights by 8-bit activations:
+//
+// - int8: W = scale[n] * w, w in -127..127 (int8, (N, K)). The input row is quantized symmetrically to 8 bits, one
+//   scale per row. vpdpbusd wants one unsigned operand: the weight byte is read as w + 128 (one xor), and the
+//   surplus 128 * sum(xq) is taken off the row's integer sum.
+// - int4: W = (q - 8) * scale[n, g] + zero[n, g], q in 0..15 in groups of 32 inputs, two codes a byte (the even
+//   input in the low nibble), scale and zero in bf16. The input is quantized per group of 32 (as llama.cpp's
+//   q8_0 does for q4_0), and the input's codes of each 128-input chunk are laid out even inputs first, odd ones
+//   second, so that 64 bytes of weight codes (a chunk) meet the even inputs with their low nibbles and the odd ones
+//   with their high nibbles. A 32-bit lane then sums 8 inputs of one group, lanes 4g..4g+3 make group g of a
+//   chunk, and a group's sum is scale * dx * (sum(q * xq) - 8 * sum(xq)) + zero * sum(x).
+//
+// Each op takes rows of x in float32 or bfloat16 and returns rows in the same dtype; the output rows are split
+// among PyTorch's threads (at::parallel_for).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#define AKSIS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")))
+
+namespace {
+
+constexpr int64_t kGroup = 32;        // int4 inputs sharing one scale and zero
+constexpr int64_t kChunk = 128;       // int4 inputs in one 64-byte load of codes
+constexpr int64_t kBlockGroups = 16;  // int4 groups reduced together (4 chunks, one float per group)
+constexpr int64_t kAhead = 8;         // weight rows fetched ahead of the row being read
+
+inline __mmask64 byte_mask(int64_t n) { return n >= 64 ? ~0ULL : (1ULL << n) - 1; }
+
+// The sums of four vectors' 32-bit lanes in fours: lane 4k + c of the result is the sum of lanes 4k..4k+3 of
+// a[c] (the 128-bit block k of a[c]).
+AKSIS_AVX512 inline __m512i sum_fours(__m512i a0, __m512i a1, __m512i a2, __m512i a3) {
+  __m512i s01 = _mm512_add_epi32(_mm512_unpacklo_epi32(a0, a1), _mm512_unpackhi_epi32(a0, a1));
+  __m512i s23 = _mm512_add_epi32(_mm512_unpacklo_epi32(a2, a3), _mm512_unpackhi_epi32(a2, a3));
+  return _mm512_add_epi32(_mm512_unpacklo_epi64(s01, s23), _mm512_unpackhi_epi64(s01, s23));
+}
+
+// 16 bf16 values (n of them read; the rest zero) as floats.
+AKSIS_AVX512 inline __m512 load_bf16(const at::BFloat16* p, int64_t n) {
+  __mmask16 mask = n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
+  __m256i raw = _mm256_maskz_loadu_epi16(mask, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// ---- int8 ----------------------------------------------------------------------------------------------------
+
+struct Int8Rows {  // the input rows, quantized: row m is dx[m] * xq[m], xq padded with zeros to `stride` bytes
+  int64_t stride;
+  std::vector<int8_t> xq;
+  std::vector<float> dx;
+  std::vector<int32_t> sum128;  // 128 * sum(xq) of each row: what reading w as w + 128 adds
+};
+
+// One row of k floats to 8 bits, symmetrically: out[i] = round(x[i] * 127 / max|x|) (to nearest, ties to even, as
+// the CPU rounds by default), zeros after k up to a multiple of 16. Returns the sum of out.
+AKSIS_AVX512 int32_t quantize_row(const float* x, int64_t k, float inv, int8_t* out) {
+  __m512i sum = _mm512_setzero_si512();
+  const __m512 scale = _mm512_set1_ps(inv);
+  for (int64_t i = 0; i < k; i += 16) {
+    __mmask16 mask = k - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (k - i)) - 1);
+    __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, x + i), scale));
+    sum = _mm512_add_epi32(sum, v);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm512_cvtsepi32_epi8(v));
+  }
+  return _mm512_reduce_add_epi32(sum);
+}
+
+AKSIS_AVX512 float abs_max(const float* x, int64_t k) {
+  __m512 m = _mm512_setzero_ps();
+  for (int64_t i = 0; i < k; i += 16) {
+    __mmask16 mask = k - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (k - i)) - 1);
+    m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_maskz_loadu_ps(mask, x + i)));
+  }
+  return _mm512_reduce_max_ps(m);
+}
+
+Int8Rows quantize_int8_rows(const float* x, int64_t rows, int64_t k) {
+  Int8Rows q;
+  q.stride = (k + 63) / 64 * 64;
+  q.xq.assign(rows * q.stride, 0);
+  q.dx.resize(rows);
+  q.sum128.resize(rows);
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      float amax = abs_max(x + m * k, k);
+      q.sum128[m] = 128 * quantize_row(x + m * k, k, amax > 0.0f ? 127.0f / amax : 0.0f, q.xq.data() + m * q.stride);
+      q.dx[m] = amax / 127.0f;
+    }
+  });
+  return q;
+}
+
+// Four rows of the weight (from w, k bytes each) times MT input rows (1 to 4, from xq, `stride` bytes apart): for
+// each input row, the four integer sums (with the 128 * sum(xq) surplus). Each weight vector is read once for all MT.
+template <int MT>
+AKSIS_AVX512 inline void int8_dot4(const int8_t* w, int64_t k, const int8_t* xq, int64_t stride, __m128i* out) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));  // w xor 0x80 == w + 128, as an unsigned byte
+  __m512i acc[MT][4];
+  for (int t = 0; t < MT; ++t)
+    for (int r = 0; r < 4; ++r) acc[t][r] = _mm512_setzero_si512();
+  for (int64_t i = 0; i < k; i += 64) {
+    __mmask64 mask = byte_mask(k - i);
+    __m512i wv[4];
+    for (int r = 0; r < 4; ++r) {
+      // The same bytes kAhead rows on, fetched ahead: streaming the weights from memory, it waits otherwise.
+      _mm_prefetch(reinterpret_cast<const char*>(w + (r + kAhead) * k + i), _MM_HINT_T0);
+      wv[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w + r * k + i), flip);
+    }
+    for (int t = 0; t < MT; ++t) {
+      __m512i xv = _mm512_loadu_si512(xq + t * stride + i);  // zero-padded: whatever the masked bytes are, 0
+      for (int r = 0; r < 4; ++r) acc[t][r] = _mm512_dpbusd_epi32(acc[t][r], wv[r], xv);
+    }
+  }
+  for (int t = 0; t < MT; ++t) {
+    __m512i s = sum_fours(acc[t][0], acc[t][1], acc[t][2], acc[t][3]);  // block j: partial sums of the four rows
+    __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1));
+    out[t] = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+  }
+}
+
+AKSIS_AVX512 inline int32_t int8_dot1(const int8_t* w, int64_t k, const int8_t* xq) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512i acc = _mm512_setzero_si512();
+  for (int64_t i = 0; i < k; i += 64) {
+    __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(byte_mask(k - i), w + i), flip);
+    acc = _mm512_dpbusd_epi32(acc, wv, _mm512_loadu_si512(xq + i));
+  }
+  return _mm512_reduce_add_epi32(acc);
+}
+
+AKSIS_AVX512 void int8_rows(const Int8Rows& q, int64_t rows, const int8_t* w, const float* scale,
+                            const float* bias, int64_t n_out, int64_t k, float* y, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    for (int64_t m0 = 0; m0 < rows; m0 += 4) {
+      int64_t mt = std::min<int64_t>(4, rows - m0);
+      const int8_t* xq = q.xq.data() + m0 * q.stride;
+      __m128i dots4[4];
+      switch (mt) {
+        case 1: int8_dot4<1>(w + n * k, k, xq, q.stride, dots4); break;
+        case 2: int8_dot4<2>(w + n * k, k, xq, q.stride, dots4); break;
+        case 3: int8_dot4<3>(w + n * k, k, xq, q.stride, dots4); break;
+        default: int8_dot4<4>(w + n * k, k, xq, q.stride, dots4); break;
+      }
+      for (int64_t t = 0; t < mt; ++t) {
+        alignas(16) int32_t dots[4];
+        _mm_store_si128(reinterpret_cast<__m128i*>(dots), dots4[t]);
+        int64_t m = m0 + t;
+        for (int r = 0; r < 4; ++r) {
+          float v = q.dx[m] * scale[n + r] * static_cast<float>(dots[r] - q.sum128[m]);
+          y[m * n_out + n + r] = bias ? v + bias[n + r] : v;
+        }
+      }
+    }
+  }
+  for (; n < n1; ++n) {
+    for (int64_t m = 0; m < rows; ++m) {
+      int32_t dot = int8_dot1(w + n * k, k, q.xq.data() + m * q.stride);
+      float v = q.dx[m] * scale[n] * static_cast<float>(dot - q.sum128[m]);
+      y[m * n_out + n] = bias ? v + bias[n] : v;
+    }
+  }
+}
+
+// ---- int4 ----------------------------------------------------------------------------------------------------
+
+struct Int4Rows {  // the input rows quantized per group of 32; per row: `chunks` x 128 bytes, then per-group values
+  int64_t chunks, groups_padded;
+  std::vector<int8_t> xq;      // each 128-input chunk: its 64 even inputs, then its 64 odd ones (zero-padded)
+  std::vector<float> dx;       // each group's scale
+  std::vector<float> sx;       // each group's sum of x (float)
+  std::vector<int32_t> sum8;   // 8 * each group's sum of xq: what the codes' offset of 8 adds
+};
+
+// One group of 32 inputs: its codes in `even` (inputs 0, 2, .., 30) and `odd` (1, 3, .., 31), 16 bytes each.
+AKSIS_AVX512 void quantize_group(const float* x, int8_t* even, int8_t* odd, float* dx, float* sx, int32_t* sum8) {
+  const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odds = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  __m512 a = _mm512_loadu_ps(x), b = _mm512_loadu_ps(x + 16);
+  float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+  __m512 scale = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+  __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, scale)), qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, scale));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(even), _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(qa, evens, qb)));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(odd), _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(qa, odds, qb)));
+  *dx = amax / 127.0f;
+  *sx = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+  *sum8 = 8 * _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+}
+
+Int4Rows quantize_int4_rows(const float* x, int64_t rows, int64_t k) {
+  Int4Rows q;
+  int64_t groups = k / kGroup;
+  q.chunks = (k + kChunk - 1) / kChunk;
+  q.groups_padded = (groups + kBlockGroups - 1) / kBlockGroups * kBlockGroups;
+  q.xq.assign(rows * q.chunks * kChunk, 0);
+  q.dx.assign(rows * q.groups_padded, 0.0f);
+  q.sx.assign(rows * q.groups_padded, 0.0f);
+  q.sum8.assign(rows * q.groups_padded, 0);
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      for (int64_t g = 0; g < groups; ++g) {
+        // Group g is the (g % 4)-th of its chunk: its even inputs go to the chunk's first 64 bytes, its odd ones to
+        // the last 64, 16 bytes each, in the order the codes' low and high nibbles hold them.
+        int8_t* chunk = q.xq.data() + (m * q.chunks + g / 4) * kChunk + 16 * (g % 4);
+        int64_t j = m * q.groups_padded + g;
+        quantize_group(x + m * k + g * kGroup, chunk, chunk + 64, &q.dx[j], &q.sx[j], &q.sum8[j]);
+      }
+    }
+  });
+  return q;
+}
+
+// One block of 16 groups (512 inputs; fewer at the row's end unless FULL) of output row n, for input rows
+// m0..m0+MT-1 (MT of them, 1 to 4), added to total[t]: the row's codes are unpacked once for all MT.
+template <int MT, bool FULL>
+AKSIS_AVX512 inline void int4_block(const Int4Rows& q, int64_t m0, const uint8_t* wn, const at::BFloat16* sn,
+                                    const at::BFloat16* zn, int64_t groups, int64_t g0, __m512* total) {
+  const int64_t row_bytes = groups * kGroup / 2;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  // sum_fours leaves chunk c's group j in lane 4j + c; this puts group 4c + j in lane 4c + j.
+  const __m512i natural = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  __m512i lo[4], hi[4];
+  for (int c = 0; c < 4; ++c) {
+    int64_t byte0 = (g0 + 4 * c) * (kGroup / 2);
+    // The same bytes kAhead rows on, fetched ahead (as int8_dot4 does).
+    _mm_prefetch(reinterpret_cast<const char*>(wn + kAhead * row_bytes + byte0), _MM_HINT_T0);
+    __m512i codes = FULL ? _mm512_loadu_si512(wn + byte0)
+                         : _mm512_maskz_loadu_epi8(byte_mask(std::max<int64_t>(row_bytes - byte0, 0)), wn + byte0);
+    lo[c] = _mm512_and_si512(codes, low);
+    hi[c] = _mm512_and_si512(_mm512_srli_epi16(codes, 4), low);
+  }
+  const int64_t left = FULL ? kBlockGroups : groups - g0;
+  __m512 s = load_bf16(sn + g0, left), z = load_bf16(zn + g0, left);
+  for (int t = 0; t < MT; ++t) {
+    const int8_t* xm = q.xq.data() + ((m0 + t) * q.chunks + g0 / 4) * kChunk;
+    __m512i acc[4];
+    for (int c = 0; c < 4; ++c) {  // chunks past the row's end: lo and hi are zero, and so is x
+      acc[c] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[c], _mm512_loadu_si512(xm + c * kChunk));
+      acc[c] = _mm512_dpbusd_epi32(acc[c], hi[c], _mm512_loadu_si512(xm + c * kChunk + 64));
+    }
+    int64_t j = (m0 + t) * q.groups_padded + g0;
+    __m512i dots = _mm512_permutexvar_epi32(natural, sum_fours(acc[0], acc[1], acc[2], acc[3]));
+    dots = _mm512_sub_epi32(dots, _mm512_loadu_si512(q.sum8.data() + j));
+    __m512 sdx = _mm512_mul_ps(s, _mm512_loadu_ps(q.dx.data() + j));
+    total[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), sdx, total[t]);
+    total[t] = _mm512_fmadd_ps(z, _mm512_loadu_ps(q.sx.data() + j), total[t]);
+  }
+}
+
+// Output row n for input rows m0..m0+MT-1: 16 partial sums for each input row, in total[t].
+template <int MT>
+AKSIS_AVX512 inline void int4_row(const Int4Rows& q, int64_t m0, const uint8_t* wn, const at::BFloat16* sn,
+                                  const at::BFloat16* zn, int64_t groups, __m512* total) {
+  for (int t = 0; t < MT; ++t) total[t] = _mm512_setzero_ps();
+  int64_t g0 = 0;
+  for (; g0 + kBlockGroups <= groups; g0 += kBlockGroups) int4_block<MT, true>(q, m0, wn, sn, zn, groups, g0, total);
+  if (g0 < groups) int4_block<MT, false>(q, m0, wn, sn, zn, groups, g0, total);
+}
+
+// The sums of four float vectors, as four floats.
+AKSIS_AVX512 inline __m128 sum4_ps(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+  __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+  __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+  __m512d l = _mm512_unpacklo_pd(_mm512_castps_pd(s01), _mm512_castps_pd(s23));
+  __m512d h = _mm512_unpackhi_pd(_mm512_castps_pd(s01), _mm512_castps_pd(s23));
+  __m512 s = _mm512_add_ps(_mm512_castpd_ps(l), _mm512_castpd_ps(h));  // block j: partial sums of a0..a3
+  __m256 upper = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1));
+  __m256 half = _mm256_add_ps(_mm512_castps512_ps256(s), upper);
+  return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+}
+
+template <int MT>
+AKSIS_AVX512 inline void int4_tile(const Int4Rows& q, int64_t m0, const uint8_t* w, const at::BFloat16* scale,
+                                   const at::BFloat16* zero, const float* bias, int64_t n_out, int64_t k, float* y,
+                                   int64_t n0, int64_t n1) {
+  const int64_t groups = k / kGroup, row_bytes = k / 2;
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {  // four output rows at a time, their sums reduced together
+    __m512 total[4][MT];
+    for (int r = 0; r < 4; ++r)
+      int4_row<MT>(q, m0, w + (n + r) * row_bytes, scale + (n + r) * groups, zero + (n + r) * groups, groups, total[r]);
+    __m128 b = bias ? _mm_loadu_ps(bias + n) : _mm_setzero_ps();
+    for (int t = 0; t < MT; ++t) {
+      __m128 sums = sum4_ps(total[0][t], total[1][t], total[2][t], total[3][t]);
+      _mm_storeu_ps(y + (m0 + t) * n_out + n, _mm_add_ps(sums, b));
+    }
+  }
+  for (; n < n1; ++n) {
+    __m512 total[MT];
+    int4_row<MT>(q, m0, w + n * row_bytes, scale + n * groups, zero + n * groups, groups, total);
+    for (int t = 0; t < MT; ++t) {
+      float v = _mm512_reduce_add_ps(total[t]);
+      y[(m0 + t) * n_out + n] = bias ? v + bias[n] : v;
+    }
+  }
+}
+
+AKSIS_AVX512 void int4_rows(const Int4Rows& q, int64_t rows, const uint8_t* w, const at::BFloat16* scale,
+                            const at::BFloat16* zero, const float* bias, int64_t n_out, int64_t k, float* y,
+                            int64_t n0, int64_t n1) {
+  for (int64_t m0 = 0; m0 < rows; m0 += 4) {
+    switch (std::min<int64_t>(4, rows - m0)) {
+      case 1: int4_tile<1>(q, m0, w, scale, zero, bias, n_out, k, y, n0, n1); break;
+      case 2: int4_tile<2>(q, m0, w, scale, zero, bias, n_out, k, y, n0, n1); break;
+      case 3: int4_tile<3>(q, m0, w, scale, zero, bias, n_out, k, y, n0, n1); break;
+      default: int4_tile<4>(q, m0, w, scale, zero, bias, n_out, k, y, n0, n1); break;
+    }
+  }
+}
+
+// ---- the ops -------------------------------------------------------------------------------------------------
+
+at::Tensor float_rows(const at::Tensor& x, int64_t k) {
+  return x.reshape({-1, k}).to(at::kFloat).contiguous();
+}
+
+at::Tensor float_bias(const std::optional<at::Tensor>& bias, int64_t n) {
+  if (!bias.has_value()) return at::Tensor();
+  TORCH_CHECK(bias->numel() == n, "aksis_cpu: the bias has ", bias->numel(), " values for ", n, " outputs");
+  return bias->to(at::kFloat).contiguous();
+}
+
+std::vector<int64_t> output_shape(const at::Tensor& x, int64_t n) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  return shape;
+}
+
+void check_input(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be on the CPU");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
+              ": x must be float32 or bfloat16, not ", x.scalar_type());
+  TORCH_CHECK(x.dim() >= 1, op, ": x needs at least one dimension");
+}
+
+// Grain of output rows per thread: enough work that a call on one small layer does not pay for waking threads.
+int64_t grain(int64_t rows, int64_t k) { return std::max<int64_t>(16, (1 << 16) / std::max<int64_t>(k * rows, 1)); }
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                       const std::optional<at::Tensor>& bias) {
+  check_input(x, "aksis_cpu::int8_linear");
+  TORCH_CHECK(weight.scalar_type() == at::kChar && weight.dim() == 2 && weight.is_contiguous(),
+              "aksis_cpu::int8_linear: the weight must be a contiguous int8 matrix");
+  const int64_t n = weight.size(0), k = weight.size(1);
+  TORCH_CHECK(x.size(-1) == k, "aksis_cpu::int8_linear: x has ", x.size(-1), " features, the weight ", k);
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == n && scale.is_contiguous(),
+              "aksis_cpu::int8_linear: the scale must be ", n, " contiguous float32 values");
+  at::Tensor xf = float_rows(x, k), b = float_bias(bias, n);
+  const int64_t rows = xf.size(0);
+  at::Tensor y = at::empty({rows, n}, xf.options());
+  if (rows > 0) {
+    Int8Rows q = quantize_int8_rows(xf.data_ptr<float>(), rows, k);
+    const int8_t* w = weight.data_ptr<int8_t>();
+    const float* s = scale.data_ptr<float>();
+    const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, (n + 3) / 4, grain(rows, k) / 4 + 1, [&](int64_t begin, int64_t end) {
+      int8_rows(q, rows, w, s, bp, n, k, yp, begin * 4, std::min(end * 4, n));
+    });
+  }
+  return y.view(output_shape(x, n)).to(x.scalar_type());
+}
+
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& zero,
+                       const std::optional<at::Tensor>& bias) {
+  check_input(x, "aksis_cpu::int4_linear");
+  TORCH_CHECK(weight.scalar_type() == at::kByte && weight.dim() == 2 && weight.is_contiguous(),
+              "aksis_cpu::int4_linear: the weight must be a contiguous uint8 matrix of two codes a byte");
+  const int64_t n = weight.size(0), k = 2 * weight.size(1);
+  TORCH_CHECK(x.size(-1) == k, "aksis_cpu::int4_linear: x has ", x.size(-1), " features, the weight ", k);
+  TORCH_CHECK(k % kGroup == 0, "aksis_cpu::int4_linear: the inputs must come in groups of ", kGroup);
+  for (const at::Tensor* t : {&scale, &zero}) {
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->numel() == n * (k / kGroup) && t->is_contiguous(),
+                "aksis_cpu::int4_linear: scale and zero must be contiguous bf16, one a group of ", kGroup);
+  }
+  at::Tensor xf = float_rows(x, k), b = float_bias(bias, n);
+  const int64_t rows = xf.size(0);
+  at::Tensor y = at::empty({rows, n}, xf.options());
+  if (rows > 0) {
+    Int4Rows q = quantize_int4_rows(xf.data_ptr<float>(), rows, k);
+    const uint8_t* w = weight.data_ptr<uint8_t>();
+    const at::BFloat16* s = scale.data_ptr<at::BFloat16>();
+    const at::BFloat16* z = zero.data_ptr<at::BFloat16>();
+    const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, n, grain(rows, k), [&](int64_t begin, int64_t end) {
+      int4_rows(q, rows, w, s, z, bp, n, k, yp, begin, end);
+    });
+  }
+  return y.view(output_shape(x, n)).to(x.scalar_type());
+}
+
+at::Tensor int8_linear_meta(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                            const std::optional<at::Tensor>& bias) {
+  return at::empty(output_shape(x, weight.size(0)), x.options());
+}
+
+at::Tensor int4_linear_meta(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                            const at::Tensor& zero, const std::optional<at::Tensor>& bias) {
+  return at::empty(output_shape(x, weight.size(0)), x.options());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(aksis_cpu, m) {
+  m.def("int8_linear(Tensor x, Tensor weight, Tensor scale, Tensor? bias) -> Tensor");
+  m.def("int4_linear(Tensor x, Tensor weight, Tensor scale, Tensor zero, Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(aksis_cpu, CPU, m) {
+  m.impl("int8_linear", int8_linear);
+  m.impl("int4_linear", int4_linear);
+}
+
+TORCH_LIBRARY_IMPL(aksis_cpu, Meta, m) {
+  m.impl("int8_linear", int8_linear_meta);
+  m.impl("int4_linear", int4_linear_meta);
+}

@@ -1,0 +1,161 @@
+"""aksis.native: the C++ int8 and int4 kernels against the integer arithmetic they stand for, built where the CPU
+takes them, and the PyTorch kernels wherever they cannot be built."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from aksis import native
+from aksis.quantize import Int4Linear, Int8Linear
+
+needs_kernels = pytest.mark.skipif(not native.cpu_supported(), reason="the CPU lacks AVX-512 VNNI")
+
+
+def test_the_kernels_are_built_wherever_the_cpu_takes_them() -> None:
+    # So that a CPU with VNNI (CI's) never skips the tests below: a failed build fails here.
+    if os.environ.get("AKSIS_NATIVE_KERNELS") == "0":
+        pytest.skip("AKSIS_NATIVE_KERNELS=0")
+    assert native.available() == native.cpu_supported()
+
+
+def quantized_input(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x rounded to 8 bits per group of `group` inputs as the kernels round it: (codes, scales), codes as floats."""
+    xg = x.float().view(*x.shape[:-1], -1, group)
+    amax = xg.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))  # float32, as the kernels divide
+    return torch.round(xg * inv), amax / 127  # round: to nearest, ties to even, as the CPU
+
+
+def int8_expected(x: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
+    xq, dx = quantized_input(x, layer.in_features)  # one scale per row
+    dots = xq.flatten(-2).double() @ layer.weight.double().T  # exact integers
+    y = dx[..., 0].double() * layer.scale.double() * dots
+    return y + layer.bias.double() if layer.bias is not None else y
+
+
+def int4_expected(x: torch.Tensor, layer: Int4Linear) -> torch.Tensor:
+    xq, dx = quantized_input(x, 32)  # (..., groups, 32)
+    q = layer.codes().double().view(layer.out_features, -1, 32) - 8
+    dots = torch.einsum("...gi,ngi->...ng", xq.double(), q)  # exact integers, per output row and group
+    y = (dots * dx[..., 0].double().unsqueeze(-2) * layer.scale.double()).sum(-1)
+    y = y + (layer.zero.double() * x.float().view(*x.shape[:-1], -1, 32).sum(-1).double().unsqueeze(-2)).sum(-1)
+    return y + layer.bias.double() if layer.bias is not None else y
+
+
+SHAPES = [  # (inputs, outputs, rows): whole 512-input blocks, a block's tail, output rows not in fours, many rows
+    (512, 2048, 1),
+    (2048, 64, 3),
+    (576, 36, 5),
+    (64, 17, 2),
+    (96, 7, 9),
+    (32, 1, 1),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize(("k", "n", "rows"), [*SHAPES, (100, 9, 4), (1, 3, 2)])  # int8 takes any width
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_kernel_is_the_integer_product_of_8_bit_inputs_and_weights(k: int, n: int, rows: int, bias: bool) -> None:
+    assert native.available()
+    layer = Int8Linear.from_linear(nn.Linear(k, n, bias=bias))
+    x = torch.randn(rows, k)
+    y = torch.ops.aksis_cpu.int8_linear(x, layer.weight, layer.scale, layer.bias)
+    torch.testing.assert_close(y, int8_expected(x, layer).float(), atol=1e-5, rtol=1e-5)  # float sums, in any order
+    reference = layer.reference(x)  # the dequantized weight times the unrounded input
+    assert float((y - reference).abs().max()) < 0.02 * float(reference.abs().max())
+
+
+@needs_kernels
+@pytest.mark.parametrize(("k", "n", "rows"), SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_int4_kernel_is_the_integer_product_per_group(k: int, n: int, rows: int, bias: bool) -> None:
+    assert native.available()
+    layer = Int4Linear.from_linear(nn.Linear(k, n, bias=bias))
+    x = torch.randn(rows, k)
+    y = torch.ops.aksis_cpu.int4_linear(x, layer.weight, layer.scale, layer.zero, layer.bias)
+    torch.testing.assert_close(y, int4_expected(x, layer).float(), atol=1e-5, rtol=1e-5)
+    reference = layer.reference(x)
+    assert float((y - reference).abs().max()) < 0.02 * float(reference.abs().max())
+
+
+@needs_kernels
+def test_the_kernels_keep_the_input_shape_and_dtype_and_take_zero_rows() -> None:
+    assert native.available()
+    int8, int4 = Int8Linear.from_linear(nn.Linear(64, 40)), Int4Linear.from_linear(nn.Linear(64, 40))
+    x = torch.randn(2, 3, 64).bfloat16()
+    x[0, 1] = 0  # a row of zeros: scale 0, product 0 (the bias alone)
+    for layer, y in [
+        (int8, torch.ops.aksis_cpu.int8_linear(x, int8.weight, int8.scale, int8.bias.bfloat16())),
+        (int4, torch.ops.aksis_cpu.int4_linear(x, int4.weight, int4.scale, int4.zero, int4.bias)),
+    ]:
+        assert y.shape == (2, 3, 40) and y.dtype == torch.bfloat16
+        torch.testing.assert_close(y[0, 1], layer.bias.bfloat16())
+        reference = layer.reference(x.float())
+        assert float((y.float() - reference).abs().max()) < 0.03 * float(reference.abs().max())
+    empty = torch.ops.aksis_cpu.int8_linear(torch.randn(0, 64), int8.weight, int8.scale, None)
+    assert empty.shape == (0, 40)
+
+
+@needs_kernels
+def test_the_kernels_refuse_tensors_they_cannot_read_by_name() -> None:
+    assert native.available()
+    layer = Int8Linear.from_linear(nn.Linear(64, 8))
+    with pytest.raises(RuntimeError, match="x has 32 features, the weight 64"):
+        torch.ops.aksis_cpu.int8_linear(torch.randn(1, 32), layer.weight, layer.scale, None)
+    with pytest.raises(RuntimeError, match="contiguous int8 matrix"):
+        torch.ops.aksis_cpu.int8_linear(torch.randn(1, 64), layer.weight.float(), layer.scale, None)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        torch.ops.aksis_cpu.int8_linear(torch.randn(1, 64).double(), layer.weight, layer.scale, None)
+    int4 = Int4Linear.from_linear(nn.Linear(64, 8))
+    with pytest.raises(RuntimeError, match="scale and zero must be contiguous bf16"):
+        torch.ops.aksis_cpu.int4_linear(torch.randn(1, 64), int4.weight, int4.scale.float(), int4.zero, None)
+
+
+@needs_kernels
+def test_quantized_layers_run_the_kernels_with_no_packed_copy() -> None:
+    assert native.available()
+    for layer in (Int8Linear.from_linear(nn.Linear(64, 40)), Int4Linear.from_linear(nn.Linear(64, 40))):
+        x = torch.randn(2, 64)
+        with torch.inference_mode():
+            y = layer(x)
+        assert layer._packed is None and layer.packed_bytes() == 0  # the stored tensors, read as they are
+        assert float((y - layer.reference(x)).abs().max()) < 0.02 * float(layer.reference(x).abs().max())
+
+
+GENERATE = (
+    "import torch, aksis.native as n; from aksis.config import GenerationConfig, ModelConfig; "
+    "from aksis.model import GPT; from aksis.quantize import quantize; from aksis.generation import generate_batch; "
+    "from aksis.tokenizer import Tokenizer; torch.manual_seed(0); "
+    "m = quantize(GPT(ModelConfig.from_preset('tiny', vocab_size=260)).eval(), 'int4'); "
+    "done = generate_batch(m, Tokenizer.byte_level(), [[1, 2, 3]], GenerationConfig(max_new_tokens=4)); "
+    "print(n.available(), n.why_not(), len(done[0].token_ids))"
+)
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env}, timeout=300
+    )
+
+
+def test_the_kernels_can_be_turned_off_and_pytorchs_run_instead() -> None:
+    run = run_python(GENERATE, AKSIS_NATIVE_KERNELS="0")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["False", "AKSIS_NATIVE_KERNELS=0", "is", "set", "4"]
+
+
+@needs_kernels
+def test_a_failed_build_falls_back_to_pytorchs_kernels_with_one_warning(tmp_path: Path) -> None:
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")  # the build folder cannot be made under a file, even as root
+    code = "import logging; logging.basicConfig(); " + GENERATE
+    run = run_python(code, TORCH_EXTENSIONS_DIR=str(blocked / "extensions"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["False", "None", "4"]
+    warnings = [line for line in run.stderr.splitlines() if "failed to build" in line]
+    assert len(warnings) == 1 and "use PyTorch's kernels" in warnings[0]
