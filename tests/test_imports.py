@@ -16,6 +16,7 @@ ORDER = [
     "aksis.tokenizer",
     "aksis.hf_tokenizer",
     "aksis.kernels",
+    "aksis.native",
     "aksis.quantize",
     "aksis.scores",
     "aksis.plots",

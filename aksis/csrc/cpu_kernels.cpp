@@ -323,14 +323,16 @@ AKSIS_AVX512 void int4_rows(const Int4Rows& q, int64_t rows, const uint8_t* w, c
 
 // ---- the ops -------------------------------------------------------------------------------------------------
 
-at::Tensor float_rows(const at::Tensor& x, int64_t k) {
-  return x.reshape({-1, k}).to(at::kFloat).contiguous();
+// x, or the bias, as contiguous float32: itself when it is (no ATen call: a decode step makes 25 of these calls,
+// and each ATen call costs about as much as a small layer's arithmetic).
+at::Tensor as_float(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous();
 }
 
 at::Tensor float_bias(const std::optional<at::Tensor>& bias, int64_t n) {
   if (!bias.has_value()) return at::Tensor();
   TORCH_CHECK(bias->numel() == n, "aksis_cpu: the bias has ", bias->numel(), " values for ", n, " outputs");
-  return bias->to(at::kFloat).contiguous();
+  return as_float(*bias);
 }
 
 std::vector<int64_t> output_shape(const at::Tensor& x, int64_t n) {
@@ -355,12 +357,12 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   TORCH_CHECK(weight.scalar_type() == at::kChar && weight.dim() == 2 && weight.is_contiguous(),
               "aksis_cpu::int8_linear: the weight must be a contiguous int8 matrix");
   const int64_t n = weight.size(0), k = weight.size(1);
-  TORCH_CHECK(x.size(-1) == k, "aksis_cpu::int8_linear: x has ", x.size(-1), " features, the weight ", k);
+  TORCH_CHECK(x.size(-1) == k && k > 0, "aksis_cpu::int8_linear: x has ", x.size(-1), " features, the weight ", k);
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == n && scale.is_contiguous(),
               "aksis_cpu::int8_linear: the scale must be ", n, " contiguous float32 values");
-  at::Tensor xf = float_rows(x, k), b = float_bias(bias, n);
-  const int64_t rows = xf.size(0);
-  at::Tensor y = at::empty({rows, n}, xf.options());
+  at::Tensor xf = as_float(x), b = float_bias(bias, n);
+  const int64_t rows = xf.numel() / k;
+  at::Tensor y = at::empty(output_shape(x, n), xf.options());
   if (rows > 0) {
     Int8Rows q = quantize_int8_rows(xf.data_ptr<float>(), rows, k);
     const int8_t* w = weight.data_ptr<int8_t>();
@@ -371,7 +373,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
       int8_rows(q, rows, w, s, bp, n, k, yp, begin * 4, std::min(end * 4, n));
     });
   }
-  return y.view(output_shape(x, n)).to(x.scalar_type());
+  return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
 }
 
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& zero,
@@ -381,14 +383,14 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& weight, const at::
               "aksis_cpu::int4_linear: the weight must be a contiguous uint8 matrix of two codes a byte");
   const int64_t n = weight.size(0), k = 2 * weight.size(1);
   TORCH_CHECK(x.size(-1) == k, "aksis_cpu::int4_linear: x has ", x.size(-1), " features, the weight ", k);
-  TORCH_CHECK(k % kGroup == 0, "aksis_cpu::int4_linear: the inputs must come in groups of ", kGroup);
+  TORCH_CHECK(k > 0 && k % kGroup == 0, "aksis_cpu::int4_linear: the inputs must come in groups of ", kGroup);
   for (const at::Tensor* t : {&scale, &zero}) {
     TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->numel() == n * (k / kGroup) && t->is_contiguous(),
                 "aksis_cpu::int4_linear: scale and zero must be contiguous bf16, one a group of ", kGroup);
   }
-  at::Tensor xf = float_rows(x, k), b = float_bias(bias, n);
-  const int64_t rows = xf.size(0);
-  at::Tensor y = at::empty({rows, n}, xf.options());
+  at::Tensor xf = as_float(x), b = float_bias(bias, n);
+  const int64_t rows = xf.numel() / k;
+  at::Tensor y = at::empty(output_shape(x, n), xf.options());
   if (rows > 0) {
     Int4Rows q = quantize_int4_rows(xf.data_ptr<float>(), rows, k);
     const uint8_t* w = weight.data_ptr<uint8_t>();
@@ -400,7 +402,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& weight, const at::
       int4_rows(q, rows, w, s, z, bp, n, k, yp, begin, end);
     });
   }
-  return y.view(output_shape(x, n)).to(x.scalar_type());
+  return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
 }
 
 at::Tensor int8_linear_meta(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
