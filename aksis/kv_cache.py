@@ -19,13 +19,22 @@ Slots (`input_pos`) are shared by every row of the batch. Prompts of different l
 to one length and the cache is told how many pad slots each row has (`set_padding`): a row's pad slots are
 hidden from its real tokens, and its positions count from its first real token (`positions`), so a padded
 row computes what it would alone. `reorder` permutes the rows (beam search keeps its best beams).
+
+The model's attention layers call `attend`, which writes the new keys and values and attends over the cache:
+through `F.scaled_dot_product_attention` over the slots `update` hands out, or, for a few new tokens on a CPU with
+aksis's own kernels (aksis.native) and no padding, through `aksis_cpu::cached_attention`, which reads only the
+slots each query sees, in a compiled step too (where SDPA's shapes must be fixed, so it reads the whole cache).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from aksis import native
 from aksis.config import ModelConfig
+
+ATTEND_NATIVE_MAX_TOKENS = 16  # new tokens a call may bring to attend through aksis's kernel (more: a prefill, SDPA)
 
 
 class KVCache:
@@ -89,15 +98,43 @@ class KVCache:
         it ends at the last slot written: the slots after it would be read only to be masked out, and at batch 8
         reading the whole cache is a fifth of a decode step's time. (On a GPU, finding that slot would cost a sync.)
         """
-        k_all, v_all = self.k[layer], self.v[layer]  # (B, n_kv_head, max_len, head_dim)
-        k_all.index_copy_(2, input_pos, k.to(k_all.dtype))
-        v_all.index_copy_(2, input_pos, v.to(v_all.dtype))
+        k_all, v_all = self._write(layer, input_pos, k, v)
         if input_pos.device.type != "cpu" or torch.compiler.is_compiling():
             return k_all, v_all, self.attention_mask(input_pos)
         end = int(input_pos.max()) + 1
         # One new token without padding sees every slot up to its own: no mask needed.
         mask = None if input_pos.numel() == 1 and self.pad is None else self.attention_mask(input_pos)[..., :end]
         return k_all[:, :, :end], v_all[:, :, :end], mask
+
+    def _write(
+        self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        k_all, v_all = self.k[layer], self.v[layer]  # (B, n_kv_head, max_len, head_dim)
+        k_all.index_copy_(2, input_pos, k.to(k_all.dtype))
+        v_all.index_copy_(2, input_pos, v.to(v_all.dtype))
+        return k_all, v_all
+
+    def attend(
+        self, layer: int, input_pos: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """Write k, v (B, n_kv_head, T, head_dim) at slots `input_pos` (T,), then attend the queries q
+        (B, n_head, T, head_dim) over the cache, causally (and past each row's padding): (B, n_head, T, head_dim).
+        Grouped-query attention when n_head is a multiple of n_kv_head."""
+        if (
+            self.pad is None
+            and input_pos.device.type == "cpu"
+            and q.dtype == self.dtype
+            and q.shape[-2] <= ATTEND_NATIVE_MAX_TOKENS
+            and q.shape[-1] <= native.ATTENTION_MAX_HEAD_DIM
+            and (native.available() if native.loaded is None else native.loaded)
+        ):
+            # One op that reads, for each query, only the slots it sees (aksis.native): where SDPA would read the
+            # whole cache in a compiled step, and each call would cost more around the arithmetic in eager mode.
+            k_all, v_all = self._write(layer, input_pos, k, v)
+            return torch.ops.aksis_cpu.cached_attention(q, k_all, v_all, input_pos)
+        k_all, v_all, mask = self.update(layer, input_pos, k, v)  # (B, nkv, S, hd): the S slots to attend over
+        gqa = q.shape[1] != k_all.shape[1]
+        return F.scaled_dot_product_attention(q, k_all.type_as(q), v_all.type_as(q), attn_mask=mask, enable_gqa=gqa)
 
     def attention_mask(self, input_pos: torch.Tensor) -> torch.Tensor:
         """Boolean mask, True where attention is allowed: the query in slot p sees the slots 0..p (causal over

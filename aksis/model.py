@@ -5,8 +5,9 @@
   weights map over with only the Conv1D transposes (see aksis.interop).
 - "llama": rotary position embeddings (RoPE), RMSNorm, SwiGLU MLP, no biases, grouped-query attention.
 
-Attention goes through `F.scaled_dot_product_attention`, which never materialises the attention probabilities;
-`GPT.attention_weights` recomputes them for one layer, for inspection. `forward(..., last_only=True)` projects only
+Attention goes through `F.scaled_dot_product_attention`, which never materialises the attention probabilities (with a
+KV cache, through the cache's `attend`, which may use aksis's own CPU kernel); `GPT.attention_weights` recomputes
+them for one layer, for inspection. `forward(..., last_only=True)` projects only
 the last position onto the vocabulary, which is all generation needs.
 
 The model knows nothing about sampling, files or the Hub: it maps token ids to logits, optionally reading and
@@ -101,14 +102,12 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
-        gqa = self.n_kv_head != self.n_head
         if kv_cache is None:
-            dropout = self.dropout if self.training else 0.0
+            dropout, gqa = self.dropout if self.training else 0.0, self.n_kv_head != self.n_head
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=gqa)
         else:
             assert input_pos is not None
-            k, v, mask = kv_cache.update(self.layer, input_pos, k, v)  # (B, nkv, S, hd): the S slots to attend over
-            y = F.scaled_dot_product_attention(q, k.type_as(q), v.type_as(q), attn_mask=mask, enable_gqa=gqa)
+            y = kv_cache.attend(self.layer, input_pos, q, k, v)  # writes k, v at input_pos, attends over the cache
         y = y.transpose(1, 2).reshape(B, T, q_dim)  # (B, T, nh * hd)
         return self.resid_dropout(self.c_proj(y))
 

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
 INT4_GROUP_SIZE = 32  # the int4 kernel's group of inputs (kGroup in the source)
+ATTENTION_MAX_HEAD_DIM = 256  # the widest head the attention kernel takes (kMaxHeadDim)
 NEEDS = ("avx512_f", "avx512_bw", "avx512_vl", "avx512_dq", "avx512_vnni")  # the instructions the kernels use
 
 loaded: bool | None = None  # None until `available()` has been asked; then whether the ops are there

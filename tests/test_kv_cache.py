@@ -156,3 +156,35 @@ def test_attending_over_the_written_slots_equals_attending_over_the_whole_static
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     static = decode()
     torch.testing.assert_close(sliced, static, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_attend_through_aksis_kernel_equals_sdpa(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without padding, a few new tokens on a CPU with aksis's kernels attend through `aksis_cpu::cached_attention`,
+    which reads only the slots each query sees; SDPA (over the written slots, or the whole cache and a mask as a
+    compiled step has it) gives the same logits, for a prefill, chunks of new tokens and single ones."""
+    from aksis import native
+
+    if not native.available():
+        pytest.skip("aksis's kernels need AVX-512 VNNI (tests/test_native.py checks they build where it is)")
+    model = GPT(tiny_config(arch)).eval()
+    idx = torch.randint(0, 300, (2, 40))
+
+    def decode() -> torch.Tensor:
+        cache = KVCache(model.config, batch_size=2, max_len=48)
+        steps = [model(idx[:, :20], kv_cache=cache, input_pos=torch.arange(20))[0]]  # > 16 tokens: SDPA
+        steps.append(model(idx[:, 20:30], kv_cache=cache, input_pos=torch.arange(20, 30))[0])
+        steps += [model(idx[:, t : t + 1], kv_cache=cache, input_pos=torch.tensor([t]))[0] for t in range(30, 40)]
+        return torch.cat(steps, dim=1)
+
+    calls = []
+    op = torch.ops.aksis_cpu.cached_attention
+    monkeypatch.setattr(torch.ops.aksis_cpu, "cached_attention", lambda *a: calls.append(1) or op(*a))
+    kernel = decode()
+    assert len(calls) == model.config.n_layer * 11  # the chunk of 10 and the 10 single tokens, in every layer
+    monkeypatch.setattr(native, "loaded", False)
+    sdpa = decode()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    static = decode()
+    torch.testing.assert_close(kernel, sdpa, atol=1e-5, rtol=0)
+    torch.testing.assert_close(kernel, static, atol=1e-5, rtol=0)

@@ -159,3 +159,45 @@ def test_a_failed_build_falls_back_to_pytorchs_kernels_with_one_warning(tmp_path
     assert run.stdout.split() == ["False", "None", "4"]
     warnings = [line for line in run.stderr.splitlines() if "failed to build" in line]
     assert len(warnings) == 1 and "use PyTorch's kernels" in warnings[0]
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "queries", "first", "dtype"),
+    [
+        (8, 8, 64, 1, 100, torch.float32),  # a decode step of the base preset
+        (9, 3, 64, 5, 10, torch.float32),  # grouped-query attention, several new tokens
+        (4, 2, 20, 1, 39, torch.float32),  # a head width not a multiple of 16, the cache's last slot
+        (8, 8, 64, 1, 0, torch.bfloat16),  # the first slot: one key to attend
+        (2, 1, 128, 7, 0, torch.bfloat16),
+    ],
+)
+def test_cached_attention_is_causal_sdpa_over_the_slots_each_query_sees(
+    heads: int, kv_heads: int, head_dim: int, queries: int, first: int, dtype: torch.dtype
+) -> None:
+    assert native.available()
+    slots = 40 if first == 39 else 128
+    q = torch.randn(2, queries, heads, head_dim, dtype=dtype).transpose(1, 2)  # as the model makes it
+    k, v = (torch.randn(2, kv_heads, slots, head_dim, dtype=dtype) for _ in range(2))
+    positions = torch.arange(first, first + queries)
+    y = torch.ops.aksis_cpu.cached_attention(q, k, v, positions)
+    mask = torch.arange(slots)[None, :] <= positions[:, None]
+    gqa = heads != kv_heads
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=gqa
+    )
+    assert y.shape == q.shape and y.dtype == dtype
+    assert y.transpose(1, 2).is_contiguous()  # (B, T, heads, hd) in memory: the model's next reshape copies nothing
+    torch.testing.assert_close(y.float(), expected, atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=0)
+
+
+@needs_kernels
+def test_cached_attention_refuses_what_it_cannot_read() -> None:
+    assert native.available()
+    q, k = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 8, 16)
+    with pytest.raises(RuntimeError, match="slot 8 is outside the cache"):
+        torch.ops.aksis_cpu.cached_attention(q, k, k, torch.tensor([8]))
+    with pytest.raises(RuntimeError, match="in q's dtype"):
+        torch.ops.aksis_cpu.cached_attention(q, k.bfloat16(), k.bfloat16(), torch.tensor([0]))
+    with pytest.raises(RuntimeError, match="does not fit the cache"):
+        torch.ops.aksis_cpu.cached_attention(torch.randn(1, 3, 1, 16), k, k, torch.tensor([0]))

@@ -321,6 +321,62 @@ AKSIS_AVX512 void int4_rows(const Int4Rows& q, int64_t rows, const uint8_t* w, c
   }
 }
 
+// ---- attention over the KV cache ----------------------------------------------------------------------------
+
+// e^x for x <= 0 (softmax's shifted scores), to about 2e-7: x = n ln2 + r, |r| <= ln2 / 2, e^r by its Taylor
+// polynomial to r^6, times 2^n (scalef).
+AKSIS_AVX512 inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));  // e^-87 is near float's smallest normal: 0 from here on is as good
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 in two parts: r exact enough
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  for (float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+AKSIS_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+AKSIS_AVX512 inline __m512 load16(const at::BFloat16* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+constexpr int64_t kMaxHeadDim = 256;
+
+// One query (hd values at q) over the first n slots of one head's keys and values (rows of hd, contiguous):
+// softmax(q k^T * scale) v, into out (hd floats). `scores` has room for n floats.
+template <typename T>
+AKSIS_AVX512 void attend_one(const T* q, const T* k, const T* v, int64_t n, int64_t hd, float scale, float* scores,
+                             float* out) {
+  const int64_t nv = (hd + 15) / 16;
+  const __mmask16 tail = hd % 16 ? static_cast<__mmask16>((1u << (hd % 16)) - 1) : 0xFFFF;
+  __m512 qv[kMaxHeadDim / 16];
+  for (int64_t j = 0; j < nv; ++j) qv[j] = _mm512_mul_ps(load16(q + 16 * j, j == nv - 1 ? tail : 0xFFFF), _mm512_set1_ps(scale));
+  float top = -INFINITY;
+  for (int64_t s = 0; s < n; ++s) {
+    const T* ks = k + s * hd;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t j = 0; j < nv; ++j) acc = _mm512_fmadd_ps(qv[j], load16(ks + 16 * j, j == nv - 1 ? tail : 0xFFFF), acc);
+    scores[s] = _mm512_reduce_add_ps(acc);
+    top = std::max(top, scores[s]);
+  }
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t s = 0; s < n; s += 16) {
+    __mmask16 m = n - s >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - s)) - 1);
+    __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + s), _mm512_set1_ps(top)));
+    _mm512_mask_storeu_ps(scores + s, m, e);
+    total = _mm512_add_ps(total, _mm512_maskz_mov_ps(m, e));
+  }
+  __m512 acc[kMaxHeadDim / 16];
+  for (int64_t j = 0; j < nv; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < n; ++s) {
+    const T* vs = v + s * hd;
+    __m512 p = _mm512_set1_ps(scores[s]);
+    for (int64_t j = 0; j < nv; ++j) acc[j] = _mm512_fmadd_ps(p, load16(vs + 16 * j, j == nv - 1 ? tail : 0xFFFF), acc[j]);
+  }
+  __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+  for (int64_t j = 0; j < nv; ++j) _mm512_mask_storeu_ps(out + 16 * j, j == nv - 1 ? tail : 0xFFFF, _mm512_mul_ps(acc[j], inv));
+}
+
 // ---- the ops -------------------------------------------------------------------------------------------------
 
 // x, or the bias, as contiguous float32: itself when it is (no ATen call: a decode step makes 25 of these calls,
@@ -405,6 +461,51 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
 }
 
+// Attention of the queries q (B, n_head, T, hd) over a KV cache k, v (B, n_kv_head, S, hd): the query at slot
+// input_pos[t] sees the slots 0..input_pos[t] (causal, no padding), and only those are read. Returns
+// (B, n_head, T, hd) in q's dtype, laid out as (B, T, n_head, hd), which is how the model reads it next.
+at::Tensor cached_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& input_pos) {
+  check_input(q, "aksis_cpu::cached_attention");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "aksis_cpu::cached_attention: q, k and v must be 4-D");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() && k.is_contiguous() &&
+                  v.is_contiguous() && k.sizes() == v.sizes(),
+              "aksis_cpu::cached_attention: the cache's k and v must be contiguous, of one shape, in q's dtype");
+  const int64_t B = q.size(0), nh = q.size(1), T = q.size(2), hd = q.size(3), nkv = k.size(1), S = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(3) == hd && nkv > 0 && nh % nkv == 0 && hd <= kMaxHeadDim,
+              "aksis_cpu::cached_attention: q ", q.sizes(), " does not fit the cache ", k.sizes());
+  TORCH_CHECK(input_pos.scalar_type() == at::kLong && input_pos.dim() == 1 && input_pos.size(0) == T,
+              "aksis_cpu::cached_attention: input_pos must hold one int64 slot per query");
+  at::Tensor pos = input_pos.contiguous();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(pp[t] >= 0 && pp[t] < S, "aksis_cpu::cached_attention: slot ", pp[t], " is outside the cache");
+  at::Tensor qc = q.stride(3) == 1 ? q : q.contiguous();
+  at::Tensor out = at::empty({B, T, nh, hd}, q.options().dtype(at::kFloat));
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  float* op = out.data_ptr<float>();
+  auto run = [&](auto* qp, auto* kp, auto* vp) {
+    at::parallel_for(0, B * nh * T, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores(S);
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t b = i / (nh * T), h = i / T % nh, t = i % T, kvh = h / (nh / nkv);
+        const int64_t head = (b * nkv + kvh) * S * hd;
+        attend_one(qp + b * qc.stride(0) + h * qc.stride(1) + t * qc.stride(2), kp + head, vp + head, pp[t] + 1, hd,
+                   scale, scores.data(), op + ((b * T + t) * nh + h) * hd);
+      }
+    });
+  };
+  if (q.scalar_type() == at::kFloat)
+    run(qc.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>());
+  else
+    run(qc.data_ptr<at::BFloat16>(), k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>());
+  return (q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type())).transpose(1, 2);
+}
+
+at::Tensor cached_attention_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& input_pos) {
+  return at::empty({q.size(0), q.size(2), q.size(1), q.size(3)}, q.options()).transpose(1, 2);
+}
+
 at::Tensor int8_linear_meta(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                             const std::optional<at::Tensor>& bias) {
   return at::empty(output_shape(x, weight.size(0)), x.options());
@@ -420,14 +521,17 @@ at::Tensor int4_linear_meta(const at::Tensor& x, const at::Tensor& weight, const
 TORCH_LIBRARY(aksis_cpu, m) {
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scale, Tensor? bias) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor weight, Tensor scale, Tensor zero, Tensor? bias) -> Tensor");
+  m.def("cached_attention(Tensor q, Tensor k, Tensor v, Tensor input_pos) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(aksis_cpu, CPU, m) {
   m.impl("int8_linear", int8_linear);
   m.impl("int4_linear", int4_linear);
+  m.impl("cached_attention", cached_attention);
 }
 
 TORCH_LIBRARY_IMPL(aksis_cpu, Meta, m) {
   m.impl("int8_linear", int8_linear_meta);
   m.impl("int4_linear", int4_linear_meta);
+  m.impl("cached_attention", cached_attention_meta);
 }
