@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from aksis import native
 from aksis.config import GenerationConfig
 from aksis.kv_cache import KVCache
 from aksis.model import GPT
@@ -608,10 +609,13 @@ def compile_for_decoding(model: GPT) -> GPT:
     is one token per row, so launching its kernels one by one would take longer than running them, and the
     static KV cache keeps every shape and address fixed, as graphs need. On a CPU the compiled step is run by
     generated C++ (inductor's `cpp_wrapper`) instead of Python, which cuts the cost of launching each of its many
-    small kernels. On the CPU measured so far (README, Performance) that pays at batch 1 in fp32, int8 and int4, and
-    loses a little in bf16, where eager runs oneDNN on packed weights."""
-    on_gpu = next(model.parameters()).device.type == "cuda"
-    pack_all(model)  # int4 layers' packed weights made before compiling (aksis.quantize)
+    small kernels. On the CPU measured so far (README, Performance) that pays at batch 1 in int8 and int4, and little
+    in fp32 and bf16."""
+    device = next(model.parameters()).device.type
+    if device == "cpu":
+        native.available()  # aksis's kernels built and loaded now: a compiled step reads the answer as a constant
+    pack_all(model)  # with PyTorch's kernels, quantized layers' packed weights made before compiling (aksis.quantize)
+    on_gpu = device == "cuda"
     if on_gpu:
         return torch.compile(model, mode="reduce-overhead")  # type: ignore[return-value]
     return torch.compile(model, options={"cpp_wrapper": True})  # type: ignore[return-value]

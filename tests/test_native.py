@@ -201,3 +201,16 @@ def test_cached_attention_refuses_what_it_cannot_read() -> None:
         torch.ops.aksis_cpu.cached_attention(q, k.bfloat16(), k.bfloat16(), torch.tensor([0]))
     with pytest.raises(RuntimeError, match="does not fit the cache"):
         torch.ops.aksis_cpu.cached_attention(torch.randn(1, 3, 1, 16), k, k, torch.tensor([0]))
+
+
+def test_compiling_for_decoding_asks_for_the_kernels_before_tracing(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A compiled step reads `native.loaded` as a constant: it must be settled before Dynamo traces the model (an fp32
+    # model has no quantized layer to settle it on its way).
+    from conftest import tiny_config
+
+    from aksis.generation import compile_for_decoding
+    from aksis.model import GPT
+
+    monkeypatch.setattr(native, "loaded", None)
+    compile_for_decoding(GPT(tiny_config("llama")).eval())
+    assert native.loaded == (native.cpu_supported() and os.environ.get("AKSIS_NATIVE_KERNELS") != "0")
