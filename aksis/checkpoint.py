@@ -41,7 +41,7 @@ from huggingface_hub import errors as hf_errors
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from aksis import __version__
+from aksis import __version__, native
 from aksis.chat_template import JINJA as CHAT_JINJA
 from aksis.config import GenerationConfig, ModelConfig
 from aksis.device import pick_device
@@ -840,4 +840,5 @@ def load_model(
             raise CheckpointError(str(err)) from None
     if next(model.parameters()).device.type == "cpu":
         use_cpu_kernels(model)
+        native.available()  # aksis's CPU kernels built (the first time) as part of loading, not of the first reply
     return model, load_tokenizer(name), load_generation_config(name)

@@ -132,7 +132,8 @@ GENERATE = (
     "from aksis.model import GPT; from aksis.quantize import quantize; from aksis.generation import generate_batch; "
     "from aksis.tokenizer import Tokenizer; torch.manual_seed(0); "
     "m = quantize(GPT(ModelConfig.from_preset('tiny', vocab_size=260)).eval(), 'int4'); "
-    "done = generate_batch(m, Tokenizer.byte_level(), [[1, 2, 3]], GenerationConfig(max_new_tokens=4)); "
+    "greedy = GenerationConfig(max_new_tokens=4, temperature=0.0); "  # sampling could end early on an end token
+    "done = generate_batch(m, Tokenizer.byte_level(), [[1, 2, 3]], greedy); "
     "print(n.available(), n.why_not(), len(done[0].token_ids))"
 )
 
@@ -214,3 +215,17 @@ def test_compiling_for_decoding_asks_for_the_kernels_before_tracing(monkeypatch:
     monkeypatch.setattr(native, "loaded", None)
     compile_for_decoding(GPT(tiny_config("llama")).eval())
     assert native.loaded == (native.cpu_supported() and os.environ.get("AKSIS_NATIVE_KERNELS") != "0")
+
+
+def test_loading_a_model_onto_the_cpu_settles_the_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Built (the first time on a machine) while loading, so the first reply does not wait for the compiler.
+    from conftest import tiny_config
+
+    from aksis.checkpoint import load_model, save_checkpoint
+    from aksis.model import GPT
+    from aksis.tokenizer import Tokenizer
+
+    save_checkpoint(GPT(tiny_config("gpt2", vocab_size=260)), tmp_path / "m", tokenizer=Tokenizer.byte_level())
+    monkeypatch.setattr(native, "loaded", None)
+    load_model(tmp_path / "m", device="cpu")
+    assert native.loaded is not None
