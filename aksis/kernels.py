@@ -17,7 +17,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from aksis import native
+
 PACKED_DTYPES = (torch.float32, torch.bfloat16)  # what CPULinear runs faster than F.linear
+NATIVE_MAX_ROWS = 4  # rows a call may bring to aksis's dense kernel (aksis.native): a decode step's, batch 1 to 4
 
 
 @functools.cache
@@ -44,15 +47,18 @@ class CPULinear(nn.Linear):
       copy of the weight packed once into its blocked layout;
     - bfloat16 (a model loaded with `--dtype bf16`), any number of rows: oneDNN on the packed copy too. `F.linear`'s
       own bf16 path was slower than float32 here (40 layers of 2048 x 512, one row: 4.8 ms against 3.5 ms; oneDNN
-      packed: 1.7 ms).
+      packed: 1.7 ms);
+    - on a CPU with aksis's own kernels (aksis.native), up to `NATIVE_MAX_ROWS` rows in bf16, and in a compiled step
+      in fp32 too: `aksis_cpu::dense_linear`, which streams the weight once for all the rows (40 bf16 layers of
+      2048 x 512, one row: 1.8 ms against oneDNN's 2.1; fp32: as fast as the batched halves, 50 GB/s).
 
     The packed copy costs as much memory as the weight (`inference_bytes`). It is made at the first inference pass
     with several rows and made again after the weight changes (in place, as an optimizer or `load_state_dict` does,
-    or moved); a forward pass with gradients drops it. Inside `torch.compile` on a CPU (`compile_for_decoding`), one
-    row is an elementwise product and a sum, which inductor turns into its own vectorised pass over the weight,
-    where it would call MKL's slow one-row path for `F.linear`. Results equal `F.linear`'s up to float rounding
-    (tests/test_kernels.py). Elsewhere (training, a GPU, other dtypes, more rows inside `torch.compile`, no MKL or
-    oneDNN) it is plain `F.linear`.
+    or moved); a forward pass with gradients drops it. Inside `torch.compile` on a CPU (`compile_for_decoding`)
+    without aksis's kernels, one row is an elementwise product and a sum, which inductor turns into its own
+    vectorised pass over the weight, where it would call MKL's slow one-row path for `F.linear`. Results equal
+    `F.linear`'s up to float rounding (tests/test_kernels.py). Elsewhere (training, a GPU, other dtypes, more rows
+    inside `torch.compile`, no MKL or oneDNN) it is plain `F.linear`.
     """
 
     _packed: tuple[int, int, torch.Tensor] | None = None  # (weight's data_ptr, its version, packed weight)
@@ -64,8 +70,21 @@ class CPULinear(nn.Linear):
         fast.weight, fast.bias = linear.weight, linear.bias
         return fast
 
+    def _native(self, x: torch.Tensor) -> bool:
+        """Whether x goes through aksis's dense kernel: a few rows on a CPU that has it, without gradients."""
+        return (
+            x.device.type == "cpu"
+            and x.dtype in PACKED_DTYPES
+            and self.weight.dtype == x.dtype
+            and x.numel() <= NATIVE_MAX_ROWS * self.in_features
+            and not torch.is_grad_enabled()
+            and (native.available() if native.loaded is None else native.loaded)
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():  # first: the checks below would break the compiled graph
+            if self._native(x):  # one op in the graph, which streams the weight once
+                return torch.ops.aksis_cpu.dense_linear(x, self.weight, self.bias)
             if x.numel() == self.in_features and x.device.type == "cpu":  # one row (a decode step at batch 1)
                 # An elementwise product and a sum over inputs, which inductor compiles into one vectorised pass
                 # over the weight: for the base preset's decode step, 2.8 ms in fp32 against 6.7 through F.linear.
@@ -79,6 +98,8 @@ class CPULinear(nn.Linear):
         if x.device.type != "cpu" or x.dtype not in PACKED_DTYPES or self.weight.dtype != x.dtype:
             return F.linear(x, self.weight, self.bias)
         if x.dtype == torch.bfloat16:  # every row count: F.linear's bf16 path is slower than fp32's
+            if self._native(x):
+                return torch.ops.aksis_cpu.dense_linear(x, self.weight, self.bias)
             if onednn_available() and not self.weight.is_inference():
                 return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight(), self.bias, "none", [], "")
             return F.linear(x, self.weight, self.bias)

@@ -9,8 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from conftest import tiny_config
 
+from aksis import native
 from aksis.checkpoint import load_model, save_checkpoint
-from aksis.kernels import CPULinear, inference_bytes, onednn_available, use_cpu_kernels
+from aksis.kernels import NATIVE_MAX_ROWS, CPULinear, inference_bytes, onednn_available, use_cpu_kernels
 from aksis.model import GPT
 from aksis.tokenizer import Tokenizer
 
@@ -45,8 +46,15 @@ def test_linear_takes_the_batched_halves_for_one_row_and_packs_its_weight_for_mo
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 3])
-def test_a_compiled_layer_sums_one_row_itself_and_leaves_more_to_f_linear(rows: int, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("rows", [1, 3, 5])
+@pytest.mark.parametrize("aksis_kernels", [True, False])
+def test_a_compiled_layer_calls_one_op_or_sums_one_row_itself(
+    rows: int, dtype: torch.dtype, aksis_kernels: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if aksis_kernels and not native.available():
+        pytest.skip("aksis's kernels need AVX-512 VNNI (tests/test_native.py checks they build where it is)")
+    monkeypatch.setattr(native, "loaded", native.available() and aksis_kernels)
+    torch._dynamo.reset()  # each case compiles CPULinear.forward afresh (12 would pass Dynamo's recompile limit)
     layer = CPULinear(64, 300).to(dtype)
     graphs: list[torch.fx.GraphModule] = []
 
@@ -61,7 +69,26 @@ def test_a_compiled_layer_sums_one_row_itself_and_leaves_more_to_f_linear(rows: 
     torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias), atol=tolerance, rtol=tolerance)
     [graph] = graphs
     called = {getattr(node.target, "__name__", str(node.target)) for node in graph.graph.nodes}
-    assert ("linear" in called) == (rows > 1) and ("sum" in called) == (rows == 1)
+    if aksis_kernels and rows <= NATIVE_MAX_ROWS:  # aksis's dense kernel, as one op
+        assert "dense_linear" in called and "linear" not in called
+    else:  # inductor sums one row itself; F.linear for more
+        assert ("linear" in called) == (rows > 1) and ("sum" in called) == (rows == 1)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 5])
+def test_bf16_rows_go_through_aksis_dense_kernel_up_to_a_few(rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not native.available():
+        pytest.skip("aksis's kernels need AVX-512 VNNI (tests/test_native.py checks they build where it is)")
+    calls: list[int] = []
+    op = torch.ops.aksis_cpu.dense_linear
+    monkeypatch.setattr(torch.ops.aksis_cpu, "dense_linear", lambda *a: calls.append(1) or op(*a))
+    layer = CPULinear(64, 300).to(torch.bfloat16)
+    x = torch.randn(rows, 64, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        y = layer(x)
+    assert calls == ([1] if rows <= NATIVE_MAX_ROWS else [])
+    expected = F.linear(x.float(), layer.weight.float(), layer.bias.float())
+    torch.testing.assert_close(y.float(), expected, atol=2e-2, rtol=2e-2)
 
 
 def test_linear_packs_its_weight_once_and_again_after_it_changes() -> None:

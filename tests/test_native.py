@@ -229,3 +229,20 @@ def test_loading_a_model_onto_the_cpu_settles_the_kernels(tmp_path: Path, monkey
     monkeypatch.setattr(native, "loaded", None)
     load_model(tmp_path / "m", device="cpu")
     assert native.loaded is not None
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("k", "n", "rows"), [(512, 2048, 1), (100, 7, 3), (64, 300, 4), (16, 5, 9)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_dense_kernel_is_f_linear(dtype: torch.dtype, k: int, n: int, rows: int, bias: bool) -> None:
+    assert native.available()
+    layer = nn.Linear(k, n, bias=bias).to(dtype)
+    x = torch.randn(rows, k, dtype=dtype)
+    y = torch.ops.aksis_cpu.dense_linear(x, layer.weight, layer.bias)
+    expected = torch.nn.functional.linear(x.float(), layer.weight.float(), None if not bias else layer.bias.float())
+    assert y.shape == (rows, n) and y.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # float sums in another order; bf16 rounds the result
+    torch.testing.assert_close(y.float(), expected, atol=tolerance, rtol=tolerance)
+    with pytest.raises(RuntimeError, match="in x's dtype"):
+        torch.ops.aksis_cpu.dense_linear(x.float() if dtype == torch.bfloat16 else x.bfloat16(), layer.weight, None)

@@ -55,6 +55,12 @@ AKSIS_AVX512 inline __m512 load_bf16(const at::BFloat16* p, int64_t n) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
+// 16 float32 or bf16 values as floats (the lanes outside m zero).
+AKSIS_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+AKSIS_AVX512 inline __m512 load16(const at::BFloat16* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
 // ---- int8 ----------------------------------------------------------------------------------------------------
 
 struct Int8Rows {  // the input rows, quantized: row m is dx[m] * xq[m], xq padded with zeros to `stride` bytes
@@ -321,6 +327,62 @@ AKSIS_AVX512 void int4_rows(const Int4Rows& q, int64_t rows, const uint8_t* w, c
   }
 }
 
+// ---- float32 and bfloat16 weights ------------------------------------------------------------------------------
+
+// Four rows of a float32 or bf16 weight (k values each, from w) times MT input rows (1 to 4, float32, k apart):
+// each weight vector read once for all MT, as int8_dot4 does.
+template <int MT, typename T>
+AKSIS_AVX512 inline void dense_dot4(const T* w, int64_t k, const float* x, __m128* out) {
+  __m512 acc[MT][4];
+  for (int t = 0; t < MT; ++t)
+    for (int r = 0; r < 4; ++r) acc[t][r] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < k; i += 16) {
+    __mmask16 mask = k - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (k - i)) - 1);
+    __m512 wv[4];
+    for (int r = 0; r < 4; ++r) {
+      if (i % (64 / sizeof(T)) == 0)  // once a cache line: the same bytes kAhead rows on
+        _mm_prefetch(reinterpret_cast<const char*>(w + (r + kAhead) * k + i), _MM_HINT_T0);
+      wv[r] = load16(w + r * k + i, mask);
+    }
+    for (int t = 0; t < MT; ++t) {
+      __m512 xv = _mm512_maskz_loadu_ps(mask, x + t * k + i);
+      for (int r = 0; r < 4; ++r) acc[t][r] = _mm512_fmadd_ps(wv[r], xv, acc[t][r]);
+    }
+  }
+  for (int t = 0; t < MT; ++t) out[t] = sum4_ps(acc[t][0], acc[t][1], acc[t][2], acc[t][3]);
+}
+
+template <typename T>
+AKSIS_AVX512 void dense_rows(const float* x, int64_t rows, const T* w, const float* bias, int64_t n_out, int64_t k,
+                             float* y, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; n += 4) {
+    // The last rows of an output count not divisible by 4 are read from a zero-padded copy.
+    const T* wn = w + n * k;
+    std::vector<T> padded;
+    const int64_t live = std::min<int64_t>(4, n1 - n);
+    if (live < 4) {
+      padded.assign(4 * k, T(0));
+      std::copy(wn, wn + live * k, padded.begin());
+      wn = padded.data();
+    }
+    for (int64_t m0 = 0; m0 < rows; m0 += 4) {
+      __m128 sums[4];
+      const float* xm = x + m0 * k;
+      switch (std::min<int64_t>(4, rows - m0)) {
+        case 1: dense_dot4<1>(wn, k, xm, sums); break;
+        case 2: dense_dot4<2>(wn, k, xm, sums); break;
+        case 3: dense_dot4<3>(wn, k, xm, sums); break;
+        default: dense_dot4<4>(wn, k, xm, sums); break;
+      }
+      for (int64_t t = 0; t < std::min<int64_t>(4, rows - m0); ++t) {
+        alignas(16) float v[4];
+        _mm_store_ps(v, sums[t]);
+        for (int64_t r = 0; r < live; ++r) y[(m0 + t) * n_out + n + r] = bias ? v[r] + bias[n + r] : v[r];
+      }
+    }
+  }
+}
+
 // ---- attention over the KV cache ----------------------------------------------------------------------------
 
 // e^x for x <= 0 (softmax's shifted scores), to about 2e-7: x = n ln2 + r, |r| <= ln2 / 2, e^r by its Taylor
@@ -335,10 +397,6 @@ AKSIS_AVX512 inline __m512 exp_ps(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-AKSIS_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-AKSIS_AVX512 inline __m512 load16(const at::BFloat16* p, __mmask16 m) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
 
 constexpr int64_t kMaxHeadDim = 256;
 
@@ -461,6 +519,35 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
 }
 
+// x (..., K) times a float32 or bf16 weight (N, K) of the same dtype as x, plus the bias: a few rows, as a decode
+// step has them (the weight streamed once, 4 rows at a time, with software prefetch).
+at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  check_input(x, "aksis_cpu::dense_linear");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.dim() == 2 && weight.is_contiguous(),
+              "aksis_cpu::dense_linear: the weight must be a contiguous matrix in x's dtype");
+  const int64_t n = weight.size(0), k = weight.size(1);
+  TORCH_CHECK(x.size(-1) == k && k > 0, "aksis_cpu::dense_linear: x has ", x.size(-1), " features, the weight ", k);
+  at::Tensor xf = as_float(x), b = float_bias(bias, n);
+  const int64_t rows = xf.numel() / k;
+  at::Tensor y = at::empty(output_shape(x, n), xf.options());
+  if (rows > 0) {
+    const float* xp = xf.data_ptr<float>();
+    const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, (n + 3) / 4, grain(rows, k) / 4 + 1, [&](int64_t begin, int64_t end) {
+      if (weight.scalar_type() == at::kFloat)
+        dense_rows(xp, rows, weight.data_ptr<float>(), bp, n, k, yp, begin * 4, std::min(end * 4, n));
+      else
+        dense_rows(xp, rows, weight.data_ptr<at::BFloat16>(), bp, n, k, yp, begin * 4, std::min(end * 4, n));
+    });
+  }
+  return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
+}
+
+at::Tensor dense_linear_meta(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  return at::empty(output_shape(x, weight.size(0)), x.options());
+}
+
 // Attention of the queries q (B, n_head, T, hd) over a KV cache k, v (B, n_kv_head, S, hd): the query at slot
 // input_pos[t] sees the slots 0..input_pos[t] (causal, no padding), and only those are read. Returns
 // (B, n_head, T, hd) in q's dtype, laid out as (B, T, n_head, hd), which is how the model reads it next.
@@ -522,16 +609,19 @@ TORCH_LIBRARY(aksis_cpu, m) {
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scale, Tensor? bias) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor weight, Tensor scale, Tensor zero, Tensor? bias) -> Tensor");
   m.def("cached_attention(Tensor q, Tensor k, Tensor v, Tensor input_pos) -> Tensor");
+  m.def("dense_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(aksis_cpu, CPU, m) {
   m.impl("int8_linear", int8_linear);
   m.impl("int4_linear", int4_linear);
   m.impl("cached_attention", cached_attention);
+  m.impl("dense_linear", dense_linear);
 }
 
 TORCH_LIBRARY_IMPL(aksis_cpu, Meta, m) {
   m.impl("int8_linear", int8_linear_meta);
   m.impl("int4_linear", int4_linear_meta);
   m.impl("cached_attention", cached_attention_meta);
+  m.impl("dense_linear", dense_linear_meta);
 }
