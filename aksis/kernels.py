@@ -48,9 +48,10 @@ class CPULinear(nn.Linear):
     - bfloat16 (a model loaded with `--dtype bf16`), any number of rows: oneDNN on the packed copy too. `F.linear`'s
       own bf16 path was slower than float32 here (40 layers of 2048 x 512, one row: 4.8 ms against 3.5 ms; oneDNN
       packed: 1.7 ms);
-    - on a CPU with aksis's own kernels (aksis.native), up to `NATIVE_MAX_ROWS` rows in bf16, and in a compiled step
-      in fp32 too: `aksis_cpu::dense_linear`, which streams the weight once for all the rows (40 bf16 layers of
-      2048 x 512, one row: 1.8 ms against oneDNN's 2.1; fp32: as fast as the batched halves, 50 GB/s).
+    - on a CPU with aksis's own kernels (aksis.native), up to `NATIVE_MAX_ROWS` rows in bf16, eager or compiled:
+      `aksis_cpu::dense_linear`, which streams the weight once for all the rows (40 bf16 layers of 2048 x 512, one
+      row: 1.8 ms against oneDNN's 2.1). It takes fp32 weights too, but there it was no faster (2.9-4.2 ms against
+      the batched halves' 3.2-3.3), so fp32 keeps the paths above.
 
     The packed copy costs as much memory as the weight (`inference_bytes`). It is made at the first inference pass
     with several rows and made again after the weight changes (in place, as an optimizer or `load_state_dict` does,
@@ -71,10 +72,11 @@ class CPULinear(nn.Linear):
         return fast
 
     def _native(self, x: torch.Tensor) -> bool:
-        """Whether x goes through aksis's dense kernel: a few rows on a CPU that has it, without gradients."""
+        """Whether x goes through aksis's dense kernel: a few bf16 rows on a CPU that has it, without gradients. (In
+        fp32 it measured no faster than MKL's batched halves eager, and slower than inductor's pass compiled.)"""
         return (
             x.device.type == "cpu"
-            and x.dtype in PACKED_DTYPES
+            and x.dtype == torch.bfloat16
             and self.weight.dtype == x.dtype
             and x.numel() <= NATIVE_MAX_ROWS * self.in_features
             and not torch.is_grad_enabled()
