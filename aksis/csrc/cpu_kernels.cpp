@@ -1,10 +1,13 @@
-// aksis's own int8 and int4 matrix-vector kernels for x86 CPUs with AVX-512 VNNI, built at first use by
-// aksis/native.py (torch.utils.cpp_extension) and registered as the ops aksis_cpu::int8_linear and
-// aksis_cpu::int4_linear.
+// aksis's own CPU kernels for x86 CPUs with AVX-512 VNNI, built at first use by aksis/native.py
+// (torch.utils.cpp_extension) and registered as PyTorch ops:
 //
-// Both read the weights exactly as aksis.quantize stores them (no packed copy) and quantize the input per call to
-// 8 bits, then multiply in integers with VNNI's vpdpbusd (64 products of an unsigned and a signed byte, summed in
-// fours into 32-bit lanes), as llama.cpp multiplies its q8_0 and q4_0 weights by 8-bit activations:
+// - aksis_cpu::int8_linear and aksis_cpu::int4_linear: matrix products for a few rows (a decode step's);
+// - aksis_cpu::dense_linear: the same for bf16 (or float32) weights, streamed once for up to 4 rows;
+// - aksis_cpu::cached_attention: attention of new tokens over the KV cache, reading only the slots each one sees.
+//
+// The int8 and int4 ones read the weights exactly as aksis.quantize stores them (no packed copy) and quantize the
+// input per call to 8 bits, then multiply in integers with VNNI's vpdpbusd (64 products of an unsigned and a signed
+// byte, summed in fours into 32-bit lanes), as llama.cpp multiplies its q8_0 and q4_0 weights by 8-bit activations:
 //
 // - int8: W = scale[n] * w, w in -127..127 (int8, (N, K)). The input row is quantized symmetrically to 8 bits, one
 //   scale per row. vpdpbusd wants one unsigned operand: the weight byte is read as w + 128 (one xor), and the
@@ -16,8 +19,8 @@
 //   with their high nibbles. A 32-bit lane then sums 8 inputs of one group, lanes 4g..4g+3 make group g of a
 //   chunk, and a group's sum is scale * dx * (sum(q * xq) - 8 * sum(xq)) + zero * sum(x).
 //
-// Each op takes rows of x in float32 or bfloat16 and returns rows in the same dtype; the output rows are split
-// among PyTorch's threads (at::parallel_for).
+// Each op takes x in float32 or bfloat16 and returns the same dtype; the work is split among PyTorch's threads
+// (at::parallel_for, whose OpenMP pragmas need -fopenmp).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -48,17 +51,15 @@ AKSIS_AVX512 inline __m512i sum_fours(__m512i a0, __m512i a1, __m512i a2, __m512
   return _mm512_add_epi32(_mm512_unpacklo_epi64(s01, s23), _mm512_unpackhi_epi64(s01, s23));
 }
 
-// 16 bf16 values (n of them read; the rest zero) as floats.
-AKSIS_AVX512 inline __m512 load_bf16(const at::BFloat16* p, int64_t n) {
-  __mmask16 mask = n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
-  __m256i raw = _mm256_maskz_loadu_epi16(mask, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
-// 16 float32 or bf16 values as floats (the lanes outside m zero).
+// 16 float32 or bf16 values as floats (the lanes outside m zero: nothing is read there).
 AKSIS_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 AKSIS_AVX512 inline __m512 load16(const at::BFloat16* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+// The first n (up to 16) bf16 values at p as floats, the rest zero.
+AKSIS_AVX512 inline __m512 load_bf16(const at::BFloat16* p, int64_t n) {
+  return load16(p, n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1));
 }
 
 // ---- int8 ----------------------------------------------------------------------------------------------------
@@ -407,13 +408,14 @@ AKSIS_AVX512 void attend_one(const T* q, const T* k, const T* v, int64_t n, int6
                              float* out) {
   const int64_t nv = (hd + 15) / 16;
   const __mmask16 tail = hd % 16 ? static_cast<__mmask16>((1u << (hd % 16)) - 1) : 0xFFFF;
+  auto lanes = [&](int64_t j) -> __mmask16 { return j == nv - 1 ? tail : 0xFFFF; };  // vector j of a head
   __m512 qv[kMaxHeadDim / 16];
-  for (int64_t j = 0; j < nv; ++j) qv[j] = _mm512_mul_ps(load16(q + 16 * j, j == nv - 1 ? tail : 0xFFFF), _mm512_set1_ps(scale));
+  for (int64_t j = 0; j < nv; ++j) qv[j] = _mm512_mul_ps(load16(q + 16 * j, lanes(j)), _mm512_set1_ps(scale));
   float top = -INFINITY;
   for (int64_t s = 0; s < n; ++s) {
     const T* ks = k + s * hd;
     __m512 acc = _mm512_setzero_ps();
-    for (int64_t j = 0; j < nv; ++j) acc = _mm512_fmadd_ps(qv[j], load16(ks + 16 * j, j == nv - 1 ? tail : 0xFFFF), acc);
+    for (int64_t j = 0; j < nv; ++j) acc = _mm512_fmadd_ps(qv[j], load16(ks + 16 * j, lanes(j)), acc);
     scores[s] = _mm512_reduce_add_ps(acc);
     top = std::max(top, scores[s]);
   }
@@ -429,10 +431,10 @@ AKSIS_AVX512 void attend_one(const T* q, const T* k, const T* v, int64_t n, int6
   for (int64_t s = 0; s < n; ++s) {
     const T* vs = v + s * hd;
     __m512 p = _mm512_set1_ps(scores[s]);
-    for (int64_t j = 0; j < nv; ++j) acc[j] = _mm512_fmadd_ps(p, load16(vs + 16 * j, j == nv - 1 ? tail : 0xFFFF), acc[j]);
+    for (int64_t j = 0; j < nv; ++j) acc[j] = _mm512_fmadd_ps(p, load16(vs + 16 * j, lanes(j)), acc[j]);
   }
   __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
-  for (int64_t j = 0; j < nv; ++j) _mm512_mask_storeu_ps(out + 16 * j, j == nv - 1 ? tail : 0xFFFF, _mm512_mul_ps(acc[j], inv));
+  for (int64_t j = 0; j < nv; ++j) _mm512_mask_storeu_ps(out + 16 * j, lanes(j), _mm512_mul_ps(acc[j], inv));
 }
 
 // ---- the ops -------------------------------------------------------------------------------------------------
@@ -551,7 +553,8 @@ at::Tensor dense_linear_meta(const at::Tensor& x, const at::Tensor& weight, cons
 // Attention of the queries q (B, n_head, T, hd) over a KV cache k, v (B, n_kv_head, S, hd): the query at slot
 // input_pos[t] sees the slots 0..input_pos[t] (causal, no padding), and only those are read. Returns
 // (B, n_head, T, hd) in q's dtype, laid out as (B, T, n_head, hd), which is how the model reads it next.
-at::Tensor cached_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& input_pos) {
+at::Tensor cached_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& input_pos) {
   check_input(q, "aksis_cpu::cached_attention");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "aksis_cpu::cached_attention: q, k and v must be 4-D");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() && k.is_contiguous() &&
