@@ -1,12 +1,14 @@
-"""aksis's own C++ kernels for int8 and int4 layers on x86 CPUs with AVX-512 VNNI (`csrc/cpu_kernels.cpp`).
+"""aksis's own C++ CPU kernels for x86 CPUs with AVX-512 VNNI (`csrc/cpu_kernels.cpp`): int8 and int4 layers
+(aksis.quantize), bf16 layers at a few rows (aksis.kernels) and attention over the KV cache (aksis.kv_cache).
 
-They are compiled from source the first time a quantized model runs on such a CPU (`torch.utils.cpp_extension`,
-about 10 seconds with g++, then cached on disk under `TORCH_EXTENSIONS_DIR`, by default
-`~/.cache/torch_extensions`) and registered as the PyTorch ops `aksis_cpu::int8_linear` and
-`aksis_cpu::int4_linear`, which eager code and compiled graphs call alike. Building needs a C++ compiler and
-ninja (a requirement of aksis), as `torch.compile` on a CPU needs the compiler. Where the CPU lacks VNNI, or the
-build fails, or `AKSIS_NATIVE_KERNELS=0` is set, `available()` is False and aksis.quantize uses PyTorch's own int8
-and int4 kernels instead (one log line says why). Nothing is built at import.
+They are compiled from source the first time they are asked for on such a CPU (`available()`: when a model is
+loaded onto the CPU or compiled for decoding, else at its first forward pass), with `torch.utils.cpp_extension`:
+about 10 seconds with g++, then cached on disk under `TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`.
+They are registered as the PyTorch ops `aksis_cpu::int8_linear`, `int4_linear`, `dense_linear` and
+`cached_attention`, which eager code and compiled graphs call alike. Building needs a C++ compiler and ninja (a
+requirement of aksis), as `torch.compile` on a CPU needs the compiler. Where the CPU lacks VNNI, or the build fails,
+or `AKSIS_NATIVE_KERNELS=0` is set, `available()` is False and PyTorch's own kernels run instead (one log line says
+why). Nothing is built at import.
 """
 
 from __future__ import annotations
@@ -51,8 +53,8 @@ def why_not() -> str | None:
 
 
 def available() -> bool:
-    """Whether the ops `aksis_cpu::int8_linear` and `aksis_cpu::int4_linear` can be called: built (or found built)
-    and loaded on the first call, in any thread; the answer is kept for the process."""
+    """Whether the `aksis_cpu` ops can be called: built (or found built) and loaded on the first call, in any
+    thread; the answer is kept for the process."""
     global loaded
     if loaded is not None:
         return loaded
@@ -88,7 +90,7 @@ def _load() -> bool:
         try:
             from torch.utils import cpp_extension
 
-            log.info("loading aksis's int8/int4 CPU kernels (built once, in about 10 s: %s)", SOURCE.name)
+            log.info("loading aksis's CPU kernels (built once per machine, in about 10 s: %s)", SOURCE.name)
             with _ninja_on_path():
                 cpp_extension.load(
                     name="aksis_cpu_kernels",
@@ -102,7 +104,7 @@ def _load() -> bool:
             return True
         except Exception as err:  # no compiler, no ninja, an unwritable cache: PyTorch's kernels still work
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            log.warning("aksis's CPU kernels failed to build (%s); int8/int4 layers use PyTorch's kernels", first_line)
+            log.warning("aksis's CPU kernels failed to build (%s); PyTorch's kernels run instead", first_line)
             return False
-    log.info("aksis's CPU kernels are not used: %s; int8/int4 layers use PyTorch's kernels", reason)
+    log.info("aksis's CPU kernels are not used: %s; PyTorch's kernels run instead", reason)
     return False
