@@ -148,6 +148,15 @@ def pytest_unconfigure() -> None:
     HUB_SERVER.close()
 
 
+def require_aksis_kernels() -> None:
+    """Skip unless aksis's C++ CPU kernels are loaded. They need AVX-512 VNNI; where the CPU has it (CI's), they must
+    build: tests/test_native.py fails otherwise, so a test behind this cannot be skipped there unnoticed."""
+    from aksis import native
+
+    if not native.available():
+        pytest.skip(f"aksis's kernels are not here: {native.why_not() or 'their build failed'}")
+
+
 def tiny_config(arch: str = "gpt2", **overrides: object) -> ModelConfig:
     """A model small enough for a test to run in milliseconds."""
     defaults: dict[str, object] = dict(vocab_size=300, block_size=64, n_layer=2, n_embd=64, n_head=4, d_ff=128)

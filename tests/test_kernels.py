@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import tiny_config
+from conftest import require_aksis_kernels, tiny_config
 
 from aksis import native
 from aksis.checkpoint import load_model, save_checkpoint
@@ -51,8 +51,8 @@ def test_linear_takes_the_batched_halves_for_one_row_and_packs_its_weight_for_mo
 def test_a_compiled_layer_calls_one_op_or_sums_one_row_itself(
     rows: int, dtype: torch.dtype, aksis_kernels: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if aksis_kernels and not native.available():
-        pytest.skip("aksis's kernels need AVX-512 VNNI (tests/test_native.py checks they build where it is)")
+    if aksis_kernels:
+        require_aksis_kernels()
     monkeypatch.setattr(native, "loaded", native.available() and aksis_kernels)
     torch._dynamo.reset()  # each case compiles CPULinear.forward afresh (12 would pass Dynamo's recompile limit)
     layer = CPULinear(64, 300).to(dtype)
@@ -77,8 +77,7 @@ def test_a_compiled_layer_calls_one_op_or_sums_one_row_itself(
 
 @pytest.mark.parametrize("rows", [1, 4, 5])
 def test_bf16_rows_go_through_aksis_dense_kernel_up_to_a_few(rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    if not native.available():
-        pytest.skip("aksis's kernels need AVX-512 VNNI (tests/test_native.py checks they build where it is)")
+    require_aksis_kernels()
     calls: list[int] = []
     op = torch.ops.aksis_cpu.dense_linear
     monkeypatch.setattr(torch.ops.aksis_cpu, "dense_linear", lambda *a: calls.append(1) or op(*a))

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import require_aksis_kernels, tiny_config
 
 from aksis.config import ModelConfig
 from aksis.generation import _Session
@@ -165,8 +165,7 @@ def test_attend_through_aksis_kernel_equals_sdpa(arch: str, monkeypatch: pytest.
     compiled step has it) gives the same logits, for a prefill, chunks of new tokens and single ones."""
     from aksis import native
 
-    if not native.available():
-        pytest.skip("aksis's kernels need AVX-512 VNNI (tests/test_native.py checks they build where it is)")
+    require_aksis_kernels()
     model = GPT(tiny_config(arch)).eval()
     idx = torch.randint(0, 300, (2, 40))
 

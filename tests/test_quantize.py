@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from conftest import tiny_config
+from conftest import require_aksis_kernels, tiny_config
 
 import aksis.quantize
 from aksis import native
@@ -44,8 +44,8 @@ PRECISIONS = [("fp32", "none"), ("bf16", "none"), ("fp32", "int8"), ("fp32", "in
 def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Which real kernels the quantized layers run: aksis's own (aksis.native, where the CPU takes them) or
     PyTorch's (FBGEMM, ATen's int4 kernel), as on a CPU without AVX-512 VNNI or without a compiler."""
-    if request.param == "aksis" and not native.available():
-        pytest.skip("aksis's kernels need AVX-512 VNNI (tests/test_native.py checks they build where it is)")
+    if request.param == "aksis":
+        require_aksis_kernels()
     if request.param == "pytorch":
         monkeypatch.setattr(native, "loaded", False)
     return str(request.param)

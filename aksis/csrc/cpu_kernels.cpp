@@ -467,6 +467,17 @@ void check_input(const at::Tensor& x, const char* op) {
 // Grain of output rows per thread: enough work that a call on one small layer does not pay for waking threads.
 int64_t grain(int64_t rows, int64_t k) { return std::max<int64_t>(16, (1 << 16) / std::max<int64_t>(k * rows, 1)); }
 
+// What the three linear ops share: x as float32 rows of k, the bias as float32 (or null), the output (..., n)
+// allocated, run(x, rows, bias, y) called unless there are no rows, and the output returned in x's dtype.
+template <typename Run>
+at::Tensor linear_op(const at::Tensor& x, int64_t n, int64_t k, const std::optional<at::Tensor>& bias, const Run& run) {
+  at::Tensor xf = as_float(x), b = float_bias(bias, n);
+  const int64_t rows = xf.numel() / k;
+  at::Tensor y = at::empty(output_shape(x, n), xf.options());
+  if (rows > 0) run(xf.data_ptr<float>(), rows, b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>());
+  return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
+}
+
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                        const std::optional<at::Tensor>& bias) {
   check_input(x, "aksis_cpu::int8_linear");
@@ -476,20 +487,14 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   TORCH_CHECK(x.size(-1) == k && k > 0, "aksis_cpu::int8_linear: x has ", x.size(-1), " features, the weight ", k);
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == n && scale.is_contiguous(),
               "aksis_cpu::int8_linear: the scale must be ", n, " contiguous float32 values");
-  at::Tensor xf = as_float(x), b = float_bias(bias, n);
-  const int64_t rows = xf.numel() / k;
-  at::Tensor y = at::empty(output_shape(x, n), xf.options());
-  if (rows > 0) {
-    Int8Rows q = quantize_int8_rows(xf.data_ptr<float>(), rows, k);
+  return linear_op(x, n, k, bias, [&](const float* xp, int64_t rows, const float* bp, float* yp) {
+    Int8Rows q = quantize_int8_rows(xp, rows, k);
     const int8_t* w = weight.data_ptr<int8_t>();
     const float* s = scale.data_ptr<float>();
-    const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-    float* yp = y.data_ptr<float>();
     at::parallel_for(0, (n + 3) / 4, grain(rows, k) / 4 + 1, [&](int64_t begin, int64_t end) {
       int8_rows(q, rows, w, s, bp, n, k, yp, begin * 4, std::min(end * 4, n));
     });
-  }
-  return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
+  });
 }
 
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& zero,
@@ -504,21 +509,15 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& weight, const at::
     TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->numel() == n * (k / kGroup) && t->is_contiguous(),
                 "aksis_cpu::int4_linear: scale and zero must be contiguous bf16, one a group of ", kGroup);
   }
-  at::Tensor xf = as_float(x), b = float_bias(bias, n);
-  const int64_t rows = xf.numel() / k;
-  at::Tensor y = at::empty(output_shape(x, n), xf.options());
-  if (rows > 0) {
-    Int4Rows q = quantize_int4_rows(xf.data_ptr<float>(), rows, k);
+  return linear_op(x, n, k, bias, [&](const float* xp, int64_t rows, const float* bp, float* yp) {
+    Int4Rows q = quantize_int4_rows(xp, rows, k);
     const uint8_t* w = weight.data_ptr<uint8_t>();
     const at::BFloat16* s = scale.data_ptr<at::BFloat16>();
     const at::BFloat16* z = zero.data_ptr<at::BFloat16>();
-    const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-    float* yp = y.data_ptr<float>();
     at::parallel_for(0, n, grain(rows, k), [&](int64_t begin, int64_t end) {
       int4_rows(q, rows, w, s, z, bp, n, k, yp, begin, end);
     });
-  }
-  return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
+  });
 }
 
 // x (..., K) times a float32 or bf16 weight (N, K) of the same dtype as x, plus the bias: a few rows, as a decode
@@ -529,21 +528,14 @@ at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight, const std
               "aksis_cpu::dense_linear: the weight must be a contiguous matrix in x's dtype");
   const int64_t n = weight.size(0), k = weight.size(1);
   TORCH_CHECK(x.size(-1) == k && k > 0, "aksis_cpu::dense_linear: x has ", x.size(-1), " features, the weight ", k);
-  at::Tensor xf = as_float(x), b = float_bias(bias, n);
-  const int64_t rows = xf.numel() / k;
-  at::Tensor y = at::empty(output_shape(x, n), xf.options());
-  if (rows > 0) {
-    const float* xp = xf.data_ptr<float>();
-    const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-    float* yp = y.data_ptr<float>();
+  return linear_op(x, n, k, bias, [&](const float* xp, int64_t rows, const float* bp, float* yp) {
     at::parallel_for(0, (n + 3) / 4, grain(rows, k) / 4 + 1, [&](int64_t begin, int64_t end) {
       if (weight.scalar_type() == at::kFloat)
         dense_rows(xp, rows, weight.data_ptr<float>(), bp, n, k, yp, begin * 4, std::min(end * 4, n));
       else
         dense_rows(xp, rows, weight.data_ptr<at::BFloat16>(), bp, n, k, yp, begin * 4, std::min(end * 4, n));
     });
-  }
-  return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
+  });
 }
 
 at::Tensor dense_linear_meta(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
