@@ -20,7 +20,11 @@ import torch.nn.functional as F
 from aksis import native
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)  # what CPULinear runs faster than F.linear
-NATIVE_MAX_ROWS = 4  # rows a call may bring to aksis's dense kernel (aksis.native): a decode step's, batch 1 to 4
+# Rows a call may bring to aksis's dense kernel (aksis.native), by dtype: where it measured faster than CPULinear's
+# other paths. For the base preset's 25 layers (with biases), in ms: float32 1.87 against 2.06 at one row, 2.14
+# against 2.30 at two, 2.41 against oneDNN's 2.23 at four; bf16 0.79 against oneDNN's 1.15 at one row, 1.41 against
+# 1.53 at eight, 2.42 against 1.94 at sixteen.
+NATIVE_MAX_ROWS = {torch.float32: 2, torch.bfloat16: 8}
 
 
 @functools.cache
@@ -48,10 +52,10 @@ class CPULinear(nn.Linear):
     - bfloat16 (a model loaded with `--dtype bf16`), any number of rows: oneDNN on the packed copy too. `F.linear`'s
       own bf16 path was slower than float32 here (40 layers of 2048 x 512, one row: 4.8 ms against 3.5 ms; oneDNN
       packed: 1.7 ms);
-    - on a CPU with aksis's own kernels (aksis.native), up to `NATIVE_MAX_ROWS` rows in bf16, eager or compiled:
-      `aksis_cpu::dense_linear`, which streams the weight once for all the rows (40 bf16 layers of 2048 x 512, one
-      row: 1.8 ms against oneDNN's 2.1). It takes fp32 weights too, but there it was no faster (2.9-4.2 ms against
-      the batched halves' 3.2-3.3), so fp32 keeps the paths above.
+    - on a CPU with aksis's own kernels (aksis.native), a few rows (`NATIVE_MAX_ROWS`: up to 8 in bf16, 2 in
+      float32), eager or compiled: `aksis_cpu::dense_linear`, which streams the weight once for all the rows (for
+      the base preset's layers at one row, bf16 0.79 ms against oneDNN's 1.15, float32 1.87 against the batched
+      halves' 2.06).
 
     The packed copy costs as much memory as the weight (`inference_bytes`). It is made at the first inference pass
     with several rows and made again after the weight changes (in place, as an optimizer or `load_state_dict` does,
@@ -72,13 +76,13 @@ class CPULinear(nn.Linear):
         return fast
 
     def _native(self, x: torch.Tensor) -> bool:
-        """Whether x goes through aksis's dense kernel: a few bf16 rows on a CPU that has it, without gradients. (In
-        fp32 it measured no faster than MKL's batched halves eager, and slower than inductor's pass compiled.)"""
+        """Whether x goes through aksis's dense kernel: a few float32 or bf16 rows on a CPU that has it, without
+        gradients."""
         return (
             x.device.type == "cpu"
-            and x.dtype == torch.bfloat16
+            and x.dtype in NATIVE_MAX_ROWS
             and self.weight.dtype == x.dtype
-            and x.numel() <= NATIVE_MAX_ROWS * self.in_features
+            and x.numel() <= NATIVE_MAX_ROWS[x.dtype] * self.in_features
             and not torch.is_grad_enabled()
             and (native.available() if native.loaded is None else native.loaded)
         )
@@ -99,9 +103,9 @@ class CPULinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         if x.device.type != "cpu" or x.dtype not in PACKED_DTYPES or self.weight.dtype != x.dtype:
             return F.linear(x, self.weight, self.bias)
+        if self._native(x):
+            return torch.ops.aksis_cpu.dense_linear(x, self.weight, self.bias)
         if x.dtype == torch.bfloat16:  # every row count: F.linear's bf16 path is slower than fp32's
-            if self._native(x):
-                return torch.ops.aksis_cpu.dense_linear(x, self.weight, self.bias)
             if onednn_available() and not self.weight.is_inference():
                 return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight(), self.bias, "none", [], "")
             return F.linear(x, self.weight, self.bias)

@@ -31,6 +31,7 @@ def test_linear_inference_path_equals_f_linear(shape: tuple[int, ...], bias: boo
 def test_linear_takes_the_batched_halves_for_one_row_and_packs_its_weight_for_more(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(native, "loaded", False)  # PyTorch's kernels, as on a CPU without aksis's
     layer = CPULinear(64, 300)
     bmm_calls: list[int] = []
     bmm = torch.bmm
@@ -69,25 +70,30 @@ def test_a_compiled_layer_calls_one_op_or_sums_one_row_itself(
     torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias), atol=tolerance, rtol=tolerance)
     [graph] = graphs
     called = {getattr(node.target, "__name__", str(node.target)) for node in graph.graph.nodes}
-    if aksis_kernels and rows <= NATIVE_MAX_ROWS and dtype == torch.bfloat16:  # aksis's dense kernel, as one op
+    if aksis_kernels and rows <= NATIVE_MAX_ROWS[dtype]:  # aksis's dense kernel, as one op
         assert "dense_linear" in called and "linear" not in called
     else:  # inductor sums one row itself; F.linear for more
         assert ("linear" in called) == (rows > 1) and ("sum" in called) == (rows == 1)
 
 
-@pytest.mark.parametrize("rows", [1, 4, 5])
-def test_bf16_rows_go_through_aksis_dense_kernel_up_to_a_few(rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("dtype", "rows"), [(torch.float32, r) for r in (1, 2, 3)] + [(torch.bfloat16, r) for r in (1, 8, 9)]
+)
+def test_a_few_rows_go_through_aksis_dense_kernel(
+    dtype: torch.dtype, rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     require_aksis_kernels()
     calls: list[int] = []
     op = torch.ops.aksis_cpu.dense_linear
     monkeypatch.setattr(torch.ops.aksis_cpu, "dense_linear", lambda *a: calls.append(1) or op(*a))
-    layer = CPULinear(64, 300).to(torch.bfloat16)
-    x = torch.randn(rows, 64, dtype=torch.bfloat16)
+    layer = CPULinear(64, 300).to(dtype)
+    x = torch.randn(rows, 64, dtype=dtype)
     with torch.inference_mode():
         y = layer(x)
-    assert calls == ([1] if rows <= NATIVE_MAX_ROWS else [])
-    expected = F.linear(x.float(), layer.weight.float(), layer.bias.float())
-    torch.testing.assert_close(y.float(), expected, atol=2e-2, rtol=2e-2)
+    assert calls == ([1] if rows <= NATIVE_MAX_ROWS[dtype] else [])
+    expected = F.linear(x.double(), layer.weight.double(), layer.bias.double())
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(y.double(), expected, atol=tolerance, rtol=tolerance)
 
 
 def test_linear_packs_its_weight_once_and_again_after_it_changes() -> None:

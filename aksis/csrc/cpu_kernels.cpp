@@ -2,7 +2,7 @@
 // (torch.utils.cpp_extension) and registered as PyTorch ops:
 //
 // - aksis_cpu::int8_linear and aksis_cpu::int4_linear: matrix products for a few rows (a decode step's);
-// - aksis_cpu::dense_linear: the same for bf16 (or float32) weights, streamed once for up to 4 rows;
+// - aksis_cpu::dense_linear: the same for float32 and bf16 weights, streamed once for all of a few input rows;
 // - aksis_cpu::cached_attention: attention of new tokens over the KV cache, reading only the slots each one sees.
 //
 // The int8 and int4 ones read the weights exactly as aksis.quantize stores them (no packed copy) and quantize the
@@ -39,7 +39,12 @@ namespace {
 constexpr int64_t kGroup = 32;        // int4 inputs sharing one scale and zero
 constexpr int64_t kChunk = 128;       // int4 inputs in one 64-byte load of codes
 constexpr int64_t kBlockGroups = 16;  // int4 groups reduced together (4 chunks, one float per group)
-constexpr int64_t kAhead = 8;         // weight rows fetched ahead of the row being read
+// Software prefetch: the bytes of each weight row this far ahead are fetched while the row is read. Streaming the
+// weights from memory, the int8, int4 and bf16 loops wait otherwise (the base preset's bf16 layers, one row: 0.72 ms
+// with 16 KB ahead, 0.85 with 8 KB, 1.2 with none; int4, which reads a row in half the steps of int8, did best
+// nearer). float32's loads, a whole cache line a step, keep the hardware's prefetcher ahead: prefetching there was
+// slower (1.93 ms against 2.04 at 4 KB ahead).
+constexpr int64_t kAheadBytes = 16384, kInt4AheadBytes = 2048;
 
 inline __mmask64 byte_mask(int64_t n) { return n >= 64 ? ~0ULL : (1ULL << n) - 1; }
 
@@ -110,27 +115,33 @@ Int8Rows quantize_int8_rows(const float* x, int64_t rows, int64_t k) {
   return q;
 }
 
+// One step of int8_dot4: 64 inputs (the bytes in `mask`) at i of the four weight rows and the MT input rows.
+template <int MT>
+AKSIS_AVX512 inline void int8_step(const int8_t* w, int64_t k, const int8_t* xq, int64_t stride, int64_t i,
+                                   __mmask64 mask, __m512i (&acc)[MT][4]) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));  // w xor 0x80 == w + 128, as an unsigned byte
+  __m512i wv[4];
+  for (int r = 0; r < 4; ++r) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + r * k + i) + kAheadBytes, _MM_HINT_T0);
+    wv[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w + r * k + i), flip);
+  }
+  for (int t = 0; t < MT; ++t) {
+    __m512i xv = _mm512_loadu_si512(xq + t * stride + i);  // zero-padded: whatever the masked bytes are, 0
+    for (int r = 0; r < 4; ++r) acc[t][r] = _mm512_dpbusd_epi32(acc[t][r], wv[r], xv);
+  }
+}
+
 // Four rows of the weight (from w, k bytes each) times MT input rows (1 to 4, from xq, `stride` bytes apart): for
 // each input row, the four integer sums (with the 128 * sum(xq) surplus). Each weight vector is read once for all MT.
+// The loop over whole vectors has a constant mask (as dense_dot4's).
 template <int MT>
 AKSIS_AVX512 inline void int8_dot4(const int8_t* w, int64_t k, const int8_t* xq, int64_t stride, __m128i* out) {
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));  // w xor 0x80 == w + 128, as an unsigned byte
   __m512i acc[MT][4];
   for (int t = 0; t < MT; ++t)
     for (int r = 0; r < 4; ++r) acc[t][r] = _mm512_setzero_si512();
-  for (int64_t i = 0; i < k; i += 64) {
-    __mmask64 mask = byte_mask(k - i);
-    __m512i wv[4];
-    for (int r = 0; r < 4; ++r) {
-      // The same bytes kAhead rows on, fetched ahead: streaming the weights from memory, it waits otherwise.
-      _mm_prefetch(reinterpret_cast<const char*>(w + (r + kAhead) * k + i), _MM_HINT_T0);
-      wv[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w + r * k + i), flip);
-    }
-    for (int t = 0; t < MT; ++t) {
-      __m512i xv = _mm512_loadu_si512(xq + t * stride + i);  // zero-padded: whatever the masked bytes are, 0
-      for (int r = 0; r < 4; ++r) acc[t][r] = _mm512_dpbusd_epi32(acc[t][r], wv[r], xv);
-    }
-  }
+  int64_t i = 0;
+  for (; i + 64 <= k; i += 64) int8_step<MT>(w, k, xq, stride, i, ~0ULL, acc);
+  if (i < k) int8_step<MT>(w, k, xq, stride, i, byte_mask(k - i), acc);
   for (int t = 0; t < MT; ++t) {
     __m512i s = sum_fours(acc[t][0], acc[t][1], acc[t][2], acc[t][3]);  // block j: partial sums of the four rows
     __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1));
@@ -242,8 +253,7 @@ AKSIS_AVX512 inline void int4_block(const Int4Rows& q, int64_t m0, const uint8_t
   __m512i lo[4], hi[4];
   for (int c = 0; c < 4; ++c) {
     int64_t byte0 = (g0 + 4 * c) * (kGroup / 2);
-    // The same bytes kAhead rows on, fetched ahead (as int8_dot4 does).
-    _mm_prefetch(reinterpret_cast<const char*>(wn + kAhead * row_bytes + byte0), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(wn + byte0) + kInt4AheadBytes, _MM_HINT_T0);
     __m512i codes = FULL ? _mm512_loadu_si512(wn + byte0)
                          : _mm512_maskz_loadu_epi8(byte_mask(std::max<int64_t>(row_bytes - byte0, 0)), wn + byte0);
     lo[c] = _mm512_and_si512(codes, low);
@@ -330,26 +340,33 @@ AKSIS_AVX512 void int4_rows(const Int4Rows& q, int64_t rows, const uint8_t* w, c
 
 // ---- float32 and bfloat16 weights ------------------------------------------------------------------------------
 
+// One step of dense_dot4: 16 inputs (the lanes in `mask`) at i of the four weight rows and the MT input rows.
+template <int MT, typename T>
+AKSIS_AVX512 inline void dense_step(const T* w, int64_t k, const float* x, int64_t i, __mmask16 mask,
+                                    __m512 (&acc)[MT][4]) {
+  __m512 wv[4];
+  for (int r = 0; r < 4; ++r) {
+    if (sizeof(T) == 2 && i % 32 == 0)  // bf16: once a cache line
+      _mm_prefetch(reinterpret_cast<const char*>(w + r * k + i) + kAheadBytes, _MM_HINT_T0);
+    wv[r] = load16(w + r * k + i, mask);
+  }
+  for (int t = 0; t < MT; ++t) {
+    __m512 xv = _mm512_maskz_loadu_ps(mask, x + t * k + i);
+    for (int r = 0; r < 4; ++r) acc[t][r] = _mm512_fmadd_ps(wv[r], xv, acc[t][r]);
+  }
+}
+
 // Four rows of a float32 or bf16 weight (k values each, from w) times MT input rows (1 to 4, float32, k apart):
-// each weight vector read once for all MT, as int8_dot4 does.
+// each weight vector read once for all MT, as int8_dot4 does. The loop over whole vectors has a constant mask:
+// computing one each step made a float32 layer 28% slower.
 template <int MT, typename T>
 AKSIS_AVX512 inline void dense_dot4(const T* w, int64_t k, const float* x, __m128* out) {
   __m512 acc[MT][4];
   for (int t = 0; t < MT; ++t)
     for (int r = 0; r < 4; ++r) acc[t][r] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < k; i += 16) {
-    __mmask16 mask = k - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (k - i)) - 1);
-    __m512 wv[4];
-    for (int r = 0; r < 4; ++r) {
-      if (i % (64 / sizeof(T)) == 0)  // once a cache line: the same bytes kAhead rows on
-        _mm_prefetch(reinterpret_cast<const char*>(w + (r + kAhead) * k + i), _MM_HINT_T0);
-      wv[r] = load16(w + r * k + i, mask);
-    }
-    for (int t = 0; t < MT; ++t) {
-      __m512 xv = _mm512_maskz_loadu_ps(mask, x + t * k + i);
-      for (int r = 0; r < 4; ++r) acc[t][r] = _mm512_fmadd_ps(wv[r], xv, acc[t][r]);
-    }
-  }
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) dense_step<MT>(w, k, x, i, static_cast<__mmask16>(0xFFFF), acc);
+  if (i < k) dense_step<MT>(w, k, x, i, static_cast<__mmask16>((1u << (k - i)) - 1), acc);
   for (int t = 0; t < MT; ++t) out[t] = sum4_ps(acc[t][0], acc[t][1], acc[t][2], acc[t][3]);
 }
 
@@ -521,7 +538,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& weight, const at::
 }
 
 // x (..., K) times a float32 or bf16 weight (N, K) of the same dtype as x, plus the bias: a few rows, as a decode
-// step has them (the weight streamed once, 4 rows at a time, with software prefetch).
+// step has them (the weight streamed once, 4 of its rows at a time; bf16 with software prefetch).
 at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   check_input(x, "aksis_cpu::dense_linear");
   TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.dim() == 2 && weight.is_contiguous(),
