@@ -162,6 +162,33 @@ def test_a_failed_build_falls_back_to_pytorchs_kernels_with_one_warning(tmp_path
 
 
 @needs_kernels
+def test_bf16_in_and_out_is_the_float32_computation_rounded_as_pytorch_rounds() -> None:
+    # The ops convert bf16 inputs and outputs themselves: exactly what .float() and .bfloat16() give.
+    assert native.available()
+    int8, int4 = Int8Linear.from_linear(nn.Linear(100, 37)), Int4Linear.from_linear(nn.Linear(64, 37))
+    dense = nn.Linear(100, 37).bfloat16()
+    x, x4 = torch.randn(3, 100).bfloat16(), torch.randn(3, 64).bfloat16()
+    x[1, 5] = float("nan")  # a NaN makes its row NaN, which rounds to bf16's NaN
+    int8_op = lambda x, b: torch.ops.aksis_cpu.int8_linear(x, int8.weight, int8.scale, b)
+    int4_op = lambda x, b: torch.ops.aksis_cpu.int4_linear(x, int4.weight, int4.scale, int4.zero, b)
+    for op, inputs in [(int8_op, x), (int4_op, x4)]:
+        bias = torch.randn(37).bfloat16()
+        y = op(inputs, bias)
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y, op(inputs.float(), bias.float()).bfloat16(), atol=0, rtol=0, equal_nan=True)
+    y = torch.ops.aksis_cpu.dense_linear(x, dense.weight, dense.bias)
+    exact = torch.ops.aksis_cpu.dense_linear(x.float(), dense.weight.float(), dense.bias.float())
+    torch.testing.assert_close(y, exact.bfloat16(), atol=0, rtol=0, equal_nan=True)
+    assert y[1].isnan().all() and not y[[0, 2]].isnan().any()
+    q = torch.randn(2, 8, 3, 64).bfloat16()
+    k, v = (torch.randn(2, 8, 16, 64).bfloat16() for _ in range(2))
+    positions = torch.arange(5, 8)
+    y = torch.ops.aksis_cpu.cached_attention(q, k, v, positions)
+    exact = torch.ops.aksis_cpu.cached_attention(q.float(), k.float(), v.float(), positions)
+    torch.testing.assert_close(y, exact.bfloat16(), atol=0, rtol=0)
+
+
+@needs_kernels
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "head_dim", "queries", "first", "dtype"),
     [

@@ -456,17 +456,56 @@ AKSIS_AVX512 void attend_one(const T* q, const T* k, const T* v, int64_t n, int6
 
 // ---- the ops -------------------------------------------------------------------------------------------------
 
-// x, or the bias, as contiguous float32: itself when it is (no ATen call: a decode step makes 25 of these calls,
-// and each ATen call costs about as much as a small layer's arithmetic).
-at::Tensor as_float(const at::Tensor& t) {
-  return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous();
+// n contiguous bf16 values as floats.
+AKSIS_AVX512 void bf16_to_float(const at::BFloat16* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    _mm512_mask_storeu_ps(dst + i, m, load16(src + i, m));
+  }
 }
 
-at::Tensor float_bias(const std::optional<at::Tensor>& bias, int64_t n) {
-  if (!bias.has_value()) return at::Tensor();
-  TORCH_CHECK(bias->numel() == n, "aksis_cpu: the bias has ", bias->numel(), " values for ", n, " outputs");
-  return as_float(*bias);
+// n floats as bf16, rounded to nearest even as PyTorch rounds them (a NaN is bf16's NaN).
+AKSIS_AVX512 void float_to_bf16(const float* src, at::BFloat16* dst, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    __m512 v = _mm512_maskz_loadu_ps(m, src + i);
+    __m512i bits = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    bits = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+    bits = _mm512_mask_mov_epi32(bits, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
+    _mm256_mask_storeu_epi16(dst + i, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+  }
 }
+
+// A tensor's values as contiguous float32: its own data when it is contiguous float32, else a copy in buf, made
+// without an ATen call when it is contiguous bf16 (a decode step makes 25 calls of each op, and each ATen call costs
+// about as much as a small layer's arithmetic: in bf16, three conversions a call took 0.1 ms a step).
+const float* float_values(const at::Tensor& t, std::vector<float>& buf) {
+  if (t.scalar_type() == at::kFloat && t.is_contiguous()) return t.data_ptr<float>();
+  buf.resize(t.numel());
+  if (t.scalar_type() == at::kBFloat16 && t.is_contiguous()) {
+    bf16_to_float(t.data_ptr<at::BFloat16>(), buf.data(), t.numel());
+  } else {
+    at::Tensor c = t.to(at::kFloat).contiguous();
+    std::copy(c.data_ptr<float>(), c.data_ptr<float>() + c.numel(), buf.begin());
+  }
+  return buf.data();
+}
+
+// Where an op writes float32 results for an output `out` of float32 or bf16: out's own data, or a buffer that
+// `finish` then rounds into out.
+struct FloatOut {
+  at::Tensor out;
+  std::vector<float> buf;
+  explicit FloatOut(at::Tensor t) : out(std::move(t)) {
+    if (out.scalar_type() != at::kFloat) buf.resize(out.numel());
+  }
+  float* data() { return buf.empty() ? out.data_ptr<float>() : buf.data(); }
+  at::Tensor finish() {
+    if (!buf.empty()) float_to_bf16(buf.data(), out.data_ptr<at::BFloat16>(), out.numel());
+    return out;
+  }
+};
 
 std::vector<int64_t> output_shape(const at::Tensor& x, int64_t n) {
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
@@ -484,15 +523,19 @@ void check_input(const at::Tensor& x, const char* op) {
 // Grain of output rows per thread: enough work that a call on one small layer does not pay for waking threads.
 int64_t grain(int64_t rows, int64_t k) { return std::max<int64_t>(16, (1 << 16) / std::max<int64_t>(k * rows, 1)); }
 
-// What the three linear ops share: x as float32 rows of k, the bias as float32 (or null), the output (..., n)
-// allocated, run(x, rows, bias, y) called unless there are no rows, and the output returned in x's dtype.
+// What the three linear ops share: x as float32 rows of k, the bias as float32 (or null), the output (..., n) in
+// x's dtype, run(x, rows, bias, y) called (y float32) unless there are no rows.
 template <typename Run>
 at::Tensor linear_op(const at::Tensor& x, int64_t n, int64_t k, const std::optional<at::Tensor>& bias, const Run& run) {
-  at::Tensor xf = as_float(x), b = float_bias(bias, n);
-  const int64_t rows = xf.numel() / k;
-  at::Tensor y = at::empty(output_shape(x, n), xf.options());
-  if (rows > 0) run(xf.data_ptr<float>(), rows, b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>());
-  return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
+  TORCH_CHECK(!bias.has_value() || bias->numel() == n, "aksis_cpu: the bias has ", bias->numel(), " values for ", n,
+              " outputs");
+  const int64_t rows = x.numel() / k;
+  FloatOut y(at::empty(output_shape(x, n), x.options()));
+  if (rows == 0) return y.out;
+  std::vector<float> xbuf, bbuf;
+  const float* xp = float_values(x, xbuf);
+  run(xp, rows, bias.has_value() ? float_values(*bias, bbuf) : nullptr, y.data());
+  return y.finish();
 }
 
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
@@ -579,9 +622,9 @@ at::Tensor cached_attention(const at::Tensor& q, const at::Tensor& k, const at::
   for (int64_t t = 0; t < T; ++t)
     TORCH_CHECK(pp[t] >= 0 && pp[t] < S, "aksis_cpu::cached_attention: slot ", pp[t], " is outside the cache");
   at::Tensor qc = q.stride(3) == 1 ? q : q.contiguous();
-  at::Tensor out = at::empty({B, T, nh, hd}, q.options().dtype(at::kFloat));
+  FloatOut out(at::empty({B, T, nh, hd}, q.options()));
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  float* op = out.data_ptr<float>();
+  float* op = out.data();
   auto run = [&](auto* qp, auto* kp, auto* vp) {
     at::parallel_for(0, B * nh * T, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scores(S);
@@ -597,7 +640,7 @@ at::Tensor cached_attention(const at::Tensor& q, const at::Tensor& k, const at::
     run(qc.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>());
   else
     run(qc.data_ptr<at::BFloat16>(), k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>());
-  return (q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type())).transpose(1, 2);
+  return out.finish().transpose(1, 2);
 }
 
 at::Tensor cached_attention_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
