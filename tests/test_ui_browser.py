@@ -143,7 +143,9 @@ def test_a_page_opened_after_training_shows_the_new_model(browser, tmp_path: Pat
         page.locator("#welcome").get_by_text("No model yet").wait_for()
         write_run(checkpoints / "first-run", "gpt2", seed=9)
         page.goto(app.url, wait_until="load")
-        page.locator("#model-status").get_by_text("first-run").wait_for()
+        # Loaded, and it is the new run (while it loads, a progress line in the status names the run too).
+        page.locator("#model-status").get_by_text("parameters").wait_for()
+        page.locator("#model-status strong", has_text="first-run").wait_for()
         page.locator("#welcome").wait_for(state="hidden")  # the same update hides it; the browser may draw it after
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "test_a_page_opened_after_training_shows_the_new_model.png"))
