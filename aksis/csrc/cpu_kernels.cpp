@@ -241,50 +241,62 @@ Int4Rows quantize_int4_rows(const float* x, int64_t rows, int64_t k) {
   return q;
 }
 
-// One block of 16 groups (512 inputs; fewer at the row's end unless FULL) of output row n, for input rows
-// m0..m0+MT-1 (MT of them, 1 to 4), added to total[t]: the row's codes are unpacked once for all MT.
-template <int MT, bool FULL>
+// One block of 16 groups (512 inputs; fewer at the row's end unless FULL) of R output rows (1 or 2, `row_bytes`
+// apart from wn, their scales and zeros `groups` apart), for input rows m0..m0+MT-1 (MT of them, 1 to 4), added to
+// total[r][t]: each row's codes are unpacked once for all MT, and each input vector is loaded once for all R.
+template <int MT, int R, bool FULL>
 AKSIS_AVX512 inline void int4_block(const Int4Rows& q, int64_t m0, const uint8_t* wn, const at::BFloat16* sn,
-                                    const at::BFloat16* zn, int64_t groups, int64_t g0, __m512* total) {
+                                    const at::BFloat16* zn, int64_t groups, int64_t g0, __m512 (*total)[MT]) {
   const int64_t row_bytes = groups * kGroup / 2;
   const __m512i low = _mm512_set1_epi8(0x0F);
   // sum_fours leaves chunk c's group j in lane 4j + c; this puts group 4c + j in lane 4c + j.
   const __m512i natural = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-  __m512i lo[4], hi[4];
-  for (int c = 0; c < 4; ++c) {
-    int64_t byte0 = (g0 + 4 * c) * (kGroup / 2);
-    _mm_prefetch(reinterpret_cast<const char*>(wn + byte0) + kInt4AheadBytes, _MM_HINT_T0);
-    __m512i codes = FULL ? _mm512_loadu_si512(wn + byte0)
-                         : _mm512_maskz_loadu_epi8(byte_mask(std::max<int64_t>(row_bytes - byte0, 0)), wn + byte0);
-    lo[c] = _mm512_and_si512(codes, low);
-    hi[c] = _mm512_and_si512(_mm512_srli_epi16(codes, 4), low);
-  }
+  __m512i lo[R][4], hi[R][4];
+  __m512 s[R], z[R];
   const int64_t left = FULL ? kBlockGroups : groups - g0;
-  __m512 s = load_bf16(sn + g0, left), z = load_bf16(zn + g0, left);
+  for (int r = 0; r < R; ++r) {
+    const uint8_t* wr = wn + r * row_bytes;
+    for (int c = 0; c < 4; ++c) {
+      int64_t byte0 = (g0 + 4 * c) * (kGroup / 2);
+      _mm_prefetch(reinterpret_cast<const char*>(wr + byte0) + kInt4AheadBytes, _MM_HINT_T0);
+      __m512i codes = FULL ? _mm512_loadu_si512(wr + byte0)
+                           : _mm512_maskz_loadu_epi8(byte_mask(std::max<int64_t>(row_bytes - byte0, 0)), wr + byte0);
+      lo[r][c] = _mm512_and_si512(codes, low);
+      hi[r][c] = _mm512_and_si512(_mm512_srli_epi16(codes, 4), low);
+    }
+    s[r] = load_bf16(sn + r * groups + g0, left);
+    z[r] = load_bf16(zn + r * groups + g0, left);
+  }
   for (int t = 0; t < MT; ++t) {
     const int8_t* xm = q.xq.data() + ((m0 + t) * q.chunks + g0 / 4) * kChunk;
-    __m512i acc[4];
+    __m512i acc[R][4];
     for (int c = 0; c < 4; ++c) {  // chunks past the row's end: lo and hi are zero, and so is x
-      acc[c] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[c], _mm512_loadu_si512(xm + c * kChunk));
-      acc[c] = _mm512_dpbusd_epi32(acc[c], hi[c], _mm512_loadu_si512(xm + c * kChunk + 64));
+      const __m512i xe = _mm512_loadu_si512(xm + c * kChunk), xo = _mm512_loadu_si512(xm + c * kChunk + 64);
+      for (int r = 0; r < R; ++r)
+        acc[r][c] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r][c], xe), hi[r][c], xo);
     }
     int64_t j = (m0 + t) * q.groups_padded + g0;
-    __m512i dots = _mm512_permutexvar_epi32(natural, sum_fours(acc[0], acc[1], acc[2], acc[3]));
-    dots = _mm512_sub_epi32(dots, _mm512_loadu_si512(q.sum8.data() + j));
-    __m512 sdx = _mm512_mul_ps(s, _mm512_loadu_ps(q.dx.data() + j));
-    total[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), sdx, total[t]);
-    total[t] = _mm512_fmadd_ps(z, _mm512_loadu_ps(q.sx.data() + j), total[t]);
+    const __m512i sum8 = _mm512_loadu_si512(q.sum8.data() + j);
+    const __m512 dx = _mm512_loadu_ps(q.dx.data() + j), sx = _mm512_loadu_ps(q.sx.data() + j);
+    for (int r = 0; r < R; ++r) {
+      __m512i dots = _mm512_permutexvar_epi32(natural, sum_fours(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
+      dots = _mm512_sub_epi32(dots, sum8);
+      total[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_mul_ps(s[r], dx), total[r][t]);
+      total[r][t] = _mm512_fmadd_ps(z[r], sx, total[r][t]);
+    }
   }
 }
 
-// Output row n for input rows m0..m0+MT-1: 16 partial sums for each input row, in total[t].
-template <int MT>
-AKSIS_AVX512 inline void int4_row(const Int4Rows& q, int64_t m0, const uint8_t* wn, const at::BFloat16* sn,
-                                  const at::BFloat16* zn, int64_t groups, __m512* total) {
-  for (int t = 0; t < MT; ++t) total[t] = _mm512_setzero_ps();
+// Output rows n..n+R-1 (wn, sn, zn at row n) for input rows m0..m0+MT-1: 16 partial sums for each pair, in
+// total[r][t].
+template <int MT, int R>
+AKSIS_AVX512 inline void int4_rows_of(const Int4Rows& q, int64_t m0, const uint8_t* wn, const at::BFloat16* sn,
+                                      const at::BFloat16* zn, int64_t groups, __m512 (*total)[MT]) {
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < MT; ++t) total[r][t] = _mm512_setzero_ps();
   int64_t g0 = 0;
-  for (; g0 + kBlockGroups <= groups; g0 += kBlockGroups) int4_block<MT, true>(q, m0, wn, sn, zn, groups, g0, total);
-  if (g0 < groups) int4_block<MT, false>(q, m0, wn, sn, zn, groups, g0, total);
+  for (; g0 + kBlockGroups <= groups; g0 += kBlockGroups) int4_block<MT, R, true>(q, m0, wn, sn, zn, groups, g0, total);
+  if (g0 < groups) int4_block<MT, R, false>(q, m0, wn, sn, zn, groups, g0, total);
 }
 
 // The sums of four float vectors, as four floats.
@@ -305,10 +317,11 @@ AKSIS_AVX512 inline void int4_tile(const Int4Rows& q, int64_t m0, const uint8_t*
                                    int64_t n0, int64_t n1) {
   const int64_t groups = k / kGroup, row_bytes = k / 2;
   int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) {  // four output rows at a time, their sums reduced together
+  for (; n + 4 <= n1; n += 4) {  // four output rows at a time (two pairs), their sums reduced together
     __m512 total[4][MT];
-    for (int r = 0; r < 4; ++r)
-      int4_row<MT>(q, m0, w + (n + r) * row_bytes, scale + (n + r) * groups, zero + (n + r) * groups, groups, total[r]);
+    for (int r = 0; r < 4; r += 2)
+      int4_rows_of<MT, 2>(q, m0, w + (n + r) * row_bytes, scale + (n + r) * groups, zero + (n + r) * groups, groups,
+                          total + r);
     __m128 b = bias ? _mm_loadu_ps(bias + n) : _mm_setzero_ps();
     for (int t = 0; t < MT; ++t) {
       __m128 sums = sum4_ps(total[0][t], total[1][t], total[2][t], total[3][t]);
@@ -316,10 +329,10 @@ AKSIS_AVX512 inline void int4_tile(const Int4Rows& q, int64_t m0, const uint8_t*
     }
   }
   for (; n < n1; ++n) {
-    __m512 total[MT];
-    int4_row<MT>(q, m0, w + n * row_bytes, scale + n * groups, zero + n * groups, groups, total);
+    __m512 total[1][MT];
+    int4_rows_of<MT, 1>(q, m0, w + n * row_bytes, scale + n * groups, zero + n * groups, groups, total);
     for (int t = 0; t < MT; ++t) {
-      float v = _mm512_reduce_add_ps(total[t]);
+      float v = _mm512_reduce_add_ps(total[0][t]);
       y[(m0 + t) * n_out + n] = bias ? v + bias[n] : v;
     }
   }
