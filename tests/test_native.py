@@ -186,6 +186,8 @@ def test_bf16_in_and_out_is_the_float32_computation_rounded_as_pytorch_rounds() 
     y = torch.ops.aksis_cpu.cached_attention(q, k, v, positions)
     exact = torch.ops.aksis_cpu.cached_attention(q.float(), k.float(), v.float(), positions)
     torch.testing.assert_close(y, exact.bfloat16(), atol=0, rtol=0)
+    none = torch.ops.aksis_cpu.cached_attention(q[:, :, :0], k, v, positions[:0])  # no queries: an empty bf16 result
+    assert none.shape == (2, 8, 0, 64) and none.dtype == torch.bfloat16
 
 
 @needs_kernels

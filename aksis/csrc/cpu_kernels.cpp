@@ -509,13 +509,14 @@ const float* float_values(const at::Tensor& t, std::vector<float>& buf) {
 // `finish` then rounds into out.
 struct FloatOut {
   at::Tensor out;
+  bool rounds;  // out is bf16
   std::vector<float> buf;
-  explicit FloatOut(at::Tensor t) : out(std::move(t)) {
-    if (out.scalar_type() != at::kFloat) buf.resize(out.numel());
+  explicit FloatOut(at::Tensor t) : out(std::move(t)), rounds(out.scalar_type() != at::kFloat) {
+    if (rounds) buf.resize(out.numel());
   }
-  float* data() { return buf.empty() ? out.data_ptr<float>() : buf.data(); }
+  float* data() { return rounds ? buf.data() : out.data_ptr<float>(); }
   at::Tensor finish() {
-    if (!buf.empty()) float_to_bf16(buf.data(), out.data_ptr<at::BFloat16>(), out.numel());
+    if (rounds && out.numel() > 0) float_to_bf16(buf.data(), out.data_ptr<at::BFloat16>(), out.numel());
     return out;
   }
 };
