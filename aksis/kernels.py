@@ -75,22 +75,26 @@ class CPULinear(nn.Linear):
         fast.weight, fast.bias = linear.weight, linear.bias
         return fast
 
-    def _native(self, x: torch.Tensor) -> bool:
+    def _native(self, x: torch.Tensor, weight: torch.Tensor | None) -> bool:
         """Whether x goes through aksis's dense kernel: a few float32 or bf16 rows on a CPU that has it, without
         gradients."""
+        rows = NATIVE_MAX_ROWS.get(x.dtype, 0)
         return (
-            x.device.type == "cpu"
-            and x.dtype in NATIVE_MAX_ROWS
-            and self.weight.dtype == x.dtype
-            and x.numel() <= NATIVE_MAX_ROWS[x.dtype] * self.in_features
+            x.numel() <= rows * self.in_features
+            and x.device.type == "cpu"
+            and weight is not None
+            and weight.dtype == x.dtype
             and not torch.is_grad_enabled()
             and (native.available() if native.loaded is None else native.loaded)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # first: the checks below would break the compiled graph
-            if self._native(x):  # one op in the graph, which streams the weight once
-                return torch.ops.aksis_cpu.dense_linear(x, self.weight, self.bias)
+        # The parameters read from `_parameters`, and the op called by its overload: as a quantized layer does (see
+        # aksis.quantize, _direct), the attribute lookups cost more than the op's call.
+        p = self._parameters
+        if self._native(x, p["weight"]):  # eager or compiled: one op, which streams the weight once
+            return torch.ops.aksis_cpu.dense_linear.default(x, p["weight"], p["bias"])
+        if torch.compiler.is_compiling():  # here: the checks below would break the compiled graph
             if x.numel() == self.in_features and x.device.type == "cpu":  # one row (a decode step at batch 1)
                 # An elementwise product and a sum over inputs, which inductor compiles into one vectorised pass
                 # over the weight: for the base preset's decode step, 2.8 ms in fp32 against 6.7 through F.linear.
@@ -103,8 +107,6 @@ class CPULinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         if x.device.type != "cpu" or x.dtype not in PACKED_DTYPES or self.weight.dtype != x.dtype:
             return F.linear(x, self.weight, self.bias)
-        if self._native(x):
-            return torch.ops.aksis_cpu.dense_linear(x, self.weight, self.bias)
         if x.dtype == torch.bfloat16:  # every row count: F.linear's bf16 path is slower than fp32's
             if onednn_available() and not self.weight.is_inference():
                 return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight(), self.bias, "none", [], "")

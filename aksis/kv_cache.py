@@ -131,7 +131,7 @@ class KVCache:
             # One op that reads, for each query, only the slots it sees (aksis.native): where SDPA would read the
             # whole cache in a compiled step, and each call would cost more around the arithmetic in eager mode.
             k_all, v_all = self._write(layer, input_pos, k, v)
-            return torch.ops.aksis_cpu.cached_attention(q, k_all, v_all, input_pos)
+            return torch.ops.aksis_cpu.cached_attention.default(q, k_all, v_all, input_pos)
         k_all, v_all, mask = self.update(layer, input_pos, k, v)  # (B, nkv, S, hd): the S slots to attend over
         gqa = q.shape[1] != k_all.shape[1]
         return F.scaled_dot_product_attention(q, k_all.type_as(q), v_all.type_as(q), attn_mask=mask, enable_gqa=gqa)

@@ -42,6 +42,12 @@ class RMSNorm(nn.Module):
         return xf.type_as(x) * self.weight
 
 
+def maybe_dropout(module: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
+    """`module(x)`, skipped where it changes nothing (evaluation, or p = 0): a decode step passes 13 of them, and
+    each call costs about 2 microseconds."""
+    return module(x) if module.training and module.p > 0 else x
+
+
 def rope_frequencies(config: ModelConfig) -> torch.Tensor:
     """The rotation frequency of each pair of a head's dimensions, (head_dim // 2,): theta^(-2i / head_dim), stretched
     as `config.rope_scaling` says ("llama3": long wavelengths slowed by `factor`, short ones kept, a smooth blend
@@ -109,7 +115,7 @@ class CausalSelfAttention(nn.Module):
             assert input_pos is not None
             y = kv_cache.attend(self.layer, input_pos, q, k, v)  # writes k, v at input_pos, attends over the cache
         y = y.transpose(1, 2).reshape(B, T, q_dim)  # (B, T, nh * hd)
-        return self.resid_dropout(self.c_proj(y))
+        return maybe_dropout(self.resid_dropout, self.c_proj(y))
 
     def attention_weights(self, x: torch.Tensor, rope: Rope | None) -> torch.Tensor:
         """softmax(q k^T / sqrt(hd)) under the causal mask, (B, n_head, T, T) in float32, for this layer's input x
@@ -140,7 +146,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return maybe_dropout(self.dropout, self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
 
 
 class SwiGLU(nn.Module):
@@ -154,7 +160,7 @@ class SwiGLU(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.silu(self.w_gate(x)) * self.w_up(x)))
+        return maybe_dropout(self.dropout, self.c_proj(F.silu(self.w_gate(x)) * self.w_up(x)))
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
@@ -245,7 +251,7 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(pos)  # (T, C) broadcast over the batch, or (B, T, C)
         else:  # llama: rotary positions, applied to queries and keys in attention
             rope = (self.rope_cos[pos], self.rope_sin[pos])  # each (T, hd/2) or (B, T, hd/2)
-        return self.transformer.drop(x), rope
+        return maybe_dropout(self.transformer.drop, x), rope
 
     def forward(
         self,

@@ -157,6 +157,22 @@ def require_aksis_kernels() -> None:
         pytest.skip(f"aksis's kernels are not here: {native.why_not() or 'their build failed'}")
 
 
+def count_kernel_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
+    """A list that grows by one at each call of aksis's op `name` (as aksis calls it: by its `.default` overload)."""
+    import torch
+
+    op, calls = getattr(torch.ops.aksis_cpu, name), []
+
+    class Counting:
+        @staticmethod
+        def default(*args: object) -> object:
+            calls.append(1)
+            return op.default(*args)
+
+    monkeypatch.setattr(torch.ops.aksis_cpu, name, Counting())
+    return calls
+
+
 def tiny_config(arch: str = "gpt2", **overrides: object) -> ModelConfig:
     """A model small enough for a test to run in milliseconds."""
     defaults: dict[str, object] = dict(vocab_size=300, block_size=64, n_layer=2, n_embd=64, n_head=4, d_ff=128)

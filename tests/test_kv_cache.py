@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import require_aksis_kernels, tiny_config
+from conftest import count_kernel_calls, require_aksis_kernels, tiny_config
 
 from aksis.config import ModelConfig
 from aksis.generation import _Session
@@ -176,9 +176,7 @@ def test_attend_through_aksis_kernel_equals_sdpa(arch: str, monkeypatch: pytest.
         steps += [model(idx[:, t : t + 1], kv_cache=cache, input_pos=torch.tensor([t]))[0] for t in range(30, 40)]
         return torch.cat(steps, dim=1)
 
-    calls = []
-    op = torch.ops.aksis_cpu.cached_attention
-    monkeypatch.setattr(torch.ops.aksis_cpu, "cached_attention", lambda *a: calls.append(1) or op(*a))
+    calls = count_kernel_calls(monkeypatch, "cached_attention")
     kernel = decode()
     assert len(calls) == model.config.n_layer * 11  # the chunk of 10 and the 10 single tokens, in every layer
     monkeypatch.setattr(native, "loaded", False)
