@@ -566,7 +566,7 @@ def cmd_benchmark_inference(args: argparse.Namespace) -> None:
         if device.type == "cpu" and scheme not in ("int8", "int4"):
             print(
                 "note: on the CPU measured (README, Performance), compiled decoding was 1.0-1.2x eager at fp32 and "
-                "bf16, and 1.2-1.4x with int8 or int4 weights (--quantize)",
+                "bf16, and 1.0-1.4x with int8 or int4 weights (--quantize)",
                 file=sys.stderr,
             )
 

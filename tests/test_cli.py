@@ -287,7 +287,7 @@ def test_benchmark_inference_compiled_on_a_cpu_says_where_compiling_pays(capsys:
     args = ["benchmark-inference", "--preset", "tiny", "--max-new-tokens", "2", "--num-runs", "1", "--device", "cpu"]
     assert main([*args, "--compile"]) == 0
     captured = capsys.readouterr()
-    assert "compiled" in captured.out and "1.2-1.4x with int8 or int4 weights" in captured.err
+    assert "compiled" in captured.out and "with int8 or int4 weights" in captured.err
 
 
 def test_load_data_prints_statistics_and_a_decoded_batch(tmp_path: Path) -> None:
