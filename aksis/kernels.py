@@ -78,9 +78,10 @@ class CPULinear(nn.Linear):
     def _native(self, x: torch.Tensor, weight: torch.Tensor | None) -> bool:
         """Whether x goes through aksis's dense kernel: a few float32 or bf16 rows on a CPU that has it, without
         gradients."""
-        rows = NATIVE_MAX_ROWS.get(x.dtype, 0)
+        rows = NATIVE_MAX_ROWS.get(x.dtype)
         return (
-            x.numel() <= rows * self.in_features
+            rows is not None
+            and x.numel() <= rows * self.in_features
             and x.device.type == "cpu"
             and weight is not None
             and weight.dtype == x.dtype

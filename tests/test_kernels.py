@@ -28,6 +28,16 @@ def test_linear_inference_path_equals_f_linear(shape: tuple[int, ...], bias: boo
     torch.testing.assert_close(fast, F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [0, 3])
+def test_a_dtype_without_aksis_kernels_goes_through_f_linear_even_with_no_rows(rows: int) -> None:
+    layer = CPULinear(64, 300).double()  # float64: no fast path takes it
+    x = torch.randn(rows, 64, dtype=torch.float64)
+    with torch.inference_mode():
+        y = layer(x)
+    assert y.shape == (rows, 300) and y.dtype == torch.float64
+    torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias))
+
+
 def test_linear_takes_the_batched_halves_for_one_row_and_packs_its_weight_for_more(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
