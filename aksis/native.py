@@ -1,5 +1,6 @@
 """aksis's own C++ CPU kernels for x86 CPUs with AVX-512 VNNI (`csrc/cpu_kernels.cpp`): int8 and int4 layers
-(aksis.quantize), bf16 layers at a few rows (aksis.kernels) and attention over the KV cache (aksis.kv_cache).
+(aksis.quantize), float32 and bf16 layers at a few rows (aksis.kernels) and attention over the KV cache
+(aksis.kv_cache).
 
 They are compiled from source the first time they are asked for on such a CPU (`available()`: when a model is
 loaded onto the CPU or compiled for decoding, else at its first forward pass), with `torch.utils.cpp_extension`:
