@@ -35,7 +35,7 @@ import torch
 from datasets.distributed import split_dataset_by_node
 
 from aksis.chat_template import ChatError, Message, messages_from_records
-from aksis.config import DATA_FORMATS, IGNORE_INDEX
+from aksis.config import DATA_FORMATS, IGNORE_INDEX, default_cache_dir
 from aksis.corpora import (
     DEFAULT_CORPUS,
     EXPECTED_MESSAGES,
@@ -56,11 +56,6 @@ TOKENIZER_TRAIN_CHARS = 200_000_000  # a BPE is trained on at most this much of 
 
 
 # ----- the tokenizer -----
-
-
-def default_cache_dir() -> Path:
-    """Where tokenizers and tokenized corpora are cached: $AKSIS_CACHE, else beside the datasets cache."""
-    return Path(os.environ.get("AKSIS_CACHE") or Path(datasets.config.HF_DATASETS_CACHE) / "aksis")
 
 
 def corpus_tokenizer(

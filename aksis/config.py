@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import re
 import types
 import typing
@@ -22,6 +23,18 @@ from pathlib import Path
 from typing import Any
 
 ARCHS = ("gpt2", "llama")
+
+
+def default_cache_dir() -> Path:
+    """Where aksis keeps what it derives once and reuses (trained tokenizers, tokenized corpora, compiled decode
+    steps): $AKSIS_CACHE, else beside the datasets cache."""
+    if os.environ.get("AKSIS_CACHE"):
+        return Path(os.environ["AKSIS_CACHE"])
+    import datasets.config  # only asked for here: configs stay quick to import
+
+    return Path(datasets.config.HF_DATASETS_CACHE) / "aksis"
+
+
 GGUF_OUT_TYPES = ("f32", "f16", "q8_0", "q4_0")  # weight types of a GGUF export (aksis.gguf_format)
 IGNORE_INDEX = -100  # a target with this value carries no loss (padding, a prompt token of a chat fine-tune)
 

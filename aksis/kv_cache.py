@@ -67,6 +67,15 @@ class KVCache:
         self.max_len = max_len
         self.pad: torch.Tensor | None = None  # (B,) left-pad slots per row; None: no padding
 
+    @classmethod
+    def over(cls, k: tuple[torch.Tensor, ...], v: tuple[torch.Tensor, ...], pad: torch.Tensor | None = None) -> KVCache:
+        """A cache over existing per-layer tensors (each (B, n_kv_head, max_len, head_dim)), written in place: how a
+        step compiled ahead of time (aksis.aot) sees the cache it is handed."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v, cache.pad = tuple(k), tuple(v), pad
+        cache.dtype, cache.batch_size, cache.max_len = k[0].dtype, k[0].shape[0], k[0].shape[2]
+        return cache
+
     @property
     def nbytes(self) -> int:
         """Memory held by the keys and values: 2 x n_layer x B x n_kv_head x max_len x head_dim x element size."""
