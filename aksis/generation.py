@@ -605,19 +605,26 @@ def token_probabilities(
 
 
 def compile_for_decoding(model: GPT) -> GPT:
-    """`torch.compile` for generation. On a GPU it replays CUDA graphs (mode "reduce-overhead"): a decode step
-    is one token per row, so launching its kernels one by one would take longer than running them, and the
-    static KV cache keeps every shape and address fixed, as graphs need. On a CPU the compiled step is run by
-    generated C++ (inductor's `cpp_wrapper`) instead of Python, which cuts the cost of launching each of its many
-    small kernels. On the CPU measured so far (README, Performance) that pays at batch 1 in int8 and int4, and little
-    in fp32 and bf16."""
+    """The model compiled for generation.
+
+    - On a GPU: `torch.compile` replaying CUDA graphs (mode "reduce-overhead"). A decode step is one token per row,
+      so launching its kernels one by one would take longer than running them, and the static KV cache keeps every
+      shape and address fixed, as graphs need.
+    - On a CPU with aksis's kernels (aksis.native): its one-token decode steps compiled ahead of time by AOTInductor
+      (`aksis.aot.CompiledDecoder`), each one C++ call with neither Dynamo nor Python around it; prefill runs eager.
+    - On other CPUs: `torch.compile` run by generated C++ (inductor's `cpp_wrapper`) instead of Python, which cuts
+      the cost of launching each of a step's many small kernels. (PyTorch's int4 kernel, which those CPUs use, makes
+      inductor add constants of its own to a library, which `aksis.aot` cannot hand it.)
+    """
     device = next(model.parameters()).device.type
-    if device == "cpu":
-        native.available()  # aksis's kernels built and loaded now: a compiled step reads the answer as a constant
+    on_cpu_with_kernels = device == "cpu" and native.available()  # settled before tracing, which reads it
     pack_all(model)  # with PyTorch's kernels, quantized layers' packed weights made before compiling (aksis.quantize)
-    on_gpu = device == "cuda"
-    if on_gpu:
+    if device == "cuda":
         return torch.compile(model, mode="reduce-overhead")  # type: ignore[return-value]
+    if on_cpu_with_kernels:
+        from aksis.aot import CompiledDecoder
+
+        return CompiledDecoder(model)  # type: ignore[return-value]
     return torch.compile(model, options={"cpp_wrapper": True})  # type: ignore[return-value]
 
 

@@ -28,9 +28,9 @@ transformers settings: "dynamic cache" is the default (DynamicCache); "static ca
 `cache_implementation="static"` with auto-compilation off; "static cache + compile" (with --compile) is a second
 copy of the model, compiled as transformers users get it: on a CPU `forward = torch.compile(forward)`, on a GPU
 the static cache with transformers' own automatic compilation of the decode step (mode "reduce-overhead", CUDA
-graphs). aksis "compiled" (with --compile) is `compile_for_decoding(model)` (the same mode)
-passed to generation, as `aksis benchmark-inference --compile` does. Compilation happens in the warm-up and is not
-timed.
+graphs). aksis "compiled" (with --compile) is `compile_for_decoding(model)` passed to generation, as `aksis
+benchmark-inference --compile` does: on a GPU the same mode, on a CPU with aksis's kernels decode steps compiled ahead
+of time (aksis.aot), on other CPUs `torch.compile`. Compilation happens in the warm-up and is not timed.
 
 Low precision (CPU): `--aksis-precisions bf16 int8 int4` adds aksis rows for the same weights loaded as
 `--dtype bf16` and `--quantize int8` / `int4` do (aksis.quantize); `--llama-cpp` adds llama.cpp rows on aksis's GGUF
@@ -44,7 +44,8 @@ decode steps of each aksis row (after a prefill and a few unprofiled steps), per
 (not its callees') summed by kind: the matrix multiplies (every op named for mm or linear, FBGEMM's and the int4
 kernel included), attention, the kernels inductor generated for a compiled step, Dynamo's work around a compiled
 call (its guards above all), the Python of aksis's int8 op, every other op, and what no op accounts for (Python
-between the ops). The profiler adds a little to each op, so a profiled step is slower than the table's.
+between the ops; in a step compiled ahead of time, also the library's own kernels, which record no event). The
+profiler adds a little to each op, so a profiled step is slower than the table's.
 """
 
 from __future__ import annotations

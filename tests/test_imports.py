@@ -29,6 +29,7 @@ ORDER = [
     "aksis.jinja_template",
     # the model, and what reads and writes it
     "aksis.model",
+    "aksis.aot",
     "aksis.transformers_format",
     "aksis.checkpoint",
     "aksis.interop",
