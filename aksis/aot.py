@@ -5,27 +5,30 @@ keeps a share of it: every call goes through Dynamo, which checks its guards ove
 enters the generated code from Python. Here the one-token step is traced once with `torch.export` and compiled by
 AOTInductor into a shared library, and a step is one call of its C++ entry point over the token ids, the slot and
 the cache tensors. On the base preset at batch 1, alternating in one process (README, Performance): an int4 step
-0.29 ms against 0.42 compiled with `torch.compile` and 0.58 eager; fp32 1.82 against 2.09 and 2.15.
+0.34 ms against 0.47 compiled with `torch.compile` and 0.64 eager; fp32 2.11 against 2.43 and 2.45.
 
 - A step is compiled for one batch size and for rows with or without left padding (`KVCache.set_padding`); the
   cache's length is a dynamic dimension, so every later generation of that batch size reuses it. Prefill (several
   tokens), training, and every other call run the model as it is, and so do batches of more rows than aksis's
   dense kernel takes in a float32 or bf16 model (`kernels.NATIVE_MAX_ROWS`: eager, its layers use oneDNN there).
 - The library holds no weights: it is handed the model's own tensors (`load_constants(user_managed=True)`), so it
-  adds no memory beyond its activations, and keeps references to them, so they outlive any change to the model.
-- Compiling takes about 10 s for the base preset. The library is kept under `default_cache_dir()/decode_steps`, named
-  by a hash of the exported program (the model's code, shapes and dtypes as traced), PyTorch's version and the CPU's
-  vector capability, and loaded from there the next time.
-- A library keeps its activations between calls, so calls are serialised by a lock (the app serves several
-  visitors from threads).
+  adds no memory beyond its activations; a change to them in place shows in the next step. It keeps references to
+  them, so a parameter replaced by another (not written in place) leaves it reading the old one: compile again.
+- Compiling takes 7-11 s for the base preset on a 2-core CPU. The library is kept under
+  `default_cache_dir()/decode_steps`, named by a hash of the exported program (the model's code, shapes and dtypes as
+  traced), PyTorch's version, the CPU's vector capability and the thread count, and loaded from there the next time.
+- A library keeps its activations between calls, so calls are serialised by a lock (generation may run in several
+  threads, as the app's does).
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import threading
@@ -51,6 +54,10 @@ _INDUCTOR_OPTIONS = {"aot_inductor.package_constants_in_so": False}  # weights c
 def steps_dir() -> Path:
     """Where compiled decode steps are kept: `default_cache_dir()/decode_steps` ($AKSIS_CACHE/decode_steps if set)."""
     return default_cache_dir() / "decode_steps"
+
+
+class NotCompilable(RuntimeError):
+    """The step compiled into a library that needs what the model cannot hand it: it runs eager instead."""
 
 
 class _StepModule(nn.Module):
@@ -84,17 +91,26 @@ class DecodeStep:
             example = (torch.zeros(batch_size, 1, dtype=torch.long), torch.tensor([cfg.block_size - 1]), *kv, *extra)
             dynamic = (None, None, (*[{2: slots}] * len(kv), *[None] * len(extra)))  # (idx, input_pos, *tensors)
             program = torch.export.export(_StepModule(model, padded), example, dynamic_shapes=dynamic)
-        key = hashlib.sha256(
-            "\n".join(
-                [str(program), torch.__version__, torch.backends.cpu.get_cpu_capability(), platform.machine()]
-            ).encode()
-        ).hexdigest()[:24]
+        # Inductor fits its kernels' loops to the CPU's vector width and the threads it may use.
+        machine = [torch.backends.cpu.get_cpu_capability(), platform.machine(), str(torch.get_num_threads())]
+        key = hashlib.sha256("\n".join([str(program), torch.__version__, *machine]).encode()).hexdigest()[:24]
         path = steps_dir() / f"{key}.pt2"
         package = _load(path) if path.exists() else None
         if package is None:
             log.info("compiling a decode step for %d row(s) ahead of time (once: kept in %s)", batch_size, path.parent)
             start = time.perf_counter()
-            _compile(program, path)
+            try:
+                _compile(program, path)
+            except OSError as err:  # a cache folder that cannot be written (a read-only home, a full disk)
+                log.warning(
+                    "cannot keep the compiled decode step in %s (%s): compiling it for this process only",
+                    path.parent,
+                    err,
+                )
+                folder = tempfile.mkdtemp(prefix="aksis-decode-step-")
+                atexit.register(shutil.rmtree, folder, ignore_errors=True)
+                path = Path(folder) / path.name
+                _compile(program, path)
             log.info("compiled the decode step in %.1f s", time.perf_counter() - start)
             package = _load(path)
             if package is None:
@@ -102,11 +118,10 @@ class DecodeStep:
         constants = {**program.state_dict, **program.constants}
         unknown = [name for name in package.get_constant_fqns() if name not in constants]
         if unknown:  # inductor's own (e.g. PyTorch's int4 kernel's group size): not in the library, nothing to hand
-            raise RuntimeError(f"the compiled decode step wants constants the model does not have: {unknown[:3]}")
+            raise NotCompilable(f"the compiled decode step wants constants the model does not have: {unknown[:3]}")
         self._constants = {name: constants[name] for name in package.get_constant_fqns()}  # kept alive here
         package.load_constants(self._constants, check_full_update=True, user_managed=True)
-        self.package = package
-        self.n_layer, self.padded = cfg.n_layer, padded
+        self.package, self.padded = package, padded
 
     def __call__(self, idx: torch.Tensor, input_pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
         # The library reads each input as laid out like the example it was traced with (contiguous) and checks no
@@ -149,7 +164,7 @@ class CompiledDecoder(nn.Module):
     def __init__(self, model: GPT) -> None:
         super().__init__()
         self.model = model
-        self._steps: dict[tuple[int, bool, torch.dtype], DecodeStep] = {}
+        self._steps: dict[tuple[int, bool, torch.dtype], DecodeStep | None] = {}  # None: that step runs eager
         self._lock = threading.Lock()
         # Past its dense kernel's rows, an eager CPULinear multiplies through oneDNN's packed weights, which cannot
         # enter a compiled library, where F.linear (MKL) would be slower than eager: those batches stay eager.
@@ -182,13 +197,18 @@ class CompiledDecoder(nn.Module):
             or kv_cache.max_len < 2
             or self.model.config.block_size < 3  # the dynamic cache length needs a range of at least 2..3
             or torch.is_grad_enabled()
+            or kv_cache.batch_size > self._max_rows
         ):
-            return self.model(idx, targets, kv_cache, input_pos, last_only)
-        if kv_cache.batch_size > self._max_rows:
             return self.model(idx, targets, kv_cache, input_pos, last_only)
         key = (kv_cache.batch_size, kv_cache.pad is not None, kv_cache.dtype)
         with self._lock:
-            step = self._steps.get(key)
-            if step is None:
-                step = self._steps[key] = DecodeStep(self.model, *key)
-            return step(idx, input_pos, kv_cache), None
+            if key not in self._steps:
+                try:
+                    self._steps[key] = DecodeStep(self.model, *key)
+                except NotCompilable as err:
+                    log.warning("%s: decoding %d row(s) runs eager", err, key[0])
+                    self._steps[key] = None
+            step = self._steps[key]
+            if step is not None:
+                return step(idx, input_pos, kv_cache), None
+        return self.model(idx, targets, kv_cache, input_pos, last_only)

@@ -117,3 +117,42 @@ def test_batches_past_the_dense_kernels_rows_stay_eager(tok: Tokenizer) -> None:
     assert not compiled._steps
     generate_batch(compiled, tok, ["To be"] * rows, GREEDY, stop_ids=set())
     assert set(compiled._steps) == {(rows, False, torch.float32)}
+
+
+def test_a_cache_folder_that_cannot_be_written_costs_only_the_keeping(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tok: Tokenizer
+) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("AKSIS_CACHE", str(tmp_path / "file"))
+    model = model_for("gpt2")
+    with caplog.at_level(logging.WARNING, logger="aksis.aot"):
+        out = generate(compile_for_decoding(model), tok, "Hello", GREEDY, stop_ids=set())
+    assert out.token_ids == generate(model, tok, "Hello", GREEDY, stop_ids=set()).token_ids
+    assert "cannot keep the compiled decode step" in caplog.text and "for this process only" in caplog.text
+
+
+def test_a_step_the_library_cannot_run_decodes_eager_with_a_warning(
+    caplog: pytest.LogCaptureFixture, tok: Tokenizer
+) -> None:
+    from aksis import native
+    from aksis.quantize import Int4Linear, _linears, int4_kernel_available
+
+    if not (native.available() and int4_kernel_available()):
+        pytest.skip("needs aksis's kernels and PyTorch's int4 kernel")
+    model = model_for("gpt2")
+    for parent, name, _, layer in _linears(model):  # groups of 64: PyTorch's int4 kernel, not aksis's (32)
+        setattr(parent, name, Int4Linear.from_linear(layer, group_size=64))
+    compiled = compile_for_decoding(model)  # its lowering adds a constant of inductor's own (the group size)
+    with caplog.at_level(logging.WARNING, logger="aksis.aot"):
+        out = generate(compiled, tok, "Hello", GREEDY, stop_ids=set())
+    assert out.token_ids == generate(model, tok, "Hello", GREEDY, stop_ids=set()).token_ids
+    assert "runs eager" in caplog.text and compiled._steps == {(1, False, torch.float32): None}
+
+
+def test_past_the_context_the_compiled_steps_go_on_over_the_slid_window(tok: Tokenizer) -> None:
+    model = model_for("llama")  # a context of 64 tokens: 150 new ones slide the window several times
+    long = GenerationConfig(temperature=0.0, max_new_tokens=150)
+    compiled = compile_for_decoding(model)
+    out = generate(compiled, tok, "Hello", long, stop_ids=set())
+    assert out.token_ids == generate(model, tok, "Hello", long, stop_ids=set()).token_ids
+    assert len(out.token_ids) == 150 and len(compiled._steps) == 1
