@@ -304,15 +304,43 @@ def _device_and_dtype(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    """(model, tokenizer, generation config) of --checkpoint-path on --device, at --dtype and --quantize."""
+    """(model, tokenizer, generation config) of --checkpoint-path on --device, at --dtype and --quantize, compiled for
+    decoding with --compile (where the command has it)."""
 
     from aksis.checkpoint import CheckpointError, load_model
 
     device, dtype = _device_and_dtype(args)
     try:
-        return load_model(args.checkpoint_path, device=device, dtype=dtype, quantize_to=args.quantize)
+        model, tokenizer, config = load_model(
+            args.checkpoint_path, device=device, dtype=dtype, quantize_to=args.quantize
+        )
     except CheckpointError as err:
         raise CLIError(str(err)) from err
+    return (_compiled(model) if getattr(args, "compile", False) else model), tokenizer, config
+
+
+def _compiled(model: Any) -> Any:
+    """compile_for_decoding(model), saying what compiling ahead of time costs and where it is kept."""
+    from aksis.aot import CompiledDecoder, steps_dir
+    from aksis.generation import compile_for_decoding
+
+    model = compile_for_decoding(model)
+    if isinstance(model, CompiledDecoder):
+        print(
+            "note: the decode step is compiled ahead of time at its first use (about 10 s for the base preset), once "
+            f"for each batch size, and kept in {steps_dir()} for the next run",
+            file=sys.stderr,
+        )
+    return model
+
+
+def _add_compile_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the model for decoding: on a CPU with aksis's kernels its decode step ahead of time "
+        "(AOTInductor; faster at every precision), on a GPU with CUDA graphs",
+    )
 
 
 def _generation_config(args: argparse.Namespace, base: Any) -> Any:
@@ -528,9 +556,8 @@ def cmd_benchmark_inference(args: argparse.Namespace) -> None:
 
     import torch
 
-    from aksis.aot import CompiledDecoder, steps_dir
     from aksis.config import ModelConfig
-    from aksis.generation import compile_for_decoding, time_decoding
+    from aksis.generation import time_decoding
     from aksis.kernels import use_cpu_kernels
     from aksis.model import GPT
     from aksis.quantize import QuantizationError, quantization_of, quantize
@@ -562,13 +589,7 @@ def cmd_benchmark_inference(args: argparse.Namespace) -> None:
     device = next(model.parameters()).device
     n_params = model.num_params()  # the architecture's count, however its layers are stored
     if args.compile:
-        model = compile_for_decoding(model)
-        if isinstance(model, CompiledDecoder):
-            print(
-                "note: the decode step is compiled ahead of time in the warm-up (about 10 s for the base preset), once "
-                f"for each batch size, and kept in {steps_dir()} for the next run",
-                file=sys.stderr,
-            )
+        model = _compiled(model)
 
     def runs(use_cache: bool) -> list[Any]:
         kwargs = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, use_cache=use_cache)
@@ -678,6 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate-text", help="continue a prompt with a trained model")
     _add_model_arguments(gen)
+    _add_compile_argument(gen)
     gen.add_argument("--prompt", required=True, help="the text to continue")
     _add_sampling_arguments(gen, "tokens to generate at most (default: the checkpoint's, 256)")
     gen.add_argument("--num-return", type=int, default=1, help="beam search: print this many best beams")
@@ -690,6 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=f"Chat with a model, replies streamed. {CHAT_HELP}.",
     )
     _add_model_arguments(chat)
+    _add_compile_argument(chat)
     chat.add_argument("--system-prompt", help="the system message (replaces the one in --context-file)")
     chat.add_argument(
         "--context-file", help="load the conversation from this JSON file if it exists; save it after every turn"
@@ -714,11 +737,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=int, default=1, help="copies of the prompt decoded together (default: 1)")
     bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="(default: auto)")
     _add_precision_arguments(bench)
-    bench.add_argument(
-        "--compile",
-        action="store_true",
-        help="compile the model first: on a CPU its decode step ahead of time (AOTInductor), on a GPU with CUDA graphs",
-    )
+    _add_compile_argument(bench)
     bench.add_argument("--compare-no-cache", action="store_true", help="also time decoding without the KV cache")
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
     bench.set_defaults(func=cmd_benchmark_inference)

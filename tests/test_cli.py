@@ -205,6 +205,21 @@ def test_chat_loop_streams_replies_and_keeps_the_context_file(checkpoint: Path, 
     assert cleared.messages == [] and cleared.system_prompt == "Speak in verse."
 
 
+def test_generate_text_and_chat_compiled_say_what_eager_says(
+    checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["generate-text", "--checkpoint-path", str(checkpoint), "--prompt", "To be", "--max-new-tokens", "8"]
+    for sampler in (["--sampler", "greedy"], ["--sampler", "beam", "--num-return", "2"]):
+        assert main([*args, *sampler, "--device", "cpu"]) == 0
+        eager = capsys.readouterr().out
+        assert main([*args, *sampler, "--device", "cpu", "--compile"]) == 0
+        assert capsys.readouterr().out == eager
+    chat = ["chat-with-model", "--checkpoint-path", str(checkpoint), "--sampler", "greedy", "--max-new-tokens", "6"]
+    replies = [run_cli(*chat, *extra, stdin="Hello\nHow are you?\n") for extra in ([], ["--compile"])]
+    assert all(r.returncode == 0 for r in replies), replies[1].stderr
+    assert replies[0].stdout == replies[1].stdout and replies[0].stdout.count("model> ") == 2
+
+
 def test_chat_refuses_a_context_file_it_could_not_write(checkpoint: Path, tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     args = [
