@@ -50,5 +50,8 @@ def test_a_profiled_decode_step_is_accounted_for(scheme: str) -> None:
     assert ms["multiplies"] > 0 and ms["attention"] > 0 and ms["other ops"] > 0
     assert ms["compiled kernels"] == ms["Dynamo"] == 0  # an eager model
     assert sum(ms[kind] for kind in bench.PROFILE_KINDS) >= ms["step"] * 0.999  # untracked: the rest of the wall time
-    lines = bench.profile_table({"aksis": ms}, 2, 4).splitlines()
+    lines = bench.profile_table({"aksis": ms}, 2, 4, []).splitlines()
     assert lines[0].startswith("| batch | implementation") and lines[2].startswith("|     2 | aksis ")
+    assert "compiled ahead of time" not in lines[-1]
+    ahead = bench.profile_table({"aksis": ms, "aksis compiled": ms}, 2, 4, ["aksis compiled"]).splitlines()
+    assert ahead[-1].startswith("(aksis compiled: compiled ahead of time") and len(ahead) == len(lines) + 2
