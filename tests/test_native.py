@@ -261,7 +261,10 @@ def test_loading_a_model_onto_the_cpu_settles_the_kernels(tmp_path: Path, monkey
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("k", "n", "rows"), [(512, 2048, 1), (100, 7, 3), (64, 300, 4), (16, 5, 9)])
+# One row (two in float32) is read a weight row at a time, more rows four weight rows at a time; tails of both.
+@pytest.mark.parametrize(
+    ("k", "n", "rows"), [(512, 2048, 1), (100, 7, 1), (600, 37, 2), (100, 7, 3), (64, 300, 4), (16, 5, 9)]
+)
 @pytest.mark.parametrize("bias", [True, False])
 def test_dense_kernel_is_f_linear(dtype: torch.dtype, k: int, n: int, rows: int, bias: bool) -> None:
     assert native.available()
