@@ -45,7 +45,8 @@ decode steps of each aksis row (after a prefill and a few unprofiled steps), per
 kernel included), attention, the kernels inductor generated for a compiled step, Dynamo's work around a compiled
 call (its guards above all), the Python of aksis's int8 op, every other op, and what no op accounts for (Python
 between the ops; in a step compiled ahead of time, also the library's own kernels, which record no event). The
-profiler adds a little to each op, so a profiled step is slower than the table's.
+profiler adds a little to each op, so a profiled step is usually slower than the table's (the machine's state moves
+too: compare steps within one table).
 """
 
 from __future__ import annotations
@@ -374,9 +375,8 @@ def profile_table(rows: dict[str, dict[str, float]], batch: int, steps: int, ahe
     lines.append(f"(torch.profiler, {steps} decode steps, ms per step, each op's own time summed by kind)")
     if ahead:
         lines.append(
-            f"({', '.join(ahead)}: compiled ahead of time; the library's own kernels record no event (they are in "
-            "untracked), and profiling slows its calls of aksis's ops several-fold: compare the step with the table's "
-            "ms/token, not the kinds)"
+            f"({', '.join(ahead)}: compiled ahead of time; the library's own kernels record no event, so they are in "
+            "untracked)"
         )
     return "\n".join(lines)
 
