@@ -23,7 +23,8 @@ PACKED_DTYPES = (torch.float32, torch.bfloat16)  # what CPULinear runs faster th
 # Rows a call may bring to aksis's dense kernel (aksis.native), by dtype: where it measured faster than CPULinear's
 # other paths. For the base preset's 25 layers (with biases), in ms: float32 1.87 against 2.06 at one row, 2.14
 # against 2.30 at two, 2.41 against oneDNN's 2.23 at four; bf16 0.79 against oneDNN's 1.15 at one row, 1.41 against
-# 1.53 at eight, 2.42 against 1.94 at sixteen.
+# 1.53 at eight, 2.42 against 1.94 at sixteen. (Since then, one row, and two in float32, read a weight row at a time:
+# float32 1.11-1.80 against 1.53-1.97 at one row, bf16 0.50-0.68 against 0.83-1.08, without biases.)
 NATIVE_MAX_ROWS = {torch.float32: 2, torch.bfloat16: 8}
 
 
@@ -54,8 +55,8 @@ class CPULinear(nn.Linear):
       packed: 1.7 ms);
     - on a CPU with aksis's own kernels (aksis.native), a few rows (`NATIVE_MAX_ROWS`: up to 8 in bf16, 2 in
       float32), eager or compiled: `aksis_cpu::dense_linear`, which streams the weight once for all the rows (for
-      the base preset's layers at one row, bf16 0.79 ms against oneDNN's 1.15, float32 1.87 against the batched
-      halves' 2.06).
+      the base preset's layers at one row, bf16 0.50-0.68 ms against oneDNN's 0.83-1.08, float32 1.11-1.80 against
+      the batched halves' 1.53-1.97).
 
     The packed copy costs as much memory as the weight (`inference_bytes`). It is made at the first inference pass
     with several rows and made again after the weight changes (in place, as an optimizer or `load_state_dict` does,
