@@ -34,6 +34,7 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -158,18 +159,34 @@ def _load(path: Path) -> AOTICompiledModel | None:
 
 class CompiledDecoder(nn.Module):
     """A GPT whose one-token decode steps on a CPU run through `DecodeStep`s, compiled on first use for each batch
-    size; every other call runs the model itself. Attributes not its own (config, attention_weights, ...) are the
-    model's."""
+    size (only those of `batch_sizes`, if given: the app compiles batch 1 only, so that no visitor can make it compile
+    for every beam width); every other call runs the model itself. Attributes not its own (config,
+    attention_weights, ...) are the model's."""
 
-    def __init__(self, model: GPT) -> None:
+    def __init__(self, model: GPT, batch_sizes: Collection[int] | None = None) -> None:
         super().__init__()
         self.model = model
+        self._batch_sizes = None if batch_sizes is None else frozenset(batch_sizes)
         self._steps: dict[tuple[int, bool, torch.dtype], DecodeStep | None] = {}  # None: that step runs eager
         self._lock = threading.Lock()
         # Past its dense kernel's rows, an eager CPULinear multiplies through oneDNN's packed weights, which cannot
         # enter a compiled library, where F.linear (MKL) would be slower than eager: those batches stay eager.
         dense = [NATIVE_MAX_ROWS.get(m.weight.dtype, 0) for m in model.modules() if isinstance(m, CPULinear)]
         self._max_rows = min(dense, default=sys.maxsize)
+
+    def prepare(self, batch_size: int = 1, padded: bool = False) -> None:
+        """Compile (or load) the step of `batch_size` rows now, so that the first generation does not wait for it."""
+        self._step((batch_size, padded, next(self.model.parameters()).dtype))
+
+    def _step(self, key: tuple[int, bool, torch.dtype]) -> DecodeStep | None:
+        with self._lock:
+            if key not in self._steps:
+                try:
+                    self._steps[key] = DecodeStep(self.model, *key)
+                except NotCompilable as err:
+                    log.warning("%s: decoding %d row(s) runs eager", err, key[0])
+                    self._steps[key] = None
+            return self._steps[key]
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -198,17 +215,11 @@ class CompiledDecoder(nn.Module):
             or self.model.config.block_size < 3  # the dynamic cache length needs a range of at least 2..3
             or torch.is_grad_enabled()
             or kv_cache.batch_size > self._max_rows
+            or (self._batch_sizes is not None and kv_cache.batch_size not in self._batch_sizes)
         ):
             return self.model(idx, targets, kv_cache, input_pos, last_only)
-        key = (kv_cache.batch_size, kv_cache.pad is not None, kv_cache.dtype)
-        with self._lock:
-            if key not in self._steps:
-                try:
-                    self._steps[key] = DecodeStep(self.model, *key)
-                except NotCompilable as err:
-                    log.warning("%s: decoding %d row(s) runs eager", err, key[0])
-                    self._steps[key] = None
-            step = self._steps[key]
-            if step is not None:
-                return step(idx, input_pos, kv_cache), None
-        return self.model(idx, targets, kv_cache, input_pos, last_only)
+        step = self._step((kv_cache.batch_size, kv_cache.pad is not None, kv_cache.dtype))
+        if step is None:
+            return self.model(idx, targets, kv_cache, input_pos, last_only)
+        with self._lock:  # the library's activations are its own: one call at a time
+            return step(idx, input_pos, kv_cache), None

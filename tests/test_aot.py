@@ -156,3 +156,31 @@ def test_past_the_context_the_compiled_steps_go_on_over_the_slid_window(tok: Tok
     out = generate(compiled, tok, "Hello", long, stop_ids=set())
     assert out.token_ids == generate(model, tok, "Hello", long, stop_ids=set()).token_ids
     assert len(out.token_ids) == 150 and len(compiled._steps) == 1
+
+
+def test_the_app_compiles_the_step_of_one_row_as_it_loads_a_model_and_no_other(tmp_path: Path, tok: Tokenizer) -> None:
+    from aksis import native
+    from aksis.checkpoint import save_checkpoint
+    from aksis.ui.context import AppSettings
+    from aksis.ui.models import ModelStore
+
+    if not native.available():
+        pytest.skip("steps compile ahead of time on a CPU with aksis's kernels")
+    assert AppSettings.from_env({"AKSIS_COMPILE": "1"}).compile and not AppSettings.from_env({}).compile
+    save_checkpoint(model_for("llama"), tmp_path / "m", tokenizer=tok)
+    entry = ModelStore(tmp_path, device=torch.device("cpu"), compile=True).get(str(tmp_path / "m"))
+    compiled = entry.model
+    assert isinstance(compiled, CompiledDecoder) and set(compiled._steps) == {(1, False, torch.float32)}  # at load
+    plain = ModelStore(tmp_path, device=torch.device("cpu")).get(str(tmp_path / "m")).model
+    assert not isinstance(plain, CompiledDecoder)
+    assert (
+        generate(compiled, tok, "Hi", GREEDY, stop_ids=set()).token_ids
+        == generate(plain, tok, "Hi", GREEDY, stop_ids=set()).token_ids
+    )
+    beams = GenerationConfig(num_beams=4, max_new_tokens=6)  # a visitor's beam width: eager, nothing compiled
+    assert [b.token_ids for b in beam_search(compiled, tok, "Hi", beams, stop_ids=set())] == [
+        b.token_ids for b in beam_search(plain, tok, "Hi", beams, stop_ids=set())
+    ]
+    assert set(compiled._steps) == {(1, False, torch.float32)}
+    assert entry.nbytes == ModelStore(tmp_path, device=torch.device("cpu")).get(str(tmp_path / "m")).nbytes
+    assert "llama" in entry.describe() and entry.device.type == "cpu"

@@ -7,7 +7,7 @@ the app is an API too (`gradio_client.Client`); events that only update the page
 
 Requests wait in a queue and at most `AKSIS_CONCURRENCY` run at once, all endpoints together. The device is chosen
 once, when the app is built (CUDA > MPS > CPU, bf16 on a GPU that supports it; AKSIS_DTYPE and AKSIS_QUANTIZE choose
-the compute dtype and int8 / int4 weights).
+the compute dtype and int8 / int4 weights, AKSIS_COMPILE decode steps compiled ahead of time on a CPU).
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ def build_app(settings: AppSettings | None = None) -> gr.Blocks:
         device=device,
         dtype=dtype,
         quantize=settings.quantize,
+        compile=settings.compile,
         max_bytes=settings.cache_mb << 20,
         hub_author=settings.hub_author,
         local_paths=settings.local_paths,

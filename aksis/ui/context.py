@@ -60,6 +60,10 @@ class AppSettings:
     # AKSIS_QUANTIZE: none, int8 or int4: full-precision models are quantized to it at load time (aksis.quantize; a
     # free CPU Space runs int8 about twice as fast as fp32); a quantized checkpoint runs as it is stored.
     quantize: str = "none"
+    # AKSIS_COMPILE=0/1: on a CPU with aksis's kernels, each model's decode step at batch 1 is compiled ahead of time
+    # when it is loaded (aksis.aot: 7-25 s the first time for an architecture, then found on disk), which makes
+    # replies faster at every precision (README, Performance). Off by default; elsewhere it changes nothing.
+    compile: bool = False
     # AKSIS_LOCAL_PATHS=0/1: whether visitors may name files and folders of this machine (a dataset to score, a
     # model outside the checkpoints folder). Off by default on a Space (SPACE_ID is set), where visitors are strangers.
     local_paths: bool = True
@@ -122,6 +126,7 @@ class AppSettings:
             device=env.get("AKSIS_DEVICE") or None,
             dtype=choice("AKSIS_DTYPE", tuple(DTYPES), None),
             quantize=choice("AKSIS_QUANTIZE", SCHEMES, defaults.quantize) or defaults.quantize,
+            compile=flag("AKSIS_COMPILE", defaults.compile),
             local_paths=flag("AKSIS_LOCAL_PATHS", default="SPACE_ID" not in env),
             run_hours=number("AKSIS_RUN_HOURS", defaults.run_hours),
             space_owner=env.get("SPACE_AUTHOR_NAME") or None,

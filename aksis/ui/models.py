@@ -116,6 +116,7 @@ class ModelStore:
         device: torch.device,
         dtype: torch.dtype | None = None,
         quantize: str = "none",
+        compile: bool = False,
         max_bytes: int = 2 << 30,
         hub_author: str | None = None,
         local_paths: bool = True,
@@ -123,11 +124,14 @@ class ModelStore:
     ) -> None:
         """`request_seconds`: how long one request may run a model (see AppSettings.request_limit); None: no bound.
         `quantize`: the scheme full-precision models are quantized to at load (a quantized checkpoint stays as it is);
-        the cache's bound counts what each model then takes (kernels.inference_bytes)."""
+        the cache's bound counts what each model then takes (kernels.inference_bytes). `compile`: on a CPU with
+        aksis's kernels, each model's decode step at batch 1 is compiled ahead of time as it is loaded (aksis.aot);
+        other batch sizes (beam search, batches) stay eager, so that no request makes the app compile more."""
         self.checkpoints_dir = Path(checkpoints_dir)
         self.device = device
         self.dtype = dtype
         self.quantize = check_scheme(quantize)
+        self.compile = compile
         self.max_bytes = max_bytes
         self.hub_author = hub_author
         self.local_paths = local_paths  # False: local models only from checkpoints_dir (see AppSettings.local_paths)
@@ -262,9 +266,25 @@ class ModelStore:
             quantize_to=self.quantize,
             quantized_as_stored=True,
         )
+        if self.compile:
+            model = self._compiled(model, source)
         entry = LoadedModel(source, checkpoint, model, tokenizer, generation, inference_bytes(model))
         log.info("loaded %s (%.1f MB of weights) on %s", source, entry.nbytes / 1e6, self.device)
         return entry
+
+    def _compiled(self, model: GPT, source: str) -> GPT:
+        """`model` with its decode step at batch 1 compiled ahead of time, where aksis can (a CPU with its kernels)."""
+        from aksis import native
+        from aksis.aot import CompiledDecoder  # loads PyTorch's compiler: only for an app that compiles
+
+        if self.device.type != "cpu" or not native.available():
+            log.info(
+                "AKSIS_COMPILE: %s decodes eager (steps compile ahead of time on a CPU with aksis's kernels)", source
+            )
+            return model
+        compiled = CompiledDecoder(model, batch_sizes=(1,))
+        compiled.prepare(batch_size=1)
+        return compiled  # type: ignore[return-value]  # a GPT in all but name: it passes everything else on
 
     def _check_hub_size(self, source: str) -> None:
         """On a Space, refuse a Hub model before downloading anything when a file the app would read passes its
