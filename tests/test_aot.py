@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import require_aksis_kernels, tiny_config
 
 from aksis.aot import CompiledDecoder, steps_dir
 from aksis.config import GenerationConfig
@@ -16,6 +16,12 @@ from aksis.model import GPT
 from aksis.tokenizer import Tokenizer
 
 GREEDY = GenerationConfig(temperature=0.0, max_new_tokens=12)
+
+
+@pytest.fixture(autouse=True)
+def kernels() -> None:
+    """Steps compile ahead of time on a CPU with aksis's kernels (elsewhere compile_for_decoding is torch.compile)."""
+    require_aksis_kernels()
 
 
 @pytest.fixture(scope="module")
@@ -134,11 +140,9 @@ def test_a_cache_folder_that_cannot_be_written_costs_only_the_keeping(
 def test_a_step_the_library_cannot_run_decodes_eager_with_a_warning(
     caplog: pytest.LogCaptureFixture, tok: Tokenizer
 ) -> None:
-    from aksis import native
     from aksis.quantize import Int4Linear, _linears, int4_kernel_available
 
-    if not (native.available() and int4_kernel_available()):
-        pytest.skip("needs aksis's kernels and PyTorch's int4 kernel")
+    assert int4_kernel_available()  # PyTorch's, which groups of 64 run on
     model = model_for("gpt2")
     for parent, name, _, layer in _linears(model):  # groups of 64: PyTorch's int4 kernel, not aksis's (32)
         setattr(parent, name, Int4Linear.from_linear(layer, group_size=64))
@@ -159,13 +163,10 @@ def test_past_the_context_the_compiled_steps_go_on_over_the_slid_window(tok: Tok
 
 
 def test_the_app_compiles_the_step_of_one_row_as_it_loads_a_model_and_no_other(tmp_path: Path, tok: Tokenizer) -> None:
-    from aksis import native
     from aksis.checkpoint import save_checkpoint
     from aksis.ui.context import AppSettings
     from aksis.ui.models import ModelStore
 
-    if not native.available():
-        pytest.skip("steps compile ahead of time on a CPU with aksis's kernels")
     assert AppSettings.from_env({"AKSIS_COMPILE": "1"}).compile and not AppSettings.from_env({}).compile
     save_checkpoint(model_for("llama"), tmp_path / "m", tokenizer=tok)
     entry = ModelStore(tmp_path, device=torch.device("cpu"), compile=True).get(str(tmp_path / "m"))
